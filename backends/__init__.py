@@ -1,0 +1,1 @@
+"""Built-in source backends, registered through the ``snapshotter.backends`` entry points."""

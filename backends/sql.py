@@ -1,0 +1,181 @@
+"""``sql``: tables of any SQLAlchemy database, one stream per table, keyed by primary key.
+
+All tables of one database are read inside one read-only REPEATABLE READ
+transaction (``START TRANSACTION WITH CONSISTENT SNAPSHOT`` on MariaDB/MySQL,
+a deferred ``BEGIN`` on SQLite), so a snapshot is one point in time.  Rows are
+streamed with server-side cursors in batches; memory does not grow with the
+table.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Sequence
+
+import sqlalchemy as sa
+
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SourceError
+
+from . import sqlbase
+
+
+class SQLBackend(SourceBackend):
+    name = "sql"
+    description = "Tables of any SQLAlchemy database (PostgreSQL, MariaDB/MySQL, SQLite, ...), keyed by primary key"
+    options = (
+        Option("url", str, required=True, help="SQLAlchemy database URL; ${VAR} keeps passwords out of the file", secret=True),
+        Option("tables", list, help="tables to capture (default: every table with a primary key)"),
+        Option("exclude", list, default=[], help="tables to leave out"),
+        Option("schema", str, help="database schema (PostgreSQL) to read instead of the default"),
+        Option("timestamp_column", str, help="column holding each row's last write time, for --failure-at"),
+    )
+
+    def __init__(self, source_name: str, options: dict[str, Any]):
+        super().__init__(source_name, options)
+        self.base_dir: str | None = None
+        self._url: sa.URL | None = None
+        self._engine = None
+
+    @property
+    def where(self) -> str:
+        return f"source {self.source_name!r}"
+
+    @property
+    def url(self) -> sa.URL:
+        if self._url is None:
+            self._url = sqlbase.resolve_url(self.config["url"], getattr(self, "base_dir", None), self.where)
+        return self._url
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = sqlbase.make_engine(self.url, self.where)
+        return self._engine
+
+    def location(self) -> str:
+        return sqlbase.redact(self.url)
+
+    def connect(self):
+        with sqlbase.translate_errors(f"{self.where}: cannot connect to {self.location()}"):
+            return self.engine.connect()
+
+    def reader(self) -> "SQLReader":
+        return SQLReader(self)
+
+    def writer(self) -> "SQLWriter":
+        return SQLWriter(self)
+
+    def written_at(self, spec: StreamSpec, key, value) -> _dt.datetime | None:
+        col = self.config.get("timestamp_column")
+        if col and isinstance(value, dict):
+            v = value.get(col)
+            if isinstance(v, _dt.datetime):
+                return v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)
+            if isinstance(v, str):
+                try:
+                    t = _dt.datetime.fromisoformat(v)
+                    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+                except ValueError:
+                    return None
+        return None
+
+    def values_equal(self, spec, a, b) -> bool:
+        return False
+
+    # -- table selection ----------------------------------------------------
+
+    def select_tables(self, conn) -> list[dict]:
+        schema = self.config.get("schema")
+        insp = sa.inspect(conn)
+        all_tables = sorted(insp.get_table_names(schema=schema))
+        wanted = self.config.get("tables")
+        exclude = set(self.config.get("exclude") or [])
+        out = []
+        if wanted:
+            missing = [t for t in wanted if t not in all_tables]
+            if missing:
+                raise NotFound(f"{self.where}: no table {', '.join(missing)} in {self.location()}")
+            for t in wanted:
+                doc = sqlbase.table_schema(conn, t, schema)
+                if not doc["primary_key"]:
+                    raise ConfigError(f"{self.where}: table {t} has no primary key; snapshotter needs one "
+                                      f"to key its rows (add one, or leave the table out)")
+                out.append(doc)
+            return out
+        for t in all_tables:
+            if t in exclude or t.startswith("sqlite_"):
+                continue
+            doc = sqlbase.table_schema(conn, t, schema)
+            if doc["primary_key"]:
+                out.append(doc)
+        return out
+
+
+class SQLReader(SourceReader):
+    def __init__(self, backend: SQLBackend):
+        self.b = backend
+        self.conn = backend.connect()
+        self._ok = False
+        with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
+            self.consistency = sqlbase.begin_snapshot(self.conn)
+
+    def streams(self) -> list[StreamSpec]:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot list tables"):
+            return [StreamSpec(doc["table"], doc) for doc in self.b.select_tables(self.conn)]
+
+    def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
+        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            yield from self.fast_or_generic(spec)
+
+    def fast_or_generic(self, spec: StreamSpec):
+        yield from sqlbase.read_rows(self.conn, spec.schema)
+
+    def live_schema(self, table: str) -> dict | None:
+        insp = sa.inspect(self.conn)
+        if table not in insp.get_table_names(schema=self.b.config.get("schema")):
+            return None
+        return sqlbase.table_schema(self.conn, table, self.b.config.get("schema"))
+
+    def close(self) -> None:
+        sqlbase.end_transaction(self.conn, commit=True)
+        self.conn.close()
+
+
+class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
+    transactional = True
+
+    def __init__(self, backend: SQLBackend):
+        self.b = backend
+        self.conn = backend.connect()
+        with sqlbase.translate_errors(f"{backend.where}: cannot start a write transaction"):
+            sqlbase.begin_write(self.conn)
+
+    def prepare(self, spec: StreamSpec) -> None:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
+            insp = sa.inspect(self.conn)
+            schema = spec.schema.get("db_schema")
+            if spec.name not in insp.get_table_names(schema=schema):
+                sqlbase.create_table(self.conn, spec.schema)
+                return
+            live = sqlbase.table_schema(self.conn, spec.name, schema)
+        diffs = sqlbase.schema_differences(spec.schema, live)
+        if diffs:
+            raise SchemaMismatch(f"{self.b.where}: table {spec.name} changed since the snapshot: " + "; ".join(diffs))
+
+    def upsert(self, spec: StreamSpec, records: list) -> None:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+            self.upsert_rows(spec, records)
+
+    def delete(self, spec: StreamSpec, keys: list) -> None:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
+            self.delete_keys(spec, keys)
+
+    def commit(self) -> None:
+        with sqlbase.translate_errors(f"{self.b.where}: commit failed"):
+            self.conn.exec_driver_sql("COMMIT")
+
+    def rollback(self) -> None:
+        sqlbase.end_transaction(self.conn, commit=False)
+
+    def close(self) -> None:
+        self.conn.close()

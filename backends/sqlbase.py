@@ -1,0 +1,255 @@
+"""What every SQLAlchemy-based backend shares: engines, the point-in-time read
+transaction per dialect, key ordering that matches Python's, schema capture and
+recreation, and the translation of SQLAlchemy errors.
+
+Values are read *raw* (as the DB-API driver returns them, without SQLAlchemy
+type processing) and written back the same way, so what is restored is what
+was stored, bit for bit, on every dialect.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from snapshotter.errors import ConfigError, SchemaMismatch, SourceError
+
+FETCH_BATCH = 5000
+
+
+def resolve_url(url: str, base_dir: str | None, where: str) -> sa.URL:
+    try:
+        u = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid database URL: {exc}") from None
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
+            and not u.database.startswith("file:") and not os.path.isabs(u.database) and base_dir:
+        u = u.set(database=os.path.normpath(os.path.join(base_dir, u.database)))
+    return u
+
+
+def redact(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(url: sa.URL, where: str) -> Engine:
+    try:
+        kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
+        if url.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        return sa.create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"{where}: the database driver is not installed ({exc.name}); "
+                          f"install the matching extra, e.g. snapshotter[postgres]") from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """SQLAlchemy and driver errors become one-line SourceErrors (no SQL, no parameters)."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        orig = getattr(exc, "orig", None)
+        msg = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else type(exc).__name__
+        raise SourceError(f"{what}: {msg}") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        raise SourceError(f"{what}: {str(exc).splitlines()[0]}") from exc
+
+
+def dialect(conn_or_engine) -> str:
+    return conn_or_engine.dialect.name
+
+
+def begin_snapshot(conn: Connection) -> str:
+    """Start a read-only transaction that sees one point in time. Returns the guarantee."""
+    d = dialect(conn)
+    if d == "postgresql":
+        conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    elif d in ("mysql", "mariadb"):
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+    elif d == "sqlite":
+        # a deferred transaction takes its read snapshot at the first SELECT and
+        # keeps it (WAL) or holds the shared lock (rollback journal) until COMMIT
+        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    else:
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        conn.exec_driver_sql("BEGIN")
+    return "snapshot-isolation"
+
+
+def end_transaction(conn: Connection, commit: bool) -> None:
+    with contextlib.suppress(Exception):
+        conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
+
+
+def begin_write(conn: Connection) -> None:
+    d = dialect(conn)
+    if d == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif d in ("mysql", "mariadb"):
+        conn.exec_driver_sql("START TRANSACTION")
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
+def is_text_type(type_text: str) -> bool:
+    t = type_text.upper()
+    return any(w in t for w in ("CHAR", "TEXT", "CLOB", "STRING", "CITEXT", "NAME"))
+
+
+def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
+    """ORDER BY term so the database sorts like Python does (code point order)."""
+    if not is_text_type(type_text):
+        return column
+    d = dialect(conn)
+    if d == "postgresql":
+        return column.collate("C")
+    if d in ("mysql", "mariadb"):
+        return sa.cast(column, sa.LargeBinary)
+    if d == "sqlite":
+        return column.collate("BINARY")
+    return column
+
+
+def type_text(conn: Connection, coltype: Any) -> str:
+    try:
+        return coltype.compile(dialect=conn.dialect)
+    except Exception:
+        return str(coltype)
+
+
+def table_schema(conn: Connection, table: str, schema: str | None) -> dict:
+    insp = sa.inspect(conn)
+    cols = insp.get_columns(table, schema=schema)
+    pk = insp.get_pk_constraint(table, schema=schema).get("constrained_columns") or []
+    try:
+        indexes = insp.get_indexes(table, schema=schema)
+    except NotImplementedError:
+        indexes = []
+    return {
+        "dialect": dialect(conn),
+        "table": table,
+        "db_schema": schema,
+        "columns": [{"name": c["name"], "type": type_text(conn, c["type"]), "nullable": bool(c.get("nullable", True))}
+                    for c in cols],
+        "primary_key": list(pk),
+        "indexes": [{"name": i["name"], "columns": [c for c in i["column_names"] if c], "unique": bool(i.get("unique"))}
+                    for i in indexes if i.get("name") and all(i.get("column_names") or [None])],
+    }
+
+
+def lightweight_table(schema_doc: dict) -> sa.TableClause:
+    """A table clause without types: values pass to and from the driver unprocessed."""
+    return sa.table(schema_doc["table"], *[sa.column(c["name"]) for c in schema_doc["columns"]],
+                    schema=schema_doc.get("db_schema"))
+
+
+def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FETCH_BATCH) -> Iterator[list[Record]]:
+    t = lightweight_table(schema_doc)
+    types = {c["name"]: c["type"] for c in schema_doc["columns"]}
+    pk = schema_doc["primary_key"]
+    names = [c["name"] for c in schema_doc["columns"]]
+    stmt = sa.select(*[t.c[n] for n in names]).select_from(t)
+    if where is not None:
+        stmt = stmt.where(where(t))
+    stmt = stmt.order_by(*[order_expr(conn, t.c[k], types[k]) for k in pk])
+    pk_idx = [names.index(k) for k in pk]
+    single = len(pk_idx) == 1
+    result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+    for part in result.partitions(batch):
+        out = []
+        for row in part:
+            row = tuple(row)
+            key = row[pk_idx[0]] if single else [row[i] for i in pk_idx]
+            out.append((key, dict(zip(names, row))))
+        yield out
+
+
+Record = tuple
+
+
+def schema_differences(snap: dict, live: dict) -> list[str]:
+    diffs = []
+    scols = {c["name"]: c for c in snap["columns"]}
+    lcols = {c["name"]: c for c in live["columns"]}
+    for name in scols:
+        if name not in lcols:
+            diffs.append(f"column {name} missing from the live table")
+        elif scols[name]["type"].upper() != lcols[name]["type"].upper():
+            diffs.append(f"column {name} is {lcols[name]['type']} (snapshot: {scols[name]['type']})")
+    for name in lcols:
+        if name not in scols:
+            diffs.append(f"column {name} is not in the snapshot")
+    if list(snap["primary_key"]) != list(live["primary_key"]):
+        diffs.append(f"primary key is ({', '.join(live['primary_key'])}) (snapshot: ({', '.join(snap['primary_key'])}))")
+    return diffs
+
+
+def create_table(conn: Connection, schema_doc: dict) -> None:
+    prep = conn.dialect.identifier_preparer
+    q = prep.quote
+    name = q(schema_doc["table"])
+    if schema_doc.get("db_schema"):
+        name = f"{q(schema_doc['db_schema'])}.{name}"
+    parts = [f"{q(c['name'])} {c['type']}{'' if c['nullable'] else ' NOT NULL'}" for c in schema_doc["columns"]]
+    parts.append(f"PRIMARY KEY ({', '.join(q(k) for k in schema_doc['primary_key'])})")
+    conn.exec_driver_sql(f"CREATE TABLE {name} ({', '.join(parts)})")
+    for idx in schema_doc.get("indexes", []):
+        cols = ", ".join(q(c) for c in idx["columns"])
+        uniq = "UNIQUE " if idx["unique"] else ""
+        conn.exec_driver_sql(f"CREATE {uniq}INDEX {q(idx['name'])} ON {name} ({cols})")
+
+
+def adapt_for_write(conn: Connection, schema_doc: dict, values: dict) -> dict:
+    """Driver-level adaptation the driver will not do by itself (JSON on PostgreSQL)."""
+    if dialect(conn) != "postgresql":
+        return values
+    out = dict(values)
+    for c in schema_doc["columns"]:
+        t = c["type"].upper()
+        v = out.get(c["name"])
+        if t in ("JSON", "JSONB") and v is not None:
+            from psycopg.types.json import Json, Jsonb
+            out[c["name"]] = (Jsonb if t == "JSONB" else Json)(v)
+    return out
+
+
+def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list):
+    if len(pk) == 1:
+        return t.c[pk[0]].in_(keys)
+    return sa.tuple_(*[t.c[k] for k in pk]).in_([tuple(k) for k in keys])
+
+
+class SQLWriterMixin:
+    """upsert/delete on one connection inside one transaction (used by sql and conversation)."""
+
+    conn: Connection
+    schemas: dict
+
+    def _table(self, spec) -> sa.TableClause:
+        return lightweight_table(spec.schema)
+
+    def delete_keys(self, spec, keys: list) -> None:
+        if not keys:
+            return
+        t = self._table(spec)
+        pk = spec.schema["primary_key"]
+        for i in range(0, len(keys), 500):
+            self.conn.execute(sa.delete(t).where(key_condition(t, pk, keys[i:i + 500])))
+
+    def upsert_rows(self, spec, records: list) -> None:
+        if not records:
+            return
+        self.delete_keys(spec, [k for k, _ in records])
+        t = self._table(spec)
+        rows = [adapt_for_write(self.conn, spec.schema, v) for _, v in records]
+        self.conn.execute(sa.insert(t), rows)

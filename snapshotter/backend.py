@@ -1,0 +1,234 @@
+"""The source backend interface, and the registry that finds backends by entry point.
+
+A backend knows its store (a database, a vector store, Redis) and nothing about
+chunks, manifests or object storage.  It hands the core *streams* of
+*records*: ``(key, value)`` pairs in ascending key order, where ``key`` is a
+scalar or a list (composite keys) and ``value`` is the record as JSON-like
+Python data (see :mod:`snapshotter.codec` for the extra types allowed).
+The core does everything else once: chunking, digests, plans, quarantine,
+verification.
+
+Built-in backends register through the same entry-point group a third-party
+plugin uses: ``[project.entry-points."snapshotter.backends"]``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
+
+from .errors import ConfigError
+
+Key = Any
+Record = tuple  # (key, value)
+
+ENTRY_POINT_GROUP = "snapshotter.backends"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key a backend accepts under ``[sources.NAME]``."""
+
+    name: str
+    type: type = str  # str, int, bool, list, dict
+    required: bool = False
+    default: Any = None
+    help: str = ""
+    secret: bool = False  # never printed, never stored in a manifest
+
+
+@dataclass
+class StreamSpec:
+    """One stream of a source: a table, a collection, a message store.
+
+    ``schema`` is JSON data the backend needs to recreate the stream on restore
+    (columns and types, a collection's configuration) and to detect that the
+    live stream no longer matches the snapshot.
+    """
+
+    name: str
+    schema: dict = field(default_factory=dict)
+
+
+class SourceReader(ABC):
+    """A point-in-time read of one source (used as a context manager)."""
+
+    #: the guarantee the read got, recorded in the manifest. One of
+    #: "snapshot-isolation" (one transaction), "checked" (before/after check
+    #: found no change) or "best-effort" (the store changed during the read).
+    consistency: str = "snapshot-isolation"
+
+    @abstractmethod
+    def streams(self) -> list[StreamSpec]:
+        """The streams this source has (after the configured selection)."""
+
+    @abstractmethod
+    def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None) -> Iterator[list[Record]]:
+        """Batches of records in strictly ascending key order.
+
+        ``sessions`` (backends with ``supports_sessions``) keeps only those
+        sessions' records.  Batches are bounded so memory is too.
+        """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class SourceWriter(ABC):
+    """Writes restored records into the live store (used as a context manager).
+
+    For transactional stores, everything done between enter and a clean exit is
+    one transaction; an exception rolls it back.  Other stores must make
+    ``upsert`` and ``delete`` idempotent so a re-run after a crash converges.
+    """
+
+    transactional: bool = False
+
+    @abstractmethod
+    def prepare(self, spec: StreamSpec) -> None:
+        """Make the live stream ready for ``spec``: recreate it when missing,
+        raise :class:`~snapshotter.errors.SchemaMismatch` listing the
+        differences when it exists with another schema."""
+
+    @abstractmethod
+    def upsert(self, spec: StreamSpec, records: list[Record]) -> None:
+        """Insert or replace these records (one batch)."""
+
+    @abstractmethod
+    def delete(self, spec: StreamSpec, keys: list[Key]) -> None:
+        """Remove records by key (one batch); missing keys are not an error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+        self.close()
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SourceBackend(ABC):
+    """A kind of source. One instance per configured ``[sources.NAME]``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[Sequence[Option]] = ()
+    #: ``--session`` selection is meaningful (conversation stores)
+    supports_sessions: ClassVar[bool] = False
+
+    def __init__(self, source_name: str, options: dict[str, Any]):
+        self.source_name = source_name
+        self.config = options
+
+    @abstractmethod
+    def location(self) -> str:
+        """Where the source is, for manifests and messages, without secrets."""
+
+    @abstractmethod
+    def reader(self) -> SourceReader:
+        """A point-in-time reader (a context manager)."""
+
+    @abstractmethod
+    def writer(self) -> SourceWriter:
+        """A writer for restore and re-apply (a context manager)."""
+
+    # -- optional knowledge of the store; the defaults suit exact stores ---------
+
+    def values_equal(self, spec: StreamSpec, a: Any, b: Any) -> bool:
+        """Whether a live value counts as the snapshot's value.
+
+        Used only when a restored stream's digest differs from the snapshot's;
+        a backend whose store perturbs values on a write/read round trip (Chroma
+        with cosine space) relaxes this, within a documented bound.
+        """
+        return False
+
+    def written_at(self, spec: StreamSpec, key: Key, value: Any) -> _dt.datetime | None:
+        """When the store says this record was written, if it knows."""
+        return None
+
+    def session_of(self, spec: StreamSpec, key: Key, value: Any) -> str | None:
+        """The conversation session a record belongs to, if any."""
+        return None
+
+
+# -- registry -------------------------------------------------------------------
+
+def available_backends() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_backend(name: str, *, where: str = "") -> type[SourceBackend]:
+    eps = available_backends()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none installed"
+        raise ConfigError(f"{where}unknown backend {name!r} (installed: {known})")
+    try:
+        cls = eps[name].load()
+    except ImportError as exc:
+        raise ConfigError(f"{where}backend {name!r} cannot be loaded: {exc} "
+                          f"(is its optional dependency installed?)") from exc
+    if not (isinstance(cls, type) and issubclass(cls, SourceBackend)):
+        raise ConfigError(f"{where}entry point {name!r} is not a snapshotter source backend")
+    return cls
+
+
+def validate_options(cls: type[SourceBackend], raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a ``[sources.NAME]`` table against the backend's options."""
+    known = {o.name: o for o in cls.options}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "backend":
+            continue
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown option for backend {cls.name!r} "
+                              f"(known: {', '.join(sorted(known))})")
+        opt = known[key]
+        if opt.type is list:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{key}: expected a list of strings")
+        elif opt.type is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key}: expected true or false")
+        elif opt.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}.{key}: expected an integer")
+        elif opt.type is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a table")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: expected a string")
+        out[key] = value
+    for opt in cls.options:
+        if opt.name not in out:
+            if opt.required:
+                raise ConfigError(f"{where}.{opt.name}: missing (required by backend {cls.name!r})")
+            out[opt.name] = opt.default
+    return out
+
+
+def iter_keys(records: Iterable[Record]) -> Iterator[Key]:
+    for key, _ in records:
+        yield key

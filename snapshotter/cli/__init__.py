@@ -1,0 +1,169 @@
+"""The command-line interface: parsing and printing only; the work is in the core.
+
+One module per group of commands; they register on :data:`cli` when imported
+at the bottom of this file.  :func:`main` is the only place that turns errors
+into exit codes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable
+
+import click
+
+from .. import __version__
+from ..config import Config, load_config
+from ..errors import SnapshotterError, UsageError, Interrupted
+
+CONTEXT_SETTINGS = {"auto_envvar_prefix": "SNAPSHOTTER", "help_option_names": ["-h", "--help"],
+                    "max_content_width": 100}
+
+
+@dataclass
+class App:
+    """Global options and lazily opened configuration and repository."""
+
+    config_path: str | None = None
+    repo_url: str | None = None
+    json: bool = False
+    verbose: int = 0
+    quiet: int = 0
+    progress: bool = True
+    lock_wait: float = 0.0
+    metrics_file: str | None = None
+    command: str = ""
+    results: dict = field(default_factory=dict)
+
+    @cached_property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def store(self):
+        from ..objectstore import open_store
+        cfg = self.config
+        url = self.repo_url or cfg.repository_url
+        if not url:
+            raise UsageError("no repository: give --repo URL, set SNAPSHOTTER_REPO, or set [repository] url "
+                             "in the config file")
+        base = None if self.repo_url else cfg.base_dir
+        return open_store(url, endpoint_url=cfg.endpoint_url, region=cfg.region, base_dir=base)
+
+    @cached_property
+    def repo(self):
+        from ..repository import Repository
+        return Repository.open(self.store(), compression_level=self.config.compression_level)
+
+    # -- output --------------------------------------------------------------
+
+    def out(self, data: Any, human: Callable[[], None] | None = None) -> None:
+        """The command's result: one JSON document with --json, else human text."""
+        if self.json:
+            click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        elif human is not None:
+            human()
+
+    def info(self, text: str) -> None:
+        if not self.quiet and not self.json:
+            click.echo(text)
+
+    def log(self, text: str) -> None:
+        """Diagnostics: stderr, shown with -v."""
+        if self.verbose:
+            click.echo(text, err=True)
+
+    def progress_bar(self, description: str, total: int | None = None):
+        from ..progress import Progress
+        enabled = self.progress and not self.quiet and sys.stderr.isatty()
+        return Progress(description, total=total, enabled=enabled)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="snapshotter")
+@click.option("--config", "config_path", metavar="PATH", type=click.Path(dir_okay=False),
+              help="Config file (default: $SNAPSHOTTER_CONFIG, else ./snapshotter.toml).")
+@click.option("--repo", "repo_url", metavar="URL", help="Repository URL; overrides [repository] url.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-v", "--verbose", count=True, help="More detail on stderr; tracebacks for unexpected errors.")
+@click.option("-q", "--quiet", count=True, help="Print less.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--lock-wait", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS for a lock instead of failing at once (exit 4).")
+@click.option("--metrics-file", metavar="PATH", help="Write Prometheus textfile metrics for this run.")
+@click.pass_context
+def cli(ctx: click.Context, config_path, repo_url, as_json, verbose, quiet, no_progress, lock_wait, metrics_file):
+    """snapshotter: snapshot, restore and quarantine the state of AI agents."""
+    ctx.obj = App(config_path=config_path, repo_url=repo_url, json=as_json, verbose=verbose, quiet=quiet,
+                  progress=not no_progress, lock_wait=lock_wait, metrics_file=metrics_file,
+                  command=ctx.invoked_subcommand or "")
+
+
+def _error_json(exc: SnapshotterError) -> str:
+    return json.dumps({"error": {"type": exc.kind, "message": exc.message, "exit_code": exc.exit_code}},
+                      ensure_ascii=False)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (SPEC's table)."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args or os.environ.get("SNAPSHOTTER_JSON", "").lower() in ("1", "true", "yes")
+    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    code = 0
+    try:
+        cli.main(args=args, prog_name="snapshotter", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        code = report(Interrupted("interrupted"), as_json)
+    except click.ClickException as exc:
+        if as_json:
+            click.echo(json.dumps({"error": {"type": "usage", "message": exc.format_message(), "exit_code": 2}}), err=True)
+        else:
+            exc.show()
+        code = exc.exit_code if exc.exit_code else 2
+    except KeyboardInterrupt:
+        code = report(Interrupted("interrupted: nothing half-committed was left behind"), as_json)
+    except SnapshotterError as exc:
+        if verbose:
+            traceback.print_exc()
+        code = report(exc, as_json)
+    except Exception as exc:  # a bug, or a library error not translated at its boundary
+        if verbose:
+            traceback.print_exc()
+        err = SnapshotterError(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                               f"(run with -v for the traceback)")
+        code = report(err, as_json)
+    else:
+        code = 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code
+
+
+def report(exc: SnapshotterError, as_json: bool) -> int:
+    if as_json:
+        click.echo(_error_json(exc), err=True)
+    else:
+        click.echo(f"snapshotter: {exc.message}", err=True)
+    return exc.exit_code
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+# command modules register themselves on `cli`
+from . import repo_cmds, snapshot_cmd  # noqa: E402,F401

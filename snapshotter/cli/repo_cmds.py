@@ -1,0 +1,174 @@
+"""init, list, show, verify, mark-good, unmark-good, backends."""
+from __future__ import annotations
+
+import click
+
+from ..errors import NotFound, UsageError
+from ..names import check_name
+from ..repository import Repository
+from ..snapshot import summary
+from ..verify import verify as run_verify
+from . import App, cli, pass_app
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cli.command()
+@pass_app
+def init(app: App):
+    """Create the repository (idempotent)."""
+    store = app.store()
+    if hasattr(store, "ensure_bucket"):
+        store.ensure_bucket()
+    repo, created = Repository.init(store, compression_level=app.config.compression_level)
+    app.out({"repository": store.url, "created": created, "id": repo.config.get("id"),
+             "format": repo.config.get("format")},
+            lambda: app.info(f"{'created' if created else 'already exists:'} repository {store.url}"))
+
+
+@cli.command("list")
+@click.option("--release", help="Only this release.")
+@click.option("--source", "source", help="Only snapshots holding this source.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N snapshots.")
+@pass_app
+def list_cmd(app: App, release, source, limit):
+    """Snapshots, newest first."""
+    if release:
+        check_name("release", release)
+    if source:
+        check_name("source", source)
+    repo = app.repo
+    good = repo.good_ids()
+    rows = []
+    for m in repo.manifests(release):
+        if source and source not in m.get("sources", {}):
+            continue
+        s = summary(m, good=m["id"] in good)
+        rows.append({"id": s["id"], "release": s["release"], "taken_at": s["taken_at"], "good": s["good"],
+                     "labels": s["labels"], "records": s["records"], "bytes": s["bytes"],
+                     "sources": sorted(s["sources"]), "note": s["note"]})
+        if limit and len(rows) >= limit:
+            break
+
+    def human():
+        if not rows:
+            app.info("no snapshots")
+            return
+        click.echo(f"{'ID':<24} {'RELEASE':<20} {'TAKEN':<21} {'GOOD':<4} {'RECORDS':>9} {'SIZE':>10}  SOURCES")
+        for r in rows:
+            click.echo(f"{r['id']:<24} {r['release'][:20]:<20} {r['taken_at'][:19] + 'Z':<21} "
+                       f"{'yes' if r['good'] else '':<4} {r['records']:>9} {human_bytes(r['bytes']):>10}  "
+                       f"{','.join(r['sources'])}")
+    app.out(rows, human)
+
+
+@cli.command()
+@click.argument("snapshot")
+@pass_app
+def show(app: App, snapshot):
+    """One manifest: sources, streams, record counts, sizes, digests, consistency."""
+    repo = app.repo
+    ref = repo.resolve(snapshot)
+    m = repo.load_manifest(ref)
+    s = summary(m, good=ref.id in repo.good_ids(), with_schema=True)
+
+    def human():
+        click.echo(f"snapshot   {s['id']}{'  (known good)' if s['good'] else ''}")
+        click.echo(f"release    {s['release']}")
+        click.echo(f"taken at   {s['taken_at']}  on {s['host']} by {s['user']} (snapshotter {s['tool_version']})")
+        if s["labels"]:
+            click.echo("labels     " + ", ".join(f"{k}={v}" for k, v in s["labels"].items()))
+        if s["note"]:
+            click.echo(f"note       {s['note']}")
+        for sname, src in s["sources"].items():
+            click.echo(f"\nsource {sname}: {src['backend']} at {src['location']} ({src['consistency']})")
+            for stname, st in src["streams"].items():
+                click.echo(f"  {stname:<30} {st['records']:>9} records {human_bytes(st['bytes']):>10} "
+                           f"({human_bytes(st['stored_bytes'])} stored, {st['chunks']} chunks)  {st['digest'][:19]}…")
+    app.out(s, human)
+
+
+@cli.command()
+@click.argument("snapshots", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every snapshot (the default when none is named).")
+@click.option("--read-data", is_flag=True, help="Read and re-hash every chunk and recompute stream digests.")
+@pass_app
+def verify(app: App, snapshots, all_, read_data):
+    """Check that every object the snapshots reference is present (and intact)."""
+    repo = app.repo
+    refs = [repo.resolve(s) for s in snapshots] if snapshots and not all_ else repo.list_snapshot_refs()
+    with app.progress_bar("verifying chunks") as bar:
+        report = run_verify(repo, refs, read_data=read_data, progress=bar.advance)
+
+    def human():
+        if report["ok"]:
+            app.info(f"ok: {report['checked']} snapshot(s) verified{' with data' if read_data else ''}")
+        else:
+            for p in report["problems"]:
+                click.echo(f"{p['snapshot']}: {p['object'] or '-'}: {p['problem']}", err=True)
+    app.out(report, human)
+    if not report["ok"]:
+        from ..errors import IntegrityError
+        raise IntegrityError(f"verify found {len(report['problems'])} problem(s)")
+
+
+def _mark(app: App, snapshot: str, good: bool) -> None:
+    repo = app.repo
+    ref = repo.resolve(snapshot)
+    repo.mark_good(ref, good)
+    app.out({"snapshot": ref.id, "release": ref.release, "good": good},
+            lambda: app.info(f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"))
+
+
+@cli.command("mark-good")
+@click.argument("snapshot")
+@pass_app
+def mark_good(app: App, snapshot):
+    """Flag a snapshot as known-good (used by `restore --release`)."""
+    _mark(app, snapshot, True)
+
+
+@cli.command("unmark-good")
+@click.argument("snapshot")
+@pass_app
+def unmark_good(app: App, snapshot):
+    """Remove the known-good flag."""
+    _mark(app, snapshot, False)
+
+
+@cli.command()
+@pass_app
+def backends(app: App):
+    """Installed backend plugins and their options."""
+    from ..backend import available_backends, load_backend
+    out = []
+    for name in sorted(available_backends()):
+        try:
+            cls = load_backend(name)
+        except UsageError as exc:
+            out.append({"name": name, "error": exc.message})
+            continue
+        out.append({"name": name, "description": cls.description, "sessions": cls.supports_sessions,
+                    "module": f"{cls.__module__}:{cls.__qualname__}",
+                    "options": [{"name": o.name, "type": o.type.__name__, "required": o.required,
+                                 "default": o.default, "help": o.help} for o in cls.options]})
+
+    def human():
+        for b in out:
+            if "error" in b:
+                click.echo(f"{b['name']}: unavailable: {b['error']}")
+                continue
+            click.echo(f"{b['name']}  ({b['module']})\n  {b['description']}")
+            for o in b["options"]:
+                req = "required" if o["required"] else f"default {o['default']!r}"
+                click.echo(f"    {o['name']:<18} {o['type']:<5} {req:<22} {o['help']}")
+            click.echo()
+    app.out(out, human)

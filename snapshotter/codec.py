@@ -1,0 +1,170 @@
+"""Exact, compact encoding of records (msgpack with a few extension types).
+
+A record is ``[key, value]``.  Values are JSON-like Python data plus the types
+databases and vector stores hand back; each of those gets an extension type
+so it decodes to exactly what went in:
+
+====  ==================  ==========================================
+code  Python type         payload
+====  ==================  ==========================================
+1     datetime            ISO 8601 text (offset kept when aware)
+2     date                ISO 8601 text
+3     time                ISO 8601 text (offset kept when aware)
+4     Decimal             its exact text (``str(d)``)
+5     timedelta           msgpack [days, seconds, microseconds]
+6     UUID                16 raw bytes
+7     float32 vector      little-endian IEEE 754 binary32, raw
+8     int beyond 64 bits  decimal text
+====  ==================  ==========================================
+
+Dict order is preserved as given; backends that read JSON whose key order is
+not meaningful pass it through :func:`canonical` so equal values encode to
+equal bytes (digests and plans compare bytes, not objects).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import threading
+import uuid
+from typing import Any
+
+import msgpack
+import numpy as np
+
+EXT_DATETIME, EXT_DATE, EXT_TIME, EXT_DECIMAL, EXT_TIMEDELTA, EXT_UUID, EXT_F32, EXT_BIGINT = range(1, 9)
+
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+def _default(obj: Any):
+    t = type(obj)
+    if t is _dt.datetime:
+        return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
+    if t is _dt.date:
+        return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
+    if t is _dt.time:
+        return msgpack.ExtType(EXT_TIME, obj.isoformat().encode())
+    if t is decimal.Decimal:
+        return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
+    if t is _dt.timedelta:
+        return msgpack.ExtType(EXT_TIMEDELTA, msgpack.packb([obj.days, obj.seconds, obj.microseconds]))
+    if t is uuid.UUID:
+        return msgpack.ExtType(EXT_UUID, obj.bytes)
+    if isinstance(obj, np.ndarray):
+        return msgpack.ExtType(EXT_F32, np.ascontiguousarray(obj, dtype="<f4").tobytes())
+    if isinstance(obj, int):  # only reached when out of msgpack's range, or an int subclass (bool is handled natively)
+        if _INT64_MIN <= obj <= _UINT64_MAX:
+            return int(obj)
+        return msgpack.ExtType(EXT_BIGINT, str(int(obj)).encode())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, memoryview):
+        return obj.tobytes()
+    if isinstance(obj, bytearray):
+        return bytes(obj)
+    if isinstance(obj, _dt.datetime):  # subclasses (pendulum and friends)
+        return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, _dt.date):
+        return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
+    if isinstance(obj, str):
+        return str(obj)
+    raise TypeError(f"cannot encode value of type {t.__name__}")
+
+
+def _ext_hook(code: int, data: bytes):
+    if code == EXT_DATETIME:
+        return _dt.datetime.fromisoformat(data.decode())
+    if code == EXT_DATE:
+        return _dt.date.fromisoformat(data.decode())
+    if code == EXT_TIME:
+        return _dt.time.fromisoformat(data.decode())
+    if code == EXT_DECIMAL:
+        return decimal.Decimal(data.decode())
+    if code == EXT_TIMEDELTA:
+        d, s, us = msgpack.unpackb(data)
+        return _dt.timedelta(days=d, seconds=s, microseconds=us)
+    if code == EXT_UUID:
+        return uuid.UUID(bytes=data)
+    if code == EXT_F32:
+        return np.frombuffer(data, dtype="<f4").copy()
+    if code == EXT_BIGINT:
+        return int(data.decode())
+    return msgpack.ExtType(code, data)
+
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    p = getattr(_local, "packer", None)
+    if p is None:
+        p = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=False)
+    return p
+
+
+def pack(obj: Any) -> bytes:
+    return _packer().pack(obj)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
+
+
+def unpacker(data: bytes) -> msgpack.Unpacker:
+    """Iterates over the objects packed one after another in ``data``."""
+    u = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True,
+                         max_buffer_size=max(len(data), 1024 * 1024))
+    u.feed(data)
+    return u
+
+
+def encode_record(key: Any, value: Any) -> bytes:
+    return _packer().pack([key, value])
+
+
+def canonical(value: Any) -> Any:
+    """JSON-like data with every dict's keys in sorted order (recursively)."""
+    t = type(value)
+    if t is dict:
+        return {k: canonical(value[k]) for k in sorted(value, key=str)}
+    if t is list or t is tuple:
+        return [canonical(v) for v in value]
+    return value
+
+
+def key_text(key: Any) -> str:
+    """A key as users type it on the command line: its JSON text."""
+    import json
+    return json.dumps(key, ensure_ascii=False, default=str)
+
+
+def to_json(value: Any) -> Any:
+    """A decoded value as JSON data (SPEC: embeddings as lists, bytes as base64, times ISO 8601)."""
+    import base64
+    t = type(value)
+    if t is dict:
+        return {str(k): to_json(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [to_json(v) for v in value]
+    if t in (str, int, bool) or value is None:
+        return value
+    if t is float:
+        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+    if t is bytes:
+        return base64.b64encode(value).decode()
+    if isinstance(value, np.ndarray):
+        return [float(x) for x in value.tolist()]
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if t is decimal.Decimal:
+        return str(value)
+    if t is _dt.timedelta:
+        return value.total_seconds()
+    if t is uuid.UUID:
+        return str(value)
+    if isinstance(value, msgpack.ExtType):
+        return {"ext": value.code, "data": base64.b64encode(value.data).decode()}
+    return str(value)

@@ -1,0 +1,95 @@
+"""The error hierarchy: every failure a user can see is one of these.
+
+Each class carries its exit code (the table in the README); the CLI turns a
+`SnapshotterError` into one line on stderr and that code, and anything else
+into exit 1 with a short report (a traceback only with ``-v``).  Errors from
+libraries (botocore, SQLAlchemy, chromadb, redis) are translated to these at
+the boundary where they are raised, never deeper in the core.
+"""
+from __future__ import annotations
+
+
+class SnapshotterError(Exception):
+    """Unexpected failure."""
+
+    exit_code = 1
+    kind = "error"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or (self.__doc__ or self.kind).strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.kind
+
+
+class UsageError(SnapshotterError):
+    """Usage error."""
+
+    exit_code = 2
+    kind = "usage"
+
+
+class ConfigError(UsageError):
+    """Configuration error."""
+
+    kind = "config"
+
+
+class SchemaMismatch(UsageError):
+    """The live schema differs from the snapshot's."""
+
+    kind = "schema_mismatch"
+
+
+class IntegrityError(SnapshotterError):
+    """Integrity failure: an object is missing or corrupt."""
+
+    exit_code = 3
+    kind = "integrity"
+
+
+class LockedError(SnapshotterError):
+    """Another run holds the lock this command needs."""
+
+    exit_code = 4
+    kind = "locked"
+
+
+class NotFound(SnapshotterError):
+    """Not found."""
+
+    exit_code = 5
+    kind = "not_found"
+
+
+class Refused(SnapshotterError):
+    """Refused: a destructive command needs --yes when there is no terminal."""
+
+    exit_code = 6
+    kind = "refused"
+
+
+class Interrupted(SnapshotterError):
+    """Interrupted."""
+
+    exit_code = 130
+    kind = "interrupted"
+
+
+class StoreError(SnapshotterError):
+    """The object store failed after retries."""
+
+    kind = "store"
+
+
+class ObjectExists(SnapshotterError):
+    """A create-only write found the object already there (not an error for chunks)."""
+
+    kind = "exists"
+
+
+class SourceError(SnapshotterError):
+    """A source (database, vector store) failed or could not be reached."""
+
+    kind = "source"

@@ -1,0 +1,80 @@
+"""Validation of user-chosen names, snapshot ids, and times given on the command line."""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import secrets
+
+from .errors import UsageError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SNAPSHOT_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Release, incident, source and label values: refused (exit 2) before any I/O."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        shown = value if isinstance(value, str) else repr(value)
+        shown = shown.encode("unicode_escape").decode("ascii")[:80]
+        raise UsageError(f"invalid {kind} name {shown!r}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return value
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise UsageError(f"invalid label {text!r}: expected KEY=VALUE")
+    k, v = text.split("=", 1)
+    check_name("label key", k)
+    check_name("label value", v)
+    return k, v
+
+
+def new_snapshot_id(now: _dt.datetime | None = None) -> str:
+    now = now or utcnow()
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def new_incident_id(now: _dt.datetime | None = None) -> str:
+    now = now or utcnow()
+    return "inc-" + now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def iso(ts: _dt.datetime) -> str:
+    return ts.astimezone(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> _dt.datetime:
+    ts = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=_dt.timezone.utc)
+    return ts
+
+
+_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> _dt.timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1w``; ``0`` is zero."""
+    text = text.strip()
+    if text == "0":
+        return _dt.timedelta(0)
+    m = _REL.match(text)
+    if not m:
+        raise UsageError(f"invalid duration {text!r}: expected a number and one of s, m, h, d, w (e.g. 2h)")
+    return _dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_time(text: str, *, now: _dt.datetime | None = None) -> _dt.datetime:
+    """ISO 8601 (``2026-11-29T10:15:00Z``) or relative to now (``2h`` = two hours ago)."""
+    text = text.strip()
+    if _REL.match(text):
+        return (now or _dt.datetime.now(_dt.timezone.utc)) - parse_duration(text)
+    try:
+        return parse_iso(text)
+    except ValueError:
+        raise UsageError(f"invalid time {text!r}: expected ISO 8601 (2026-11-29T10:15:00Z) or relative (2h)") from None

@@ -1,0 +1,77 @@
+"""The byte-level object store interface every repository backend implements.
+
+Deliberately small (restic's backend interface): create-only put, get, stat,
+list, delete.  Names are relative, slash-separated, and validated here once so
+no implementation can be tricked into writing outside its root.  Retries,
+dry-run and caching are not the concern of an implementation.
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import NotFound, UsageError
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    mtime: float  # seconds since the epoch, as the store reports it
+
+
+class ObjectMissing(NotFound):
+    """An object the repository needs is not in the store."""
+
+
+def check_name(name: str) -> str:
+    """Refuse any object name that could escape the store root or is not ours."""
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise UsageError(f"invalid object name {name!r}")
+    parts = name.split("/")
+    for part in parts:
+        if not _SEGMENT.match(part) or part in (".", ".."):
+            raise UsageError(f"invalid object name {name!r}")
+    return name
+
+
+class ObjectStore(ABC):
+    """Where the repository's objects live. Implementations only move bytes."""
+
+    #: a human description without secrets, e.g. ``file:///srv/snap`` or ``s3://bucket/prefix``
+    url: str
+
+    @abstractmethod
+    def put(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:
+        """Store ``data`` under ``name``.
+
+        Create-only unless ``overwrite``: returns False (writing nothing) when
+        the object already exists, True when this call created it.  A reader
+        never sees a partly written object.
+        """
+
+    @abstractmethod
+    def get(self, name: str) -> bytes:
+        """The object's bytes; raises ObjectMissing."""
+
+    @abstractmethod
+    def stat(self, name: str) -> ObjectInfo | None:
+        """Size and time of the object, or None when it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose name starts with ``prefix`` (a folder ends in '/')."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove the object; removing a missing object is not an error."""
+
+    def exists(self, name: str) -> bool:
+        return self.stat(name) is not None
+
+    def close(self) -> None:  # pragma: no cover - trivial default
+        pass

@@ -1,0 +1,160 @@
+"""A repository in S3 or any S3-compatible store, through boto3.
+
+Credentials come only from boto3's normal chain (environment, shared files,
+instance roles); the repository URL and config file never hold them.
+Create-only writes use ``If-None-Match: *``; a store that does not implement
+the header is caught by a HEAD first, so chunks are still written once.
+Objects over the multipart threshold are uploaded in parts, and the
+completion is conditional too.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from ..errors import StoreError
+from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
+
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+class S3Store(ObjectStore):
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, max_pool: int = 16):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 8},
+            max_pool_connections=max_pool,
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self._conditional_put = True
+
+    def _key(self, name: str) -> str:
+        check_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _fail(self, action: str, name: str, exc: Exception) -> StoreError:
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(f"S3 {action} {self.url}/{name}: no credentials found (boto3 credential chain)")
+        if isinstance(exc, ClientError):
+            return StoreError(f"S3 {action} {self.url}/{name} failed: {_code(exc)} {exc.response.get('Error', {}).get('Message', '')}".rstrip())
+        return StoreError(f"S3 {action} {self.url}/{name} failed: {exc}")
+
+    def put(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:
+        key = self._key(name)
+        if not overwrite and not self._conditional_put and self.stat(name) is not None:
+            return False
+        try:
+            if len(data) > MULTIPART_THRESHOLD:
+                return self._put_multipart(key, data, overwrite)
+            kwargs = {} if overwrite or not self._conditional_put else {"IfNoneMatch": "*"}
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
+            return True
+        except ClientError as exc:
+            if not overwrite and (_code(exc) == "PreconditionFailed" or _status(exc) == 412):
+                return False
+            if not overwrite and _code(exc) in ("NotImplemented", "InvalidArgument") and self._conditional_put:
+                # the store does not know If-None-Match: fall back to HEAD-then-PUT
+                self._conditional_put = False
+                return self.put(name, data, overwrite=overwrite)
+            raise self._fail("put", name, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("put", name, exc) from exc
+
+    def _put_multipart(self, key: str, data: bytes, overwrite: bool) -> bool:
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            view = memoryview(data)
+            for number, start in enumerate(range(0, len(data), PART_SIZE), start=1):
+                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                               PartNumber=number, Body=bytes(view[start:start + PART_SIZE]))
+                parts.append({"ETag": resp["ETag"], "PartNumber": number})
+            kwargs = {} if overwrite or not self._conditional_put else {"IfNoneMatch": "*"}
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts}, **kwargs)
+            return True
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:
+                pass
+            raise
+
+    def get(self, name: str) -> bytes:
+        key = self._key(name)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            body = resp["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectMissing(f"object {name} is missing from {self.url}") from None
+            raise self._fail("get", name, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("get", name, exc) from exc
+        expected = resp.get("ContentLength")
+        if expected is not None and len(body) != expected:
+            raise StoreError(f"S3 get {self.url}/{name}: truncated body ({len(body)} of {expected} bytes)")
+        return body
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        key = self._key(name)
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchKey", "NotFound") or _status(exc) == 404:
+                return None
+            raise self._fail("stat", name, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("stat", name, exc) from exc
+        return ObjectInfo(name, int(resp["ContentLength"]), resp["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
+        except ClientError as exc:
+            if _code(exc) == "NoSuchBucket":
+                raise ObjectMissing(f"bucket {self.bucket} does not exist") from None
+            raise self._fail("list", prefix, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("list", prefix, exc) from exc
+
+    def delete(self, name: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("delete", name, exc) from exc
+
+    def ensure_bucket(self) -> None:
+        """Used by ``init``: the bucket must exist and be reachable."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                raise ObjectMissing(f"bucket {self.bucket} does not exist") from None
+            raise self._fail("head-bucket", "", exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("head-bucket", "", exc) from exc

@@ -1,0 +1,218 @@
+"""The repository: its format on top of an object store.
+
+Owns ``config.json``, chunk naming, compression and hashing, manifests and
+the known-good marks.  ``docs/design.md`` is the normative description of
+what this module reads and writes; keep the two in step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import zstandard
+
+from . import __version__
+from .errors import IntegrityError, NotFound, UsageError
+from .names import SNAPSHOT_ID_RE, iso, utcnow
+from .objectstore import ObjectMissing, ObjectStore, open_store
+
+FORMAT_VERSION = 1
+CHUNK_TARGET_BYTES = 64 * 1024
+CHUNK_MAX_BYTES = 1024 * 1024
+
+
+def chunk_object(chunk_id: str) -> str:
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+
+
+def manifest_object(release: str, snapshot_id: str) -> str:
+    return f"snapshots/{release}/{snapshot_id}.json"
+
+
+def dumps(doc: Any) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=False).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """Where a manifest is, known from a listing without reading it."""
+
+    id: str
+    release: str
+
+    @property
+    def object(self) -> str:
+        return manifest_object(self.release, self.id)
+
+
+class Repository:
+    def __init__(self, store: ObjectStore, config: dict, *, compression_level: int = 3):
+        self.store = store
+        self.config = config
+        self.compression_level = compression_level
+        chunker = config.get("chunker", {})
+        self.chunk_target_bytes = int(chunker.get("target_bytes", CHUNK_TARGET_BYTES))
+        self.chunk_max_bytes = int(chunker.get("max_bytes", CHUNK_MAX_BYTES))
+        self._local = threading.local()
+        self._manifest_cache: dict[str, dict] = {}
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def init(cls, store: ObjectStore, *, compression_level: int = 3) -> tuple["Repository", bool]:
+        """Create the repository; returns (repo, created). Idempotent."""
+        try:
+            existing = store.get("config.json")
+        except ObjectMissing:
+            existing = None
+        if existing is None:
+            # a folder that holds other things is not silently adopted
+            foreign = next(iter(store.list("")), None)
+            if foreign is not None:
+                raise UsageError(f"{store.url} is not empty and holds no snapshotter repository "
+                                 f"(found {foreign.name}); choose an empty location")
+            config = {
+                "format": FORMAT_VERSION,
+                "id": secrets.token_hex(16),
+                "created_at": iso(utcnow()),
+                "created_by": f"snapshotter {__version__}",
+                "compression": "zstd",
+                "hash": "sha256",
+                "chunker": {"boundary_hash": "blake2b-64", "target_bytes": CHUNK_TARGET_BYTES,
+                            "max_bytes": CHUNK_MAX_BYTES},
+            }
+            if store.put("config.json", dumps(config)):
+                return cls(store, config, compression_level=compression_level), True
+        return cls.open(store, compression_level=compression_level), False
+
+    @classmethod
+    def open(cls, store: ObjectStore, *, compression_level: int = 3) -> "Repository":
+        try:
+            raw = store.get("config.json")
+        except ObjectMissing:
+            raise NotFound(f"no repository at {store.url} (run `snapshotter init`)") from None
+        try:
+            config = json.loads(raw)
+            version = config["format"]
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError(f"{store.url}/config.json is not a snapshotter repository config") from None
+        if version != FORMAT_VERSION:
+            raise UsageError(f"repository format {version!r} at {store.url} is not supported by this "
+                             f"snapshotter (it reads format {FORMAT_VERSION})")
+        return cls(store, config, compression_level=compression_level)
+
+    # -- chunks --------------------------------------------------------------
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.compression_level, write_content_size=True)
+        return c
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        return d
+
+    def compress(self, raw: bytes) -> bytes:
+        return self._cctx().compress(raw)
+
+    def decompress(self, data: bytes, name: str) -> bytes:
+        try:
+            return self._dctx().decompress(data, max_output_size=max(CHUNK_MAX_BYTES * 64, 1 << 28))
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"object {name} is corrupt: {exc}") from None
+
+    def put_chunk(self, raw: bytes, chunk_id: str | None = None) -> tuple[str, int, bool]:
+        """Store one chunk: returns (id, stored bytes, newly written)."""
+        chunk_id = chunk_id or hashlib.sha256(raw).hexdigest()
+        data = self.compress(raw)
+        created = self.store.put(chunk_object(chunk_id), data)
+        return chunk_id, len(data), created
+
+    def get_chunk(self, chunk_id: str) -> bytes:
+        name = chunk_object(chunk_id)
+        raw = self.decompress(self.store.get(name), name)
+        if hashlib.sha256(raw).hexdigest() != chunk_id:
+            raise IntegrityError(f"object {name} is corrupt: its content does not match its name")
+        return raw
+
+    def put_blob(self, raw: bytes) -> tuple[str, int, bool]:
+        """Any other content-addressed data (quarantine bundles) shares the chunk space."""
+        return self.put_chunk(raw)
+
+    # -- manifests -----------------------------------------------------------
+
+    def list_snapshot_refs(self) -> list[SnapshotRef]:
+        refs = []
+        for info in self.store.list("snapshots/"):
+            parts = info.name.split("/")
+            if len(parts) != 3 or not parts[2].endswith(".json"):
+                continue
+            sid = parts[2][:-5]
+            if SNAPSHOT_ID_RE.match(sid):
+                refs.append(SnapshotRef(sid, parts[1]))
+        refs.sort(key=lambda r: r.id, reverse=True)
+        return refs
+
+    def load_manifest(self, ref: SnapshotRef) -> dict:
+        cached = self._manifest_cache.get(ref.id)
+        if cached is not None:
+            return cached
+        raw = self.store.get(ref.object)
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"manifest {ref.object} is corrupt (not JSON)") from None
+        if not isinstance(doc, dict) or doc.get("id") != ref.id or doc.get("release") != ref.release:
+            raise IntegrityError(f"manifest {ref.object} is corrupt (id or release does not match its name)")
+        self._manifest_cache[ref.id] = doc
+        return doc
+
+    def manifests(self, release: str | None = None) -> Iterator[dict]:
+        """Every manifest, newest first."""
+        for ref in self.list_snapshot_refs():
+            if release is None or ref.release == release:
+                yield self.load_manifest(ref)
+
+    def resolve(self, text: str) -> SnapshotRef:
+        """A snapshot id or any unique prefix of one."""
+        text = text.strip()
+        if not text or not all(c.isalnum() or c in "-TZ" for c in text):
+            raise UsageError(f"invalid snapshot id {text!r}")
+        matches = [r for r in self.list_snapshot_refs() if r.id.startswith(text)]
+        if not matches:
+            raise NotFound(f"no snapshot {text!r} in {self.store.url}")
+        if len(matches) > 1:
+            shown = ", ".join(r.id for r in matches[:5])
+            raise UsageError(f"snapshot prefix {text!r} is ambiguous: {shown}{' …' if len(matches) > 5 else ''}")
+        return matches[0]
+
+    def write_manifest(self, manifest: dict) -> None:
+        ref = SnapshotRef(manifest["id"], manifest["release"])
+        if not self.store.put(ref.object, dumps(manifest)):
+            raise IntegrityError(f"manifest {ref.object} already exists")
+        self._manifest_cache[ref.id] = manifest
+
+    # -- known-good marks ----------------------------------------------------
+
+    def good_ids(self) -> set[str]:
+        return {info.name.split("/", 1)[1] for info in self.store.list("good/")}
+
+    def mark_good(self, ref: SnapshotRef, good: bool) -> None:
+        name = f"good/{ref.id}"
+        if good:
+            self.store.put(name, dumps({"snapshot": ref.id, "release": ref.release, "marked_at": iso(utcnow())}))
+        else:
+            self.store.delete(name)
+
+
+def open_repository(url: str | None, *, endpoint_url: str | None = None, region: str | None = None,
+                    base_dir: str | None = None, compression_level: int = 3) -> Repository:
+    store = open_store(url or "", endpoint_url=endpoint_url, region=region, base_dir=base_dir)
+    return Repository.open(store, compression_level=compression_level)

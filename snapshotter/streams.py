@@ -1,0 +1,270 @@
+"""Streams of records to and from chunks.
+
+Writing: records arrive in key order, are encoded (:mod:`codec`), and cut into
+chunks at content-defined boundaries chosen from the keys alone: a record ends
+a chunk when ``blake2b-64(encoded key) mod D == 0``.  ``D`` (records per
+boundary, a power of two) is fixed for a stream by its first snapshot and
+inherited by the next ones, so an unchanged run of records between two
+boundary keys encodes to the same chunk and is stored once, whatever was
+inserted or deleted elsewhere.  A chunk is also cut when it reaches the
+repository's ``max_bytes``.
+
+Reading: chunks are fetched ahead in a small thread pool and decoded in order.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from . import codec
+from .errors import SourceError
+from .repository import Repository
+
+_ESTIMATE_RECORDS = 512
+
+
+def boundary_hash(key_bytes: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(key_bytes, digest_size=8).digest(), "little")
+
+
+def pick_records_per_boundary(avg_record_bytes: float, target_bytes: int) -> int:
+    if avg_record_bytes <= 0:
+        return 1
+    ideal = max(1.0, target_bytes / avg_record_bytes)
+    return int(min(1 << 20, 2 ** round(math.log2(ideal))))
+
+
+@dataclass
+class ChunkRef:
+    id: str
+    records: int
+    raw_bytes: int
+    stored_bytes: int
+
+    def to_json(self) -> list:
+        return [self.id, self.records, self.raw_bytes, self.stored_bytes]
+
+    @classmethod
+    def from_json(cls, row: list) -> "ChunkRef":
+        return cls(str(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+@dataclass
+class WriteStats:
+    bytes_written: int = 0
+    bytes_reused: int = 0
+    chunks_written: int = 0
+    chunks_reused: int = 0
+
+
+class ChunkUploader:
+    """Compresses and stores chunks in worker threads, a bounded number in flight.
+
+    ``known`` holds chunk ids the repository is known to have (from the parent
+    snapshot), which skips even the create-only write for them.
+    """
+
+    def __init__(self, repo: Repository, *, workers: int = 4, known: dict[str, int] | None = None):
+        self.repo = repo
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-put")
+        self.max_in_flight = workers * 2
+        self.known = dict(known or {})
+        self.stats = WriteStats()
+
+    def submit(self, raw: bytes, records: int) -> Future:
+        chunk_id = hashlib.sha256(raw).hexdigest()
+        if chunk_id in self.known:
+            fut: Future = Future()
+            fut.set_result(ChunkRef(chunk_id, records, len(raw), self.known[chunk_id]))
+            self.stats.bytes_reused += self.known[chunk_id]
+            self.stats.chunks_reused += 1
+            return fut
+        return self.pool.submit(self._put, raw, chunk_id, records)
+
+    def _put(self, raw: bytes, chunk_id: str, records: int) -> ChunkRef:
+        _, stored, created = self.repo.put_chunk(raw, chunk_id)
+        # stats are updated from worker threads; += on ints under the GIL is not atomic,
+        # so they are tallied by the caller from the returned ref instead
+        return ChunkRef(chunk_id, records, len(raw), stored if created else -stored)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class StreamWriter:
+    """Encodes one stream's records into chunks; ``finish`` returns its manifest entry."""
+
+    def __init__(self, uploader: ChunkUploader, *, records_per_boundary: int | None = None,
+                 on_record: Callable[[int], None] | None = None):
+        self.up = uploader
+        repo = uploader.repo
+        self.target = repo.chunk_target_bytes
+        self.max_bytes = repo.chunk_max_bytes
+        self.D = records_per_boundary
+        self.digest = hashlib.sha256()
+        self.records = 0
+        self.bytes = 0
+        self._buf: list[bytes] = []
+        self._buf_bytes = 0
+        self._pending_keys: list[bytes] = []  # key bytes of buffered records (only until D is known)
+        self._futures: deque[Future] = deque()
+        self._chunks: list[ChunkRef] = []
+        self._last_key: Any = None
+        self._has_last = False
+        self.on_record = on_record
+
+    def add(self, key: Any, value: Any) -> None:
+        if self._has_last:
+            try:
+                ordered = key > self._last_key
+            except TypeError:
+                ordered = False
+            if not ordered:
+                raise SourceError(f"records out of key order: {codec.key_text(key)} after {codec.key_text(self._last_key)}")
+        self._last_key, self._has_last = key, True
+        try:
+            kb = codec.pack(key)
+            rec = b"\x92" + kb + codec.pack(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SourceError(f"record {codec.key_text(key)} cannot be encoded: {exc}") from None
+        self.records += 1
+        self.bytes += len(rec)
+        self._buf.append(rec)
+        self._buf_bytes += len(rec)
+        if self.D is None:
+            self._pending_keys.append(kb)
+            if len(self._pending_keys) >= _ESTIMATE_RECORDS or self._buf_bytes >= self.target * 4:
+                self._settle_boundary()
+            return
+        if self._buf_bytes >= self.max_bytes or boundary_hash(kb) % self.D == 0:
+            self._cut()
+
+    def _settle_boundary(self) -> None:
+        """Choose D from the records seen so far, then cut the buffer as if D had been known."""
+        self.D = pick_records_per_boundary(self._buf_bytes / max(1, len(self._buf)), self.target)
+        recs, keys = self._buf, self._pending_keys
+        self._buf, self._buf_bytes, self._pending_keys = [], 0, []
+        for rec, kb in zip(recs, keys):
+            self._buf.append(rec)
+            self._buf_bytes += len(rec)
+            if self._buf_bytes >= self.max_bytes or boundary_hash(kb) % self.D == 0:
+                self._cut()
+
+    def _cut(self) -> None:
+        if not self._buf:
+            return
+        raw = b"".join(self._buf)
+        n = len(self._buf)
+        self._buf, self._buf_bytes = [], 0
+        self.digest.update(raw)
+        self._futures.append(self.up.submit(raw, n))
+        while len(self._futures) > self.up.max_in_flight:
+            self._collect(self._futures.popleft())
+        if self.on_record:
+            self.on_record(n)
+
+    def _collect(self, fut: Future) -> None:
+        ref: ChunkRef = fut.result()
+        if ref.stored_bytes < 0:  # existed already
+            ref.stored_bytes = -ref.stored_bytes
+            self.up.stats.bytes_reused += ref.stored_bytes
+            self.up.stats.chunks_reused += 1
+        elif ref.id not in self.up.known:
+            self.up.stats.bytes_written += ref.stored_bytes
+            self.up.stats.chunks_written += 1
+        self.up.known[ref.id] = ref.stored_bytes
+        self._chunks.append(ref)
+
+    def finish(self) -> dict:
+        if self.D is None:
+            self._settle_boundary()
+        self._cut()
+        while self._futures:
+            self._collect(self._futures.popleft())
+        return {
+            "records": self.records,
+            "bytes": self.bytes,
+            "stored_bytes": sum(c.stored_bytes for c in self._chunks),
+            "digest": "sha256:" + self.digest.hexdigest(),
+            "chunking": {"records_per_boundary": self.D},
+            "chunks": [c.to_json() for c in self._chunks],
+        }
+
+
+def stream_digest_of(records: Iterator[tuple[Any, Any]]) -> tuple[str, int]:
+    """Digest and count of records as a live store returns them (same rule as the writer)."""
+    h = hashlib.sha256()
+    n = 0
+    for key, value in records:
+        h.update(b"\x92" + codec.pack(key) + codec.pack(value))
+        n += 1
+    return "sha256:" + h.hexdigest(), n
+
+
+@dataclass
+class StoredRecord:
+    key: Any
+    raw: bytes  # the encoded record, as stored
+    _value: Any = field(default=None, repr=False)
+    _decoded: bool = False
+
+    @property
+    def value(self) -> Any:
+        if not self._decoded:
+            self._value = codec.unpack(self.raw)[1]
+            self._decoded = True
+        return self._value
+
+
+def iter_chunk_records(raw: bytes) -> Iterator[StoredRecord]:
+    """Records of one chunk, each with its exact encoded bytes (values decoded lazily)."""
+    import msgpack
+    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, use_list=True,
+                         max_buffer_size=max(len(raw), 1 << 20))
+    u.feed(raw)
+    start = 0
+    while True:
+        try:
+            n = u.read_array_header()
+        except msgpack.OutOfData:
+            return
+        if n != 2:
+            raise ValueError("record is not a [key, value] pair")
+        key = u.unpack()
+        u.skip()
+        end = u.tell()
+        yield StoredRecord(_fix_key(key), raw[start:end])
+        start = end
+
+
+def _fix_key(key: Any) -> Any:
+    # keys are decoded without the ext hook for speed; the rare typed key is decoded properly
+    import msgpack
+    if isinstance(key, msgpack.ExtType) or (isinstance(key, list) and any(isinstance(k, msgpack.ExtType) for k in key)):
+        return codec.unpack(codec.pack(key))
+    return key
+
+
+def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[StoredRecord]:
+    """Every record of a stream as stored, in key order; verifies every chunk's hash."""
+    chunks = [ChunkRef.from_json(c) for c in entry.get("chunks", [])]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="chunk-get") as pool:
+        futures: deque[tuple[ChunkRef, Future]] = deque()
+        it = iter(chunks)
+        for ref in it:
+            futures.append((ref, pool.submit(repo.get_chunk, ref.id)))
+            if len(futures) >= prefetch:
+                break
+        while futures:
+            ref, fut = futures.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                futures.append((nxt, pool.submit(repo.get_chunk, nxt.id)))
+            raw = fut.result()
+            yield from iter_chunk_records(raw)

@@ -21,7 +21,7 @@ from .names import SNAPSHOT_ID_RE, iso, utcnow
 from .objectstore import ObjectMissing, ObjectStore, open_store
 
 FORMAT_VERSION = 1
-CHUNK_TARGET_BYTES = 64 * 1024
+CHUNK_TARGET_BYTES = 32 * 1024
 CHUNK_MAX_BYTES = 1024 * 1024
 
 
@@ -175,10 +175,21 @@ class Repository:
         return doc
 
     def manifests(self, release: str | None = None) -> Iterator[dict]:
-        """Every manifest, newest first."""
-        for ref in self.list_snapshot_refs():
-            if release is None or ref.release == release:
-                yield self.load_manifest(ref)
+        """Every manifest, newest first (lazily: only as many are read as are consumed).
+
+        Ids sort by time to the second; snapshots taken within the same second
+        are ordered by their manifests' full-precision ``taken_at``.
+        """
+        refs = [r for r in self.list_snapshot_refs() if release is None or r.release == release]
+        i = 0
+        while i < len(refs):
+            j = i
+            while j < len(refs) and refs[j].id[:16] == refs[i].id[:16]:
+                j += 1
+            group = [self.load_manifest(r) for r in refs[i:j]]
+            group.sort(key=lambda m: (m.get("taken_at") or "", m["id"]), reverse=True)
+            yield from group
+            i = j
 
     def resolve(self, text: str) -> SnapshotRef:
         """A snapshot id or any unique prefix of one."""

@@ -79,8 +79,8 @@ class SQLBackend(SourceBackend):
                     return None
         return None
 
-    def values_equal(self, spec, a, b) -> bool:
-        return False
+    def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
+        return sqlbase.schema_differences(snapshot.schema, live.schema)
 
     # -- table selection ----------------------------------------------------
 
@@ -130,11 +130,12 @@ class SQLReader(SourceReader):
     def fast_or_generic(self, spec: StreamSpec):
         yield from sqlbase.read_rows(self.conn, spec.schema)
 
-    def live_schema(self, table: str) -> dict | None:
-        insp = sa.inspect(self.conn)
-        if table not in insp.get_table_names(schema=self.b.config.get("schema")):
-            return None
-        return sqlbase.table_schema(self.conn, table, self.b.config.get("schema"))
+    def live_spec(self, name: str) -> StreamSpec | None:
+        schema = self.b.config.get("schema")
+        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
+            if name not in sa.inspect(self.conn).get_table_names(schema=schema):
+                return None
+            return StreamSpec(name, sqlbase.table_schema(self.conn, name, schema))
 
     def close(self) -> None:
         sqlbase.end_transaction(self.conn, commit=True)

@@ -65,6 +65,12 @@ class SourceReader(ABC):
     def streams(self) -> list[StreamSpec]:
         """The streams this source has (after the configured selection)."""
 
+    def live_spec(self, name: str) -> StreamSpec | None:
+        """The live stream called ``name`` (whether or not it is configured), or None
+        when the store has no such stream (a dropped table or collection).
+        Restore uses this to plan; backends may answer it more cheaply."""
+        return {s.name: s for s in self.streams()}.get(name)
+
     @abstractmethod
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None) -> Iterator[list[Record]]:
         """Batches of records in strictly ascending key order.
@@ -162,6 +168,11 @@ class SourceBackend(ABC):
         with cosine space) relaxes this, within a documented bound.
         """
         return False
+
+    def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
+        """Why the live stream cannot take the snapshot's records as they are
+        (empty when it can). Restore refuses, exit 2, before any write."""
+        return []
 
     def written_at(self, spec: StreamSpec, key: Key, value: Any) -> _dt.datetime | None:
         """When the store says this record was written, if it knows."""

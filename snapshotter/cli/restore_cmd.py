@@ -1,0 +1,104 @@
+"""diff and restore."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import Refused
+from ..names import check_name, parse_time
+from ..restore import RestoreResult, Selection, resolve_snapshot, restore as run_restore
+from . import App, cli, pass_app
+
+
+def selection_options(f):
+    f = click.option("--session", "sessions", multiple=True, metavar="ID",
+                     help="Only these conversation sessions (repeatable).")(f)
+    f = click.option("--stream", "streams", multiple=True, metavar="NAME",
+                     help="Only these streams: tables, collections (repeatable).")(f)
+    f = click.option("--source", "sources", multiple=True, metavar="NAME", help="Only these sources (repeatable).")(f)
+    return f
+
+
+def _selection(sources, streams, sessions) -> Selection:
+    for s in sources:
+        check_name("source", s)
+    return Selection(list(sources), list(streams), list(sessions))
+
+
+def print_plan(result: RestoreResult, *, title: str) -> None:
+    m = result.snapshot
+    click.echo(f"{title} snapshot {m['id']} (release {m['release']}, taken {m['taken_at']})")
+    click.echo(f"  {'SOURCE/STREAM':<40} {'ADDED':>8} {'MODIFIED':>9} {'DELETED':>8}")
+    for source, streams in result.plans.items():
+        for stream, p in streams.items():
+            mark = "  (missing: will be recreated)" if p.live_missing else ""
+            click.echo(f"  {source + '/' + stream:<40} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
+    total = result.changes
+    click.echo(f"  {total} record(s) differ" + ("" if total else ": live state equals the snapshot"))
+
+
+@cli.command()
+@click.argument("snapshot")
+@selection_options
+@pass_app
+def diff(app: App, snapshot, sources, streams, sessions):
+    """Live state vs snapshot: what a restore would change and quarantine."""
+    sel = _selection(sources, streams, sessions)
+    repo = app.repo
+    manifest = resolve_snapshot(repo, snapshot, None, None)
+    result = run_restore(repo, app.config, manifest, sel, dry_run=True)
+    app.out(result.to_json(), lambda: print_plan(result, title="live state against"))
+
+
+@cli.command()
+@click.argument("snapshot", required=False)
+@click.option("--release", help="Restore this release's newest known-good snapshot (else its newest).")
+@click.option("--before", metavar="TIME", help="With --release: only snapshots taken before TIME (ISO 8601 or 2h).")
+@selection_options
+@click.option("--incident", metavar="ID", help="Name the incident (default: generated).")
+@click.option("--failure-at", metavar="TIME", help="When the agent went wrong: later writes are flagged post_failure.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_app
+def restore(app: App, snapshot, release, before, sources, streams, sessions, incident, failure_at, dry_run, yes):
+    """Put the live stores back to a snapshot, quarantining every later write first."""
+    if release:
+        check_name("release", release)
+    if incident:
+        check_name("incident", incident)
+    sel = _selection(sources, streams, sessions)
+    before_t = parse_time(before) if before else None
+    failure_t = parse_time(failure_at) if failure_at else None
+    if before and not release:
+        raise click.UsageError("--before goes with --release")
+    interactive = sys.stdin.isatty() and not app.json
+    if not dry_run and not yes and not interactive:
+        raise Refused("restore changes live stores: pass --yes (no terminal to confirm on)")
+    repo = app.repo
+    manifest = resolve_snapshot(repo, snapshot, release, before_t)
+
+    def confirm(result: RestoreResult) -> bool:
+        if yes or result.changes == 0:
+            return True
+        print_plan(result, title="restore to")
+        return click.confirm(f"quarantine {result.changes} record(s) as an incident and restore?", default=False,
+                             err=True)
+
+    result = run_restore(repo, app.config, manifest, sel, dry_run=dry_run, incident=incident, failure_at=failure_t,
+                         confirm=None if dry_run else confirm)
+    app.results = {"restore": result.to_json()}
+
+    def human():
+        if dry_run:
+            print_plan(result, title="dry run: restore to")
+            return
+        if result.incident is None:
+            app.info(f"live state already equals snapshot {manifest['id']}: nothing changed, nothing quarantined")
+            return
+        app.info(f"restored snapshot {manifest['id']}: {result.quarantined} record(s) quarantined as incident "
+                 f"{result.incident}; verified")
+        if result.continues:
+            app.info(f"earlier unfinished restore(s) of this snapshot: {', '.join(result.continues)} "
+                     f"(their bundles keep the original values)")
+    app.out(result.to_json(), human)

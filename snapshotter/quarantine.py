@@ -1,0 +1,109 @@
+"""Quarantine bundles: every record a restore is about to overwrite or remove,
+kept in the repository before the first live write.
+
+A bundle is ``quarantine/<incident>/manifest.json`` (write-once) whose streams
+are chunked exactly like snapshot streams.  Each record is
+``[key, {"op", "value", "snapshot_value", "written_at", "post_failure", "session"}]``
+in key order.  ``quarantine/<incident>/applied.json`` is written after the
+restore applied and verified; a bundle without it belongs to a restore that
+was interrupted or failed (its live values are still the evidence).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+from .errors import IntegrityError, NotFound, UsageError
+from .names import NAME_RE, check_name
+from .objectstore import ObjectMissing
+from .repository import Repository, dumps
+from .streams import StoredRecord, read_stream
+
+OPS = ("added", "modified", "deleted")
+
+
+def bundle_object(incident: str) -> str:
+    return f"quarantine/{incident}/manifest.json"
+
+
+def applied_object(incident: str) -> str:
+    return f"quarantine/{incident}/applied.json"
+
+
+def incident_ids(repo: Repository) -> list[str]:
+    ids = set()
+    for info in repo.store.list("quarantine/"):
+        parts = info.name.split("/")
+        if len(parts) == 3 and parts[2] == "manifest.json" and NAME_RE.match(parts[1]):
+            ids.add(parts[1])
+    return sorted(ids)
+
+
+def load_bundle(repo: Repository, incident: str) -> dict:
+    check_name("incident", incident)
+    try:
+        raw = repo.store.get(bundle_object(incident))
+    except ObjectMissing:
+        raise NotFound(f"no incident {incident!r} in {repo.store.url}") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise IntegrityError(f"{bundle_object(incident)} is corrupt (not JSON)") from None
+    if doc.get("incident") != incident:
+        raise IntegrityError(f"{bundle_object(incident)} is corrupt (incident id does not match its name)")
+    return doc
+
+
+def applied_status(repo: Repository, incident: str) -> dict | None:
+    try:
+        return json.loads(repo.store.get(applied_object(incident)))
+    except ObjectMissing:
+        return None
+    except ValueError:
+        return {"status": "unknown"}
+
+
+def write_bundle(repo: Repository, bundle: dict) -> None:
+    if not repo.store.put(bundle_object(bundle["incident"]), dumps(bundle)):
+        raise UsageError(f"incident {bundle['incident']!r} already exists; choose another --incident")
+
+
+def mark_applied(repo: Repository, incident: str, doc: dict) -> None:
+    repo.store.put(applied_object(incident), dumps(doc), overwrite=True)
+
+
+def bundles(repo: Repository) -> list[dict]:
+    """Every incident bundle, newest first."""
+    docs = [load_bundle(repo, i) for i in incident_ids(repo)]
+    docs.sort(key=lambda d: (d.get("created_at") or "", d["incident"]), reverse=True)
+    return docs
+
+
+def iter_records(repo: Repository, bundle: dict, *, source: str | None = None,
+                 stream: str | None = None) -> Iterator[tuple[str, str, StoredRecord]]:
+    """(source, stream, record) for every quarantined record; record.value is the dict above."""
+    for sname, src in bundle.get("sources", {}).items():
+        if source and sname != source:
+            continue
+        for stname, st in src.get("streams", {}).items():
+            if stream and stname != stream:
+                continue
+            for rec in read_stream(repo, st):
+                yield sname, stname, rec
+
+
+def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
+    """One quarantined record in the SPEC's JSON shape."""
+    from .codec import to_json
+    v = rec.value
+    return {
+        "source": source,
+        "stream": stream,
+        "key": to_json(rec.key),
+        "op": v["op"],
+        "value": to_json(v.get("value")),
+        "snapshot_value": to_json(v.get("snapshot_value")),
+        "post_failure": v.get("post_failure"),
+        "written_at": to_json(v.get("written_at")),
+        "session": v.get("session"),
+    }

@@ -1,0 +1,436 @@
+"""Diff and restore: compare live stores with a snapshot, quarantine what a
+restore would overwrite, apply, verify.
+
+The plan is a merge of two key-ordered streams, the snapshot's (from the
+repository) and the live store's (from the backend), comparing each record's
+encoded bytes; memory is bounded by a batch, not by the store.  The merge
+writes the quarantine records as it goes (a stream in the repository, chunked
+like any other), so applying reads them back and needs no plan in memory:
+``added`` records are deleted, ``modified`` and ``deleted`` ones are written
+back with their snapshot values.  Writes are proportional to the drift.
+
+Order (SPEC, "Restore and quarantine semantics"): resolve, verify objects,
+plan, confirm, commit the quarantine bundle, apply (one transaction per SQL
+source; idempotent batches elsewhere), verify digests, record the outcome.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from . import __version__, codec
+from .backend import SourceBackend, StreamSpec
+from .config import Config
+from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, UsageError
+from .names import iso, new_incident_id, utcnow
+from .quarantine import applied_status, bundles, mark_applied, write_bundle
+from .repository import Repository, SnapshotRef, chunk_object
+from .streams import ChunkUploader, StoredRecord, StreamWriter, read_stream
+
+APPLY_BATCH = 500
+
+
+# -- resolving ------------------------------------------------------------------
+
+def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None,
+                     before: _dt.datetime | None) -> dict:
+    """An id (or unique prefix), or the newest known-good snapshot of a release
+    (the newest of the release when none is marked), taken before ``before``."""
+    if snapshot:
+        if release or before:
+            raise UsageError("give either SNAPSHOT or --release [--before], not both")
+        return repo.load_manifest(repo.resolve(snapshot))
+    if not release:
+        raise UsageError("name a SNAPSHOT, or --release R to restore that release's newest known-good snapshot")
+    good = repo.good_ids()
+    candidates = []
+    for m in repo.manifests(release):
+        if before is not None and codec_time(m["taken_at"]) >= before:
+            continue
+        candidates.append(m)
+        if m["id"] in good:
+            return m
+    if candidates:
+        return candidates[0]
+    when = f" taken before {iso(before)}" if before else ""
+    raise NotFound(f"no snapshot of release {release!r}{when}")
+
+
+def codec_time(text: str) -> _dt.datetime:
+    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# -- selection ------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    sources: list[str] = field(default_factory=list)
+    streams: list[str] = field(default_factory=list)
+    sessions: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"sources": self.sources, "streams": self.streams, "sessions": self.sessions}
+
+
+@dataclass
+class Target:
+    """One (source, stream) the restore covers."""
+
+    source: str
+    backend: SourceBackend
+    stream: str
+    entry: dict  # the snapshot manifest's stream entry
+    spec: StreamSpec  # the snapshot's spec (schema as captured)
+
+
+def select_targets(manifest: dict, cfg: Config, sel: Selection) -> dict[str, list[Target]]:
+    snap_sources = manifest.get("sources", {})
+    names = sel.sources or sorted(snap_sources)
+    for n in sel.sources:
+        if n not in snap_sources:
+            raise NotFound(f"snapshot {manifest['id']} has no source {n!r} (it has: {', '.join(sorted(snap_sources))})")
+    out: dict[str, list[Target]] = {}
+    seen_streams: set[str] = set()
+    for name in names:
+        if name not in cfg.sources:
+            if sel.sources:
+                raise NotFound(f"source {name!r} is in the snapshot but not in the config file")
+            continue  # a source no longer configured is not restored unless asked for
+        backend = cfg.open_source(name)
+        if sel.sessions and not backend.supports_sessions:
+            if sel.sources:
+                raise UsageError(f"source {name!r} ({backend.name}) has no sessions; --session applies to conversation sources")
+            continue
+        src = snap_sources[name]
+        if src.get("backend") != backend.name:
+            raise UsageError(f"source {name!r} was captured with backend {src.get('backend')!r} but is configured "
+                             f"as {backend.name!r}")
+        targets = []
+        for stname, entry in src.get("streams", {}).items():
+            if sel.streams and stname not in sel.streams:
+                continue
+            seen_streams.add(stname)
+            targets.append(Target(name, backend, stname, entry, StreamSpec(stname, entry.get("schema", {}))))
+        if targets:
+            out[name] = targets
+    missing = [s for s in sel.streams if s not in seen_streams]
+    if missing:
+        raise NotFound(f"snapshot {manifest['id']} has no stream {', '.join(missing)} in the selected sources")
+    if not out:
+        raise NotFound("nothing to restore: the selection matches no configured source of the snapshot")
+    return out
+
+
+# -- planning -------------------------------------------------------------------
+
+@dataclass
+class StreamPlan:
+    added: int = 0
+    modified: int = 0
+    deleted: int = 0
+    snapshot_records: int = 0
+    snapshot_digest: str = ""  # over the selected snapshot records
+    live_schema: dict | None = None
+    live_missing: bool = False
+    quarantine: dict | None = None  # the bundle's stream entry
+
+    @property
+    def changes(self) -> int:
+        return self.added + self.modified + self.deleted
+
+    def counts(self) -> dict:
+        return {"added": self.added, "modified": self.modified, "deleted": self.deleted}
+
+
+def _live_records(reader, spec: StreamSpec | None, sessions) -> Iterator[tuple[Any, bytes, Any]]:
+    if spec is None:
+        return
+    for batch in reader.read(spec, sessions or None):
+        for key, value in batch:
+            yield key, b"\x92" + codec.pack(key) + codec.pack(value), value
+
+
+def _snapshot_records(repo: Repository, t: Target, sessions) -> Iterator[StoredRecord]:
+    for rec in read_stream(repo, t.entry):
+        if sessions and t.backend.session_of(t.spec, rec.key, rec.value) not in sessions:
+            continue
+        yield rec
+
+
+def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: StreamWriter | None,
+                failure_at: _dt.datetime | None) -> StreamPlan:
+    """Merge live and snapshot by key; count, and quarantine into ``writer`` when given."""
+    plan = StreamPlan()
+    live_spec = reader.live_spec(t.stream)
+    if live_spec is None:
+        plan.live_missing = True
+    else:
+        plan.live_schema = live_spec.schema
+        diffs = t.backend.schema_differences(t.spec, live_spec)
+        if diffs:
+            raise SchemaMismatch(f"source {t.source!r} stream {t.stream!r} changed since the snapshot: " + "; ".join(diffs))
+    digest = hashlib.sha256()
+    sessions = set(sel.sessions) if sel.sessions else None
+    live = _live_records(reader, live_spec, sel.sessions)
+    snap = _snapshot_records(repo, t, sessions)
+    lv = next(live, None)
+    sv = next(snap, None)
+    last_key = None
+
+    def quarantine(key, op, live_value, snap_value):
+        if writer is None:
+            return
+        written = t.backend.written_at(t.spec, key, live_value) if live_value is not None else None
+        post = None
+        if failure_at is not None and written is not None:
+            post = written >= failure_at
+        session = t.backend.session_of(t.spec, key, live_value if live_value is not None else snap_value)
+        writer.add(key, {"op": op, "value": live_value, "snapshot_value": snap_value,
+                         "written_at": written, "post_failure": post, "session": session})
+
+    while lv is not None or sv is not None:
+        if sv is not None:
+            pass
+        if sv is None or (lv is not None and lv[0] < sv.key):
+            key, _, value = lv
+            if last_key is not None and not key > last_key:
+                raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key order at {codec.key_text(key)}")
+            plan.added += 1
+            quarantine(key, "added", value, None)
+            last_key = key
+            lv = next(live, None)
+        elif lv is None or sv.key < lv[0]:
+            digest.update(sv.raw)
+            plan.snapshot_records += 1
+            plan.deleted += 1
+            quarantine(sv.key, "deleted", None, sv.value)
+            last_key = sv.key
+            sv = next(snap, None)
+        else:
+            digest.update(sv.raw)
+            plan.snapshot_records += 1
+            if lv[1] != sv.raw:
+                plan.modified += 1
+                quarantine(sv.key, "modified", lv[2], sv.value)
+            last_key = sv.key
+            lv = next(live, None)
+            sv = next(snap, None)
+    plan.snapshot_digest = "sha256:" + digest.hexdigest()
+    if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
+        raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
+    return plan
+
+
+# -- the whole operation ----------------------------------------------------------
+
+@dataclass
+class RestoreResult:
+    snapshot: dict
+    incident: str | None
+    dry_run: bool
+    plans: dict[str, dict[str, StreamPlan]]
+    quarantined: int = 0
+    verified: bool = False
+    continues: list[str] = field(default_factory=list)
+    duration: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "snapshot": self.snapshot["id"],
+            "release": self.snapshot["release"],
+            "incident": self.incident,
+            "dry_run": self.dry_run,
+            "plan": {s: {st: p.counts() for st, p in streams.items()} for s, streams in self.plans.items()},
+            "quarantined": self.quarantined,
+            "verified": self.verified,
+            "continues": self.continues,
+            "duration_seconds": round(self.duration, 3),
+        }
+
+    @property
+    def changes(self) -> int:
+        return sum(p.changes for streams in self.plans.values() for p in streams.values())
+
+
+def check_objects(repo: Repository, targets: dict[str, list[Target]]) -> None:
+    """Every chunk the selection needs is present (corruption is caught while reading)."""
+    from concurrent.futures import ThreadPoolExecutor
+    ids = sorted({row[0] for ts in targets.values() for t in ts for row in t.entry.get("chunks", [])})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for cid, info in zip(ids, pool.map(lambda c: repo.store.stat(chunk_object(c)), ids)):
+            if info is None:
+                raise IntegrityError(f"snapshot object {chunk_object(cid)} is missing; nothing was written "
+                                     f"(run `snapshotter verify` for the full list)")
+
+
+def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dry_run: bool = False,
+            incident: str | None = None, failure_at: _dt.datetime | None = None,
+            confirm: Callable[[RestoreResult], bool] | None = None, command: str = "restore") -> RestoreResult:
+    """Plan (and unless ``dry_run``: quarantine, apply, verify) a restore of ``manifest``."""
+    started = time.monotonic()
+    targets = select_targets(manifest, cfg, sel)
+    check_objects(repo, targets)
+    result = RestoreResult(manifest, None, dry_run, {})
+    if dry_run:
+        for source, ts in targets.items():
+            backend = ts[0].backend
+            with backend.reader() as reader:
+                result.plans[source] = {t.stream: plan_stream(repo, t, reader, sel, writer=None, failure_at=failure_at)
+                                        for t in ts}
+        result.duration = time.monotonic() - started
+        return result
+
+    incident = incident or new_incident_id()
+    if incident in {b["incident"] for b in bundles(repo)}:
+        raise UsageError(f"incident {incident!r} already exists; choose another --incident")
+    uploader = ChunkUploader(repo)
+    bundle = {
+        "format": 1,
+        "incident": incident,
+        "snapshot": manifest["id"],
+        "release": manifest["release"],
+        "created_at": None,
+        "failure_at": iso(failure_at) if failure_at else None,
+        "user": _user(),
+        "host": socket.gethostname(),
+        "tool_version": __version__,
+        "command": command,
+        "selection": sel.to_json(),
+        "continues": [],
+        "records": 0,
+        "plan": {},
+        "sources": {},
+    }
+    try:
+        for source, ts in targets.items():
+            backend = ts[0].backend
+            src = {"backend": backend.name, "location": backend.location(), "streams": {}}
+            with backend.reader() as reader:
+                if bundle["created_at"] is None:
+                    bundle["created_at"] = iso(utcnow())
+                result.plans[source] = {}
+                for t in ts:
+                    writer = StreamWriter(uploader)
+                    plan = plan_stream(repo, t, reader, sel, writer=writer, failure_at=failure_at)
+                    entry = writer.finish()
+                    entry["schema"] = plan.live_schema
+                    entry["counts"] = plan.counts()
+                    entry["snapshot_schema"] = t.spec.schema
+                    plan.quarantine = entry
+                    result.plans[source][t.stream] = plan
+                    src["streams"][t.stream] = entry
+            bundle["sources"][source] = src
+    finally:
+        uploader.close()
+    bundle["plan"] = {s: {st: p.counts() for st, p in streams.items()} for s, streams in result.plans.items()}
+    bundle["records"] = result.changes
+    result.quarantined = result.changes
+    result.incident = incident
+    # an earlier restore of this snapshot that never finished: its bundle keeps the original values
+    result.continues = [b["incident"] for b in bundles(repo)
+                        if b["snapshot"] == manifest["id"] and applied_status(repo, b["incident"]) is None]
+    bundle["continues"] = result.continues
+
+    if confirm is not None and not confirm(result):
+        from .errors import Refused
+        raise Refused("restore not confirmed; nothing was written")
+    if result.changes == 0:
+        # nothing differs: nothing is quarantined and no store is touched
+        result.incident = None
+        result.verified = _verify(repo, targets, result, sel)
+        result.duration = time.monotonic() - started
+        return result
+
+    write_bundle(repo, bundle)  # the quarantine is committed before the first live write
+    for source, ts in targets.items():
+        backend = ts[0].backend
+        with backend.writer() as w:
+            for t in ts:
+                plan = result.plans[source][t.stream]
+                if plan.changes == 0 and not plan.live_missing:
+                    continue
+                _apply_stream(repo, w, t, plan)
+    result.verified = _verify(repo, targets, result, sel)
+    mark_applied(repo, incident, {"incident": incident, "applied_at": iso(utcnow()), "verified": result.verified,
+                                  "problems": result.problems})
+    result.duration = time.monotonic() - started
+    if not result.verified:
+        raise IntegrityError(f"restore applied but verification failed: {'; '.join(result.problems[:3])} "
+                             f"(incident {incident} holds the pre-restore values)")
+    return result
+
+
+def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
+    w.prepare(t.spec)
+    upserts: list = []
+    deletes: list = []
+    for rec in read_stream(repo, plan.quarantine):
+        q = rec.value
+        if q["op"] == "added":
+            deletes.append(rec.key)
+            if len(deletes) >= APPLY_BATCH:
+                w.delete(t.spec, deletes)
+                deletes = []
+        else:
+            upserts.append((rec.key, q["snapshot_value"]))
+            if len(upserts) >= APPLY_BATCH:
+                w.upsert(t.spec, upserts)
+                upserts = []
+    if deletes:
+        w.delete(t.spec, deletes)
+    if upserts:
+        w.upsert(t.spec, upserts)
+
+
+def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection) -> bool:
+    """Re-read the restored streams; their digests must be the snapshot's (or, where
+    the store perturbs values, every record equal within the backend's rule)."""
+    ok = True
+    for source, ts in targets.items():
+        backend = ts[0].backend
+        with backend.reader() as reader:
+            for t in ts:
+                plan = result.plans[source][t.stream]
+                spec = reader.live_spec(t.stream)
+                h = hashlib.sha256()
+                n = 0
+                for _, raw, _ in _live_records(reader, spec, sel.sessions):
+                    h.update(raw)
+                    n += 1
+                if "sha256:" + h.hexdigest() == plan.snapshot_digest and n == plan.snapshot_records:
+                    continue
+                problem = _compare_records(repo, t, reader, spec, sel)
+                if problem:
+                    ok = False
+                    result.problems.append(f"{source}/{t.stream}: {problem}")
+    return ok
+
+
+def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) -> str | None:
+    live = _live_records(reader, spec, sel.sessions)
+    snap = _snapshot_records(repo, t, set(sel.sessions) if sel.sessions else None)
+    for sv in snap:
+        lv = next(live, None)
+        if lv is None:
+            return f"record {codec.key_text(sv.key)} missing after restore"
+        if lv[0] != sv.key:
+            return f"record {codec.key_text(lv[0])} present after restore, expected {codec.key_text(sv.key)}"
+        if lv[1] != sv.raw and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
+            return f"record {codec.key_text(sv.key)} differs from the snapshot after restore"
+    extra = next(live, None)
+    if extra is not None:
+        return f"record {codec.key_text(extra[0])} present after restore but not in the snapshot"
+    return None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"

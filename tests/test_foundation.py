@@ -53,8 +53,7 @@ def make_table(url: str, rows: int = ROWS) -> sa.Engine:
                 "score": rnd.random(),
                 "flag": i % 2 == 0,
             })
-            if len(batch) == 2000:
-                c.execute(sa.text("SELECT 1"))
+            if len(batch) == 2000 or i == rows - 1:
                 c.execute(md.tables["kb_chunks"].insert(), batch)
                 batch = []
     return eng

@@ -1,0 +1,650 @@
+"""``conversation``: an agent's chat history, one record per message, selectable by session.
+
+Two layouts, chosen by the ``url``:
+
+**A message table in any SQLAlchemy database** (LangChain's
+``SQLChatMessageHistory`` by default: table ``message_store`` with ``id``
+primary key, ``session_id`` and ``message`` JSON text).  One stream named after
+the table; a record's key is the row's primary key (or ``order_column``, which
+must then be unique and non-null), its value the row as the driver returns it.
+The read runs inside the same read-only point-in-time transaction as the
+``sql`` backend, so the manifest records ``snapshot-isolation``.
+
+**Redis lists** (LangChain's ``RedisChatMessageHistory``): the key
+``key_prefix + session_id`` holds one session's messages, each a JSON string.
+One stream named ``messages``; a record's key is ``[session_id, position]``.
+*Position 0 is the oldest message* and positions count forward in time,
+whichever end of the list the application pushes to (``list_order``:
+LangChain LPUSHes, so its lists are ``newest-first``).  Counting from the
+oldest message keeps every message's key stable while the agent keeps
+talking; counting list indexes would renumber a whole session on every new
+message and turn a one-message drift into a whole-session one.
+
+A Redis message's value is chosen so it round-trips byte for byte:
+
+* a ``dict`` - the parsed JSON object, when the stored text is exactly what
+  ``json.dumps`` writes for it (every LangChain message is): readable and
+  diffable field by field in quarantine, and written back with ``json.dumps``;
+  its key order is kept, not sorted, because the order is part of the text;
+* a ``str`` - the stored text verbatim, when it is not JSON, not an object,
+  or JSON in another spelling (other separators, unescaped non-ASCII);
+* ``bytes`` - the stored value verbatim, when it is not UTF-8 text.
+
+Consistency on Redis: Redis has no multi-key snapshot.  Each session's list is
+read with one ``LRANGE`` (atomic per list); sessions are found with ``SCAN``
+(never ``KEYS``) and read in key order, many per round trip.  After the read,
+the session keys are scanned again and every list's length compared with what
+was read: unchanged, the manifest records ``checked``; otherwise
+``best-effort`` (each session is still internally consistent, but sessions
+were captured at slightly different moments).  Appends and deletions - what
+an agent does to its history - are always detected; an in-place ``LSET`` made
+during the read is not.  TTLs are not captured.
+
+Restoring.  SQL: everything happens in one transaction.  Redis: the writer
+collects the core's upserts and deletes per session and, on commit, applies
+each session in one ``WATCH``/``MULTI``/``EXEC`` transaction, so a session is
+restored entirely or not at all and a re-run converges.  Because a list is
+positional, the changes for one session must describe a list whose positions
+are contiguous from 0 (they do when they are the difference between a live
+read and a snapshot):
+
+* deleted positions must be the newest messages (a tail): the list is trimmed
+  to the lowest deleted position;
+* upserted positions below the live length replace those messages in place;
+* upserted positions at or beyond the live length are appended, oldest first,
+  and must leave no gap.
+
+Anything else (deleting a message from the middle, a position past the end)
+is refused before that session is touched.  A list that is recreated gets no
+TTL; an existing list keeps its own.
+
+``writer(sessions=[...])`` scopes a restore to those sessions: the writer
+refuses any record outside them, and in SQL refuses to overwrite a row whose
+key now belongs to another session (SQLite reuses freed row ids), since that
+row is not in the restore's quarantine.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlalchemy as sa
+
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter.codec import key_text
+from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SourceError
+
+from . import sqlbase
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_STREAM = "messages"
+REDIS_KIND = "redis-list"
+NEWEST_FIRST, OLDEST_FIRST = "newest-first", "oldest-first"
+
+SQL_DEFAULTS = {"table": "message_store", "session_column": "session_id", "message_column": "message"}
+REDIS_DEFAULTS = {"key_prefix": "message_store:", "list_order": NEWEST_FIRST}
+SQL_ONLY = ("table", "session_column", "message_column", "order_column", "timestamp_column", "schema")
+REDIS_ONLY = ("key_prefix", "list_order")
+
+#: where a write time may sit inside a message's JSON, tried in order.  LangChain
+#: messages carry none by default; applications commonly add one to
+#: ``additional_kwargs``, and some providers (Ollama) report ``created_at``.
+MESSAGE_TIME_FIELDS = (
+    ("data", "additional_kwargs", "timestamp"),
+    ("data", "additional_kwargs", "created_at"),
+    ("data", "response_metadata", "timestamp"),
+    ("data", "response_metadata", "created_at"),
+    ("data", "timestamp"),
+    ("timestamp",),
+    ("created_at",),
+)
+
+#: Redis lists fetched per round trip; a batch holds at most this many sessions.
+SESSIONS_PER_ROUND_TRIP = 64
+
+
+class ConversationBackend(SourceBackend):
+    name = "conversation"
+    description = ("Conversation history: a SQL message table (LangChain SQLChatMessageHistory) or "
+                   "Redis lists (LangChain RedisChatMessageHistory), one record per message, --session aware")
+    options = (
+        Option("url", str, required=True, secret=True,
+               help="SQLAlchemy database URL, or redis://HOST:PORT/DB; ${VAR} keeps passwords out of the file"),
+        Option("table", str, help="SQL: the message table (default message_store)"),
+        Option("session_column", str, help="SQL: column holding the session id (default session_id)"),
+        Option("message_column", str, help="SQL: column holding the message JSON (default message)"),
+        Option("order_column", str,
+               help="SQL: unique column that keys and orders messages (default: the primary key)"),
+        Option("timestamp_column", str, help="SQL: column holding each message's write time, for --failure-at"),
+        Option("schema", str, help="SQL: database schema (PostgreSQL) holding the table"),
+        Option("key_prefix", str, help="Redis: prefix of the session keys (default message_store:)"),
+        Option("list_order", str,
+               help="Redis: newest-first (LPUSH, LangChain; the default) or oldest-first (RPUSH)"),
+        Option("timestamp_field", str,
+               help="dotted path of a write time inside the message JSON, e.g. data.additional_kwargs.timestamp "
+                    "(default: common LangChain places)"),
+    )
+    supports_sessions = True
+
+    def __init__(self, source_name: str, options: dict[str, Any]):
+        super().__init__(source_name, options)
+        self.base_dir: str | None = None
+        self._url: sa.URL | None = None
+        self._engine = None
+        scheme = urlsplit(str(options.get("url") or "")).scheme.lower()
+        self.kind = "redis" if scheme in REDIS_SCHEMES else "sql"
+        wrong = REDIS_ONLY if self.kind == "sql" else SQL_ONLY
+        misplaced = [o for o in wrong if options.get(o) is not None]
+        if misplaced:
+            other = "Redis" if self.kind == "sql" else "SQL"
+            raise ConfigError(f"{self.where}: option {', '.join(misplaced)} applies to {other} stores only "
+                              f"(url is a {'Redis' if self.kind == 'redis' else 'SQL database'} URL)")
+        if self.kind == "redis" and self.list_order not in (NEWEST_FIRST, OLDEST_FIRST):
+            raise ConfigError(f"{self.where}: list_order must be {NEWEST_FIRST} or {OLDEST_FIRST}, "
+                              f"not {self.list_order!r}")
+
+    @property
+    def where(self) -> str:
+        return f"source {self.source_name!r}"
+
+    def opt(self, name: str) -> Any:
+        value = self.config.get(name)
+        if value is None:
+            return SQL_DEFAULTS.get(name, REDIS_DEFAULTS.get(name))
+        return value
+
+    @property
+    def key_prefix(self) -> str:
+        return self.opt("key_prefix")
+
+    @property
+    def list_order(self) -> str:
+        return self.opt("list_order")
+
+    # -- connections ---------------------------------------------------------
+
+    @property
+    def url(self) -> sa.URL:
+        if self._url is None:
+            self._url = sqlbase.resolve_url(self.config["url"], getattr(self, "base_dir", None), self.where)
+        return self._url
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = sqlbase.make_engine(self.url, self.where)
+        return self._engine
+
+    def connect(self):
+        with sqlbase.translate_errors(f"{self.where}: cannot connect to {self.location()}"):
+            return self.engine.connect()
+
+    def redis(self):
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError(f"{self.where}: the redis package is not installed; "
+                              f"install the extra snapshotter[redis]") from None
+        try:
+            return redis.Redis.from_url(self.config["url"], socket_connect_timeout=10, socket_timeout=60)
+        except ValueError as exc:
+            raise ConfigError(f"{self.where}: invalid Redis URL: {exc}") from None
+
+    def location(self) -> str:
+        if self.kind == "sql":
+            return sqlbase.redact(self.url)
+        parts = urlsplit(self.config["url"])
+        if parts.password is None:
+            return self.config["url"]
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+    def reader(self) -> SourceReader:
+        return RedisListReader(self) if self.kind == "redis" else MessageTableReader(self)
+
+    def writer(self, sessions: Sequence[str] | None = None) -> SourceWriter:
+        """A writer; ``sessions`` scopes it to a ``--session`` restore (see the module docs)."""
+        scope = None if sessions is None else frozenset(sessions)
+        return RedisListWriter(self, scope) if self.kind == "redis" else MessageTableWriter(self, scope)
+
+    # -- knowledge of messages -----------------------------------------------
+
+    def session_of(self, spec: StreamSpec, key, value) -> str | None:
+        if spec.schema.get("kind") == REDIS_KIND:
+            return key[0] if isinstance(key, list) and key else None
+        conv = spec.schema.get("conversation", {})
+        session = value.get(conv.get("session_column")) if isinstance(value, dict) else None
+        return None if session is None else str(session)
+
+    def written_at(self, spec: StreamSpec, key, value) -> _dt.datetime | None:
+        if spec.schema.get("kind") == REDIS_KIND:
+            return self._message_time(value)
+        if not isinstance(value, dict):
+            return None
+        conv = spec.schema.get("conversation", {})
+        if conv.get("timestamp_column"):
+            return as_utc_datetime(value.get(conv["timestamp_column"]))
+        return self._message_time(value.get(conv.get("message_column")))
+
+    def _message_time(self, message: Any) -> _dt.datetime | None:
+        if isinstance(message, (str, bytes)):
+            try:
+                message = json.loads(message)
+            except ValueError:
+                return None
+        if not isinstance(message, dict):
+            return None
+        field_path = self.config.get("timestamp_field")
+        paths = [tuple(field_path.split("."))] if field_path else MESSAGE_TIME_FIELDS
+        for path in paths:
+            node: Any = message
+            for step in path:
+                node = node.get(step) if isinstance(node, dict) else None
+            when = as_utc_datetime(node)
+            if when is not None:
+                return when
+        return None
+
+    # -- SQL stream ----------------------------------------------------------
+
+    def table_stream(self, conn) -> StreamSpec:
+        table, db_schema = self.opt("table"), self.config.get("schema")
+        insp = sa.inspect(conn)
+        if table not in insp.get_table_names(schema=db_schema):
+            raise NotFound(f"{self.where}: no table {table} in {self.location()}")
+        doc = sqlbase.table_schema(conn, table, db_schema)
+        names = [c["name"] for c in doc["columns"]]
+        for opt in ("session_column", "message_column", "order_column", "timestamp_column"):
+            col = self.opt(opt)
+            if col is not None and col not in names:
+                raise ConfigError(f"{self.where}: {opt} {col!r}: table {table} has no such column "
+                                  f"(columns: {', '.join(names)})")
+        doc["conversation"] = {
+            "session_column": self.opt("session_column"),
+            "message_column": self.opt("message_column"),
+            "timestamp_column": self.opt("timestamp_column"),
+            "key": self._key_columns(insp, doc),
+        }
+        return StreamSpec(table, doc)
+
+    def _key_columns(self, insp, doc: dict) -> list[str]:
+        order, pk, table = self.opt("order_column"), doc["primary_key"], doc["table"]
+        if order is None:
+            if not pk:
+                raise ConfigError(f"{self.where}: table {table} has no primary key; set order_column to a "
+                                  f"unique, non-null column that orders its messages")
+            return list(pk)
+        if pk == [order]:
+            return pk
+        unique = any(i["unique"] and i["columns"] == [order] for i in doc["indexes"])
+        with contextlib.suppress(NotImplementedError):
+            unique = unique or any(u["column_names"] == [order]
+                                   for u in insp.get_unique_constraints(table, schema=doc["db_schema"]))
+        nullable = next(c["nullable"] for c in doc["columns"] if c["name"] == order)
+        if not unique or nullable:
+            raise ConfigError(f"{self.where}: order_column {order!r} must be the primary key of {table} or a "
+                              f"non-null column with a unique index, since it keys the records")
+        return [order]
+
+
+def keyed(spec: StreamSpec) -> StreamSpec:
+    """The spec with the record key as its primary key (they differ only with order_column)."""
+    conv = spec.schema.get("conversation", {})
+    if conv.get("key") and conv["key"] != spec.schema["primary_key"]:
+        return StreamSpec(spec.name, {**spec.schema, "primary_key": conv["key"]})
+    return spec
+
+
+def as_utc_datetime(v: Any) -> _dt.datetime | None:
+    """A stored time as an aware datetime; naive times are taken as UTC, numbers as Unix time."""
+    if isinstance(v, _dt.datetime):
+        return v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)
+    if isinstance(v, str):
+        try:
+            t = _dt.datetime.fromisoformat(v)
+        except ValueError:
+            return None
+        return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        seconds = v / 1000 if abs(v) > 1e11 else v  # beyond year 5138 in seconds: milliseconds
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
+    return None
+
+
+# -- SQL message tables ----------------------------------------------------------
+
+class MessageTableReader(SourceReader):
+    def __init__(self, backend: ConversationBackend):
+        self.b = backend
+        self.conn = backend.connect()
+        with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
+            self.consistency = sqlbase.begin_snapshot(self.conn)
+
+    def streams(self) -> list[StreamSpec]:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {self.b.opt('table')}"):
+            return [self.b.table_stream(self.conn)]
+
+    def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
+        where = None
+        if sessions is not None:
+            col, wanted = spec.schema["conversation"]["session_column"], sorted(set(sessions))
+            where = lambda t: t.c[col].in_(wanted)  # noqa: E731
+        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            yield from sqlbase.read_rows(self.conn, keyed(spec).schema, where=where)
+
+    def close(self) -> None:
+        sqlbase.end_transaction(self.conn, commit=True)
+        self.conn.close()
+
+
+class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
+    transactional = True
+
+    def __init__(self, backend: ConversationBackend, sessions: frozenset[str] | None):
+        self.b = backend
+        self.sessions = sessions
+        self.conn = backend.connect()
+        with sqlbase.translate_errors(f"{backend.where}: cannot start a write transaction"):
+            sqlbase.begin_write(self.conn)
+
+    def prepare(self, spec: StreamSpec) -> None:
+        if "columns" not in spec.schema:
+            raise SchemaMismatch(f"{self.b.where}: stream {spec.name} was captured from Redis lists; "
+                                 f"this source is a SQL table")
+        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
+            insp = sa.inspect(self.conn)
+            schema = spec.schema.get("db_schema")
+            if spec.name not in insp.get_table_names(schema=schema):
+                # a table without a primary key is recreated with its key column as one
+                sqlbase.create_table(self.conn, spec.schema if spec.schema["primary_key"] else keyed(spec).schema)
+                return
+            live = sqlbase.table_schema(self.conn, spec.name, schema)
+        diffs = sqlbase.schema_differences(spec.schema, live)
+        if diffs:
+            raise SchemaMismatch(f"{self.b.where}: table {spec.name} changed since the snapshot: " + "; ".join(diffs))
+
+    def upsert(self, spec: StreamSpec, records: list) -> None:
+        spec = keyed(spec)
+        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+            if self.sessions is not None:
+                self._check_scope(spec, records)
+            self.upsert_rows(spec, records)
+
+    def delete(self, spec: StreamSpec, keys: list) -> None:
+        spec = keyed(spec)
+        with sqlbase.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
+            if self.sessions is None:
+                self.delete_keys(spec, keys)
+                return
+            # a key the plan saw in a restored session may have moved to another since
+            t, pk = self._table(spec), spec.schema["primary_key"]
+            col = t.c[spec.schema["conversation"]["session_column"]]
+            for i in range(0, len(keys), 500):
+                self.conn.execute(sa.delete(t).where(sqlbase.key_condition(t, pk, keys[i:i + 500]),
+                                                     col.in_(sorted(self.sessions))))
+
+    def _check_scope(self, spec: StreamSpec, records: list) -> None:
+        col = spec.schema["conversation"]["session_column"]
+        for key, value in records:
+            session = value.get(col)
+            if session is None or str(session) not in self.sessions:
+                raise SourceError(f"{self.b.where}: message {key_text(key)} belongs to session "
+                                  f"{session!r}, outside the sessions being restored")
+        t, pk = self._table(spec), spec.schema["primary_key"]
+        keys = [k for k, _ in records]
+        scol = t.c[col]
+        for i in range(0, len(keys), 500):
+            stmt = sa.select(*[t.c[k] for k in pk], scol).where(
+                sqlbase.key_condition(t, pk, keys[i:i + 500]),
+                sa.or_(scol.is_(None), scol.not_in(sorted(self.sessions))))
+            row = self.conn.execute(stmt).first()
+            if row is not None:
+                key = row[0] if len(pk) == 1 else list(row[:-1])
+                raise SourceError(f"{self.b.where}: message {key_text(key)} now belongs to session {row[-1]!r}; "
+                                  f"restoring it would overwrite that session's message, which this restore "
+                                  f"does not quarantine (add that session to the restore, or restore every session)")
+
+    def commit(self) -> None:
+        with sqlbase.translate_errors(f"{self.b.where}: commit failed"):
+            self.conn.exec_driver_sql("COMMIT")
+
+    def rollback(self) -> None:
+        sqlbase.end_transaction(self.conn, commit=False)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- Redis lists -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def translate_redis_errors(what: str) -> Iterator[None]:
+    """redis-py errors become one-line SourceErrors."""
+    import redis
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{what}: {msg}") from exc
+
+
+def glob_escape(text: bytes) -> bytes:
+    for ch in (b"\\", b"*", b"?", b"[", b"]"):
+        text = text.replace(ch, b"\\" + ch)
+    return text
+
+
+def message_value(raw: bytes) -> Any:
+    """A stored message as a record value that writes back to the same bytes (module docs)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    if not text.startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if type(value) is not dict or json.dumps(value) != text:
+        return text
+    if "\\ud" in text or "\\uD" in text:
+        # an unpaired surrogate escape parses to a str that cannot be stored as UTF-8
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return text
+    return value
+
+
+def message_bytes(value: Any, key: Any) -> bytes:
+    t = type(value)
+    if t is dict:
+        return json.dumps(value).encode("ascii")
+    if t is str:
+        return value.encode("utf-8")
+    if t is bytes:
+        return value
+    raise SourceError(f"message {key_text(key)}: a Redis message is a JSON object, text or bytes, "
+                      f"not {t.__name__}")
+
+
+@dataclass
+class SessionChanges:
+    """The core's upserts and deletes for one session's list, by position."""
+
+    put: dict[int, bytes] = field(default_factory=dict)
+    drop: set[int] = field(default_factory=set)
+
+    def edits(self, live_len: int, session: str) -> tuple[int, dict[int, bytes], list[bytes]]:
+        """(final length, in-place replacements, messages to append oldest first) for a live list.
+
+        Refuses changes that do not describe a list with contiguous positions
+        (the rules in the module docs) rather than guess.
+        """
+        end = max(live_len, max(self.put) + 1) if self.put else live_len
+        final = min(end, min(self.drop)) if self.drop else end
+        kept_drop = [p for p in range(final, live_len) if p not in self.drop]
+        if kept_drop:
+            raise SourceError(f"session {session!r}: cannot delete position {final} while keeping "
+                              f"position {kept_drop[0]}; a list can only lose its newest messages")
+        beyond = [p for p in self.put if p >= final]
+        if beyond:
+            raise SourceError(f"session {session!r}: position {min(beyond)} is both written and deleted")
+        gap = [p for p in range(live_len, final) if p not in self.put]
+        if gap:
+            raise SourceError(f"session {session!r}: cannot write position {final - 1} without position "
+                              f"{gap[0]} (the live list has {live_len} messages)")
+        in_place = {p: v for p, v in self.put.items() if p < min(live_len, final)}
+        appended = [self.put[p] for p in range(live_len, final)]
+        return final, in_place, appended
+
+
+class RedisListReader(SourceReader):
+    consistency = "checked"
+
+    def __init__(self, backend: ConversationBackend):
+        self.b = backend
+        self.client = backend.redis()
+        self.prefix = backend.key_prefix.encode("utf-8")
+        with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}"):
+            self.client.ping()
+
+    def streams(self) -> list[StreamSpec]:
+        return [StreamSpec(REDIS_STREAM, redis_schema(self.b))]
+
+    def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
+        with translate_redis_errors(f"{self.b.where}: cannot read {self.b.location()}"):
+            yield from self._read(sessions)
+
+    def _scan(self) -> set[bytes]:
+        return set(self.client.scan_iter(match=glob_escape(self.prefix) + b"*", count=1000, _type="list"))
+
+    def _read(self, sessions: Sequence[str] | None):
+        if sessions is None:
+            keys = sorted(self._scan())
+        else:
+            keys = sorted({self.prefix + s.encode("utf-8") for s in sessions})
+        # UTF-8 byte order is code point order, so sorted keys give sessions in key order
+        newest_first = self.b.list_order == NEWEST_FIRST
+        seen: dict[bytes, int] = {}
+        for i in range(0, len(keys), SESSIONS_PER_ROUND_TRIP):
+            group = keys[i:i + SESSIONS_PER_ROUND_TRIP]
+            pipe = self.client.pipeline(transaction=False)
+            for k in group:
+                pipe.lrange(k, 0, -1)
+            batch = []
+            for k, items in zip(group, pipe.execute(raise_on_error=False)):
+                if isinstance(items, Exception):
+                    raise SourceError(f"{self.b.where}: key {k.decode('utf-8', 'replace')!r}: {items}")
+                session = self._session(k)
+                seen[k] = len(items)
+                if newest_first:
+                    items.reverse()
+                batch.extend(([session, pos], message_value(raw)) for pos, raw in enumerate(items))
+            if batch:
+                yield batch
+        if not self._unchanged(seen, rescan=sessions is None):
+            self.consistency = "best-effort"
+
+    def _session(self, key: bytes) -> str:
+        try:
+            return key[len(self.prefix):].decode("utf-8")
+        except UnicodeDecodeError:
+            raise SourceError(f"{self.b.where}: key {key!r} is not UTF-8 text; session ids must be") from None
+
+    def _unchanged(self, seen: dict[bytes, int], rescan: bool) -> bool:
+        """Whether every list still has the length it was read with (and no session appeared)."""
+        keys = sorted(set(seen) | (self._scan() if rescan else set()))
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.llen(k)
+        return all(n == seen.get(k, 0) for k, n in zip(keys, pipe.execute()))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def redis_schema(backend: ConversationBackend) -> dict:
+    return {"kind": REDIS_KIND, "key_prefix": backend.key_prefix, "list_order": backend.list_order,
+            "key": ["session", "position"], "position": "0 is the oldest message"}
+
+
+class RedisListWriter(SourceWriter):
+    transactional = False
+
+    def __init__(self, backend: ConversationBackend, sessions: frozenset[str] | None):
+        self.b = backend
+        self.sessions = sessions
+        self.client = backend.redis()
+        self.prefix = backend.key_prefix.encode("utf-8")
+        self.pending: dict[str, SessionChanges] = {}
+        with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}"):
+            self.client.ping()
+
+    def prepare(self, spec: StreamSpec) -> None:
+        if spec.schema.get("kind") != REDIS_KIND:
+            raise SchemaMismatch(f"{self.b.where}: stream {spec.name} was captured from a SQL table; "
+                                 f"this source is Redis lists")
+
+    def _changes(self, key: Any) -> tuple[SessionChanges, int]:
+        if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)
+                and type(key[1]) is int and key[1] >= 0):
+            raise SourceError(f"{self.b.where}: {key_text(key)} is not a [session, position] key")
+        session, pos = key
+        if self.sessions is not None and session not in self.sessions:
+            raise SourceError(f"{self.b.where}: message {key_text(key)} is outside the sessions being restored")
+        return self.pending.setdefault(session, SessionChanges()), pos
+
+    def upsert(self, spec: StreamSpec, records: list) -> None:
+        for key, value in records:
+            changes, pos = self._changes(key)
+            changes.put[pos] = message_bytes(value, key)
+
+    def delete(self, spec: StreamSpec, keys: list) -> None:
+        for key in keys:
+            changes, pos = self._changes(key)
+            changes.drop.add(pos)
+
+    def commit(self) -> None:
+        for session in sorted(self.pending):
+            with translate_redis_errors(f"{self.b.where}: cannot restore session {session!r}"):
+                self._apply(session, self.pending[session])
+            del self.pending[session]
+
+    def _apply(self, session: str, changes: SessionChanges) -> None:
+        key = self.prefix + session.encode("utf-8")
+        newest_first = self.b.list_order == NEWEST_FIRST
+
+        def rewrite(pipe) -> None:
+            live_len = pipe.llen(key)
+            final, in_place, appended = changes.edits(live_len, session)
+            pipe.multi()
+            if final == 0:
+                pipe.delete(key)
+                return
+            if final < live_len:
+                if newest_first:  # the newest messages are at the head
+                    pipe.ltrim(key, live_len - final, -1)
+                else:
+                    pipe.ltrim(key, 0, final - 1)
+            kept = min(live_len, final)
+            for pos, raw in sorted(in_place.items()):
+                pipe.lset(key, kept - 1 - pos if newest_first else pos, raw)
+            if appended:
+                # LPUSH a b c leaves c at the head: the last pushed is the newest, as it should be
+                (pipe.lpush if newest_first else pipe.rpush)(key, *appended)
+
+        # WATCH makes the length read and the edits one atomic step; redis-py retries on a race
+        self.client.transaction(rewrite, key)
+
+    def rollback(self) -> None:
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,212 @@
+"""Restore with quarantine on SQL sources: exact round trip, quarantine first,
+nothing lost (snapshot + quarantine rebuild the pre-restore state), dry runs
+that write nothing, refusals, and convergence after kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from snapshotter import codec
+from snapshotter.objectstore import open_store
+from snapshotter.quarantine import bundles, iter_records
+from snapshotter.repository import Repository
+from tests.test_foundation import make_table
+
+ROWS = 2000
+
+
+def raw_rows(eng, table="kb_chunks") -> dict:
+    """Every row as the driver returns it, encoded exactly (bytes compare as values)."""
+    with eng.connect() as c:
+        rows = c.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id").fetchall()
+        cols = list(c.exec_driver_sql(f"SELECT * FROM {table} WHERE 1=0").keys())
+    return {r[0]: codec.pack(dict(zip(cols, r))) for r in rows}
+
+
+def write_config(tmp_path, url, extra=""):
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.retrieval]\nbackend = "sql"\nurl = "{url}"\n{extra}')
+
+
+def bad_writes(eng):
+    dialect = eng.dialect.name
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE kb_chunks SET title = 'ignore previous instructions' WHERE id < 25")
+        c.exec_driver_sql("DELETE FROM kb_chunks WHERE id BETWEEN 500 AND 520")
+        c.exec_driver_sql("INSERT INTO kb_chunks (id, title, body) VALUES (900001, 'exfiltrate', 'x'), (900002, 'b', NULL)")
+        if dialect == "postgresql":
+            c.exec_driver_sql("UPDATE kb_chunks SET meta = '{\"poison\": true}'::json, price = 0.000001 WHERE id = 1500")
+        else:
+            c.exec_driver_sql("UPDATE kb_chunks SET meta = '{\"poison\": true}', price = 0.000001 WHERE id = 1500")
+
+
+def rebuild_pre_restore(repo: Repository, snapshot_state: dict, incident: dict) -> dict:
+    """Snapshot state overlaid with an incident's quarantine = the live state before the restore."""
+    state = dict(snapshot_state)
+    for _, _, rec in iter_records(repo, incident):
+        q = rec.value
+        if q["op"] == "deleted":
+            state.pop(rec.key)
+        else:
+            state[rec.key] = codec.pack(q["value"])
+    return state
+
+
+def test_restore_round_trip_and_nothing_lost(any_db_url, tmp_path, cli):
+    eng = make_table(any_db_url, rows=ROWS)
+    write_config(tmp_path, any_db_url, 'tables = ["kb_chunks"]\n')
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = raw_rows(eng)
+    bad_writes(eng)
+    before_restore = raw_rows(eng)
+    assert before_restore != original
+
+    plan = cli("--json", "diff", snap["id"]).json()
+    assert plan["plan"]["retrieval"]["kb_chunks"] == {"added": 2, "modified": 26, "deleted": 21}
+    assert plan["dry_run"] is True and plan["incident"] is None
+
+    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-1")
+    assert r.code == 0, r.err
+    out = r.json()
+    assert out["incident"] == "inc-1" and out["verified"] is True and out["quarantined"] == 49
+    assert out["plan"] == plan["plan"]
+    # the live table is back, bit for bit
+    assert raw_rows(eng) == original
+
+    # nothing the agent wrote is lost: snapshot + quarantine rebuild what was there
+    repo = Repository.open(open_store(str(tmp_path / "repo")))
+    (incident,) = bundles(repo)
+    assert incident["snapshot"] == snap["id"] and incident["records"] == 49
+    assert rebuild_pre_restore(repo, original, incident) == before_restore
+
+    # restoring a state that equals the snapshot changes and quarantines nothing
+    again = cli("--json", "restore", snap["id"], "--yes").json()
+    assert again["quarantined"] == 0 and again["incident"] is None and again["verified"] is True
+    assert len(bundles(repo)) == 1
+
+
+def test_dropped_table_is_recreated_with_its_schema(sqlite_url, tmp_path, cli):
+    eng = make_table(sqlite_url, rows=300)
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = raw_rows(eng)
+    with eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE kb_chunks")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["plan"]["retrieval"]["kb_chunks"] == {"added": 0, "modified": 0, "deleted": 300}
+    assert raw_rows(eng) == original
+    cols = {c["name"]: c for c in sa.inspect(eng).get_columns("kb_chunks")}
+    assert str(cols["price"]["type"]).startswith("NUMERIC") and cols["id"]["primary_key"]
+
+
+def test_schema_change_is_refused_before_any_write(sqlite_url, tmp_path, cli):
+    eng = make_table(sqlite_url, rows=100)
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM kb_chunks WHERE id < 10")
+        c.exec_driver_sql("ALTER TABLE kb_chunks ADD COLUMN extra TEXT")
+    r = cli("restore", snap["id"], "--yes")
+    assert r.code == 2 and "extra" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "repo" / "quarantine").exists()
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM kb_chunks").scalar() == 90
+
+
+def test_dry_run_and_refusal_write_nothing(sqlite_url, tmp_path, cli):
+    eng = make_table(sqlite_url, rows=200)
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    bad_writes(eng)
+    live = raw_rows(eng)
+    listing = sorted(p for p in (tmp_path / "repo").rglob("*"))
+    dry = cli("--json", "restore", snap["id"], "--dry-run")
+    assert dry.code == 0 and dry.json()["dry_run"] is True
+    assert dry.json()["plan"]["retrieval"]["kb_chunks"]["added"] == 2
+    r = cli("restore", snap["id"])  # no --yes, no terminal
+    assert r.code == 6 and "--yes" in r.err
+    assert sorted(p for p in (tmp_path / "repo").rglob("*")) == listing
+    assert raw_rows(eng) == live
+
+
+def test_release_resolution_prefers_known_good(sqlite_url, tmp_path, cli):
+    eng = make_table(sqlite_url, rows=50)
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    a = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE kb_chunks SET title = 'later' WHERE id = 1")
+    b = cli("--json", "snapshot", "--release", "v1").json()
+    assert cli("--json", "diff", b["id"]).json()["plan"]["retrieval"]["kb_chunks"]["modified"] == 0
+    # no mark: newest of the release
+    assert cli("--json", "restore", "--release", "v1", "--dry-run").json()["snapshot"] == b["id"]
+    assert cli("mark-good", a["id"]).code == 0
+    assert cli("--json", "restore", "--release", "v1", "--dry-run").json()["snapshot"] == a["id"]
+    assert cli("--json", "list").json()[1]["good"] is True
+    assert cli("unmark-good", a["id"]).code == 0
+    assert cli("--json", "restore", "--release", "v1", "--before", a["taken_at"], "--dry-run").code == 5
+    assert cli("--json", "restore", "--release", "v9", "--dry-run").code == 5
+    r = cli("--json", "restore", "--release", "v1", "--yes")
+    assert r.code == 0 and r.json()["snapshot"] == b["id"] and r.json()["quarantined"] == 0
+
+
+def test_missing_object_stops_restore_before_any_write(sqlite_url, tmp_path, cli):
+    eng = make_table(sqlite_url, rows=3000)
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    bad_writes(eng)
+    live = raw_rows(eng)
+    victim = sorted(p for p in (tmp_path / "repo" / "chunks").rglob("*") if p.is_file())[-1]
+    victim.unlink()
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 3 and json.loads(r.err)["error"]["type"] == "integrity"
+    assert raw_rows(eng) == live
+    assert not (tmp_path / "repo" / "quarantine").exists()
+
+
+def test_kill_9_during_restore_then_rerun_converges(tmp_path, cli):
+    """Kill the restore at random moments; the re-run reaches the snapshot and the
+    first run's quarantine still holds the original live values."""
+    url = f"sqlite:///{tmp_path / 'agent.db'}"
+    eng = make_table(url, rows=20_000)
+    write_config(tmp_path, url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = raw_rows(eng)
+    rnd = random.Random(11)
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for trial in range(3):
+        with eng.begin() as c:
+            c.exec_driver_sql(f"UPDATE kb_chunks SET body = 'drift {trial}' WHERE id % 7 = {trial}")
+            c.exec_driver_sql(f"DELETE FROM kb_chunks WHERE id % 101 = {trial}")
+        pre = raw_rows(eng)
+        p = subprocess.Popen([sys.executable, "-m", "snapshotter", "restore", snap["id"], "--yes",
+                              "--incident", f"crash-{trial}"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rnd.uniform(0.3, 2.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        r = cli("--json", "restore", snap["id"], "--yes")
+        assert r.code == 0, r.err
+        assert raw_rows(eng) == original
+        repo = Repository.open(open_store(str(tmp_path / "repo")))
+        first = [b for b in bundles(repo) if b["incident"] == f"crash-{trial}"]
+        if first:  # killed after the quarantine was committed: it holds the original values
+            assert rebuild_pre_restore(repo, original, first[0]) == pre
+        else:  # killed before: the re-run quarantined everything
+            latest = [b for b in bundles(repo) if b["incident"] == r.json()["incident"]]
+            assert rebuild_pre_restore(repo, original, latest[0]) == pre

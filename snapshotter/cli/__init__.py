@@ -166,4 +166,4 @@ def run() -> None:
 
 
 # command modules register themselves on `cli`
-from . import repo_cmds, restore_cmd, snapshot_cmd  # noqa: E402,F401
+from . import demo_cmd, repo_cmds, restore_cmd, snapshot_cmd  # noqa: E402,F401

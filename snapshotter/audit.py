@@ -1,0 +1,239 @@
+"""The audit log: one record per change to the repository or to a live store
+(init, snapshot, mark-good, forget, prune, unlock, restore, reapply), kept as
+``audit/<sequence>.json`` and chained by hashes.
+
+Each record names who, where, when, what was asked (secrets removed) and how it
+ended, plus ``prev`` (sha256 of the previous record's stored bytes) and
+``hash`` (sha256 of its own canonical JSON without ``hash``).  Editing,
+removing, renaming or reordering a record breaks the chain, which
+``audit verify`` reports as an integrity failure.
+
+What the chain cannot show: a writer who rewrites the whole chain, or removes
+records from its end.  Keep the head (``audit verify --json`` → ``head``)
+somewhere else, or put the ``audit/`` prefix under S3 Object Lock, when that
+matters.
+
+Appending is a create-only write of the next sequence number; a concurrent
+appender that got there first makes us read its record and try the next one.
+"""
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import random
+import re
+import socket
+import time
+from typing import Any
+
+from .errors import StoreError
+from .names import iso, utcnow
+from .objectstore import ObjectMissing, ObjectStore
+
+AUDIT_PREFIX = "audit/"
+SEQ_DIGITS = 12
+_RECORD_NAME = re.compile(r"^audit/(\d{%d})\.json$" % SEQ_DIGITS)
+
+REDACTED = "***"
+# scheme://user:password@host -> scheme://user:***@host
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
+# ?password=...&  and the signature parts of presigned URLs
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<head>[?&;](?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|"
+    r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&;#\s]*")
+# password=..., secret: ... in free text (error messages, notes)
+_TEXT_SECRET = re.compile(r"(?i)\b(?P<head>(?:password|passwd|secret|token|aws_secret_access_key)\s*[=:]\s*)[^\s,;&]+")
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "private")
+
+
+def record_object(seq: int) -> str:
+    return f"{AUDIT_PREFIX}{seq:0{SEQ_DIGITS}d}.json"
+
+
+def _is_secret_name(name: str) -> bool:
+    n = name.lower().replace("-", "_")
+    if n in ("key", "keys"):
+        # record keys (SPEC's KEY argument): what an audit of reapply must show
+        return False
+    return any(w in n for w in _SECRET_WORDS) or n in ("pwd", "auth") or n.endswith("key") or n.endswith("key_id")
+
+
+def redact_text(text: str) -> str:
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
+    text = _QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _TEXT_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
+    return _AWS_KEY_ID.sub(REDACTED, text)
+
+
+def redact(value: Any, name: str | None = None) -> Any:
+    """``value`` with secrets removed: values of options named like a secret, passwords
+    inside URLs, AWS key ids.  Containers are walked; other values are kept."""
+    if name is not None and _is_secret_name(name) and value not in (None, "", [], {}):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {str(k): redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [redact(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact_text(str(value))
+
+
+def canonical_hash(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _store(repo_or_store) -> ObjectStore:
+    return getattr(repo_or_store, "store", repo_or_store)
+
+
+def _exists(store: ObjectStore, seq: int) -> bool:
+    return store.stat(record_object(seq)) is not None
+
+
+def last_sequence(store: ObjectStore, hint: int = 0) -> int:
+    """The highest sequence number in use, with O(log n) existence checks instead of
+    listing the whole log on every append (the log has no gaps unless tampered with)."""
+    if hint > 0 and _exists(store, hint):
+        lo = hint
+    elif _exists(store, 1):
+        lo = 1
+    else:
+        return 0
+    step = 1
+    hi = lo + step
+    while _exists(store, hi):
+        lo, step = hi, step * 2
+        hi = lo + step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _exists(store, mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def append_audit(repo, command: str, arguments: dict, result: dict, *, user: str | None = None,
+                 host: str | None = None) -> dict:
+    """Append one record; returns it.
+
+    ``repo`` is a Repository (or an ObjectStore); ``arguments`` what was asked
+    (redacted here, so pass them as given); ``result`` at least
+    ``{"exit_code": int, "summary": str}`` plus any details (snapshot, incident,
+    plan counts).
+    """
+    store = _store(repo)
+    if user is None:
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = "unknown"
+    body = {
+        "time": iso(utcnow()),
+        "user": user,
+        "host": host or socket.gethostname(),
+        "command": command,
+        "arguments": redact(arguments or {}),
+        "result": redact(result or {}),
+    }
+    seq = last_sequence(store)
+    for _ in range(200):
+        if seq:
+            try:
+                prev = "sha256:" + hashlib.sha256(store.get(record_object(seq))).hexdigest()
+            except ObjectMissing:
+                seq = last_sequence(store)
+                continue
+        else:
+            prev = None
+        record = {"seq": seq + 1, **body, "prev": prev}
+        record["hash"] = "sha256:" + canonical_hash(record)
+        data = json.dumps(record, indent=1, ensure_ascii=False).encode() + b"\n"
+        if store.put(record_object(seq + 1), data):
+            return record
+        # another run appended first: chain onto its record
+        seq = last_sequence(store, hint=seq + 1)
+        time.sleep(random.uniform(0, 0.05))
+    raise StoreError("could not append to the audit log: too many concurrent writers")
+
+
+def _sequences(store: ObjectStore) -> tuple[list[int], list[str]]:
+    seqs, foreign = [], []
+    for info in store.list(AUDIT_PREFIX):
+        m = _RECORD_NAME.match(info.name)
+        if m:
+            seqs.append(int(m.group(1)))
+        else:
+            foreign.append(info.name)
+    seqs.sort()
+    return seqs, foreign
+
+
+def read_audit(repo, limit: int | None = None) -> list[dict]:
+    """Records, newest first."""
+    store = _store(repo)
+    seqs, _ = _sequences(store)
+    wanted = list(reversed(seqs))[:limit] if limit else list(reversed(seqs))
+    out = []
+    for seq in wanted:
+        try:
+            out.append(json.loads(store.get(record_object(seq))))
+        except (ObjectMissing, ValueError):
+            out.append({"seq": seq, "error": "record missing or not JSON (run `snapshotter audit verify`)"})
+    return out
+
+
+def verify_audit(repo) -> dict:
+    """``{"ok", "records", "head": {"seq", "hash"} | None, "problems": [{"seq", "object", "problem"}]}``."""
+    store = _store(repo)
+    seqs, foreign = _sequences(store)
+    problems: list[dict] = []
+
+    def problem(seq: int | None, obj: str, text: str) -> None:
+        problems.append({"seq": seq, "object": obj, "problem": text})
+
+    for name in foreign:
+        problem(None, name, "not an audit record name")
+    expected = 1
+    prev_bytes: bytes | None = None
+    prev_seq = 0
+    head = None
+    for seq in seqs:
+        obj = record_object(seq)
+        if seq != expected:
+            missing = f"{expected}" if seq == expected + 1 else f"{expected} to {seq - 1}"
+            problem(seq, obj, f"record(s) {missing} missing before this one")
+        try:
+            raw = store.get(obj)
+        except ObjectMissing:
+            problem(seq, obj, "removed while being read")
+            expected, prev_bytes = seq + 1, None
+            continue
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError
+        except ValueError:
+            problem(seq, obj, "not a JSON record")
+            expected, prev_bytes, prev_seq = seq + 1, raw, seq
+            continue
+        if record.get("seq") != seq:
+            problem(seq, obj, f"holds record {record.get('seq')!r}: records were renamed or reordered")
+        if record.get("hash") != "sha256:" + canonical_hash(record):
+            problem(seq, obj, "hash does not match the content: the record was edited")
+        if seq == 1:
+            if record.get("prev") is not None:
+                problem(seq, obj, "first record points to a predecessor: earlier records were removed")
+        elif prev_bytes is not None and prev_seq == seq - 1:
+            if record.get("prev") != "sha256:" + hashlib.sha256(prev_bytes).hexdigest():
+                problem(seq, obj, f"prev does not match record {seq - 1}: the chain is broken")
+        expected, prev_bytes, prev_seq = seq + 1, raw, seq
+        head = {"seq": seq, "hash": record.get("hash")}
+    return {"ok": not problems, "records": len(seqs), "head": head, "problems": problems}

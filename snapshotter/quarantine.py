@@ -107,3 +107,33 @@ def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
         "written_at": to_json(v.get("written_at")),
         "session": v.get("session"),
     }
+
+
+def incident_status(repo: Repository, incident: str) -> dict[str, Any]:
+    """Whether the incident's restore finished: ``applied`` (with its verification
+    result) or ``interrupted`` (no applied marker: the restore stopped or failed
+    before marking it, so the live store may hold a mix)."""
+    doc = applied_status(repo, incident)
+    if doc is None:
+        return {"status": "interrupted", "applied_at": None, "verified": None}
+    if doc.get("status") == "unknown":
+        return {"status": "unknown", "applied_at": None, "verified": None}
+    return {"status": "applied", "applied_at": doc.get("applied_at"), "verified": doc.get("verified")}
+
+
+def op_counts(bundle: dict) -> dict[str, int]:
+    """Records per op over the whole bundle, from its plan (no chunk is read)."""
+    counts = dict.fromkeys(OPS, 0)
+    for streams in bundle.get("plan", {}).values():
+        for c in streams.values():
+            for op in OPS:
+                counts[op] += int(c.get(op, 0))
+    return counts
+
+
+def stream_entry(bundle: dict, source: str, stream: str) -> dict:
+    """The bundle's entry for one stream (chunks, schema, counts)."""
+    try:
+        return bundle["sources"][source]["streams"][stream]
+    except KeyError:
+        raise NotFound(f"incident {bundle['incident']} has no stream {source}/{stream}") from None

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,6 +40,9 @@ class App:
     metrics_file: str | None = None
     command: str = ""
     results: dict = field(default_factory=dict)
+    error: str | None = None
+    audit: dict | None = None  # set by audited(): main() appends the record when the command ends
+    started: float = field(default_factory=time.time)
 
     @cached_property
     def config(self) -> Config:
@@ -58,6 +62,49 @@ class App:
     def repo(self):
         from ..repository import Repository
         return Repository.open(self.store(), compression_level=self.config.compression_level)
+
+    # -- locks, audit, metrics -----------------------------------------------
+
+    def lock(self, claims: dict[str, str] | None = None, *, exclusive: bool = False):
+        """Lock the repository (shared unless ``exclusive``) plus any extra ``claims``
+        (see :mod:`snapshotter.locks`), honouring --lock-wait; a context manager."""
+        from ..locks import acquire, repository_claims
+        warn = lambda text: click.echo(f"snapshotter: {text}", err=True)  # noqa: E731
+        return acquire(self.repo.store, {**repository_claims(exclusive=exclusive), **(claims or {})},
+                       command=self.command, wait=self.lock_wait,
+                       on_wait=None if self.quiet else warn, on_lost=warn)
+
+    def audited(self, arguments: dict, *, command: str | None = None) -> dict:
+        """Mark this run as a change: when it ends, however it ends, main() appends an
+        audit record.  Returns the result details to fill in (``summary`` and more)."""
+        self.audit = {"command": command or self.command, "arguments": arguments, "result": {}}
+        return self.audit["result"]
+
+    def finish(self, code: int) -> int:
+        """After the command: its audit record and metrics file; returns the exit code."""
+        try:
+            if self.audit is not None:
+                from ..audit import append_audit
+                details = dict(self.audit["result"])
+                summary = details.pop("summary", None)
+                if code != 0:
+                    summary = self.error or f"failed with exit code {code}"
+                try:
+                    append_audit(self.repo, self.audit["command"], self.audit["arguments"],
+                                 {"exit_code": code, "summary": summary or "ok", **details})
+                except Exception as exc:
+                    click.echo(f"snapshotter: the audit record could not be written: {exc}", err=True)
+                    code = code or 1
+            if self.metrics_file:
+                from ..metrics import run_from_results, write_metrics
+                try:
+                    write_metrics(self.metrics_file, run_from_results(self.command, code, self.started, self.results))
+                except Exception as exc:
+                    click.echo(f"snapshotter: cannot write metrics file {self.metrics_file}: {exc}", err=True)
+                    code = code or 1
+        except KeyboardInterrupt:
+            code = code or 130
+        return code
 
     # -- output --------------------------------------------------------------
 
@@ -101,9 +148,14 @@ pass_app = click.make_pass_decorator(App)
 @click.pass_context
 def cli(ctx: click.Context, config_path, repo_url, as_json, verbose, quiet, no_progress, lock_wait, metrics_file):
     """snapshotter: snapshot, restore and quarantine the state of AI agents."""
-    ctx.obj = App(config_path=config_path, repo_url=repo_url, json=as_json, verbose=verbose, quiet=quiet,
-                  progress=not no_progress, lock_wait=lock_wait, metrics_file=metrics_file,
-                  command=ctx.invoked_subcommand or "")
+    # main() passes the App in, so it can write the audit record and metrics after the command
+    app = ctx.ensure_object(App)
+    app.config_path, app.repo_url, app.json, app.verbose, app.quiet = config_path, repo_url, as_json, verbose, quiet
+    app.progress, app.lock_wait, app.metrics_file = not no_progress, lock_wait, metrics_file
+    app.command = ctx.invoked_subcommand or ""
+    if metrics_file:
+        from ..metrics import require_client
+        require_client()
 
 
 def _error_json(exc: SnapshotterError) -> str:
@@ -122,38 +174,42 @@ def main(argv: list[str] | None = None) -> int:
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
+    app = App()
     try:
-        cli.main(args=args, prog_name="snapshotter", standalone_mode=False)
+        cli.main(args=args, prog_name="snapshotter", standalone_mode=False, obj=app)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:
-        code = report(Interrupted("interrupted"), as_json)
+        code = report(Interrupted("interrupted"), as_json, app)
     except click.ClickException as exc:
+        app.error = exc.format_message()
         if as_json:
             click.echo(json.dumps({"error": {"type": "usage", "message": exc.format_message(), "exit_code": 2}}), err=True)
         else:
             exc.show()
         code = exc.exit_code if exc.exit_code else 2
     except KeyboardInterrupt:
-        code = report(Interrupted("interrupted: nothing half-committed was left behind"), as_json)
+        code = report(Interrupted("interrupted: nothing half-committed was left behind"), as_json, app)
     except SnapshotterError as exc:
         if verbose:
             traceback.print_exc()
-        code = report(exc, as_json)
+        code = report(exc, as_json, app)
     except Exception as exc:  # a bug, or a library error not translated at its boundary
         if verbose:
             traceback.print_exc()
         err = SnapshotterError(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                                f"(run with -v for the traceback)")
-        code = report(err, as_json)
+        code = report(err, as_json, app)
     else:
         code = 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return code
+    return app.finish(code)
 
 
-def report(exc: SnapshotterError, as_json: bool) -> int:
+def report(exc: SnapshotterError, as_json: bool, app: App | None = None) -> int:
+    if app is not None:
+        app.error = exc.message
     if as_json:
         click.echo(_error_json(exc), err=True)
     else:
@@ -166,4 +222,4 @@ def run() -> None:
 
 
 # command modules register themselves on `cli`
-from . import demo_cmd, repo_cmds, restore_cmd, snapshot_cmd  # noqa: E402,F401
+from . import demo_cmd, maintenance_cmd, repo_cmds, restore_cmd, snapshot_cmd  # noqa: E402,F401

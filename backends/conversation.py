@@ -249,13 +249,29 @@ class ConversationBackend(SourceBackend):
                 return when
         return None
 
+    def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
+        kinds = ["Redis lists" if s.schema.get("kind") == REDIS_KIND else "a SQL table" for s in (snapshot, live)]
+        if kinds[0] != kinds[1]:
+            return [f"the snapshot holds {kinds[0]}, the live source is {kinds[1]}"]
+        if live.schema.get("kind") == REDIS_KIND:
+            return []  # positions count from the oldest message in either list order
+        diffs = sqlbase.schema_differences(snapshot.schema, live.schema)
+        snap_conv, live_conv = snapshot.schema.get("conversation", {}), live.schema.get("conversation", {})
+        for what in ("key", "session_column"):
+            if snap_conv.get(what) != live_conv.get(what):
+                diffs.append(f"messages are keyed by {live_conv.get(what)} (snapshot: {snap_conv.get(what)})"
+                             if what == "key" else
+                             f"sessions are in column {live_conv.get(what)} (snapshot: {snap_conv.get(what)})")
+        return diffs
+
     # -- SQL stream ----------------------------------------------------------
 
-    def table_stream(self, conn) -> StreamSpec:
-        table, db_schema = self.opt("table"), self.config.get("schema")
+    def table_stream(self, conn, table: str | None = None) -> StreamSpec | None:
+        """The message table as a stream (the configured one unless named), None when it does not exist."""
+        table, db_schema = table or self.opt("table"), self.config.get("schema")
         insp = sa.inspect(conn)
         if table not in insp.get_table_names(schema=db_schema):
-            raise NotFound(f"{self.where}: no table {table} in {self.location()}")
+            return None
         doc = sqlbase.table_schema(conn, table, db_schema)
         names = [c["name"] for c in doc["columns"]]
         for opt in ("session_column", "message_column", "order_column", "timestamp_column"):
@@ -326,8 +342,16 @@ class MessageTableReader(SourceReader):
             self.consistency = sqlbase.begin_snapshot(self.conn)
 
     def streams(self) -> list[StreamSpec]:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {self.b.opt('table')}"):
-            return [self.b.table_stream(self.conn)]
+        table = self.b.opt("table")
+        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {table}"):
+            spec = self.b.table_stream(self.conn)
+        if spec is None:
+            raise NotFound(f"{self.b.where}: no table {table} in {self.b.location()}")
+        return [spec]
+
+    def live_spec(self, name: str) -> StreamSpec | None:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
+            return self.b.table_stream(self.conn, name)
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         where = None

@@ -135,10 +135,10 @@ pass_app = click.make_pass_decorator(App)
 
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="snapshotter")
-@click.option("--config", "config_path", metavar="PATH", type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", metavar="PATH", envvar="SNAPSHOTTER_CONFIG", type=click.Path(dir_okay=False),
               help="Config file (default: $SNAPSHOTTER_CONFIG, else ./snapshotter.toml).")
-@click.option("--repo", "repo_url", metavar="URL", help="Repository URL; overrides [repository] url.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--repo", "repo_url", metavar="URL", envvar="SNAPSHOTTER_REPO", help="Repository URL; overrides [repository] url.")
+@click.option("--json", "as_json", is_flag=True, envvar="SNAPSHOTTER_JSON", help="Print one JSON document on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr; tracebacks for unexpected errors.")
 @click.option("-q", "--quiet", count=True, help="Print less.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

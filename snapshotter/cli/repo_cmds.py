@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import NotFound, UsageError
+from ..locks import MARKS, SHARED
 from ..names import check_name
 from ..repository import Repository
 from ..snapshot import summary
@@ -29,6 +30,8 @@ def init(app: App):
     if hasattr(store, "ensure_bucket"):
         store.ensure_bucket()
     repo, created = Repository.init(store, compression_level=app.config.compression_level)
+    if created:
+        app.audited({"repository": store.url})["summary"] = f"created repository {store.url}"
     app.out({"repository": store.url, "created": created, "id": repo.config.get("id"),
              "format": repo.config.get("format")},
             lambda: app.info(f"{'created' if created else 'already exists:'} repository {store.url}"))
@@ -122,8 +125,12 @@ def verify(app: App, snapshots, all_, read_data):
 
 def _mark(app: App, snapshot: str, good: bool) -> None:
     repo = app.repo
-    ref = repo.resolve(snapshot)
-    repo.mark_good(ref, good)
+    # the marks lock keeps forget from deleting a snapshot while it is being marked known-good
+    with app.lock({MARKS: SHARED}):
+        ref = repo.resolve(snapshot)
+        app.audited({"snapshot": ref.id, "release": ref.release})["summary"] = \
+            f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"
+        repo.mark_good(ref, good)
     app.out({"snapshot": ref.id, "release": ref.release, "good": good},
             lambda: app.info(f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"))
 

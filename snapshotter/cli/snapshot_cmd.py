@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..locks import SHARED, source_resource
 from ..names import check_name, parse_label
 from ..snapshot import summary, take_snapshot
 from . import App, cli, pass_app
@@ -21,12 +22,18 @@ def snapshot(app: App, release, sources, labels, note):
     for s in sources:
         check_name("source", s)
     label_map = dict(parse_label(l) for l in labels)
+    app.results["release"] = release
     repo = app.repo
-    with app.progress_bar("snapshot") as bar:
-        manifest = take_snapshot(repo, app.config, release=release, sources=sources, labels=label_map, note=note,
-                                 progress=lambda stream, n: bar.advance(n, description=stream))
+    # shared: snapshots run side by side, but not beside prune or a restore of the same source
+    with app.lock({source_resource(n): SHARED for n in (sources or app.config.sources)}):
+        audit = app.audited({"release": release, "sources": list(sources), "labels": label_map, "note": note})
+        with app.progress_bar("snapshot") as bar:
+            manifest = take_snapshot(repo, app.config, release=release, sources=sources, labels=label_map, note=note,
+                                     progress=lambda stream, n: bar.advance(n, description=stream))
     s = summary(manifest)
-    app.results = {"manifest": manifest}
+    app.results["manifest"] = manifest
+    audit.update(snapshot=manifest["id"], summary=f"snapshot {s['id']}: {s['records']} records, "
+                 f"{s['bytes_written']} bytes written, {s['bytes_reused']} reused")
 
     def human():
         app.info(f"snapshot {s['id']} of release {s['release']}: {s['records']} records, "

@@ -1,0 +1,157 @@
+"""forget, prune, unlock, audit: keeping a repository in shape between snapshots."""
+from __future__ import annotations
+
+import contextlib
+
+import click
+
+from .. import audit as audit_log
+from .. import locks
+from .. import retention
+from ..errors import IntegrityError, UsageError
+from ..names import check_name, parse_duration
+from . import App, cli, pass_app
+from .repo_cmds import human_bytes
+
+
+@cli.command()
+@click.option("--keep-last", type=click.IntRange(min=1), metavar="N", help="Keep the N newest snapshots.")
+@click.option("--keep-hourly", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest snapshot of each of the last N hours that have one (UTC).")
+@click.option("--keep-daily", type=click.IntRange(min=1), metavar="N", help="The same per day.")
+@click.option("--keep-weekly", type=click.IntRange(min=1), metavar="N", help="The same per ISO week.")
+@click.option("--keep-monthly", type=click.IntRange(min=1), metavar="N", help="The same per month.")
+@click.option("--keep-release", "keep_release", multiple=True, metavar="R",
+              help="Keep every snapshot of release R (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be forgotten.")
+@pass_app
+def forget(app: App, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_release, dry_run):
+    """Drop snapshot manifests by policy; known-good snapshots and quarantine bundles are always kept.
+
+    A snapshot stays when any --keep-* rule keeps it.  Chunks are freed later by `prune`.
+    """
+    for r in keep_release:
+        check_name("release", r)
+    policy = retention.RetentionPolicy(last=keep_last or 0, hourly=keep_hourly or 0, daily=keep_daily or 0,
+                                       weekly=keep_weekly or 0, monthly=keep_monthly or 0,
+                                       releases=tuple(keep_release))
+    if policy.empty:
+        raise UsageError("forget needs at least one --keep-* rule (it will not forget every snapshot)")
+    repo = app.repo
+    # exclusive on the marks only: snapshots may go on, a mark-good may not slip in between plan and delete
+    with contextlib.nullcontext() if dry_run else app.lock({locks.MARKS: locks.EXCLUSIVE}) as lock:
+        plan = retention.plan_forget(repo, policy)
+        if not dry_run:
+            audit = app.audited({"policy": policy.to_json()})
+            retention.forget(repo, plan, check=lock.check)
+            audit.update(summary=f"forgot {len(plan.remove)} snapshot(s), kept {len(plan.keep)}",
+                         forgotten=[d.id for d in plan.remove])
+    doc = {"dry_run": dry_run, "keep": [d.to_json() for d in plan.keep], "remove": [d.to_json() for d in plan.remove]}
+
+    def human():
+        verb = "would forget" if dry_run else "forgot"
+        for d in plan.remove:
+            app.info(f"{verb} {d.id}  {d.release}  {d.taken_at}")
+        if app.verbose:
+            for d in plan.keep:
+                app.info(f"keep   {d.id}  {d.release}  {d.taken_at}  ({', '.join(d.reasons)})")
+        app.info(f"{verb} {len(plan.remove)} snapshot(s), kept {len(plan.keep)}")
+    app.out(doc, human)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--grace", default="1h", show_default=True, metavar="DURATION",
+              help="Keep unreferenced chunks younger than this (e.g. 30m, 2h, 1d; 0 for none).")
+@pass_app
+def prune(app: App, dry_run, grace):
+    """Delete chunks that no snapshot or incident references and that are older than the grace period.
+
+    Takes the exclusive lock: fails (exit 4) while any snapshot or restore runs.
+    """
+    grace_td = parse_duration(grace)
+    repo = app.repo
+    with app.lock(exclusive=True) as lock:
+        if not dry_run:
+            audit = app.audited({"grace": grace})
+        with app.progress_bar("deleting chunks") as bar:
+            report = retention.prune(repo, grace=grace_td, dry_run=dry_run, check=lock.check, progress=bar.advance)
+        if not dry_run:
+            audit.update(summary=f"deleted {report['deleted_chunks']} chunk(s), {report['bytes_freed']} bytes",
+                         deleted_chunks=report["deleted_chunks"], bytes_freed=report["bytes_freed"])
+
+    def human():
+        verb = "would delete" if dry_run else "deleted"
+        app.info(f"{verb} {report['deleted_chunks']} unreferenced chunk(s), {human_bytes(report['bytes_freed'])} "
+                 f"({report['referenced_chunks']} referenced by {report['snapshots']} snapshot(s) and "
+                 f"{report['quarantine_objects']} quarantine object(s); {report['kept_recent_chunks']} kept, "
+                 f"younger than {grace})")
+    app.out(report, human)
+
+
+@cli.command()
+@click.option("--stale", "mode", flag_value="stale", default=True,
+              help="Remove only stale locks: expired, or left by a process on this host that is gone (default).")
+@click.option("--all", "mode", flag_value="all",
+              help="Remove every lock, including those of running processes; only when none runs anywhere.")
+@pass_app
+def unlock(app: App, mode):
+    """Remove locks left by dead processes."""
+    store = app.repo.store
+    removed, kept = locks.remove_locks(store, everything=mode == "all")
+    if removed:
+        app.audited({"all": mode == "all"}).update(summary=f"removed {len(removed)} lock(s)",
+                                                   removed=[f"{l.name}: {l.describe()}" for l in removed])
+    doc = {"removed": [l.to_json() for l in removed], "kept": [l.to_json() for l in kept]}
+
+    def human():
+        for l in removed:
+            app.info(f"removed {l.name}: {l.describe()}")
+        for l in kept:
+            app.info(f"kept    {l.name}: {l.describe()} (not stale)")
+        app.info(f"removed {len(removed)} lock(s), {len(kept)} left")
+    app.out(doc, human)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N records.")
+@click.pass_context
+def audit(ctx: click.Context, limit):
+    """The operations log, newest first; `audit verify` checks its hash chain."""
+    if ctx.invoked_subcommand is not None:
+        return
+    app = ctx.find_object(App)
+    records = audit_log.read_audit(app.repo, limit=limit)
+
+    def human():
+        if not records:
+            app.info("the audit log is empty")
+            return
+        for r in records:
+            if "error" in r:
+                click.echo(f"{r['seq']:>6}  {r['error']}")
+                continue
+            res = r.get("result", {})
+            click.echo(f"{r['seq']:>6}  {r.get('time', '?')[:19]}Z  {r.get('user')}@{r.get('host')}  "
+                       f"{r.get('command')}  exit {res.get('exit_code')}  {res.get('summary', '')}")
+    app.out(records, human)
+
+
+@audit.command("verify")
+@pass_app
+def audit_verify(app: App):
+    """Check the hash chain: exit 3 when a record was edited, removed or reordered."""
+    report = audit_log.verify_audit(app.repo)
+
+    def human():
+        if report["ok"]:
+            head = report["head"]
+            app.info(f"ok: {report['records']} record(s), chain intact"
+                     + (f"; head {head['seq']} {head['hash']}" if head else ""))
+        else:
+            for p in report["problems"]:
+                click.echo(f"{p['object']}: {p['problem']}", err=True)
+    app.out(report, human)
+    if not report["ok"]:
+        raise IntegrityError(f"audit log: {len(report['problems'])} problem(s); first: "
+                             f"{report['problems'][0]['object']}: {report['problems'][0]['problem']}")

@@ -1,0 +1,123 @@
+"""Configuration and CLI behaviour: lookup order, ${VAR}, SNAPSHOTTER_* variables,
+one-line errors with the documented exit codes, --json discipline, help and docs."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from snapshotter.cli import cli as root
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def write(tmp_path, text, name="snapshotter.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[repository\nurl=1", "invalid TOML"),
+    ("[repo]\nurl='x'", "unknown section [repo]"),
+    ("[repository]\nurl='./r'\nbogus=1", "repository.bogus"),
+    ("[repository]\nurl='./r'\ncompression_level=99", "compression_level"),
+    ("[repository]\nurl='./r'\n[sources.a]\nurl='sqlite://'", "sources.a.backend: missing"),
+    ("[repository]\nurl='./r'\n[sources.a]\nbackend='nosuch'", "unknown backend 'nosuch'"),
+    ("[repository]\nurl='./r'\n[sources.a]\nbackend='sql'", "sources.a.url: missing"),
+    ("[repository]\nurl='./r'\n[sources.a]\nbackend='sql'\nurl='sqlite://'\ncolour='red'", "sources.a.colour"),
+    ("[repository]\nurl='./r'\n[sources.a]\nbackend='sql'\nurl='sqlite://'\ntables=3", "sources.a.tables"),
+    ("[repository]\nurl='./r'\n[sources.'../x']\nbackend='sql'\nurl='sqlite://'", "invalid source name"),
+    ("[repository]\nurl='${NOT_SET_ANYWHERE}'", "NOT_SET_ANYWHERE is not set"),
+    ("[repository]\nurl='ftp://x/y'", "unsupported repository URL scheme"),
+])
+def test_config_mistakes_are_one_line_exit_2(tmp_path, cli, text, fragment):
+    write(tmp_path, text)
+    r = cli("list")
+    assert r.code == 2, r.err
+    assert fragment in r.err and "snapshotter" in r.err
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    j = cli("--json", "list")
+    assert j.out == "" and json.loads(j.err)["error"]["exit_code"] == 2
+
+
+def test_lookup_order_and_env(tmp_path, cli, monkeypatch):
+    (tmp_path / "a").mkdir()
+    write(tmp_path / "a", "[repository]\nurl = './repo-a'\n", "cfg.toml")
+    write(tmp_path, "[repository]\nurl = './repo-default'\n")
+    assert cli("init").code == 0
+    assert (tmp_path / "repo-default" / "config.json").exists()
+    monkeypatch.setenv("SNAPSHOTTER_CONFIG", str(tmp_path / "a" / "cfg.toml"))
+    assert cli("init").code == 0
+    assert (tmp_path / "a" / "repo-a" / "config.json").exists()  # relative to the config file
+    assert cli("--config", str(tmp_path / "snapshotter.toml"), "--repo", "./repo-flag", "init").code == 0
+    assert (tmp_path / "repo-flag" / "config.json").exists()  # --repo overrides
+    monkeypatch.setenv("SNAPSHOTTER_REPO", str(tmp_path / "repo-env"))
+    assert cli("init").code == 0
+    assert (tmp_path / "repo-env" / "config.json").exists()
+    monkeypatch.setenv("REPO_DIR", str(tmp_path / "repo-var"))
+    monkeypatch.delenv("SNAPSHOTTER_REPO")
+    write(tmp_path, "[repository]\nurl = '${REPO_DIR}'\n", "var.toml")
+    assert cli("--config", str(tmp_path / "var.toml"), "init").code == 0
+    assert (tmp_path / "repo-var" / "config.json").exists()
+    assert cli("--config", str(tmp_path / "missing.toml"), "list").code == 2
+
+
+def test_init_is_idempotent_and_refuses_foreign_folders(tmp_path, cli):
+    assert cli("--repo", "r", "--json", "init").json()["created"] is True
+    assert cli("--repo", "r", "--json", "init").json()["created"] is False
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    r = cli("--repo", "busy", "init")
+    assert r.code == 2 and "not empty" in r.err
+    r = cli("--repo", "nowhere", "list")
+    assert r.code == 5 and "snapshotter init" in r.err
+
+
+def test_unknown_format_version_is_refused(tmp_path, cli):
+    cli("--repo", "r", "init")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["format"] = 99
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    r = cli("--repo", "r", "list")
+    assert r.code == 2 and "format 99" in r.err
+
+
+def test_unexpected_errors_have_no_traceback_without_v(tmp_path, cli):
+    cli("--repo", "r", "init")
+    (tmp_path / "r" / "snapshots" / "rel").mkdir(parents=True)
+    (tmp_path / "r" / "snapshots" / "rel" / "20260101T000000Z-abcdef.json").write_text("{not json")
+    r = cli("--repo", "r", "list")
+    assert r.code == 3 and "corrupt" in r.err and "Traceback" not in r.err
+
+
+def _commands(group, prefix=""):
+    import click
+    for name, cmd in sorted(group.commands.items()):
+        yield prefix + name, cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + name + " ")
+
+
+def test_every_command_has_help_and_is_documented(cli):
+    names = [n for n, _ in _commands(root)]
+    assert {"init", "snapshot", "list", "show", "verify", "diff", "restore", "mark-good", "unmark-good",
+            "backends", "demo"} <= set(names)
+    for name, cmd in _commands(root):
+        r = cli(*name.split(), "--help")
+        assert r.code == 0 and "Usage:" in r.out, name
+        assert cmd.help, f"{name} has no help text"
+        top = name.split()[0]
+        assert re.search(rf"`{re.escape(top)}[ `]", README), f"{top} is not in the README"
+
+
+def test_json_stdout_is_one_document(tmp_path, cli):
+    r = cli("--repo", "r", "--json", "init")
+    json.loads(r.out)
+    r = cli("--repo", "r", "--json", "list")
+    assert json.loads(r.out) == []
+    r = cli("--repo", "r", "--json", "backends")
+    names = {b["name"] for b in json.loads(r.out)}
+    assert {"sql", "conversation", "chroma"} <= names

@@ -112,12 +112,14 @@ class SQLBackend(SourceBackend):
 
 
 class SQLReader(SourceReader):
-    def __init__(self, backend: SQLBackend):
+    def __init__(self, backend: SQLBackend, conn=None):
         self.b = backend
-        self.conn = backend.connect()
-        self._ok = False
-        with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
-            self.consistency = sqlbase.begin_snapshot(self.conn)
+        # a reader inside a writer's transaction borrows its connection and leaves it open
+        self._owns = conn is None
+        self.conn = conn if conn is not None else backend.connect()
+        if self._owns:
+            with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
+                self.consistency = sqlbase.begin_snapshot(self.conn)
 
     def streams(self) -> list[StreamSpec]:
         with sqlbase.translate_errors(f"{self.b.where}: cannot list tables"):
@@ -138,8 +140,9 @@ class SQLReader(SourceReader):
             return StreamSpec(name, sqlbase.table_schema(self.conn, name, schema))
 
     def close(self) -> None:
-        sqlbase.end_transaction(self.conn, commit=True)
-        self.conn.close()
+        if self._owns:
+            sqlbase.end_transaction(self.conn, commit=True)
+            self.conn.close()
 
 
 class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
@@ -150,6 +153,9 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
         self.conn = backend.connect()
         with sqlbase.translate_errors(f"{backend.where}: cannot start a write transaction"):
             sqlbase.begin_write(self.conn)
+
+    def reader(self) -> SQLReader:
+        return SQLReader(self.b, self.conn)
 
     def prepare(self, spec: StreamSpec) -> None:
         with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):

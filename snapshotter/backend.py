@@ -113,6 +113,16 @@ class SourceWriter(ABC):
     def delete(self, spec: StreamSpec, keys: list[Key]) -> None:
         """Remove records by key (one batch); missing keys are not an error."""
 
+    def reader(self) -> SourceReader | None:
+        """For transactional stores: a reader inside this writer's transaction.
+
+        Restore then plans, applies and verifies in that one transaction, so a
+        write racing the restore cannot slip between plan and apply, and a
+        failed verification rolls everything back.  None (the default) makes
+        the core plan with a separate point-in-time reader.
+        """
+        return None
+
     def __enter__(self):
         return self
 

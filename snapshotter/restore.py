@@ -15,6 +15,7 @@ source; idempotent batches elsewhere), verify digests, record the outcome.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import getpass
 import hashlib
@@ -289,7 +290,6 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
     incident = incident or new_incident_id()
     if incident in {b["incident"] for b in bundles(repo)}:
         raise UsageError(f"incident {incident!r} already exists; choose another --incident")
-    uploader = ChunkUploader(repo)
     bundle = {
         "format": 1,
         "incident": incident,
@@ -307,62 +307,84 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         "plan": {},
         "sources": {},
     }
-    try:
+    with contextlib.ExitStack() as stack:
+        # transactional sources are planned, applied and verified inside one
+        # write transaction each, committed only after verification passed
+        writers: dict[str, Any] = {}
+        readers: dict[str, Any] = {}
+        for source, ts in targets.items():
+            w = ts[0].backend.writer()
+            if not w.transactional:
+                w.close()  # written later, in idempotent batches of its own
+                continue
+            stack.enter_context(w)
+            writers[source] = w
+            r = w.reader()
+            if r is not None:
+                readers[source] = r
+        uploader = ChunkUploader(repo)
+        try:
+            for source, ts in targets.items():
+                backend = ts[0].backend
+                src = {"backend": backend.name, "location": backend.location(), "streams": {}}
+                with contextlib.ExitStack() as rstack:
+                    reader = readers.get(source) or rstack.enter_context(backend.reader())
+                    if bundle["created_at"] is None:
+                        bundle["created_at"] = iso(utcnow())
+                    result.plans[source] = {}
+                    for t in ts:
+                        writer = StreamWriter(uploader)
+                        plan = plan_stream(repo, t, reader, sel, writer=writer, failure_at=failure_at)
+                        entry = writer.finish()
+                        entry["schema"] = plan.live_schema
+                        entry["counts"] = plan.counts()
+                        entry["snapshot_schema"] = t.spec.schema
+                        plan.quarantine = entry
+                        result.plans[source][t.stream] = plan
+                        src["streams"][t.stream] = entry
+                bundle["sources"][source] = src
+        finally:
+            uploader.close()
+        bundle["plan"] = {s: {st: p.counts() for st, p in streams.items()} for s, streams in result.plans.items()}
+        bundle["records"] = result.changes
+        result.quarantined = result.changes
+        result.incident = incident
+        # an earlier restore of this snapshot that never finished: its bundle keeps the original values
+        result.continues = [b["incident"] for b in bundles(repo)
+                            if b["snapshot"] == manifest["id"] and applied_status(repo, b["incident"]) is None]
+        bundle["continues"] = result.continues
+
+        if confirm is not None and not confirm(result):
+            from .errors import Refused
+            raise Refused("restore not confirmed; nothing was written")
+        if result.changes == 0:
+            # nothing differs: nothing is quarantined and no store is touched
+            result.incident = None
+            result.verified = _verify(repo, targets, result, sel, readers)
+            result.duration = time.monotonic() - started
+            return result
+
+        write_bundle(repo, bundle)  # the quarantine is committed before the first live write
         for source, ts in targets.items():
             backend = ts[0].backend
-            src = {"backend": backend.name, "location": backend.location(), "streams": {}}
-            with backend.reader() as reader:
-                if bundle["created_at"] is None:
-                    bundle["created_at"] = iso(utcnow())
-                result.plans[source] = {}
+            with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
                 for t in ts:
-                    writer = StreamWriter(uploader)
-                    plan = plan_stream(repo, t, reader, sel, writer=writer, failure_at=failure_at)
-                    entry = writer.finish()
-                    entry["schema"] = plan.live_schema
-                    entry["counts"] = plan.counts()
-                    entry["snapshot_schema"] = t.spec.schema
-                    plan.quarantine = entry
-                    result.plans[source][t.stream] = plan
-                    src["streams"][t.stream] = entry
-            bundle["sources"][source] = src
-    finally:
-        uploader.close()
-    bundle["plan"] = {s: {st: p.counts() for st, p in streams.items()} for s, streams in result.plans.items()}
-    bundle["records"] = result.changes
-    result.quarantined = result.changes
-    result.incident = incident
-    # an earlier restore of this snapshot that never finished: its bundle keeps the original values
-    result.continues = [b["incident"] for b in bundles(repo)
-                        if b["snapshot"] == manifest["id"] and applied_status(repo, b["incident"]) is None]
-    bundle["continues"] = result.continues
-
-    if confirm is not None and not confirm(result):
-        from .errors import Refused
-        raise Refused("restore not confirmed; nothing was written")
-    if result.changes == 0:
-        # nothing differs: nothing is quarantined and no store is touched
-        result.incident = None
-        result.verified = _verify(repo, targets, result, sel)
-        result.duration = time.monotonic() - started
-        return result
-
-    write_bundle(repo, bundle)  # the quarantine is committed before the first live write
-    for source, ts in targets.items():
-        backend = ts[0].backend
-        with backend.writer() as w:
-            for t in ts:
-                plan = result.plans[source][t.stream]
-                if plan.changes == 0 and not plan.live_missing:
-                    continue
-                _apply_stream(repo, w, t, plan)
-    result.verified = _verify(repo, targets, result, sel)
-    mark_applied(repo, incident, {"incident": incident, "applied_at": iso(utcnow()), "verified": result.verified,
-                                  "problems": result.problems})
+                    plan = result.plans[source][t.stream]
+                    if plan.changes == 0 and not plan.live_missing:
+                        continue
+                    _apply_stream(repo, w, t, plan)
+        result.verified = _verify(repo, targets, result, sel, readers)
+        if not result.verified:
+            rolled = [s for s in writers]
+            mark_applied(repo, incident, {"incident": incident, "applied_at": None, "verified": False,
+                                          "rolled_back": rolled, "problems": result.problems})
+            raise IntegrityError(f"restore verification failed: {'; '.join(result.problems[:3])}"
+                                 f"{' (rolled back: ' + ', '.join(rolled) + ')' if rolled else ''}; "
+                                 f"incident {incident} holds the pre-restore values")
+    # the SQL transactions committed when the stack closed without an error
+    mark_applied(repo, incident, {"incident": incident, "applied_at": iso(utcnow()), "verified": True,
+                                  "problems": []})
     result.duration = time.monotonic() - started
-    if not result.verified:
-        raise IntegrityError(f"restore applied but verification failed: {'; '.join(result.problems[:3])} "
-                             f"(incident {incident} holds the pre-restore values)")
     return result
 
 
@@ -388,13 +410,14 @@ def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
         w.upsert(t.spec, upserts)
 
 
-def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection) -> bool:
+def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection,
+            readers: dict[str, Any]) -> bool:
     """Re-read the restored streams; their digests must be the snapshot's (or, where
     the store perturbs values, every record equal within the backend's rule)."""
     ok = True
     for source, ts in targets.items():
         backend = ts[0].backend
-        with backend.reader() as reader:
+        with contextlib.nullcontext(readers[source]) if source in readers else backend.reader() as reader:
             for t in ts:
                 plan = result.plans[source][t.stream]
                 spec = reader.live_spec(t.stream)

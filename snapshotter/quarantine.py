@@ -110,15 +110,19 @@ def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
 
 
 def incident_status(repo: Repository, incident: str) -> dict[str, Any]:
-    """Whether the incident's restore finished: ``applied`` (with its verification
-    result) or ``interrupted`` (no applied marker: the restore stopped or failed
-    before marking it, so the live store may hold a mix)."""
+    """How the incident's restore ended: ``applied`` (with its verification result),
+    ``rolled_back`` (verification failed and the transactional sources were
+    rolled back), or ``interrupted`` (no marker: the restore stopped before
+    recording an outcome, so the live store may hold a mix)."""
     doc = applied_status(repo, incident)
     if doc is None:
-        return {"status": "interrupted", "applied_at": None, "verified": None}
+        return {"status": "interrupted", "applied_at": None, "verified": None, "rolled_back": []}
     if doc.get("status") == "unknown":
-        return {"status": "unknown", "applied_at": None, "verified": None}
-    return {"status": "applied", "applied_at": doc.get("applied_at"), "verified": doc.get("verified")}
+        return {"status": "unknown", "applied_at": None, "verified": None, "rolled_back": []}
+    rolled = list(doc.get("rolled_back") or [])
+    status = "rolled_back" if rolled and not doc.get("applied_at") else "applied"
+    return {"status": status, "applied_at": doc.get("applied_at"), "verified": doc.get("verified"),
+            "rolled_back": rolled}
 
 
 def op_counts(bundle: dict) -> dict[str, int]:

@@ -144,6 +144,8 @@ class StreamPlan:
     def changes(self) -> int:
         return self.added + self.modified + self.deleted
 
+    post_failure: int = 0
+
     def counts(self) -> dict:
         return {"added": self.added, "modified": self.modified, "deleted": self.deleted}
 
@@ -190,6 +192,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         post = None
         if failure_at is not None and written is not None:
             post = written >= failure_at
+            plan.post_failure += post
         session = t.backend.session_of(t.spec, key, live_value if live_value is not None else snap_value)
         writer.add(key, {"op": op, "value": live_value, "snapshot_value": snap_value,
                          "written_at": written, "post_failure": post, "session": session})
@@ -314,14 +317,14 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         readers: dict[str, Any] = {}
         for source, ts in targets.items():
             w = ts[0].backend.writer()
-            if not w.transactional:
-                w.close()  # written later, in idempotent batches of its own
+            r = w.reader() if w.transactional else None
+            if r is None:
+                # planned with a reader of its own, written later in its own transaction or batches
+                w.close()
                 continue
             stack.enter_context(w)
             writers[source] = w
-            r = w.reader()
-            if r is not None:
-                readers[source] = r
+            readers[source] = r
         uploader = ChunkUploader(repo)
         try:
             for source, ts in targets.items():
@@ -337,7 +340,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                         plan = plan_stream(repo, t, reader, sel, writer=writer, failure_at=failure_at)
                         entry = writer.finish()
                         entry["schema"] = plan.live_schema
-                        entry["counts"] = plan.counts()
+                        entry["counts"] = dict(plan.counts(), post_failure=plan.post_failure)
                         entry["snapshot_schema"] = t.spec.schema
                         plan.quarantine = entry
                         result.plans[source][t.stream] = plan

@@ -1,0 +1,264 @@
+"""quarantine list, show, diff, export, report, reapply."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..codec import key_text
+from ..errors import Refused
+from ..forensics import (EXPORT_FORMATS, RecordFilter, changed_fields, count_post_failure, export_records, locate,
+                         reapply as run_reapply, record_diff, select_records)
+from ..locks import EXCLUSIVE, source_resource
+from ..names import check_name
+from ..quarantine import OPS, bundles, incident_status, load_bundle, op_counts, record_json
+from ..report import MAX_RECORDS, write_report
+from . import App, cli, pass_app
+
+
+def filter_options(f):
+    f = click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N records.")(f)
+    f = click.option("--session", "sessions", multiple=True, metavar="ID",
+                     help="Only records of these conversation sessions (repeatable).")(f)
+    f = click.option("--post-failure", is_flag=True,
+                     help="Only records written at or after the incident's --failure-at.")(f)
+    f = click.option("--op", "ops", multiple=True, type=click.Choice(OPS),
+                     help="Only records with this op (repeatable).")(f)
+    f = click.option("--stream", metavar="NAME", help="Only this stream (table, collection).")(f)
+    f = click.option("--source", metavar="NAME", help="Only this source.")(f)
+    return f
+
+
+def _filter(source, stream, ops, post_failure, sessions, limit) -> RecordFilter:
+    if source:
+        check_name("source", source)
+    return RecordFilter(source=source, stream=stream, ops=tuple(ops), post_failure=post_failure,
+                        sessions=tuple(sessions), limit=limit)
+
+
+def _bundle(app: App, incident: str) -> dict:
+    check_name("incident", incident)  # before the repository is opened
+    return load_bundle(app.repo, incident)
+
+
+def _post_label(post) -> str:
+    return "yes" if post is True else "no" if post is False else "-"
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+@cli.group()
+def quarantine():
+    """Inspect, diff, export, report and re-apply quarantined writes."""
+
+
+@quarantine.command("list")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N incidents.")
+@pass_app
+def list_cmd(app: App, limit):
+    """Incidents, newest first."""
+    repo = app.repo
+    rows = []
+    for b in bundles(repo):
+        status = incident_status(repo, b["incident"])
+        rows.append({
+            "incident": b["incident"], "snapshot": b.get("snapshot"), "release": b.get("release"),
+            "created_at": b.get("created_at"), "records": b.get("records", 0), "failure_at": b.get("failure_at"),
+            "post_failure": count_post_failure(repo, b), "counts": op_counts(b), "status": status["status"],
+            "verified": status["verified"], "user": b.get("user"), "host": b.get("host"),
+            "sources": sorted(b.get("sources", {})),
+        })
+        if limit and len(rows) >= limit:
+            break
+
+    def human():
+        if not rows:
+            app.info("no incidents")
+            return
+        click.echo(f"{'INCIDENT':<30} {'SNAPSHOT':<24} {'RELEASE':<14} {'CREATED':<20} {'RECORDS':>8} "
+                   f"{'+ADD':>6} {'~MOD':>6} {'-DEL':>6} {'POST':>6}  {'FAILURE AT':<20} STATUS")
+        for r in rows:
+            c = r["counts"]
+            post = "-" if r["post_failure"] is None else str(r["post_failure"])
+            status = r["status"] + (" (unverified)" if r["status"] == "applied" and r["verified"] is False else "")
+            click.echo(f"{_clip(r['incident'], 30):<30} {r['snapshot'] or '-':<24} "
+                       f"{_clip(r['release'] or '-', 14):<14} "
+                       f"{(r['created_at'] or '-')[:19] + 'Z':<20} {r['records']:>8} {c['added']:>6} "
+                       f"{c['modified']:>6} {c['deleted']:>6} {post:>6}  {(r['failure_at'] or '-'):<20} {status}")
+    app.out(rows, human)
+
+
+@quarantine.command()
+@click.argument("incident")
+@filter_options
+@pass_app
+def show(app: App, incident, source, stream, ops, post_failure, sessions, limit):
+    """Quarantined records of INCIDENT (whole incidents are better read with export)."""
+    flt = _filter(source, stream, ops, post_failure, sessions, limit)
+    bundle = _bundle(app, incident)
+    records = []
+    fields = []
+    for sname, stname, rec in select_records(app.repo, bundle, flt):
+        records.append(record_json(sname, stname, rec))
+        fields.append(changed_fields(rec.value))
+
+    def human():
+        if not records:
+            app.info(f"no quarantined records in incident {incident} match")
+            return
+        click.echo(f"{'SOURCE/STREAM':<28} {'KEY':<24} {'OP':<9} {'POST':<4} {'WRITTEN AT':<26} {'SESSION':<16} "
+                   f"CHANGED")
+        for r, changed in zip(records, fields):
+            what = ", ".join(changed) if r["op"] == "modified" else ""
+            click.echo(f"{_clip(r['source'] + '/' + r['stream'], 28):<28} {_clip(key_text(r['key']), 24):<24} "
+                       f"{r['op']:<9} {_post_label(r['post_failure']):<4} {_clip(r['written_at'] or '-', 26):<26} "
+                       f"{_clip(str(r['session']) if r['session'] is not None else '-', 16):<16} {_clip(what, 60)}")
+        app.info(f"{len(records)} record(s)" + (" (limit reached)" if limit and len(records) >= limit else ""))
+    app.out(records, human)
+
+
+def _print_change(c: dict) -> None:
+    path = c["path"]
+    kind = c.get("kind")
+    if kind == "text":
+        pre = ("…" if c["more_before"] else "") + c["context_before"]
+        post = c["context_after"] + ("…" if c["more_after"] else "")
+        click.echo(f"  {path}: text changed at character {c['offset']} "
+                   f"({c['snapshot_length']} → {c['live_length']} characters)")
+        click.echo("    - " + json.dumps(pre + "[" + c["snapshot_changed"] + "]" + post, ensure_ascii=False))
+        click.echo("    + " + json.dumps(pre + "[" + c["live_changed"] + "]" + post, ensure_ascii=False))
+    elif kind == "vector":
+        if c["snapshot_dims"] != c["live_dims"]:
+            click.echo(f"  {path}: vector dimensions {c['snapshot_dims']} → {c['live_dims']}")
+        else:
+            cos = "n/a" if c["cosine_distance"] is None else f"{c['cosine_distance']:.6g}"
+            l2 = "n/a" if c["l2"] is None else f"{c['l2']:.6g}"
+            click.echo(f"  {path}: vector, {c['changed_dims']} of {c['snapshot_dims']} dimensions changed, "
+                       f"cosine distance {cos}, L2 {l2}")
+    elif kind == "bytes":
+        click.echo(f"  {path}: {c['snapshot_length']} → {c['live_length']} bytes, first difference at byte "
+                   f"{c['offset']}")
+    else:
+        def show(v):
+            return _clip(json.dumps(v, ensure_ascii=False), 200)
+        if c["change"] == "added":
+            click.echo(f"  {path}: added {show(c['live'])}")
+        elif c["change"] == "removed":
+            click.echo(f"  {path}: removed (was {show(c['snapshot'])})")
+        else:
+            note = f"  ({c['note']})" if c.get("note") else ""
+            click.echo(f"  {path}: {show(c['snapshot'])} → {show(c['live'])}{note}")
+
+
+@quarantine.command()
+@click.argument("incident")
+@click.argument("key")
+@click.option("--source", metavar="NAME", help="The source holding KEY (when several do).")
+@click.option("--stream", metavar="NAME", help="The stream holding KEY (when several do).")
+@pass_app
+def diff(app: App, incident, key, source, stream):
+    """Field-level diff of KEY: snapshot version vs quarantined live version.
+
+    KEY is the key's JSON text (44, '"kb-3"', '["sess-2", 3]'); text that is not
+    JSON is taken as a string, so kb-3 works too.
+    """
+    if source:
+        check_name("source", source)
+    bundle = _bundle(app, incident)
+    (loc,) = locate(app.repo, bundle, [key], source=source, stream=stream)
+    d = record_diff(bundle, loc.source, loc.stream, loc.record)
+
+    def human():
+        post = {True: ", post-failure", False: ", before failure"}.get(d["post_failure"], "")
+        when = f", written {d['written_at']}" if d["written_at"] else ""
+        session = f", session {d['session']}" if d["session"] is not None else ""
+        click.echo(f"{d['source']}/{d['stream']} key {key_text(d['key'])}: {d['op']}{post}{when}{session}")
+        if not d["changes"]:
+            click.echo("  no field-level difference (the stored encodings differ only in key order)")
+        for c in d["changes"]:
+            _print_change(c)
+    app.out(d, human)
+
+
+@quarantine.command()
+@click.argument("incident")
+@click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS), help="File format.")
+@click.option("-o", "--output", required=True, metavar="PATH", help="File to write (replaced atomically).")
+@filter_options
+@pass_app
+def export(app: App, incident, fmt, output, source, stream, ops, post_failure, sessions, limit):
+    """Write quarantined records with their provenance to a file for DuckDB, pandas, spreadsheets.
+
+    One row per record: incident, snapshot, release, source, stream, key, op,
+    post_failure, written_at, session, value, snapshot_value.  JSONL keeps key
+    and values as JSON; CSV and Parquet carry them as JSON text (Parquet's
+    written_at is a UTC timestamp).
+    """
+    flt = _filter(source, stream, ops, post_failure, sessions, limit)
+    bundle = _bundle(app, incident)
+    n = export_records(app.repo, bundle, flt, fmt, output)
+    app.out({"incident": incident, "format": fmt, "path": output, "records": n},
+            lambda: app.info(f"exported {n} record(s) of incident {incident} to {output} ({fmt})"))
+
+
+@quarantine.command()
+@click.argument("incident")
+@click.option("-o", "--output", required=True, metavar="PATH", help="HTML file to write (replaced atomically).")
+@click.option("--max-records", type=click.IntRange(min=0), default=MAX_RECORDS, show_default=True, metavar="N",
+              help="Per-record diffs on the page (post-failure writes first).")
+@pass_app
+def report(app: App, incident, output, max_records):
+    """One self-contained HTML page for reviewers: summary, counts, timeline, sessions, diffs."""
+    bundle = _bundle(app, incident)
+    info = write_report(app.repo, bundle, output, max_records=max_records)
+    left = f", {info['left_out']} left out (see export)" if info["left_out"] else ""
+    app.out(info, lambda: app.info(f"wrote {output}: {info['records']} record(s), {info['shown']} with diffs{left}"))
+
+
+@quarantine.command()
+@click.argument("incident")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--source", metavar="NAME", help="The source holding the KEYs (when several do).")
+@click.option("--stream", metavar="NAME", help="The stream holding the KEYs (when several do).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_app
+def reapply(app: App, incident, keys, source, stream, yes):
+    """Write chosen quarantined records back to the live store.
+
+    Added and modified records get their quarantined live value again; deleted
+    records are deleted again.  Recorded in the audit log.
+    """
+    if source:
+        check_name("source", source)
+    check_name("incident", incident)
+    interactive = sys.stdin.isatty() and not app.json
+    if not yes and not interactive:
+        raise Refused("reapply changes live stores: pass --yes (no terminal to confirm on)")
+    bundle = load_bundle(app.repo, incident)
+    found = locate(app.repo, bundle, keys, source=source, stream=stream)
+    if not yes:
+        for loc in found:
+            click.echo(f"  {loc.op:<9} {loc.source}/{loc.stream} key {key_text(loc.record.key)}", err=True)
+        verb = {"deleted": "delete again"}
+        what = ", ".join(sorted({verb.get(loc.op, "write back") for loc in found}))
+        if not click.confirm(f"{what} {len(found)} record(s) from incident {incident} in the live store?",
+                             default=False, err=True):
+            raise Refused("reapply not confirmed; nothing was written")
+    claims = {source_resource(s): EXCLUSIVE for s in sorted({loc.source for loc in found})}
+    with app.lock(claims):
+        audit = app.audited({"incident": incident, "keys": list(keys), "source": source, "stream": stream},
+                            command="quarantine reapply")
+        done = run_reapply(app.config, bundle, found)
+        audit.update(summary=f"re-applied {len(done)} record(s) of incident {incident}", incident=incident,
+                     reapplied=done)
+    result = {"incident": incident, "reapplied": done, "records": len(done)}
+    app.results = {"reapply": result}
+
+    def human():
+        for r in done:
+            action = "deleted again" if r["op"] == "deleted" else "written back"
+            app.info(f"{r['source']}/{r['stream']} key {key_text(r['key'])}: {action} ({r['op']} in the incident)")
+    app.out(result, human)

@@ -222,4 +222,4 @@ def run() -> None:
 
 
 # command modules register themselves on `cli`
-from . import demo_cmd, maintenance_cmd, repo_cmds, restore_cmd, snapshot_cmd  # noqa: E402,F401
+from . import demo_cmd, maintenance_cmd, quarantine_cmd, repo_cmds, restore_cmd, snapshot_cmd  # noqa: E402,F401

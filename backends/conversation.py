@@ -20,25 +20,25 @@ oldest message keeps every message's key stable while the agent keeps
 talking; counting list indexes would renumber a whole session on every new
 message and turn a one-message drift into a whole-session one.
 
-A Redis message's value is chosen so it round-trips byte for byte:
-
-* a ``dict`` - the parsed JSON object, when the stored text is exactly what
-  ``json.dumps`` writes for it (every LangChain message is): readable and
-  diffable field by field in quarantine, and written back with ``json.dumps``;
-  its key order is kept, not sorted, because the order is part of the text;
-* a ``str`` - the stored text verbatim, when it is not JSON, not an object,
-  or JSON in another spelling (other separators, unescaped non-ASCII);
-* ``bytes`` - the stored value verbatim, when it is not UTF-8 text.
+A Redis message's value is ``{"message": TEXT}``: the stored string verbatim
+(``bytes`` when it is not UTF-8), the same shape as the ``message`` column of
+a SQL message table.  Verbatim is exact by construction - a restore writes
+back the very bytes that were read, whatever JSON spelling wrote them.  A
+parsed JSON object would read better in quarantine, but it is exact only when
+re-serialising it gives the same text, and checking that costs several times
+more per message than the whole rest of the read; the text is parsed only
+where a message's content is needed (``written_at``).
 
 Consistency on Redis: Redis has no multi-key snapshot.  Each session's list is
 read with one ``LRANGE`` (atomic per list); sessions are found with ``SCAN``
 (never ``KEYS``) and read in key order, many per round trip.  After the read,
-the session keys are scanned again and every list's length compared with what
-was read: unchanged, the manifest records ``checked``; otherwise
-``best-effort`` (each session is still internally consistent, but sessions
-were captured at slightly different moments).  Appends and deletions - what
-an agent does to its history - are always detected; an in-place ``LSET`` made
-during the read is not.  TTLs are not captured.
+the session keys are scanned again and every list's length and both end
+elements compared with what was read: unchanged, the manifest records
+``checked``; otherwise ``best-effort`` (each session is still internally
+consistent, but sessions were captured at slightly different moments).  What
+agents do to their history - push, trim to a window (``LTRIM``), clear, start a
+session - is always detected; an in-place ``LSET`` in the middle of a list is
+not.  TTLs are not captured.
 
 Restoring.  SQL: everything happens in one transaction.  Redis: the writer
 collects the core's upserts and deletes per session and, on commit, applies
@@ -58,10 +58,14 @@ Anything else (deleting a message from the middle, a position past the end)
 is refused before that session is touched.  A list that is recreated gets no
 TTL; an existing list keeps its own.
 
-``writer(sessions=[...])`` scopes a restore to those sessions: the writer
-refuses any record outside them, and in SQL refuses to overwrite a row whose
-key now belongs to another session (SQLite reuses freed row ids), since that
-row is not in the restore's quarantine.
+A restore of some sessions must not overwrite anything outside them: only
+their records were planned and quarantined.  ``writer(sessions=[...])`` scopes
+a writer to those sessions; a SQL writer whose own transaction's reader
+(``writer.reader()``) was asked for some sessions only takes those as its
+scope too.  A scoped writer refuses any record outside its sessions, and in
+SQL refuses to overwrite a row whose key now belongs to another session
+(SQLite, and MariaDB after a restart, hand out freed ids again), so that row,
+absent from the quarantine, is never lost.
 """
 from __future__ import annotations
 
@@ -85,8 +89,6 @@ REDIS_STREAM = "messages"
 REDIS_KIND = "redis-list"
 NEWEST_FIRST, OLDEST_FIRST = "newest-first", "oldest-first"
 
-SQL_DEFAULTS = {"table": "message_store", "session_column": "session_id", "message_column": "message"}
-REDIS_DEFAULTS = {"key_prefix": "message_store:", "list_order": NEWEST_FIRST}
 SQL_ONLY = ("table", "session_column", "message_column", "order_column", "timestamp_column", "schema")
 REDIS_ONLY = ("key_prefix", "list_order")
 
@@ -114,16 +116,16 @@ class ConversationBackend(SourceBackend):
     options = (
         Option("url", str, required=True, secret=True,
                help="SQLAlchemy database URL, or redis://HOST:PORT/DB; ${VAR} keeps passwords out of the file"),
-        Option("table", str, help="SQL: the message table (default message_store)"),
-        Option("session_column", str, help="SQL: column holding the session id (default session_id)"),
-        Option("message_column", str, help="SQL: column holding the message JSON (default message)"),
+        Option("table", str, default="message_store", help="SQL: the message table"),
+        Option("session_column", str, default="session_id", help="SQL: column holding the session id"),
+        Option("message_column", str, default="message", help="SQL: column holding the message JSON"),
         Option("order_column", str,
                help="SQL: unique column that keys and orders messages (default: the primary key)"),
         Option("timestamp_column", str, help="SQL: column holding each message's write time, for --failure-at"),
         Option("schema", str, help="SQL: database schema (PostgreSQL) holding the table"),
-        Option("key_prefix", str, help="Redis: prefix of the session keys (default message_store:)"),
-        Option("list_order", str,
-               help="Redis: newest-first (LPUSH, LangChain; the default) or oldest-first (RPUSH)"),
+        Option("key_prefix", str, default="message_store:", help="Redis: prefix of the session keys"),
+        Option("list_order", str, default=NEWEST_FIRST,
+               help="Redis: newest-first (LPUSH, as LangChain) or oldest-first (RPUSH)"),
         Option("timestamp_field", str,
                help="dotted path of a write time inside the message JSON, e.g. data.additional_kwargs.timestamp "
                     "(default: common LangChain places)"),
@@ -137,8 +139,9 @@ class ConversationBackend(SourceBackend):
         self._engine = None
         scheme = urlsplit(str(options.get("url") or "")).scheme.lower()
         self.kind = "redis" if scheme in REDIS_SCHEMES else "sql"
+        # a setting of the other layout is a mistake worth stopping for, unless it is just the default
         wrong = REDIS_ONLY if self.kind == "sql" else SQL_ONLY
-        misplaced = [o for o in wrong if options.get(o) is not None]
+        misplaced = [o for o in wrong if options.get(o, self.defaults[o]) != self.defaults[o]]
         if misplaced:
             other = "Redis" if self.kind == "sql" else "SQL"
             raise ConfigError(f"{self.where}: option {', '.join(misplaced)} applies to {other} stores only "
@@ -151,11 +154,13 @@ class ConversationBackend(SourceBackend):
     def where(self) -> str:
         return f"source {self.source_name!r}"
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
     def opt(self, name: str) -> Any:
         value = self.config.get(name)
-        if value is None:
-            return SQL_DEFAULTS.get(name, REDIS_DEFAULTS.get(name))
-        return value
+        return self.defaults[name] if value is None else value
 
     @property
     def key_prefix(self) -> str:
@@ -221,10 +226,10 @@ class ConversationBackend(SourceBackend):
         return None if session is None else str(session)
 
     def written_at(self, spec: StreamSpec, key, value) -> _dt.datetime | None:
-        if spec.schema.get("kind") == REDIS_KIND:
-            return self._message_time(value)
         if not isinstance(value, dict):
             return None
+        if spec.schema.get("kind") == REDIS_KIND:
+            return self._message_time(value.get("message"))
         conv = spec.schema.get("conversation", {})
         if conv.get("timestamp_column"):
             return as_utc_datetime(value.get(conv["timestamp_column"]))
@@ -257,11 +262,12 @@ class ConversationBackend(SourceBackend):
             return []  # positions count from the oldest message in either list order
         diffs = sqlbase.schema_differences(snapshot.schema, live.schema)
         snap_conv, live_conv = snapshot.schema.get("conversation", {}), live.schema.get("conversation", {})
-        for what in ("key", "session_column"):
-            if snap_conv.get(what) != live_conv.get(what):
-                diffs.append(f"messages are keyed by {live_conv.get(what)} (snapshot: {snap_conv.get(what)})"
-                             if what == "key" else
-                             f"sessions are in column {live_conv.get(what)} (snapshot: {snap_conv.get(what)})")
+        if snap_conv.get("key") != live_conv.get("key"):
+            diffs.append(f"messages are keyed by {', '.join(live_conv.get('key') or [])} "
+                         f"(snapshot: {', '.join(snap_conv.get('key') or [])})")
+        if snap_conv.get("session_column") != live_conv.get("session_column"):
+            diffs.append(f"sessions are in column {live_conv.get('session_column')} "
+                         f"(snapshot: {snap_conv.get('session_column')})")
         return diffs
 
     # -- SQL stream ----------------------------------------------------------
@@ -315,6 +321,14 @@ def keyed(spec: StreamSpec) -> StreamSpec:
     return spec
 
 
+def in_sessions(t: sa.TableClause, spec: StreamSpec, sessions) -> sa.ColumnElement:
+    """``session_column IN sessions``; session ids are text, so a numeric column is compared as text."""
+    name = spec.schema["conversation"]["session_column"]
+    col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
+    col = t.c[name] if sqlbase.is_text_type(col_type) else sa.cast(t.c[name], sa.String)
+    return col.in_(sorted(sessions))
+
+
 def as_utc_datetime(v: Any) -> _dt.datetime | None:
     """A stored time as an aware datetime; naive times are taken as UTC, numbers as Unix time."""
     if isinstance(v, _dt.datetime):
@@ -335,11 +349,15 @@ def as_utc_datetime(v: Any) -> _dt.datetime | None:
 # -- SQL message tables ----------------------------------------------------------
 
 class MessageTableReader(SourceReader):
-    def __init__(self, backend: ConversationBackend):
+    def __init__(self, backend: ConversationBackend, conn=None, writer: "MessageTableWriter | None" = None):
         self.b = backend
-        self.conn = backend.connect()
-        with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
-            self.consistency = sqlbase.begin_snapshot(self.conn)
+        self.writer = writer
+        # a reader inside a writer's transaction borrows its connection and leaves it open
+        self._owns = conn is None
+        self.conn = backend.connect() if conn is None else conn
+        if self._owns:
+            with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
+                self.consistency = sqlbase.begin_snapshot(self.conn)
 
     def streams(self) -> list[StreamSpec]:
         table = self.b.opt("table")
@@ -354,16 +372,16 @@ class MessageTableReader(SourceReader):
             return self.b.table_stream(self.conn, name)
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
-        where = None
-        if sessions is not None:
-            col, wanted = spec.schema["conversation"]["session_column"], sorted(set(sessions))
-            where = lambda t: t.c[col].in_(wanted)  # noqa: E731
+        where = None if sessions is None else (lambda t: in_sessions(t, spec, sessions))
+        if self.writer is not None:
+            self.writer.planned_with(sessions)
         with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             yield from sqlbase.read_rows(self.conn, keyed(spec).schema, where=where)
 
     def close(self) -> None:
-        sqlbase.end_transaction(self.conn, commit=True)
-        self.conn.close()
+        if self._owns:
+            sqlbase.end_transaction(self.conn, commit=True)
+            self.conn.close()
 
 
 class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
@@ -372,9 +390,24 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
     def __init__(self, backend: ConversationBackend, sessions: frozenset[str] | None):
         self.b = backend
         self.sessions = sessions
+        self._scope_given = sessions is not None
+        self._read_all = False
         self.conn = backend.connect()
         with sqlbase.translate_errors(f"{backend.where}: cannot start a write transaction"):
             sqlbase.begin_write(self.conn)
+
+    def reader(self) -> MessageTableReader:
+        return MessageTableReader(self.b, self.conn, writer=self)
+
+    def planned_with(self, sessions: Sequence[str] | None) -> None:
+        """A restore planned in this transaction saw only these sessions' rows (None: all),
+        so only their rows were quarantined and only they may be overwritten."""
+        if self._scope_given or self._read_all:
+            return
+        if sessions is None:
+            self._read_all, self.sessions = True, None
+        else:
+            self.sessions = (self.sessions or frozenset()) | frozenset(sessions)
 
     def prepare(self, spec: StreamSpec) -> None:
         if "columns" not in spec.schema:
@@ -387,8 +420,8 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                 # a table without a primary key is recreated with its key column as one
                 sqlbase.create_table(self.conn, spec.schema if spec.schema["primary_key"] else keyed(spec).schema)
                 return
-            live = sqlbase.table_schema(self.conn, spec.name, schema)
-        diffs = sqlbase.schema_differences(spec.schema, live)
+            live = self.b.table_stream(self.conn, spec.name)
+        diffs = self.b.schema_differences(spec, live)
         if diffs:
             raise SchemaMismatch(f"{self.b.where}: table {spec.name} changed since the snapshot: " + "; ".join(diffs))
 
@@ -407,10 +440,9 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                 return
             # a key the plan saw in a restored session may have moved to another since
             t, pk = self._table(spec), spec.schema["primary_key"]
-            col = t.c[spec.schema["conversation"]["session_column"]]
             for i in range(0, len(keys), 500):
                 self.conn.execute(sa.delete(t).where(sqlbase.key_condition(t, pk, keys[i:i + 500]),
-                                                     col.in_(sorted(self.sessions))))
+                                                     in_sessions(t, spec, self.sessions)))
 
     def _check_scope(self, spec: StreamSpec, records: list) -> None:
         col = spec.schema["conversation"]["session_column"]
@@ -421,11 +453,10 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                                   f"{session!r}, outside the sessions being restored")
         t, pk = self._table(spec), spec.schema["primary_key"]
         keys = [k for k, _ in records]
-        scol = t.c[col]
         for i in range(0, len(keys), 500):
-            stmt = sa.select(*[t.c[k] for k in pk], scol).where(
+            stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
                 sqlbase.key_condition(t, pk, keys[i:i + 500]),
-                sa.or_(scol.is_(None), scol.not_in(sorted(self.sessions))))
+                sa.or_(t.c[col].is_(None), sa.not_(in_sessions(t, spec, self.sessions))))
             row = self.conn.execute(stmt).first()
             if row is not None:
                 key = row[0] if len(pk) == 1 else list(row[:-1])
@@ -463,39 +494,22 @@ def glob_escape(text: bytes) -> bytes:
     return text
 
 
-def message_value(raw: bytes) -> Any:
+def message_value(raw: bytes) -> dict:
     """A stored message as a record value that writes back to the same bytes (module docs)."""
     try:
-        text = raw.decode("utf-8")
+        return {"message": raw.decode("utf-8")}
     except UnicodeDecodeError:
-        return raw
-    if not text.startswith("{"):
-        return text
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    if type(value) is not dict or json.dumps(value) != text:
-        return text
-    if "\\ud" in text or "\\uD" in text:
-        # an unpaired surrogate escape parses to a str that cannot be stored as UTF-8
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            return text
-    return value
+        return {"message": raw}
 
 
 def message_bytes(value: Any, key: Any) -> bytes:
-    t = type(value)
-    if t is dict:
-        return json.dumps(value).encode("ascii")
-    if t is str:
-        return value.encode("utf-8")
-    if t is bytes:
-        return value
-    raise SourceError(f"message {key_text(key)}: a Redis message is a JSON object, text or bytes, "
-                      f"not {t.__name__}")
+    message = value.get("message") if type(value) is dict else None
+    if type(message) is str:
+        return message.encode("utf-8")
+    if type(message) is bytes:
+        return message
+    raise SourceError(f"message {key_text(key)}: a Redis message record is {{\"message\": text or bytes}}, "
+                      f"not {key_text(value)[:80]}")
 
 
 @dataclass
@@ -556,7 +570,7 @@ class RedisListReader(SourceReader):
             keys = sorted({self.prefix + s.encode("utf-8") for s in sessions})
         # UTF-8 byte order is code point order, so sorted keys give sessions in key order
         newest_first = self.b.list_order == NEWEST_FIRST
-        seen: dict[bytes, int] = {}
+        seen: dict[bytes, tuple] = {}
         for i in range(0, len(keys), SESSIONS_PER_ROUND_TRIP):
             group = keys[i:i + SESSIONS_PER_ROUND_TRIP]
             pipe = self.client.pipeline(transaction=False)
@@ -567,7 +581,7 @@ class RedisListReader(SourceReader):
                 if isinstance(items, Exception):
                     raise SourceError(f"{self.b.where}: key {k.decode('utf-8', 'replace')!r}: {items}")
                 session = self._session(k)
-                seen[k] = len(items)
+                seen[k] = list_state(items)
                 if newest_first:
                     items.reverse()
                 batch.extend(([session, pos], message_value(raw)) for pos, raw in enumerate(items))
@@ -582,16 +596,34 @@ class RedisListReader(SourceReader):
         except UnicodeDecodeError:
             raise SourceError(f"{self.b.where}: key {key!r} is not UTF-8 text; session ids must be") from None
 
-    def _unchanged(self, seen: dict[bytes, int], rescan: bool) -> bool:
-        """Whether every list still has the length it was read with (and no session appeared)."""
+    def _unchanged(self, seen: dict[bytes, tuple], rescan: bool) -> bool:
+        """Whether every list still has the length and end elements it was read with
+        (and no session appeared)."""
         keys = sorted(set(seen) | (self._scan() if rescan else set()))
-        pipe = self.client.pipeline(transaction=False)
-        for k in keys:
-            pipe.llen(k)
-        return all(n == seen.get(k, 0) for k, n in zip(keys, pipe.execute()))
+        for i in range(0, len(keys), 1000):
+            group = keys[i:i + 1000]
+            pipe = self.client.pipeline(transaction=False)
+            for k in group:
+                pipe.llen(k).lindex(k, 0).lindex(k, -1)
+            now = pipe.execute()
+            for j, k in enumerate(group):
+                n, first, last = now[3 * j:3 * j + 3]
+                if (n, hash(first), hash(last)) != seen.get(k, EMPTY_LIST):
+                    return False
+        return True
 
     def close(self) -> None:
         self.client.close()
+
+
+EMPTY_LIST = (0, hash(None), hash(None))
+
+
+def list_state(items: list[bytes]) -> tuple:
+    """What the after-read check compares: length and (hashes of) both end elements."""
+    if not items:
+        return EMPTY_LIST
+    return len(items), hash(items[0]), hash(items[-1])
 
 
 def redis_schema(backend: ConversationBackend) -> dict:

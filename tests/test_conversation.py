@@ -1,7 +1,8 @@
 """The conversation backend on SQL message tables (SQLite, PostgreSQL, MariaDB) and
 Redis lists, with histories written by LangChain's own classes and by plain
-commands: snapshots through the CLI, one-session restores through the writer,
-and the exact round trip of every message LangChain reads back."""
+commands: snapshots through the CLI, one-session restores through the writer
+and through the restore command, and the exact round trip of every message
+LangChain reads back."""
 from __future__ import annotations
 
 import datetime as dt
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from conftest import REDIS_URL, free_port
 from snapshotter import codec
 from snapshotter.backend import StreamSpec, load_backend, validate_options
-from snapshotter.errors import NotFound, SourceError
+from snapshotter.errors import SchemaMismatch, SourceError
 from snapshotter.objectstore import open_store
 from snapshotter.repository import Repository
 from snapshotter.streams import read_stream
@@ -50,12 +51,11 @@ def open_backend(**options):
     return cls("history", validate_options(cls, options, "sources.history"))
 
 
-def live(backend, sessions=None) -> list:
-    """The live records (none when the table is gone: a restore recreates it)."""
+def live(backend, sessions=None, stream: str | None = None) -> list:
+    """The live records, as a restore plans with them (none when the stream is gone)."""
     with backend.reader() as reader:
-        try:
-            spec = reader.streams()[0]
-        except NotFound:
+        spec = reader.live_spec(stream) if stream else reader.streams()[0]
+        if spec is None:
             return []
         return [rec for batch in reader.read(spec, sessions=sessions) for rec in batch]
 
@@ -64,13 +64,13 @@ def restore_sessions(backend, spec: StreamSpec, snap: list, sessions: list[str])
     """Apply what a ``restore --session`` would: the per-key difference between the
     snapshot's records of those sessions and a session-filtered live read."""
     wanted = {codec.key_text(k): (k, v) for k, v in snap if backend.session_of(spec, k, v) in sessions}
-    now = {codec.key_text(k): (k, v) for k, v in live(backend, sessions)}
+    now = {codec.key_text(k): (k, v) for k, v in live(backend, sessions, spec.name)}
     added = [now[t][0] for t in now if t not in wanted]
     deleted = [wanted[t] for t in wanted if t not in now]
     modified = [wanted[t] for t in wanted if t in now and codec.pack(wanted[t][1]) != codec.pack(now[t][1])]
     with backend.writer(sessions=sessions) as writer:
         writer.prepare(spec)
-        writer.upsert(spec, sorted(modified + deleted, key=lambda r: codec.key_text(r[0])))
+        writer.upsert(spec, modified + deleted)
         writer.delete(spec, added)
     return {"added": len(added), "modified": len(modified), "deleted": len(deleted)}
 
@@ -158,11 +158,12 @@ def timestamp_type(url: str) -> str:
 def test_sql_custom_layout_with_text_keys_and_timestamp_column(any_db_url, tmp_path, cli):
     engine = sa.create_engine(any_db_url)
     when = dt.datetime(2026, 11, 29, 10, 15, 30, 123456, tzinfo=UTC)
+    ts_type = timestamp_type(any_db_url)
+    # as each driver takes it: ISO text for SQLite, naive UTC for MariaDB's DATETIME
+    stamp = {"TEXT": when.isoformat(), "DATETIME(6)": when.replace(tzinfo=None)}.get(ts_type, when)
     with engine.begin() as c:
         c.execute(sa.text(f"CREATE TABLE chat_log (msg_id VARCHAR(40) PRIMARY KEY, conversation VARCHAR(40) NOT NULL, "
-                          f"body TEXT, created_at {timestamp_type(any_db_url)})"))
-        stamp = when.isoformat() if timestamp_type(any_db_url) == "TEXT" else \
-            when.replace(tzinfo=None) if "mysql" in any_db_url else when
+                          f"body TEXT, created_at {ts_type})"))
         # keys whose byte order differs from common collations ("B" < "a" < "é" by code point)
         c.execute(sa.text("INSERT INTO chat_log VALUES (:k, :s, :m, :t)"), [
             {"k": "a-1", "s": "c1", "m": "{}", "t": stamp},
@@ -186,6 +187,30 @@ def test_sql_custom_layout_with_text_keys_and_timestamp_column(any_db_url, tmp_p
     assert restore_sessions(b, spec, snap, ["c1"]) == {"added": 0, "modified": 0, "deleted": 2}
     assert packed(live(b, ["c1"])) == packed(of_session(b, spec, snap, "c1"))
     assert live(b, ["c2"])[0][1]["body"] == "changed"
+    engine.dispose()
+
+
+def test_sql_numeric_session_ids_and_schema_changes(any_db_url):
+    engine = sa.create_engine(any_db_url)
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE turns (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, message TEXT)")
+        c.exec_driver_sql("INSERT INTO turns VALUES (1, 42, '{}'), (2, 7, '{}'), (3, 42, '{}')")
+    b = open_backend(url=any_db_url, table="turns", session_column="user_id")
+    with b.reader() as reader:
+        spec = reader.streams()[0]
+        assert [k for batch in reader.read(spec, sessions=["42"]) for k, _ in batch] == [1, 3]
+    assert b.session_of(spec, 2, {"id": 2, "user_id": 7, "message": "{}"}) == "7"
+
+    with engine.begin() as c:
+        c.exec_driver_sql("ALTER TABLE turns ADD COLUMN note TEXT")
+    with b.reader() as reader:
+        changed = reader.live_spec("turns")
+        assert reader.live_spec("gone") is None
+    assert b.schema_differences(spec, changed) == ["column note is not in the snapshot"]
+    assert b.schema_differences(StreamSpec("messages", {"kind": "redis-list"}), changed) == \
+        ["the snapshot holds Redis lists, the live source is a SQL table"]
+    with pytest.raises(SchemaMismatch, match="note"), b.writer() as w:
+        w.prepare(spec)
     engine.dispose()
 
 
@@ -251,7 +276,8 @@ def redis_history(prefix: str, session: str) -> RedisChatMessageHistory:
 
 
 def lists(client, prefix: str) -> dict[str, list[bytes]]:
-    return {k.decode()[len(prefix):]: client.lrange(k, 0, -1) for k in client.scan_iter(match=prefix + "*", _type="list")}
+    keys = client.scan_iter(match=prefix + "*", _type="list")
+    return {k.decode()[len(prefix):]: client.lrange(k, 0, -1) for k in keys}
 
 
 def test_redis_history_round_trips_and_restores_one_session(redis_client, cli, tmp_path):
@@ -269,8 +295,8 @@ def test_redis_history_round_trips_and_restores_one_session(redis_client, cli, t
     assert out["sources"]["history"]["consistency"] == "checked"
     assert out["sources"]["history"]["streams"]["messages"]["records"] == 9
     assert [k for k, _ in snap][:4] == [["alice", 0], ["alice", 1], ["alice", 2], ["bob", 0]]
-    assert snap[0][1] == message_to_dict(CHAT["alice"][0])  # LangChain's messages are kept as JSON objects
-    assert [v for _, v in snap[-3:]] == [compact, "plain text", b"\xff\xfe raw"]
+    assert snap[0][1] == {"message": json.dumps(message_to_dict(CHAT["alice"][0]))}
+    assert [v["message"] for _, v in snap[-3:]] == [compact, "plain text", b"\xff\xfe raw"]
     b = open_backend(url=REDIS_URL, key_prefix=prefix)
     assert b.session_of(spec, *snap[3]) == "bob"
     assert b.written_at(spec, *snap[1]) == dt.datetime(2026, 11, 29, 10, 15, tzinfo=UTC)
@@ -308,7 +334,7 @@ def test_redis_oldest_first_lists(redis_client, tmp_path, cli):
     options = dict(url=REDIS_URL, key_prefix=prefix, list_order="oldest-first")
     write_config(tmp_path, **options)
     _, spec, snap = snapshot(cli, "messages")
-    assert snap == [(["s", 0], "m0"), (["s", 1], "m1"), (["s", 2], "m2")]
+    assert snap == [(["s", pos], {"message": f"m{pos}"}) for pos in range(3)]
     redis_client.rpush(prefix + "s", "m3")
     redis_client.lset(prefix + "s", 1, "edited")
     b = open_backend(**options)
@@ -326,24 +352,32 @@ def test_redis_writer_refuses_a_plan_that_is_not_a_list(redis_client):
             w.delete(spec, [["s", 1]])
     with pytest.raises(SourceError, match="without position 3"):
         with b.writer() as w:
-            w.upsert(spec, [(["s", 4], "m4")])
+            w.upsert(spec, [(["s", 4], {"message": "m4"})])
     with pytest.raises(SourceError, match="outside the sessions"):
         with b.writer(sessions=["t"]) as w:
-            w.upsert(spec, [(["s", 0], "x")])
+            w.upsert(spec, [(["s", 0], {"message": "x"})])
     assert redis_client.lrange(prefix + "s", 0, -1) == [b"m2", b"m1", b"m0"]
 
 
-def test_redis_read_reports_writes_made_during_it(redis_client):
+@pytest.mark.parametrize("write", ["push", "windowed push", "new session"])
+def test_redis_read_reports_writes_made_during_it(redis_client, write):
     prefix = redis_client.test_prefix + "chat:"
-    redis_client.lpush(prefix + "s", "m0")
+    redis_client.lpush(prefix + "s", "m0", "m1")
     b = open_backend(url=REDIS_URL, key_prefix=prefix)
     with b.reader() as reader:
         spec = reader.streams()[0]
-        assert [r for batch in reader.read(spec) for r in batch] == [(["s", 0], "m0")]
+        assert [r for batch in reader.read(spec) for r in batch] == \
+            [(["s", 0], {"message": "m0"}), (["s", 1], {"message": "m1"})]
         assert reader.consistency == "checked"
         batches = reader.read(spec)
         next(batches)
-        redis_client.lpush(prefix + "s", "m1")
+        if write == "push":
+            redis_client.lpush(prefix + "s", "m2")
+        elif write == "windowed push":  # a memory that keeps the last two messages: same length
+            redis_client.lpush(prefix + "s", "m2")
+            redis_client.ltrim(prefix + "s", 0, 1)
+        else:
+            redis_client.lpush(prefix + "t", "m0")
         list(batches)
         assert reader.consistency == "best-effort"
 
@@ -357,3 +391,46 @@ def test_redis_unreachable_is_a_one_line_source_error(tmp_path, cli):
     assert res.code == 1 and err["type"] == "source"
     assert "cannot reach Redis" in err["message"] and "s3cret" not in err["message"]
     assert "\n" not in err["message"]
+
+
+# -- through the restore command ------------------------------------------------------------
+
+def test_restore_command_puts_back_one_session_in_sql_and_redis(sqlite_url, redis_client, tmp_path, cli):
+    prefix = redis_client.test_prefix + "message_store:"
+    for s in ("a", "b"):
+        redis_history(prefix, s).add_messages([HumanMessage(f"hi {s}"), AIMessage("hello")])
+        sql_history(sqlite_url, s).add_messages([HumanMessage(f"hi {s}"), AIMessage("hello")])
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n\n[sources.chat_redis]\nbackend = "conversation"\nurl = "{REDIS_URL}"\n'
+        f'key_prefix = "{prefix}"\n\n[sources.chat_sql]\nbackend = "conversation"\nurl = "{sqlite_url}"\n')
+    assert cli("init").code == 0
+    assert cli("--json", "snapshot", "--release", "r1").code == 0
+    for s in ("a", "b"):
+        redis_history(prefix, s).add_message(AIMessage("injected"))
+        sql_history(sqlite_url, s).add_message(AIMessage("injected"))
+
+    res = cli("--json", "restore", "--release", "r1", "--session", "a", "--yes")
+    assert res.code == 0, res.err
+    out = res.json()
+    assert out["plan"] == {"chat_redis": {"messages": {"added": 1, "modified": 0, "deleted": 0}},
+                           "chat_sql": {"message_store": {"added": 1, "modified": 0, "deleted": 0}}}
+    assert out["verified"] is True and out["quarantined"] == 2
+    for history in (redis_history(prefix, "a"), sql_history(sqlite_url, "a")):
+        assert history.messages == [HumanMessage("hi a"), AIMessage("hello")]
+    for history in (redis_history(prefix, "b"), sql_history(sqlite_url, "b")):
+        assert history.messages == [HumanMessage("hi b"), AIMessage("hello"), AIMessage("injected")]
+
+
+def test_restore_command_refuses_to_overwrite_a_row_another_session_now_holds(sqlite_url, tmp_path, cli):
+    for s, text in (("keep", "a"), ("lost", "b"), ("lost", "c")):
+        sql_history(sqlite_url, s).add_message(HumanMessage(text))
+    write_config(tmp_path, url=sqlite_url)
+    assert cli("init").code == 0
+    assert cli("--json", "snapshot", "--release", "r1").code == 0
+    sql_history(sqlite_url, "lost").clear()
+    sql_history(sqlite_url, "keep").add_message(HumanMessage("reuses a freed row id"))
+
+    res = cli("--json", "restore", "--release", "r1", "--session", "lost", "--yes")
+    assert res.code != 0 and "now belongs to session 'keep'" in json.loads(res.err)["error"]["message"]
+    assert sql_history(sqlite_url, "keep").messages == [HumanMessage("a"), HumanMessage("reuses a freed row id")]
+    assert sql_history(sqlite_url, "lost").messages == []

@@ -304,8 +304,8 @@ class RepositoryLock:
         delay = 0.2
         told = False
         while True:
-            self._create_pending()
             try:
+                self._create_pending()
                 blocker, resource = self._settle(deadline)
                 if blocker is None:
                     self.store.put(self.name, self._body("held"), overwrite=True)

@@ -65,13 +65,13 @@ class App:
 
     # -- locks, audit, metrics -----------------------------------------------
 
-    def lock(self, claims: dict[str, str] | None = None, *, exclusive: bool = False):
+    def lock(self, claims: dict[str, str] | None = None, *, exclusive: bool = False, command: str | None = None):
         """Lock the repository (shared unless ``exclusive``) plus any extra ``claims``
         (see :mod:`snapshotter.locks`), honouring --lock-wait; a context manager."""
         from ..locks import acquire, repository_claims
         warn = lambda text: click.echo(f"snapshotter: {text}", err=True)  # noqa: E731
         return acquire(self.repo.store, {**repository_claims(exclusive=exclusive), **(claims or {})},
-                       command=self.command, wait=self.lock_wait,
+                       command=command or self.command, wait=self.lock_wait,
                        on_wait=None if self.quiet else warn, on_lost=warn)
 
     def audited(self, arguments: dict, *, command: str | None = None) -> dict:
@@ -93,18 +93,26 @@ class App:
                     append_audit(self.repo, self.audit["command"], self.audit["arguments"],
                                  {"exit_code": code, "summary": summary or "ok", **details})
                 except Exception as exc:
-                    click.echo(f"snapshotter: the audit record could not be written: {exc}", err=True)
+                    self._late_error(f"the audit record could not be written: {exc}", code)
                     code = code or 1
             if self.metrics_file:
                 from ..metrics import run_from_results, write_metrics
                 try:
                     write_metrics(self.metrics_file, run_from_results(self.command, code, self.started, self.results))
                 except Exception as exc:
-                    click.echo(f"snapshotter: cannot write metrics file {self.metrics_file}: {exc}", err=True)
+                    self._late_error(f"cannot write metrics file {self.metrics_file}: {exc}", code)
                     code = code or 1
         except KeyboardInterrupt:
             code = code or 130
         return code
+
+    def _late_error(self, text: str, code: int) -> None:
+        """A failure after the command ended; when it turns success into exit 1, scripts
+        reading --json get it in the error shape."""
+        if self.json and code == 0:
+            click.echo(_error_json(SnapshotterError(text)), err=True)
+        else:
+            click.echo(f"snapshotter: {text}", err=True)
 
     # -- output --------------------------------------------------------------
 

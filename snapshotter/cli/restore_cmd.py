@@ -46,8 +46,9 @@ def diff(app: App, snapshot, sources, streams, sessions):
     """Live state vs snapshot: what a restore would change and quarantine."""
     sel = _selection(sources, streams, sessions)
     repo = app.repo
-    manifest = resolve_snapshot(repo, snapshot, None, None)
-    result = run_restore(repo, app.config, manifest, sel, dry_run=True)
+    with app.lock():
+        manifest = resolve_snapshot(repo, snapshot, None, None)
+        result = run_restore(repo, app.config, manifest, sel, dry_run=True)
     app.out(result.to_json(), lambda: print_plan(result, title="live state against"))
 
 
@@ -85,9 +86,25 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         return click.confirm(f"quarantine {result.changes} record(s) as an incident and restore?", default=False,
                              err=True)
 
-    result = run_restore(repo, app.config, manifest, sel, dry_run=dry_run, incident=incident, failure_at=failure_t,
-                         confirm=None if dry_run else confirm)
-    app.results = {"restore": result.to_json()}
+    if dry_run:
+        with app.lock():
+            result = run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t)
+    else:
+        from ..locks import EXCLUSIVE, source_resource
+        written = sel.sources or [s for s in manifest.get("sources", {}) if s in app.config.sources]
+        with app.lock({source_resource(s): EXCLUSIVE for s in written}, command="restore"):
+            audit = app.audited({"snapshot": manifest["id"], "release": manifest["release"], "sources": list(sel.sources),
+                                 "streams": list(sel.streams), "sessions": list(sel.sessions), "incident": incident,
+                                 "failure_at": failure_at}, command="restore")
+            result = run_restore(repo, app.config, manifest, sel, incident=incident, failure_at=failure_t,
+                                 confirm=confirm)
+            audit.update(summary=(f"restored {manifest['id']}: {result.quarantined} record(s) quarantined as "
+                                  f"incident {result.incident}" if result.incident else
+                                  f"restored {manifest['id']}: live state already equal, nothing quarantined"),
+                         snapshot=manifest["id"], incident=result.incident, plan=result.to_json()["plan"],
+                         quarantined=result.quarantined, verified=result.verified)
+    app.results["restore"] = result.to_json()
+    app.results["release"] = manifest["release"]
 
     def human():
         if dry_run:

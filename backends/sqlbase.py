@@ -17,6 +17,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from snapshotter.errors import ConfigError, SchemaMismatch, SourceError
 
+from . import pgcopy
+
 FETCH_BATCH = 5000
 
 
@@ -96,7 +98,12 @@ def begin_write(conn: Connection) -> None:
     if d == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     elif d in ("mysql", "mariadb"):
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.exec_driver_sql("START TRANSACTION")
+    elif d == "postgresql":
+        # a concurrent write to a row the restore also writes fails the commit
+        # instead of being silently overwritten without quarantine
+        conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
     else:
         conn.exec_driver_sql("BEGIN")
 
@@ -153,7 +160,15 @@ def lightweight_table(schema_doc: dict) -> sa.TableClause:
                     schema=schema_doc.get("db_schema"))
 
 
-def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FETCH_BATCH) -> Iterator[list[Record]]:
+def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FETCH_BATCH,
+              fast: bool | str | None = None) -> Iterator[list[Record]]:
+    """Batches of ``(key, {column: value})`` in key order.
+
+    On PostgreSQL the rows come through COPY (:mod:`backends.pgcopy`) when it
+    can promise the same records as the cursor below.  ``fast`` forces a
+    path: ``False`` the cursor, ``True`` COPY, ``"text"``/``"binary"`` COPY
+    in that format; a forced COPY that cannot be exact is an error.
+    """
     t = lightweight_table(schema_doc)
     types = {c["name"]: c["type"] for c in schema_doc["columns"]}
     pk = schema_doc["primary_key"]
@@ -163,6 +178,16 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
         stmt = stmt.where(where(t))
     stmt = stmt.order_by(*[order_expr(conn, t.c[k], types[k]) for k in pk])
     pk_idx = [names.index(k) for k in pk]
+    use_copy = fast if fast is not None else (dialect(conn) == "postgresql" and pgcopy.enabled())
+    if use_copy:
+        binary = {"text": False, "binary": True}.get(fast) if isinstance(fast, str) else None
+        copy_plan = pgcopy.plan(conn, stmt, binary=binary) if dialect(conn) == "postgresql" else None
+        if copy_plan is not None:
+            yield from pgcopy.read_rows(conn, copy_plan, names, pk_idx, batch)
+            return
+        if fast is not None:
+            raise SourceError(f"table {schema_doc['table']} cannot be read exactly through COPY"
+                              f"{' in ' + fast + ' format' if isinstance(fast, str) else ''}")
     single = len(pk_idx) == 1
     result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
     for part in result.partitions(batch):

@@ -37,20 +37,28 @@ EXT_DATETIME, EXT_DATE, EXT_TIME, EXT_DECIMAL, EXT_TIMEDELTA, EXT_UUID, EXT_F32,
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 
+# msgpack.ExtType(code, data) re-checks its arguments in Python on every call;
+# the hot branches below build the same tuple directly (their arguments are
+# valid by construction), which matters because this hook runs once for every
+# timestamp, decimal and UUID a database hands over.
+_ExtType = msgpack.ExtType
+_new_tuple = tuple.__new__
+
+
 def _default(obj: Any):
     t = type(obj)
     if t is _dt.datetime:
-        return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
-    if t is _dt.date:
-        return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
-    if t is _dt.time:
-        return msgpack.ExtType(EXT_TIME, obj.isoformat().encode())
+        return _new_tuple(_ExtType, (EXT_DATETIME, obj.isoformat().encode()))
     if t is decimal.Decimal:
-        return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
-    if t is _dt.timedelta:
-        return msgpack.ExtType(EXT_TIMEDELTA, msgpack.packb([obj.days, obj.seconds, obj.microseconds]))
+        return _new_tuple(_ExtType, (EXT_DECIMAL, str(obj).encode()))
+    if t is _dt.date:
+        return _new_tuple(_ExtType, (EXT_DATE, obj.isoformat().encode()))
+    if t is _dt.time:
+        return _new_tuple(_ExtType, (EXT_TIME, obj.isoformat().encode()))
     if t is uuid.UUID:
-        return msgpack.ExtType(EXT_UUID, obj.bytes)
+        return _new_tuple(_ExtType, (EXT_UUID, obj.bytes))
+    if t is _dt.timedelta:
+        return _new_tuple(_ExtType, (EXT_TIMEDELTA, msgpack.packb([obj.days, obj.seconds, obj.microseconds])))
     if isinstance(obj, np.ndarray):
         return msgpack.ExtType(EXT_F32, np.ascontiguousarray(obj, dtype="<f4").tobytes())
     if isinstance(obj, int):  # only reached when out of msgpack's range, or an int subclass (bool is handled natively)
@@ -107,6 +115,11 @@ def _packer() -> msgpack.Packer:
 
 def pack(obj: Any) -> bytes:
     return _packer().pack(obj)
+
+
+def packer() -> msgpack.Packer:
+    """This thread's packer, for loops that pack many objects (same bytes as :func:`pack`)."""
+    return _packer()
 
 
 def unpack(data: bytes) -> Any:

@@ -137,7 +137,12 @@ class Repository:
 
     def get_chunk(self, chunk_id: str) -> bytes:
         name = chunk_object(chunk_id)
-        raw = self.decompress(self.store.get(name), name)
+        try:
+            data = self.store.get(name)
+        except ObjectMissing:
+            # a chunk is only ever read because a manifest references it: missing is an integrity failure
+            raise IntegrityError(f"object {name} is missing from {self.store.url}") from None
+        raw = self.decompress(data, name)
         if hashlib.sha256(raw).hexdigest() != chunk_id:
             raise IntegrityError(f"object {name} is corrupt: its content does not match its name")
         return raw
@@ -171,6 +176,10 @@ class Repository:
             raise IntegrityError(f"manifest {ref.object} is corrupt (not JSON)") from None
         if not isinstance(doc, dict) or doc.get("id") != ref.id or doc.get("release") != ref.release:
             raise IntegrityError(f"manifest {ref.object} is corrupt (id or release does not match its name)")
+        if doc.get("format") != FORMAT_VERSION:
+            # a newer format may mean something this reader would get wrong (docs/design.md)
+            raise UsageError(f"manifest {ref.object} has format {doc.get('format')!r}; this snapshotter reads "
+                             f"format {FORMAT_VERSION}")
         self._manifest_cache[ref.id] = doc
         return doc
 

@@ -27,8 +27,11 @@ from .repository import Repository
 _ESTIMATE_RECORDS = 512
 
 
+_blake2b = hashlib.blake2b
+
+
 def boundary_hash(key_bytes: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(key_bytes, digest_size=8).digest(), "little")
+    return int.from_bytes(_blake2b(key_bytes, digest_size=8).digest(), "little")
 
 
 def pick_records_per_boundary(avg_record_bytes: float, target_bytes: int) -> int:
@@ -118,6 +121,8 @@ class StreamWriter:
         self.on_record = on_record
 
     def add(self, key: Any, value: Any) -> None:
+        # runs once per record of every stream: lookups are hoisted and the
+        # boundary hash inlined (same rule as boundary_hash)
         if self._has_last:
             try:
                 ordered = key > self._last_key
@@ -125,22 +130,31 @@ class StreamWriter:
                 ordered = False
             if not ordered:
                 raise SourceError(f"records out of key order: {codec.key_text(key)} after {codec.key_text(self._last_key)}")
-        self._last_key, self._has_last = key, True
+        self._last_key = key
+        self._has_last = True
+        pack = codec.packer().pack
         try:
-            kb = codec.pack(key)
-            rec = b"\x92" + kb + codec.pack(value)
+            kb = pack(key)
+            rec = b"\x92" + kb + pack(value)
         except (TypeError, ValueError, OverflowError) as exc:
             raise SourceError(f"record {codec.key_text(key)} cannot be encoded: {exc}") from None
+        n = len(rec)
         self.records += 1
-        self.bytes += len(rec)
+        self.bytes += n
+        # hashed record by record, not chunk by chunk: below hashlib's 2 KiB
+        # threshold the main thread keeps the GIL instead of queueing for it
+        # behind the chunk workers
+        self.digest.update(rec)
         self._buf.append(rec)
-        self._buf_bytes += len(rec)
-        if self.D is None:
+        self._buf_bytes += n
+        D = self.D
+        if D is None:
             self._pending_keys.append(kb)
             if len(self._pending_keys) >= _ESTIMATE_RECORDS or self._buf_bytes >= self.target * 4:
                 self._settle_boundary()
             return
-        if self._buf_bytes >= self.max_bytes or boundary_hash(kb) % self.D == 0:
+        if self._buf_bytes >= self.max_bytes or \
+                int.from_bytes(_blake2b(kb, digest_size=8).digest(), "little") % D == 0:
             self._cut()
 
     def _settle_boundary(self) -> None:
@@ -160,7 +174,6 @@ class StreamWriter:
         raw = b"".join(self._buf)
         n = len(self._buf)
         self._buf, self._buf_bytes = [], 0
-        self.digest.update(raw)
         self._futures.append(self.up.submit(raw, n))
         while len(self._futures) > self.up.max_in_flight:
             self._collect(self._futures.popleft())

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import msgpack
 
-from .errors import IntegrityError, SnapshotterError
+from .errors import IntegrityError, NotFound
 from .repository import Repository, SnapshotRef, chunk_object
 from .streams import ChunkRef
 
@@ -41,7 +41,7 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
         for ref in refs:
             try:
                 manifest = repo.load_manifest(ref)
-            except SnapshotterError as exc:
+            except (IntegrityError, NotFound) as exc:
                 problem(ref.id, ref.object, exc.message)
                 continue
             checked += 1
@@ -97,7 +97,8 @@ def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progr
             futures.append((nxt, pool.submit(fetch, nxt)))
         try:
             raw = fut.result()
-        except SnapshotterError as exc:
+        except (IntegrityError, NotFound) as exc:
+            # a store that fails to answer is not a finding about the data: that error ends verify (exit 1)
             problem(snapshot_id, chunk_object(c.id), f"{where}: {exc.message}")
             ok = False
             continue

@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if as_json:
             click.echo(json.dumps({"error": {"type": "usage", "message": exc.format_message(), "exit_code": 2}}), err=True)
         else:
-            exc.show()
+            # one line, like every other error, so cron logs and greps see it whole
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+            click.echo(f"snapshotter: {' '.join(exc.format_message().split())}{hint}", err=True)
         code = exc.exit_code if exc.exit_code else 2
     except KeyboardInterrupt:
         code = report(Interrupted("interrupted: nothing half-committed was left behind"), as_json, app)

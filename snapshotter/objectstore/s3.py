@@ -6,20 +6,39 @@ Create-only writes use ``If-None-Match: *``; a store that does not implement
 the header is caught by a HEAD first, so chunks are still written once.
 Objects over the multipart threshold are uploaded in parts, and the
 completion is conditional too.
+
+botocore retries a request whose answer did not arrive; two things it does not
+cover are handled here.  A create-only put retried after its first attempt
+took effect gets 412 from the store although this call created the object, so
+a 412 after retries is checked against the object's bytes.  A GET whose body
+breaks off, or fails the store's checksum, after the headers arrived is not
+retried by botocore, so ``get`` retries it.
 """
 from __future__ import annotations
 
+import random
+import re
+import time
 from typing import Iterator
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (BotoCoreError, ClientError, FlexibleChecksumError, HTTPClientError,
+                                 IncompleteReadError, NoCredentialsError)
 
-from ..errors import StoreError
+from ..errors import IntegrityError, StoreError, UsageError
 from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
+#: reads of one GET body before giving up (the request itself is retried by botocore within each)
+BODY_ATTEMPTS = 6
+
+# what botocore accepts (S3 itself is stricter; S3-compatible stores vary)
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}$")
+
+# errors raised while reading a GET body, after botocore's own retries are over
+_BODY_ERRORS = (IncompleteReadError, HTTPClientError, FlexibleChecksumError)
 
 
 def _code(exc: ClientError) -> str:
@@ -30,9 +49,19 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+def _retried(exc: ClientError) -> bool:
+    return int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0) > 0
+
+
+class _ShortBody(Exception):
+    pass
+
+
 class S3Store(ObjectStore):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, max_pool: int = 16):
+        if not _BUCKET.match(bucket):
+            raise UsageError(f"invalid S3 bucket name {bucket!r} in the repository URL")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -55,7 +84,7 @@ class S3Store(ObjectStore):
             return StoreError(f"S3 {action} {self.url}/{name}: no credentials found (boto3 credential chain)")
         if isinstance(exc, ClientError):
             return StoreError(f"S3 {action} {self.url}/{name} failed: {_code(exc)} {exc.response.get('Error', {}).get('Message', '')}".rstrip())
-        return StoreError(f"S3 {action} {self.url}/{name} failed: {exc}")
+        return StoreError(f"S3 {action} {self.url}/{name} failed: {' '.join(str(exc).split())}")
 
     def put(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:
         key = self._key(name)
@@ -69,7 +98,8 @@ class S3Store(ObjectStore):
             return True
         except ClientError as exc:
             if not overwrite and (_code(exc) == "PreconditionFailed" or _status(exc) == 412):
-                return False
+                # after a retry the object may be this call's own first attempt
+                return _retried(exc) and self._holds(name, data)
             if not overwrite and _code(exc) in ("NotImplemented", "InvalidArgument") and self._conditional_put:
                 # the store does not know If-None-Match: fall back to HEAD-then-PUT
                 self._conditional_put = False
@@ -89,8 +119,18 @@ class S3Store(ObjectStore):
                                                PartNumber=number, Body=bytes(view[start:start + PART_SIZE]))
                 parts.append({"ETag": resp["ETag"], "PartNumber": number})
             kwargs = {} if overwrite or not self._conditional_put else {"IfNoneMatch": "*"}
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                  MultipartUpload={"Parts": parts}, **kwargs)
+            try:
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                      MultipartUpload={"Parts": parts}, **kwargs)
+            except ClientError as exc:
+                # a retried completion whose first attempt went through: the upload is gone, the object there
+                if _retried(exc) and _code(exc) in ("NoSuchUpload", "PreconditionFailed"):
+                    name = key[len(self.prefix) + 1:] if self.prefix else key
+                    if self._holds(name, data):
+                        return True
+                if not overwrite and (_code(exc) == "PreconditionFailed" or _status(exc) == 412):
+                    return False
+                raise
             return True
         except BaseException:
             try:
@@ -99,21 +139,38 @@ class S3Store(ObjectStore):
                 pass
             raise
 
+    def _holds(self, name: str, data: bytes) -> bool:
+        try:
+            return self.get(name) == data
+        except ObjectMissing:
+            return False
+
     def get(self, name: str) -> bytes:
         key = self._key(name)
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-            body = resp["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
-                raise ObjectMissing(f"object {name} is missing from {self.url}") from None
-            raise self._fail("get", name, exc) from exc
-        except BotoCoreError as exc:
-            raise self._fail("get", name, exc) from exc
-        expected = resp.get("ContentLength")
-        if expected is not None and len(body) != expected:
-            raise StoreError(f"S3 get {self.url}/{name}: truncated body ({len(body)} of {expected} bytes)")
-        return body
+        last: Exception | None = None
+        for attempt in range(BODY_ATTEMPTS):
+            if attempt:
+                time.sleep(min(5.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                body = resp["Body"].read()
+                expected = resp.get("ContentLength")
+                if expected is not None and len(body) != expected:
+                    raise _ShortBody(f"truncated body ({len(body)} of {expected} bytes)")
+                return body
+            except ClientError as exc:
+                if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    raise ObjectMissing(f"object {name} is missing from {self.url}") from None
+                raise self._fail("get", name, exc) from exc
+            except (_ShortBody, *_BODY_ERRORS) as exc:
+                last = exc
+            except BotoCoreError as exc:
+                raise self._fail("get", name, exc) from exc
+        if isinstance(last, FlexibleChecksumError):
+            # the same object failed the store's own checksum on every read: it is corrupt at rest
+            raise IntegrityError(f"object {name} is corrupt: its bytes do not match the store's checksum "
+                                 f"({BODY_ATTEMPTS} reads)")
+        raise self._fail("get", name, last) from last
 
     def stat(self, name: str) -> ObjectInfo | None:
         key = self._key(name)

@@ -1,0 +1,311 @@
+"""The PostgreSQL COPY path reads exactly the records the cursor path reads.
+
+Both paths run explicitly on the same connection and transaction, over tables
+holding every awkward type; records are compared by their encoded bytes (what
+digests and plans see) and by Python type and repr (what restore writes).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+sa = pytest.importorskip("sqlalchemy")
+pytest.importorskip("psycopg")
+
+from backends import pgcopy, sqlbase  # noqa: E402
+from snapshotter import codec  # noqa: E402
+from snapshotter.errors import SourceError  # noqa: E402
+from snapshotter.streams import stream_digest_of  # noqa: E402
+
+AWKWARD_DDL = [
+    "CREATE TYPE mood AS ENUM ('calm', 'Angry', 'zé')",
+    "CREATE DOMAIN positive AS integer CHECK (VALUE > 0)",
+    """CREATE TABLE awkward (
+        id text PRIMARY KEY,
+        ts timestamptz, ts_plain timestamp, d date, tm time, tmtz timetz, iv interval,
+        num numeric, num_fixed numeric(30, 10), raw bytea, j json, jb jsonb, body text,
+        u uuid, ints integer[], texts text[], stamps timestamptz[], big bigint, small smallint,
+        f double precision, f4 real, flag boolean, v varchar(20), c char(5),
+        m mood, pos positive, addr macaddr, o oid
+    )""",
+]
+
+AWKWARD_ROWS = """
+INSERT INTO awkward VALUES
+ ('a', '2026-11-29 10:15:00.123456+05:30', '2026-11-29 10:15:00.5', '2026-02-28', '23:59:59.999999',
+  '04:05:06+02', '1 year 2 mons 3 days 04:05:06.789', 12345678901234567890.123456789012345678901234567890,
+  1.5, '\\x00ff5c0a', '{"b": 1, "a": [1, 2.5, null], "b": 2}', '{"z": {"y": "ü"}, "a": [true, false]}',
+  E'caf\\u00e9 \\u65e5\\u672c \\x01\\x02 tab\\t nl\\n cr\\r back\\\\slash',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{1,NULL,-3}', '{"x,y","q\\"uote",NULL,"","NULL"}',
+  '{"2026-01-01 00:00:00+00","1999-12-31 23:59:59.5-08"}', 9223372036854775807, -32768,
+  'NaN', 'Infinity', true, 'ünïcödé', 'ab', 'zé', 7, '08:00:2b:01:02:03', 4294967295),
+ ('B', '0001-01-01 00:00:00+00', '9999-12-31 23:59:59.999999', '0001-01-01', '00:00:00',
+  '00:00:00-14:59', '-1 years -2 days +00:00:00.000001', '-0.000000000000000000000000000001',
+  '-99999999999999999999.9999999999', '\\x', '[]', '{}', '', '00000000-0000-0000-0000-000000000000',
+  '{}', '{}', '{}', -9223372036854775808, 0, '-Infinity', '-0', false, '', '     ', 'calm', 1,
+  '08-00-2b-01-02-04', 0),
+ ('Ä', now(), now()::timestamp, now()::date, now()::time, now()::timetz, '0', 'NaN', 0,
+  '\\x5c5c', 'null', '"just a string"', 'x', gen_random_uuid(), '{{1,2},{3,4}}', '{"日本"}',
+  '{NULL}', 0, 1, 2.2250738585072014e-308, 1.17549435e-38, NULL, 'x', 'x', 'Angry', 2, '0800.2b01.0205', 1),
+ ('é', '2026-03-29 01:30:00+00', NULL, NULL, NULL, NULL, '100 years', 'Infinity', 0.0000000001,
+  NULL, '{"deep": {"deeper": [1e400, -0.0, 1.0]}}', '{"n": 1.0e+2, "k": 12345678901234567890}',
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0.1, 0.1, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ ('z', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ ('日本', NULL, NULL, NULL, NULL, NULL, NULL, '1.500', '2.50', NULL,
+  E' \t{"x": "\\u00e9\\ud83d\\ude00", "big": 123456789012345678901234567890}\n ',
+  '{"k": "\\u00e9 \\"q\\"", "e": 1e-7, "deep": [[[[{"a": [1]}]]]]}', 'x''y', NULL, NULL,
+  NULL, NULL, 1, NULL, 3.141592653589793, 3.14159, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ ('A b', NULL, NULL, NULL, NULL, NULL, NULL, '-0.00', '0', NULL, '"s"', '123', NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, 1e308, 'NaN', NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ ('🙂', NULL, NULL, NULL, NULL, NULL, NULL, '1e-40', '1e19', NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, 5e-324, '-Infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL)
+"""
+
+COMPOSITE_DDL = """CREATE TABLE turns (
+    session text NOT NULL, seq integer NOT NULL, at timestamptz NOT NULL, role text, content text,
+    meta jsonb, score numeric(8, 3), PRIMARY KEY (session, seq)
+)"""
+
+COMPOSITE_ROWS = """
+INSERT INTO turns
+SELECT s.name, g, timestamptz '2026-11-29 10:00:00+00' + g * interval '1 minute',
+       CASE WHEN mod(g, 2) = 0 THEN 'user' ELSE 'assistant' END,
+       CASE WHEN mod(g, 7) = 0 THEN NULL ELSE s.name || E' says\\t' || repeat('é', mod(g, 5)) END,
+       CASE WHEN mod(g, 3) = 0 THEN NULL ELSE jsonb_build_object('g', g, 'tags', jsonb_build_array(s.name)) END,
+       CASE WHEN mod(g, 4) = 0 THEN NULL ELSE g / 7.0 END
+FROM (VALUES ('sess-a'), ('Sess-B'), ('séss-c'), ('x''y'), ('back\\slash'), ('日本')) AS s(name),
+     generate_series(1, 40) g
+"""
+
+DOCS_DDL = "CREATE TABLE docs (id integer PRIMARY KEY, doc jsonb, raw json)"
+
+# every shape of JSON value, and json text with the whitespace it was written with
+DOCS_ROWS = """
+INSERT INTO docs
+SELECT g, d, CASE mod(g, 3) WHEN 0 THEN d::text WHEN 1 THEN E' \\n' || d::text || E'\\t ' ELSE NULL END::json
+FROM generate_series(1, 3000) g,
+     LATERAL (SELECT CASE mod(g, 6)
+        WHEN 0 THEN jsonb_build_object('i', g, 'f', g / 7.0, 'e', (g * 1e-3)::float8, 'neg', -g,
+                                       's', repeat(chr(200 + mod(g, 500)), mod(g, 5)), 'q', E'a"b\\\\c\\u0001',
+                                       'a', jsonb_build_array(g, NULL, true, false, 'x'), 'o', '{}'::jsonb)
+        WHEN 1 THEN to_jsonb(g * 1e20)
+        WHEN 2 THEN to_jsonb('é' || g::text)
+        WHEN 3 THEN jsonb_build_array(jsonb_build_array(jsonb_build_array(g)), '[]'::jsonb)
+        WHEN 4 THEN 'null'::jsonb
+        ELSE to_jsonb(mod(g, 2) = 0) END AS d) x
+"""
+
+BIG_ROWS = 12_000  # more than one fetch batch, so batching is exercised on both paths
+
+
+@pytest.fixture
+def db(pg_url):
+    engine = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        for ddl in AWKWARD_DDL:
+            c.exec_driver_sql(ddl)
+        c.exec_driver_sql(AWKWARD_ROWS)
+        c.exec_driver_sql(COMPOSITE_DDL)
+        c.exec_driver_sql(COMPOSITE_ROWS)
+        c.exec_driver_sql(DOCS_DDL)
+        c.exec_driver_sql(DOCS_ROWS)
+        c.exec_driver_sql("CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz, payload text, n numeric)")
+        c.exec_driver_sql(f"""INSERT INTO events SELECT g, timestamptz '2026-01-01' + g * interval '1 second',
+                              md5(g::text), g / 3.0 FROM generate_series(1, {BIG_ROWS}) g""")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def conn(db):
+    """One point-in-time read transaction, as the SQL reader opens it."""
+    c = db.connect()
+    sqlbase.begin_snapshot(c)
+    yield c
+    sqlbase.end_transaction(c, commit=True)
+    c.close()
+
+
+def read(conn, table, fast, *, where=None, columns=None, batch=sqlbase.FETCH_BATCH):
+    doc = sqlbase.table_schema(conn, table, None)
+    if columns is not None:
+        doc["columns"] = [c for c in doc["columns"] if c["name"] in columns]
+    return [rec for part in sqlbase.read_rows(conn, doc, where=where, fast=fast, batch=batch) for rec in part]
+
+
+def typed(records):
+    """Each field's exact Python type and repr (tzinfo kind, Decimal exponent, NaN and -0.0 included)."""
+    def one(v):
+        return type(v).__name__, repr(v)
+    return [(one(k) if not isinstance(k, list) else [one(x) for x in k], {c: one(v) for c, v in value.items()})
+            for k, value in records]
+
+
+def assert_same(expected, got):
+    assert typed(got) == typed(expected)
+    assert [codec.pack(k) + codec.pack(v) for k, v in got] == [codec.pack(k) + codec.pack(v) for k, v in expected]
+    assert stream_digest_of(iter(got)) == stream_digest_of(iter(expected))
+
+
+def binary_columns(conn, table):
+    pg = conn.connection.driver_connection
+    cols = [c["name"] for c in sqlbase.table_schema(conn, table, None)["columns"]]
+    with pg.cursor() as cur:
+        cur.execute(f'SELECT * FROM "{table}" LIMIT 0')
+        oids = [d.type_code for d in cur.description]
+    return [c for c, oid in zip(cols, oids) if pgcopy._binary_exact(pg, oid)]
+
+
+@pytest.mark.parametrize("table", ["awkward", "turns", "docs", "events"])
+def test_copy_text_matches_cursor(conn, table):
+    generic = read(conn, table, False)
+    assert len(generic) == {"awkward": 8, "turns": 240, "docs": 3000, "events": BIG_ROWS}[table]
+    assert_same(generic, read(conn, table, "text"))
+    assert_same(generic, read(conn, table, None))  # whatever the dispatcher picks
+
+
+def test_awkward_values_survive(conn):
+    recs = dict(read(conn, "awkward", "text"))
+    assert [k for k, _ in read(conn, "awkward", "text")] == sorted(recs)  # code point order, like Python
+    a = recs["a"]
+    assert a["body"].endswith("back\\slash") and "\t" in a["body"] and "\n" in a["body"] and "\x01" in a["body"]
+    assert a["raw"] == b"\x00\xff\\\n"
+    assert a["texts"] == ["x,y", 'q"uote', None, "", "NULL"]
+    assert a["f"] != a["f"] and a["f4"] == float("inf")
+    assert str(a["num"]) == "12345678901234567890.123456789012345678901234567890"
+    assert a["j"] == {"b": 2, "a": [1, 2.5, None]}
+    assert all(v is None for c, v in recs["z"].items() if c != "id")
+    assert str(recs["日本"]["num"]) == "1.500" and recs["日本"]["body"] == "x'y"
+    assert recs["日本"]["j"] == {"x": "é\U0001f600", "big": 123456789012345678901234567890}
+    assert recs["日本"]["jb"]["k"] == 'é "q"' and recs["A b"]["j"] == "s" and recs["A b"]["jb"] == 123
+
+
+@pytest.mark.parametrize("table", ["awkward", "turns", "docs", "events"])
+def test_copy_binary_matches_cursor_for_binary_exact_types(conn, table):
+    cols = binary_columns(conn, table)
+    # every type the binary path claims is exercised by these tables
+    if table == "awkward":
+        assert {"ts", "ts_plain", "d", "num", "num_fixed", "raw", "j", "jb", "body", "u", "big", "small",
+                "f", "flag", "v", "c", "o", "pos"} <= set(cols)  # a domain reads as its base type
+        assert not {"f4", "iv", "tm", "ints", "m", "addr"} & set(cols)
+    generic = read(conn, table, False, columns=cols)
+    assert_same(generic, read(conn, table, "binary", columns=cols))
+    if set(cols) == {c["name"] for c in sqlbase.table_schema(conn, table, None)["columns"]}:
+        assert_same(generic, read(conn, table, None))
+
+
+@pytest.mark.parametrize("fmt", ["text", "binary"])
+def test_json_columns_go_through_the_scanner_loaders(conn, fmt):
+    from psycopg.pq import Format
+    doc = sqlbase.table_schema(conn, "docs", None)
+    t = sqlbase.lightweight_table(doc)
+    copy_plan = pgcopy.plan(conn, sa.select(t.c.id, t.c.doc, t.c.raw).order_by(t.c.id), binary=fmt == "binary")
+    with conn.connection.driver_connection.cursor() as cur:
+        pgcopy._use_json_scanner(cur, copy_plan)
+        fmt_code = Format.BINARY if fmt == "binary" else Format.TEXT
+        assert {cur.adapters.get_loader(oid, fmt_code).__name__ for oid in copy_plan.oids[1:]} == {"JsonScannerLoader"}
+    docs = dict(read(conn, "docs", fmt))
+    assert docs[6]["doc"]["q"] == 'a"b\\c\x01' and docs[7]["doc"] == 7e20 and docs[3]["raw"] == [[[3]], []]
+
+
+def test_custom_json_deserializer_is_honoured_on_both_paths(pg_url, db):
+    engine = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT",
+                              json_deserializer=lambda text: {"custom": json.loads(text)})
+    with engine.connect() as c:
+        sqlbase.begin_snapshot(c)
+        generic = read(c, "awkward", False)
+        assert dict(generic)["A b"]["jb"] == {"custom": 123}
+        assert_same(generic, read(c, "awkward", "text"))
+        assert_same(generic, read(c, "awkward", None))
+        cols = binary_columns(c, "awkward")
+        assert {"j", "jb"} <= set(cols)
+        assert_same(read(c, "awkward", False, columns=cols), read(c, "awkward", "binary", columns=cols))
+        sqlbase.end_transaction(c, commit=True)
+    engine.dispose()
+
+
+def test_binary_refused_for_types_it_cannot_reproduce(conn):
+    with pytest.raises(SourceError, match="binary"):
+        read(conn, "awkward", "binary")
+
+
+SESSIONS = ["séss-c", "x'y", "back\\slash"]
+
+
+@pytest.mark.parametrize("table,where,expected", [
+    ("awkward", lambda t: t.c.id.in_(["Ä", "日本", "x'y", "no\\such"]), ["Ä", "日本"]),
+    ("awkward", lambda t: sa.and_(t.c.id != "z", t.c.num.is_not(None), t.c.body.is_(None)), ["A b", "é", "🙂"]),
+    ("turns", lambda t: t.c.session.in_(SESSIONS), [[s, g] for s in sorted(SESSIONS) for g in range(1, 41)]),
+    ("turns", lambda t: sa.tuple_(t.c.session, t.c.seq).in_([("日本", 3), ("Sess-B", 40), ("sess-a", 99)]),
+     [["Sess-B", 40], ["日本", 3]]),
+    ("turns", lambda t: t.c.session.in_([]), []),
+    ("turns", lambda t: sa.and_(t.c.session == "x'y", t.c.at >= sa.literal_column("'2026-11-29 10:39:00+00'")),
+     [["x'y", 39], ["x'y", 40]]),
+])
+def test_where_selection_on_both_paths(conn, table, where, expected):
+    generic = read(conn, table, False, where=where)
+    assert [k for k, _ in generic] == expected
+    assert_same(generic, read(conn, table, "text", where=where))
+    assert_same(generic, read(conn, table, None, where=where))
+
+
+def test_batches_are_bounded_and_complete(conn):
+    doc = sqlbase.table_schema(conn, "events", None)
+    parts = list(sqlbase.read_rows(conn, doc, fast=True, batch=5000))
+    assert [len(p) for p in parts] == [5000, 5000, BIG_ROWS - 10000]
+
+
+def test_abandoned_copy_keeps_the_transaction_and_its_snapshot(db, conn):
+    with db.connect() as c:
+        # large enough that the server is still sending when the reader walks away
+        c.exec_driver_sql("CREATE TABLE big (id integer PRIMARY KEY, body text)")
+        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 150000) g")
+    doc = sqlbase.table_schema(conn, "big", None)
+    it = sqlbase.read_rows(conn, doc, fast=True, batch=100)
+    first = next(it)
+    with db.connect() as other:
+        other.exec_driver_sql("DELETE FROM big WHERE id <= 1000")
+    it.close()
+    pg = conn.connection.driver_connection
+    assert pg.info.transaction_status.name == "INTRANS"
+    again = read(conn, "big", True)
+    assert again[:100] == first and len(again) == 150000  # same transaction, same point in time
+
+
+def test_copy_reads_the_transaction_snapshot(db, conn):
+    before = read(conn, "events", False)
+    with db.connect() as other:
+        other.exec_driver_sql("DELETE FROM events WHERE mod(id, 2) = 0")
+        other.exec_driver_sql("INSERT INTO events VALUES (999999, now(), 'late', 1)")
+    assert_same(before, read(conn, "events", True))
+
+
+def test_switch_off_and_other_dialects(conn, monkeypatch, sqlite_url):
+    monkeypatch.setenv(pgcopy.ENV_SWITCH, "0")
+    assert not pgcopy.enabled()
+    monkeypatch.setenv(pgcopy.ENV_SWITCH, "1")
+    assert pgcopy.enabled()
+    eng = sa.create_engine(sqlite_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE t (id integer PRIMARY KEY, v text)")
+        c.exec_driver_sql("INSERT INTO t VALUES (2, 'b'), (1, 'a')")
+        assert read(c, "t", None) == [(1, {"id": 1, "v": "a"}), (2, {"id": 2, "v": "b"})]
+        with pytest.raises(SourceError, match="COPY"):
+            read(c, "t", True)
+    eng.dispose()
+
+
+def test_snapshot_digests_agree_whichever_path_ran(pg_url, db, cli, tmp_path, monkeypatch):
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{pg_url}"\n', encoding="utf-8")
+    assert cli("init").code == 0
+    digests = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(pgcopy.ENV_SWITCH, switch)
+        r = cli("--json", "snapshot", "--release", f"r{switch}")
+        assert r.code == 0, r.err
+        digests[switch] = {name: st["digest"] for name, st in r.json()["sources"]["db"]["streams"].items()}
+    assert set(digests["1"]) == {"awkward", "turns", "docs", "events"}
+    assert digests["1"] == digests["0"]

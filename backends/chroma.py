@@ -1,0 +1,691 @@
+"""``chroma``: Chroma vector collections, one stream per collection, keyed by record id.
+
+The store is an embedded ``PersistentClient`` directory (``path``) or a Chroma
+server (``url``, with ``tenant`` and ``database``).  A record is
+``(id, {"embedding", "document", "metadata", "uri"})``: the embedding as a
+float32 vector (Chroma stores float32 and hands back float64 copies of those
+values, so the narrowing is exact), the document and uri as text or None, the
+metadata with its keys sorted (Chroma returns them in no stable order) or None.
+Records come in ascending id order (Python string order).
+
+A stream's schema is what restore needs to recreate a dropped collection as
+it was: the collection configuration (distance space, HNSW or SPANN
+parameters, embedding-function reference), its metadata (legacy ``hnsw:*``
+keys included), its index schema and its embedding dimension.
+
+Consistency.  Chroma has no snapshot isolation.  A collection is read as: list
+every id (ids only), sort, fetch the records by id in bounded batches, list
+the ids again.  Same ids before and after: the read is ``checked``.  Otherwise
+it is read again (``retries`` times), each attempt starting from the ids the
+previous one ended with; a stream that never came out unchanged is kept from
+its last attempt and the source is marked ``best-effort``.  Attempts that may
+be retried are held in a temporary file (the system temp folder, about the
+collection's raw size) until their check passes, because records handed to
+the core cannot be taken back; memory holds the id list and a few batches.
+The check sees records added or deleted during the read; an in-place update
+of an existing record is not visible to it (Chroma exposes no per-record
+version).  A ``PersistentClient`` directory must not be written by another
+process while a snapshot reads it: Chroma supports one process per directory,
+so the reading process may miss the other's writes entirely (and the check
+with them) or read one half applied.  Snapshot a directory the agent writes
+either while the agent is stopped, or through a Chroma server (``url``).
+
+Fidelity.  Collections in ``l2`` and ``ip`` space give every embedding back
+bit for bit.  In ``cosine`` space a write/read round trip through Chroma 1.5
+moves some components by up to 2 float32 ulp (the vector's norm is kept, the
+components are rounded through a normalised form);
+:meth:`ChromaBackend.values_equal` accepts exactly that for cosine streams,
+which is what post-restore verification relies on.
+
+Restore.  Chroma's ``upsert`` merges into an existing record: metadata keys
+absent from the new value survive, and a None document or uri keeps the old
+one.  A restored record must be exactly the snapshot's, so the writer deletes
+each batch's ids and adds them back with their full values, then reads the
+batch's metadata back and removes keys Chroma 1.5 attached on its own (it
+leaves the list-valued metadata of deleted records behind and hands it to new
+records that reuse their internal row ids).  There is no transaction: a crash
+between delete and add leaves those records missing, and running the restore
+again converges.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import tempfile
+import threading
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from snapshotter import codec
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SnapshotterError, SourceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 1000
+DEFAULT_RETRIES = 3
+ID_PAGE = 20_000  # ids per listing request: Chroma materialises a whole page at once
+COSINE_ULPS = 2  # the most a cosine-space write/read round trip moved a component on Chroma 1.5
+INCLUDE = ["embeddings", "documents", "metadatas", "uris"]
+
+# HNSW/SPANN parameters Chroma lets a live collection change (``modify``) or that
+# only steer queries; a difference in them does not stop a restore
+_TUNABLE = {"ef_search", "search_nprobe", "num_threads", "batch_size", "sync_threshold", "resize_factor"}
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """chromadb, HTTP and OS errors become one-line SourceErrors."""
+    import httpx
+    from chromadb.errors import ChromaError
+    try:
+        yield
+    except SnapshotterError:
+        raise
+    except (ChromaError, httpx.HTTPError, OSError, ValueError, TypeError) as exc:
+        raise SourceError(f"{what}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+class ChromaBackend(SourceBackend):
+    name = "chroma"
+    description = "Chroma vector collections (embedded folder or server), one stream per collection, keyed by id"
+    options = (
+        Option("path", str, help="PersistentClient folder (relative to the config file); give this or url"),
+        Option("url", str, help="Chroma server, e.g. http://127.0.0.1:8000 (https:// for TLS); give this or path"),
+        Option("tenant", str, default="default_tenant", help="Chroma tenant"),
+        Option("database", str, default="default_database", help="Chroma database"),
+        Option("headers", dict, default={}, secret=True,
+               help='HTTP headers for the server, e.g. { Authorization = "Bearer ${CHROMA_TOKEN}" }'),
+        Option("collections", list, help="collections to capture (default: every collection)"),
+        Option("exclude", list, default=[], help="collections to leave out"),
+        Option("batch_size", int, default=DEFAULT_BATCH,
+               help="records per request (capped by the store's max batch size)"),
+        Option("retries", int, default=DEFAULT_RETRIES,
+               help="re-reads of a collection that changed while it was read; a read that may be "
+                    "retried is held in a temporary file (about the collection's size) until its check "
+                    "passes; 0 streams without one"),
+    )
+
+    def __init__(self, source_name: str, options: dict[str, Any]):
+        super().__init__(source_name, options)
+        self.base_dir: str | None = None
+        self._client = None
+        self._max_batch: int | None = None
+        self._settings_checked = False
+
+    # -- configuration -------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        return f"source {self.source_name!r}"
+
+    def _check_settings(self) -> None:
+        if self._settings_checked:
+            return
+        path, url = self.config.get("path"), self.config.get("url")
+        if bool(path) == bool(url):
+            raise ConfigError(f"{self.where}: give exactly one of path (an embedded Chroma folder) "
+                              f"or url (a Chroma server)")
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{self.where}: url must look like http://HOST:PORT or https://HOST "
+                                  f"(got {self.location()})")
+        batch = self.config.get("batch_size")
+        if batch is not None and batch < 1:
+            raise ConfigError(f"{self.where}: batch_size must be at least 1")
+        if self.retries < 0:
+            raise ConfigError(f"{self.where}: retries must be 0 or more")
+        self._settings_checked = True
+
+    @property
+    def path(self) -> str | None:
+        path = self.config.get("path")
+        if not path:
+            return None
+        path = os.path.expanduser(path)
+        if not os.path.isabs(path):
+            path = os.path.join(self.base_dir or os.getcwd(), path)
+        return os.path.normpath(path)
+
+    def location(self) -> str:
+        if self.config.get("path"):
+            return self.path or ""
+        parts = urlsplit(self.config.get("url") or "")
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        tail = ""
+        if self.config.get("tenant") not in (None, "default_tenant") or \
+                self.config.get("database") not in (None, "default_database"):
+            tail = f" (tenant {self.config.get('tenant')}, database {self.config.get('database')})"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + tail
+
+    @property
+    def retries(self) -> int:
+        retries = self.config.get("retries")
+        return DEFAULT_RETRIES if retries is None else int(retries)
+
+    def database_exists(self) -> bool:
+        """Whether there is a store to read (a server is assumed to be one)."""
+        self._check_settings()
+        path = self.path
+        return path is None or os.path.isfile(os.path.join(path, "chroma.sqlite3"))
+
+    def client(self):
+        if self._client is None:
+            self._check_settings()
+            with translate_errors(f"{self.where}: cannot open Chroma at {self.location()}"):
+                import chromadb
+                tenant = self.config.get("tenant") or "default_tenant"
+                database = self.config.get("database") or "default_database"
+                if self.path is not None:
+                    if os.path.exists(self.path) and not os.path.isdir(self.path):
+                        raise SourceError(f"{self.where}: {self.path} is a file, not a Chroma folder")
+                    self._client = chromadb.PersistentClient(path=self.path, tenant=tenant, database=database)
+                else:
+                    parts = urlsplit(self.config["url"])
+                    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+                    # a full URL as host makes chromadb use its scheme, port and path as given
+                    host = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+                    headers = dict(self.config.get("headers") or {})
+                    if parts.username:
+                        import base64
+                        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+                        headers.setdefault("Authorization", f"Basic {token}")
+                    self._client = chromadb.HttpClient(host=host, ssl=parts.scheme == "https",
+                                                       headers=headers or None, tenant=tenant, database=database)
+        return self._client
+
+    def max_batch(self) -> int:
+        if self._max_batch is None:
+            with translate_errors(f"{self.where}: cannot reach Chroma at {self.location()}"):
+                store_max = int(self.client().get_max_batch_size())
+            self._max_batch = max(1, min(int(self.config.get("batch_size") or DEFAULT_BATCH), store_max))
+        return self._max_batch
+
+    def collection(self, name: str):
+        """The live collection, or None when there is none by that name."""
+        from chromadb.errors import NotFoundError
+        if not self.database_exists():
+            return None
+        with translate_errors(f"{self.where}: cannot open collection {name}"):
+            try:
+                # no embedding function: records carry their embeddings, nothing is embedded here
+                return self.client().get_collection(name, embedding_function=None)
+            except NotFoundError:
+                return None
+
+    def reader(self) -> "ChromaReader":
+        self._check_settings()
+        return ChromaReader(self)
+
+    def writer(self) -> "ChromaWriter":
+        self._check_settings()
+        return ChromaWriter(self)
+
+    # -- what restore needs to know ------------------------------------------
+
+    def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
+        return index_differences(snapshot.schema, live.schema)
+
+    def values_equal(self, spec: StreamSpec, a: Any, b: Any) -> bool:
+        if spec.schema.get("space") != "cosine":
+            return False
+        if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
+            return False
+        for field, x in a.items():
+            y = b[field]
+            if field == "embedding" and x is not None and y is not None:
+                if not embeddings_close(x, y, COSINE_ULPS):
+                    return False
+            elif codec.pack(x) != codec.pack(y):
+                return False
+        return True
+
+
+# -- stream schema -------------------------------------------------------------------
+
+def collection_space(configuration: dict | None, metadata: dict | None) -> str:
+    for kind in ("hnsw", "spann"):
+        params = (configuration or {}).get(kind) or {}
+        if params.get("space"):
+            return str(params["space"])
+    return str((metadata or {}).get("hnsw:space") or "l2")
+
+
+def stream_schema(col) -> dict:
+    """The collection as restore needs it, in a stable key order."""
+    configuration = col.configuration_json or {}
+    metadata = col.metadata or None
+    try:
+        index_schema = col.schema.serialize_to_json() if col.schema is not None else None
+    except (AttributeError, NotImplementedError):
+        index_schema = None
+    return {
+        "collection": col.name,
+        "space": collection_space(configuration, metadata),
+        "dimension": col.get_model().dimension,
+        "configuration": codec.canonical(configuration),
+        "metadata": codec.canonical(metadata) if metadata else None,
+        "schema": codec.canonical(index_schema) if index_schema else None,
+    }
+
+
+def index_parameters(schema: dict) -> dict[str, Any]:
+    """The parameters a collection is built with and cannot change afterwards."""
+    out: dict[str, Any] = {"distance space": schema.get("space") or "l2"}
+    configuration = schema.get("configuration") or {}
+    for kind in ("hnsw", "spann"):
+        params = configuration.get(kind)
+        if params:
+            out["index"] = kind
+            for key, value in params.items():
+                if key != "space" and key not in _TUNABLE:
+                    out[f"{kind} {key}"] = value
+    return out
+
+
+def index_differences(snapshot: dict, live: dict) -> list[str]:
+    if not snapshot:
+        return []  # nothing was captured to compare with
+    a, b = index_parameters(snapshot), index_parameters(live)
+    keys = a.keys() | b.keys() if snapshot.get("configuration") else a.keys()
+    diffs = [f"{k}: {a.get(k)} in the snapshot, {b.get(k)} live"
+             for k in sorted(keys, key=lambda k: (k != "distance space", k)) if a.get(k) != b.get(k)]
+    da, db = snapshot.get("dimension"), live.get("dimension")
+    if da is not None and db is not None and da != db:
+        diffs.append(f"embedding dimension: {da} in the snapshot, {db} live")
+    return diffs
+
+
+# -- values ------------------------------------------------------------------------
+
+def _metadata(m: dict | None) -> dict | None:
+    # Chroma cannot hold an empty metadata dict (add rejects it) but returns {} for a
+    # record that has a uri and no metadata: both mean "no metadata"
+    if not m:
+        return None
+    # values are scalars or lists of scalars, so sorted keys are all codec.canonical
+    # would add, at a fraction of its cost per record
+    return dict(sorted(m.items()))
+
+
+def _ordered_keys(bits: np.ndarray) -> np.ndarray:
+    """float32 bit patterns mapped onto a line where adjacent floats differ by 1 (-0 and +0 meet)."""
+    i = bits.view(np.int32).astype(np.int64)
+    return np.where(i < 0, np.int64(-(2**31)) - i, i)
+
+
+def embeddings_close(a: Any, b: Any, ulps: int) -> bool:
+    """Same shape and every component within ``ulps`` float32 steps (NaN matches NaN)."""
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    y = np.ascontiguousarray(b, dtype=np.float32)
+    if x.shape != y.shape:
+        return False
+    if np.array_equal(x, y):
+        return True
+    close = np.abs(_ordered_keys(x) - _ordered_keys(y)) <= ulps
+    return bool(np.all(close | (np.isnan(x) & np.isnan(y))))
+
+
+def _embedding_rows(embeddings: Any, order: list[int]) -> list | np.ndarray:
+    """The batch's embeddings as float32 rows in ``order``: one conversion for the batch."""
+    if embeddings is None:
+        return [None] * len(order)
+    if isinstance(embeddings, np.ndarray) and embeddings.ndim == 2:
+        return embeddings[order].astype(np.float32)
+    # ragged (mixed dimensions) or missing embeddings: row by row
+    rows = list(embeddings)
+    return [None if rows[i] is None else np.asarray(rows[i], dtype=np.float32) for i in order]
+
+
+def _records(batch: tuple) -> list[tuple[str, dict]]:
+    ids, embeddings, documents, metadatas, uris = batch
+    return [(k, {"embedding": embeddings[j], "document": documents[j], "metadata": metadatas[j], "uri": uris[j]})
+            for j, k in enumerate(ids)]
+
+
+def prefetched(batches: Iterator[tuple], depth: int = 2) -> Iterator[tuple]:
+    """``batches`` produced by a worker thread up to ``depth`` ahead.
+
+    Chroma's reads release the GIL for much of their time, so the next batch is
+    fetched while this one is encoded.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(("batch", batch)):
+                    return
+            hand_over(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            hand_over(("error", exc))
+        finally:
+            batches.close()
+
+    worker = threading.Thread(target=work, name="chroma-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+# -- reading -----------------------------------------------------------------------
+
+class ChromaReader(SourceReader):
+    def __init__(self, backend: ChromaBackend):
+        self.b = backend
+        self.consistency = "checked"  # becomes best-effort when a collection kept changing
+
+    def streams(self) -> list[StreamSpec]:
+        b = self.b
+        if not b.database_exists():
+            what = "the folder does not exist" if not os.path.isdir(b.path) else "no chroma.sqlite3 in it"
+            raise SourceError(f"{b.where}: no Chroma database at {b.path} ({what})")
+        with translate_errors(f"{b.where}: cannot list collections at {b.location()}"):
+            cols = {c.name: c for c in b.client().list_collections()}
+        wanted = b.config.get("collections")
+        exclude = set(b.config.get("exclude") or [])
+        if wanted:
+            missing = [n for n in wanted if n not in cols]
+            if missing:
+                raise NotFound(f"{b.where}: no collection {', '.join(missing)} at {b.location()}")
+            names = list(dict.fromkeys(wanted))
+        else:
+            names = sorted(n for n in cols if n not in exclude)
+        with translate_errors(f"{b.where}: cannot read collection settings at {b.location()}"):
+            return [StreamSpec(n, stream_schema(cols[n])) for n in names]
+
+    def live_spec(self, name: str) -> StreamSpec | None:
+        col = self.b.collection(name)
+        if col is None:
+            return None
+        with translate_errors(f"{self.b.where}: cannot read the settings of collection {name}"):
+            return StreamSpec(name, stream_schema(col))
+
+    def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None) -> Iterator[list]:
+        col = self.b.collection(spec.name)
+        if col is None:
+            return
+        what = f"{self.b.where}: cannot read collection {spec.name}"
+        size = self.b.max_batch()
+        ids = self.list_ids(col, what)
+        for attempt in range(self.b.retries + 1):
+            if attempt == self.b.retries:
+                # the last attempt is kept whatever its check says, so it needs no spool
+                for batch in prefetched(self.fetch(col, ids, size, what)):
+                    yield _records(batch)
+                if self.list_ids(col, what) != ids:
+                    self.consistency = "best-effort"
+                    log.warning("%s: collection %s changed during every one of %d reads; the snapshot holds "
+                                "the last read (best-effort)", self.b.where, spec.name, attempt + 1)
+                return
+            with tempfile.TemporaryFile(prefix="snapshotter-chroma-") as spool:
+                for batch in prefetched(self.fetch(col, ids, size, what)):
+                    pickle.dump(batch, spool, protocol=pickle.HIGHEST_PROTOCOL)
+                after = self.list_ids(col, what)
+                if after == ids:
+                    spool.seek(0)
+                    while True:
+                        try:
+                            batch = pickle.load(spool)
+                        except EOFError:
+                            return
+                        yield _records(batch)
+            log.info("%s: collection %s changed while it was read (%d ids before, %d after); reading it again",
+                     self.b.where, spec.name, len(ids), len(after))
+            ids = after
+
+    def list_ids(self, col, what: str) -> list[str]:
+        """Every id of the collection, sorted (ids only: no embeddings cross the wire)."""
+        found: set[str] = set()
+        offset = 0
+        with translate_errors(what):
+            while True:
+                page = col.get(include=[], limit=ID_PAGE, offset=offset)["ids"]
+                found.update(page)
+                offset += len(page)
+                if len(page) < ID_PAGE:
+                    break
+        return sorted(found)
+
+    def fetch(self, col, ids: list[str], size: int, what: str) -> Iterator[tuple]:
+        """Columnar batches ``(ids, embeddings, documents, metadatas, uris)`` in id order;
+        ids deleted since the listing are left out (the after-check notices)."""
+        for start in range(0, len(ids), size):
+            wanted = ids[start:start + size]
+            with translate_errors(what):
+                got = col.get(ids=wanted, include=INCLUDE)
+            at = {k: i for i, k in enumerate(got["ids"])}
+            order = [at[k] for k in wanted if k in at]
+            keys = wanted if len(order) == len(wanted) else [k for k in wanted if k in at]
+            documents = got.get("documents") or [None] * len(at)
+            metadatas = got.get("metadatas") or [None] * len(at)
+            uris = got.get("uris") or [None] * len(at)
+            try:
+                embeddings = _embedding_rows(got.get("embeddings"), order)
+            except (ValueError, TypeError) as exc:
+                raise SourceError(f"{what}: unreadable embeddings near id {wanted[0]!r}: {_one_line(exc)}") from exc
+            yield (keys, embeddings, [documents[i] for i in order], [_metadata(metadatas[i]) for i in order],
+                   [uris[i] for i in order])
+
+
+# -- writing -----------------------------------------------------------------------
+
+class ChromaWriter(SourceWriter):
+    transactional = False
+
+    def __init__(self, backend: ChromaBackend):
+        self.b = backend
+        self._cols: dict[str, Any] = {}
+        self._dims: dict[str, int | None] = {}
+
+    def prepare(self, spec: StreamSpec) -> None:
+        b = self.b
+        col = b.collection(spec.name) if b.database_exists() else None
+        if col is None:
+            col = self._create(spec)
+        else:
+            with translate_errors(f"{b.where}: cannot read the settings of collection {spec.name}"):
+                live = stream_schema(col)
+            diffs = index_differences(spec.schema, live)
+            if diffs:
+                raise SchemaMismatch(f"{b.where}: collection {spec.name} changed since the snapshot: "
+                                     + "; ".join(diffs))
+            self._dims[spec.name] = live.get("dimension")
+        self._cols[spec.name] = col
+        self._dims.setdefault(spec.name, spec.schema.get("dimension"))
+
+    def _create(self, spec: StreamSpec):
+        b = self.b
+        captured = spec.schema
+        metadata = captured.get("metadata") or None
+        what = f"{b.where}: cannot recreate collection {spec.name}"
+        with translate_errors(what):
+            client = b.client()
+            if metadata and any(str(k).startswith("hnsw:") for k in metadata):
+                # legacy hnsw:* metadata configures the index itself, and Chroma refuses it
+                # next to a configuration or schema; it alone recreates such a collection
+                ef = _embedding_function(captured.get("configuration", {}).get("embedding_function"), spec.name)
+                col = client.create_collection(spec.name, metadata=metadata, embedding_function=ef)
+            elif captured.get("schema"):
+                from chromadb.api.types import Schema
+                index_schema = _without_unbuildable_functions(captured["schema"], spec.name)
+                col = client.create_collection(spec.name, schema=Schema.deserialize_from_json(index_schema),
+                                               metadata=metadata, embedding_function=None)
+            else:
+                from chromadb.api.collection_configuration import load_create_collection_configuration_from_json
+                configuration = dict(captured.get("configuration") or {})
+                ef = configuration.pop("embedding_function", None)
+                create = load_create_collection_configuration_from_json(configuration)
+                built = _embedding_function(ef, spec.name)
+                if built is not None:
+                    create["embedding_function"] = built
+                col = client.create_collection(spec.name, configuration=create, metadata=metadata,
+                                               embedding_function=None)
+            col = client.get_collection(spec.name, embedding_function=None)
+            live = stream_schema(col)
+        diffs = index_differences({**captured, "dimension": None}, live)
+        if diffs:
+            raise SourceError(f"{what}: Chroma created it with other settings ({'; '.join(diffs)})")
+        if (captured.get("configuration") or {}).get("embedding_function") != \
+                (live.get("configuration") or {}).get("embedding_function"):
+            log.warning("%s: collection %s was recreated with embedding function %s (the snapshot had %s)",
+                        b.where, spec.name, live["configuration"].get("embedding_function"),
+                        captured["configuration"].get("embedding_function"))
+        return col
+
+    def _collection(self, spec: StreamSpec):
+        if spec.name not in self._cols:
+            col = self.b.collection(spec.name)
+            if col is None:
+                raise SourceError(f"{self.b.where}: collection {spec.name} does not exist")
+            self._cols[spec.name] = col
+        return self._cols[spec.name]
+
+    def upsert(self, spec: StreamSpec, records: list) -> None:
+        col = self._collection(spec)
+        what = f"{self.b.where}: cannot write collection {spec.name}"
+        size = self.b.max_batch()
+        for start in range(0, len(records), size):
+            batch = records[start:start + size]
+            ids = [k for k, _ in batch]
+            values = [v for _, v in batch]
+            embeddings = self._embeddings(spec, ids, values)
+            documents = [v.get("document") for v in values]
+            metadatas = [v.get("metadata") or None for v in values]
+            uris = [v.get("uri") for v in values]
+            with translate_errors(what):
+                # delete + add, not upsert: upsert would keep metadata keys and a document
+                # or uri that the snapshot's record does not have
+                col.delete(ids=ids)
+                col.add(ids=ids, embeddings=embeddings,
+                        documents=documents if any(d is not None for d in documents) else None,
+                        metadatas=metadatas if any(m is not None for m in metadatas) else None,
+                        uris=uris if any(u is not None for u in uris) else None)
+                self._repair_metadata(col, ids, metadatas, what)
+
+    def _repair_metadata(self, col, ids: list[str], intended: list[dict | None], what: str) -> None:
+        """Make the written records' metadata exactly ``intended``.
+
+        Chroma 1.5 leaves the list-valued metadata of deleted records (and of dropped
+        collections) behind and attaches it to new records that reuse their internal
+        row ids, so a freshly added record can come back with keys it was never given.
+        An update setting those keys to None removes them.
+        """
+        for _ in range(3):
+            got = col.get(ids=ids, include=["metadatas"])
+            have = dict(zip(got["ids"], got["metadatas"] or [None] * len(got["ids"])))
+            fix_ids, fixes = [], []
+            for key, want in zip(ids, intended):
+                if key not in have:
+                    raise SourceError(f"{what}: record {key!r} is missing right after it was written")
+                now = _metadata(have[key]) or {}
+                want = want or {}
+                if codec.pack(now) == codec.pack(want):
+                    continue
+                fix = {k: None for k in now if k not in want}
+                fix.update({k: v for k, v in want.items() if codec.pack(now.get(k)) != codec.pack(v)})
+                fix_ids.append(key)
+                fixes.append(fix)
+            if not fix_ids:
+                return
+            col.update(ids=fix_ids, metadatas=fixes)
+        raise SourceError(f"{what}: the metadata of record {fix_ids[0]!r} does not stay as written")
+
+    def _embeddings(self, spec: StreamSpec, ids: list[str], values: list[dict]):
+        """The batch's embeddings, checked before anything is deleted: Chroma refuses a
+        record without one or with another dimension than the collection's."""
+        rows = []
+        for k, v in zip(ids, values):
+            e = v.get("embedding")
+            if e is None:
+                raise SourceError(f"{self.b.where}: record {k!r} of collection {spec.name} has no embedding, "
+                                  f"which Chroma requires")
+            rows.append(np.asarray(e, dtype=np.float32))
+        dims = sorted({r.shape[0] if r.ndim == 1 else -1 for r in rows})
+        known = self._dims.get(spec.name)
+        if len(dims) > 1 or dims[0] < 0 or (known is not None and dims[0] != known):
+            held = f"; the collection holds dimension {known}" if known is not None else ""
+            raise SourceError(f"{self.b.where}: collection {spec.name}: records to write have embedding "
+                              f"dimension {', '.join(map(str, dims))}{held}; nothing in this batch was written")
+        self._dims[spec.name] = dims[0]
+        return np.stack(rows)
+
+    def delete(self, spec: StreamSpec, keys: list) -> None:
+        col = self._collection(spec)
+        size = self.b.max_batch()
+        with translate_errors(f"{self.b.where}: cannot delete from collection {spec.name}"):
+            for start in range(0, len(keys), size):
+                col.delete(ids=[str(k) for k in keys[start:start + size]])
+
+
+# -- embedding functions -------------------------------------------------------------
+
+def _embedding_function(config: dict | None, collection: str):
+    """The embedding function a collection's configuration names, or None when it names
+    none or it cannot be built here (its package or API key is missing)."""
+    if not config or config.get("type") != "known":
+        return None
+    from chromadb.utils.embedding_functions import config_to_embedding_function
+    try:
+        return config_to_embedding_function(config)
+    except Exception as exc:  # noqa: BLE001 - any failure to build means "recreate without it"
+        log.warning("collection %s: embedding function %r cannot be built here (%s); recreated without it",
+                    collection, config.get("name"), _one_line(exc))
+        return None
+
+
+def _without_unbuildable_functions(index_schema: dict, collection: str) -> dict:
+    """The index schema with embedding-function references that cannot be built here
+    replaced by Chroma's "none recorded" form: Chroma would otherwise record its default
+    function, which an agent passing its own function then conflicts with."""
+    buildable: dict[str, bool] = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k == "embedding_function" and isinstance(v, dict) and v.get("type") == "known":
+                    seen = codec.key_text(v)
+                    if seen not in buildable:
+                        buildable[seen] = _embedding_function(v, collection) is not None
+                    out[k] = v if buildable[seen] else {"type": "legacy"}
+                else:
+                    out[k] = walk(v)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return walk(index_schema)

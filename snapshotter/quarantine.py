@@ -64,6 +64,7 @@ def applied_status(repo: Repository, incident: str) -> dict | None:
 
 
 def write_bundle(repo: Repository, bundle: dict) -> None:
+    repo.store.flush()  # every quarantined chunk durable before the bundle commits
     if not repo.store.put(bundle_object(bundle["incident"]), dumps(bundle)):
         raise UsageError(f"incident {bundle['incident']!r} already exists; choose another --incident")
 

@@ -132,7 +132,14 @@ class Repository:
         """Store one chunk: returns (id, stored bytes, newly written)."""
         chunk_id = chunk_id or hashlib.sha256(raw).hexdigest()
         data = self.compress(raw)
-        created = self.store.put(chunk_object(chunk_id), data)
+        name = chunk_object(chunk_id)
+        created = self.store.put(name, data, durable=False)
+        if not created:
+            # same name, same content - unless a crash cut an earlier write short
+            # (possible before flush); a wrong size is replaced, content-addressed
+            info = self.store.stat(name)
+            if info is not None and info.size != len(data):
+                self.store.put(name, data, overwrite=True, durable=False)
         return chunk_id, len(data), created
 
     def get_chunk(self, chunk_id: str) -> bytes:
@@ -215,6 +222,7 @@ class Repository:
 
     def write_manifest(self, manifest: dict) -> None:
         ref = SnapshotRef(manifest["id"], manifest["release"])
+        self.store.flush()  # every chunk durable before the commit point
         if not self.store.put(ref.object, dumps(manifest)):
             raise IntegrityError(f"manifest {ref.object} already exists")
         self._manifest_cache[ref.id] = manifest

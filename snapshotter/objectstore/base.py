@@ -46,12 +46,13 @@ class ObjectStore(ABC):
     url: str
 
     @abstractmethod
-    def put(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:
+    def put(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``name``.
 
         Create-only unless ``overwrite``: returns False (writing nothing) when
         the object already exists, True when this call created it.  A reader
-        never sees a partly written object.
+        never sees a partly written object.  ``durable=False`` lets a store
+        defer making the object crash-proof until :meth:`flush`.
         """
 
     @abstractmethod
@@ -69,6 +70,9 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, name: str) -> None:
         """Remove the object; removing a missing object is not an error."""
+
+    def flush(self) -> None:
+        """Make every object written so far durable (objects put with ``durable=False``)."""
 
     def exists(self, name: str) -> bool:
         return self.stat(name) is not None

@@ -86,7 +86,7 @@ class S3Store(ObjectStore):
             return StoreError(f"S3 {action} {self.url}/{name} failed: {_code(exc)} {exc.response.get('Error', {}).get('Message', '')}".rstrip())
         return StoreError(f"S3 {action} {self.url}/{name} failed: {' '.join(str(exc).split())}")
 
-    def put(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:
+    def put(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True) -> bool:
         key = self._key(name)
         if not overwrite and not self._conditional_put and self.stat(name) is not None:
             return False

@@ -392,9 +392,8 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         self.sessions = sessions
         self._scope_given = sessions is not None
         self._read_all = False
-        self.conn = backend.connect()
-        with sqlbase.translate_errors(f"{backend.where}: cannot start a write transaction"):
-            sqlbase.begin_write(self.conn)
+        self.txn = sqlbase.WriteTransaction.join(backend)
+        self.conn = self.txn.conn
 
     def reader(self) -> MessageTableReader:
         return MessageTableReader(self.b, self.conn, writer=self)
@@ -465,14 +464,10 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                                   f"does not quarantine (add that session to the restore, or restore every session)")
 
     def commit(self) -> None:
-        with sqlbase.translate_errors(f"{self.b.where}: commit failed"):
-            self.conn.exec_driver_sql("COMMIT")
+        self.txn.leave(True, self.b.where)
 
     def rollback(self) -> None:
-        sqlbase.end_transaction(self.conn, commit=False)
-
-    def close(self) -> None:
-        self.conn.close()
+        self.txn.leave(False, self.b.where)
 
 
 # -- Redis lists -------------------------------------------------------------------

@@ -150,9 +150,8 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
 
     def __init__(self, backend: SQLBackend):
         self.b = backend
-        self.conn = backend.connect()
-        with sqlbase.translate_errors(f"{backend.where}: cannot start a write transaction"):
-            sqlbase.begin_write(self.conn)
+        self.txn = sqlbase.WriteTransaction.join(backend)
+        self.conn = self.txn.conn
 
     def reader(self) -> SQLReader:
         return SQLReader(self.b, self.conn)
@@ -178,11 +177,7 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
             self.delete_keys(spec, keys)
 
     def commit(self) -> None:
-        with sqlbase.translate_errors(f"{self.b.where}: commit failed"):
-            self.conn.exec_driver_sql("COMMIT")
+        self.txn.leave(True, self.b.where)
 
     def rollback(self) -> None:
-        sqlbase.end_transaction(self.conn, commit=False)
-
-    def close(self) -> None:
-        self.conn.close()
+        self.txn.leave(False, self.b.where)

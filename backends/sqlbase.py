@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
 import sqlalchemy as sa
@@ -106,6 +107,62 @@ def begin_write(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
     else:
         conn.exec_driver_sql("BEGIN")
+
+
+class WriteTransaction:
+    """One write transaction per database, shared by every writer of this process
+    that points at it.
+
+    Two sources on one database (a ``conversation`` table and ``sql`` tables in
+    the same SQLite file, say) would otherwise each hold a write transaction,
+    and on SQLite the second would wait for the first until it timed out.
+    Shared, they also commit or roll back together: the restore of one
+    database is atomic.  The last writer to leave commits, unless any left
+    with a rollback.
+    """
+
+    _open: dict[str, "WriteTransaction"] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, key: str, conn: Connection):
+        self.key = key
+        self.conn = conn
+        self.users = 0
+        self.failed = False
+
+    @classmethod
+    def join(cls, backend) -> "WriteTransaction":
+        key = backend.url.render_as_string(hide_password=False)
+        with cls._guard:
+            txn = cls._open.get(key)
+            if txn is None:
+                conn = backend.connect()
+                try:
+                    with translate_errors(f"{backend.where}: cannot start a write transaction"):
+                        begin_write(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                txn = cls._open[key] = cls(key, conn)
+            txn.users += 1
+            return txn
+
+    def leave(self, commit: bool, where: str) -> None:
+        with self._guard:
+            if not commit:
+                self.failed = True
+            self.users -= 1
+            if self.users > 0:
+                return
+            del self._open[self.key]
+        try:
+            if self.failed:
+                end_transaction(self.conn, commit=False)
+            else:
+                with translate_errors(f"{where}: commit failed"):
+                    self.conn.exec_driver_sql("COMMIT")
+        finally:
+            self.conn.close()
 
 
 def is_text_type(type_text: str) -> bool:

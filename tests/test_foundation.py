@@ -118,7 +118,7 @@ def test_snapshot_list_show_verify_dedup(any_db_url, repo_config, cli):
     assert listed[0]["records"] == ROWS and listed[0]["release"] == "v2"
     assert [r["id"] for r in cli("--json", "list", "--release", "v1").json()] == [second["id"], snap["id"]]
 
-    shown = cli("--json", "show", snap["id"][:18]).json()
+    shown = cli("--json", "show", snap["id"][:-1]).json()  # a unique prefix
     schema = shown["sources"]["retrieval"]["streams"]["kb_chunks"]["schema"]
     assert schema["primary_key"] == ["id"] and [c["name"] for c in schema["columns"]][:3] == ["id", "title", "body"]
     assert shown["note"] == "baseline"

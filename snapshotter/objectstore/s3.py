@@ -150,7 +150,7 @@ class S3Store(ObjectStore):
         last: Exception | None = None
         for attempt in range(BODY_ATTEMPTS):
             if attempt:
-                time.sleep(min(5.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                time.sleep(min(5.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.0))
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=key)
                 body = resp["Body"].read()

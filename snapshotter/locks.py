@@ -196,6 +196,13 @@ class LockInfo:
             return f"process {self.pid} on this host is gone"
         return None
 
+    def owner_gone(self) -> bool:
+        """Taken on this host by a process that no longer exists (``kill -9``, a crash).
+
+        Unlike expiry, this does not depend on clocks agreeing: such a lock can
+        never be released by its owner, so the next run on this host clears it."""
+        return self.readable and self.host == socket.gethostname() and not _process_alive(self.pid, self.pid_start)
+
     def describe(self, now: _dt.datetime | None = None) -> str:
         now = now or utcnow()
         if not self.readable:
@@ -340,6 +347,10 @@ class RepositoryLock:
                     continue
                 resource = other.conflicts(self.claims)
                 if resource is None:
+                    continue
+                if other.owner_gone():
+                    # a re-run after kill -9 must not need a manual unlock first
+                    self.store.delete(other.name)
                     continue
                 if other.readable and other.state == "pending" and not other.stale(now) \
                         and other.order_key() > self._order_key():

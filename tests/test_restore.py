@@ -200,8 +200,7 @@ def test_kill_9_during_restore_then_rerun_converges(tmp_path, cli):
         time.sleep(rnd.uniform(0.3, 2.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        # the killed run's lock is stale (its process is gone): the responder clears it
-        assert cli("unlock").code == 0
+        # the killed run's lock is left behind, but its process is gone: the re-run clears it
         r = cli("--json", "restore", snap["id"], "--yes")
         assert r.code == 0, r.err
         assert raw_rows(eng) == original

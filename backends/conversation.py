@@ -109,7 +109,7 @@ MESSAGE_TIME_FIELDS = (
 SESSIONS_PER_ROUND_TRIP = 64
 
 
-class ConversationBackend(SourceBackend):
+class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
     name = "conversation"
     description = ("Conversation history: a SQL message table (LangChain SQLChatMessageHistory) or "
                    "Redis lists (LangChain RedisChatMessageHistory), one record per message, --session aware")
@@ -135,8 +135,6 @@ class ConversationBackend(SourceBackend):
     def __init__(self, source_name: str, options: dict[str, Any]):
         super().__init__(source_name, options)
         self.base_dir: str | None = None
-        self._url: sa.URL | None = None
-        self._engine = None
         scheme = urlsplit(str(options.get("url") or "")).scheme.lower()
         self.kind = "redis" if scheme in REDIS_SCHEMES else "sql"
         # a setting of the other layout is a mistake worth stopping for, unless it is just the default
@@ -171,22 +169,6 @@ class ConversationBackend(SourceBackend):
         return self.opt("list_order")
 
     # -- connections ---------------------------------------------------------
-
-    @property
-    def url(self) -> sa.URL:
-        if self._url is None:
-            self._url = sqlbase.resolve_url(self.config["url"], getattr(self, "base_dir", None), self.where)
-        return self._url
-
-    @property
-    def engine(self):
-        if self._engine is None:
-            self._engine = sqlbase.make_engine(self.url, self.where)
-        return self._engine
-
-    def connect(self):
-        with sqlbase.translate_errors(f"{self.where}: cannot connect to {self.location()}"):
-            return self.engine.connect()
 
     def redis(self):
         try:

@@ -19,7 +19,7 @@ from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SourceErro
 from . import sqlbase
 
 
-class SQLBackend(SourceBackend):
+class SQLBackend(sqlbase.SQLConnection, SourceBackend):
     name = "sql"
     description = "Tables of any SQLAlchemy database (PostgreSQL, MariaDB/MySQL, SQLite, ...), keyed by primary key"
     options = (
@@ -33,31 +33,13 @@ class SQLBackend(SourceBackend):
     def __init__(self, source_name: str, options: dict[str, Any]):
         super().__init__(source_name, options)
         self.base_dir: str | None = None
-        self._url: sa.URL | None = None
-        self._engine = None
 
     @property
     def where(self) -> str:
         return f"source {self.source_name!r}"
 
-    @property
-    def url(self) -> sa.URL:
-        if self._url is None:
-            self._url = sqlbase.resolve_url(self.config["url"], getattr(self, "base_dir", None), self.where)
-        return self._url
-
-    @property
-    def engine(self):
-        if self._engine is None:
-            self._engine = sqlbase.make_engine(self.url, self.where)
-        return self._engine
-
     def location(self) -> str:
         return sqlbase.redact(self.url)
-
-    def connect(self):
-        with sqlbase.translate_errors(f"{self.where}: cannot connect to {self.location()}"):
-            return self.engine.connect()
 
     def reader(self) -> "SQLReader":
         return SQLReader(self)

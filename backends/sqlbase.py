@@ -109,6 +109,32 @@ def begin_write(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+class SQLConnection:
+    """The database side of a SQL-backed source: its URL (relative SQLite paths
+    resolved against the config file's folder), a lazily made engine, and
+    connections whose errors name the source without its password.  Mixed into
+    backends that set ``config["url"]``, ``base_dir`` and ``where``."""
+
+    _url: sa.URL | None = None
+    _engine: Engine | None = None
+
+    @property
+    def url(self) -> sa.URL:
+        if self._url is None:
+            self._url = resolve_url(self.config["url"], getattr(self, "base_dir", None), self.where)
+        return self._url
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.url, self.where)
+        return self._engine
+
+    def connect(self) -> Connection:
+        with translate_errors(f"{self.where}: cannot connect to {redact(self.url)}"):
+            return self.engine.connect()
+
+
 class WriteTransaction:
     """One write transaction per database, shared by every writer of this process
     that points at it.

@@ -62,7 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from snapshotter import codec
-from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SnapshotterError, SourceError
 
 log = logging.getLogger(__name__)
@@ -407,6 +407,8 @@ class ChromaReader(SourceReader):
     def __init__(self, backend: ChromaBackend):
         self.b = backend
         self.consistency = "checked"  # becomes best-effort when a collection kept changing
+        self._attempts: dict[str, int] = {}
+        self._next_ids: dict[str, list[str]] = {}
 
     def streams(self) -> list[StreamSpec]:
         b = self.b
@@ -440,32 +442,22 @@ class ChromaReader(SourceReader):
             return
         what = f"{self.b.where}: cannot read collection {spec.name}"
         size = self.b.max_batch()
-        ids = self.list_ids(col, what)
-        for attempt in range(self.b.retries + 1):
-            if attempt == self.b.retries:
-                # the last attempt is kept whatever its check says, so it needs no spool
-                for batch in prefetched(self.fetch(col, ids, size, what)):
-                    yield _records(batch)
-                if self.list_ids(col, what) != ids:
-                    self.consistency = "best-effort"
-                    log.warning("%s: collection %s changed during every one of %d reads; the snapshot holds "
-                                "the last read (best-effort)", self.b.where, spec.name, attempt + 1)
-                return
-            with tempfile.TemporaryFile(prefix="snapshotter-chroma-") as spool:
-                for batch in prefetched(self.fetch(col, ids, size, what)):
-                    pickle.dump(batch, spool, protocol=pickle.HIGHEST_PROTOCOL)
-                after = self.list_ids(col, what)
-                if after == ids:
-                    spool.seek(0)
-                    while True:
-                        try:
-                            batch = pickle.load(spool)
-                        except EOFError:
-                            return
-                        yield _records(batch)
+        attempt = self._attempts.get(spec.name, 0)
+        self._attempts[spec.name] = attempt + 1
+        ids = self._next_ids.pop(spec.name, None) or self.list_ids(col, what)
+        for batch in prefetched(self.fetch(col, ids, size, what)):
+            yield _records(batch)
+        after = self.list_ids(col, what)
+        if after == ids:
+            return
+        if self.restartable and attempt < self.b.retries:
             log.info("%s: collection %s changed while it was read (%d ids before, %d after); reading it again",
                      self.b.where, spec.name, len(ids), len(after))
-            ids = after
+            self._next_ids[spec.name] = after
+            raise StreamChanged(f"collection {spec.name} changed while it was read")
+        self.consistency = "best-effort"
+        log.warning("%s: collection %s changed during %s; the snapshot holds the last read (best-effort)",
+                    self.b.where, spec.name, f"every one of {attempt + 1} reads" if attempt else "the read")
 
     def list_ids(self, col, what: str) -> list[str]:
         """Every id of the collection, sorted (ids only: no embeddings cross the wire)."""

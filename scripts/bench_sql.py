@@ -77,7 +77,7 @@ def create_table(db: str, rows: int, seed: int = 7) -> None:
         c.execute(f"ANALYZE {TABLE}")
 
 
-def create_db(rows: int) -> str:
+def create_db() -> str:
     import psycopg
     db = "bench_sql_" + secrets.token_hex(3)
     with psycopg.connect(PG, autocommit=True) as c:
@@ -95,15 +95,26 @@ def tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def wait_child(proc: subprocess.Popen) -> tuple[int, object]:
+    """Exit code and rusage of exactly this child (wait4 counts what it reaped, e.g. a pipeline's
+    processes, and nothing of the other children this script has had)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
+
+
 def run_pg_dump(db: str, work: str) -> dict:
     out = os.path.join(work, "dump.sql.zst")
     t = time.perf_counter()
-    subprocess.run(f"pg_dump -t {TABLE} {db} | zstd -3 -q -f -o {out}", shell=True, check=True, env=pg_env(),
-                   executable="/bin/bash")
+    proc = subprocess.Popen(f"set -o pipefail; pg_dump -t {TABLE} {db} | zstd -3 -q -f -o {out}", shell=True,
+                            env=pg_env(), executable="/bin/bash")
+    code, usage = wait_child(proc)
     wall = time.perf_counter() - t
+    if code != 0:
+        raise SystemExit(f"pg_dump | zstd failed ({code})")
     size = os.path.getsize(out)
     os.unlink(out)
-    return {"seconds": wall, "bytes": size}
+    return {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": size}
 
 
 def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
@@ -116,18 +127,17 @@ def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         proc = subprocess.Popen([*base, "--json", "snapshot", "--release", "bench"], env=env, stdout=out, stderr=err)
-        # wait4: the rusage of exactly this child, not of every child this script has had
-        _, status, usage = os.wait4(proc.pid, 0)
+        code, usage = wait_child(proc)
         wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"snapshot failed ({proc.returncode}): {err.read().decode().strip()}")
+        if code != 0:
+            raise SystemExit(f"snapshot failed ({code}): {err.read().decode().strip()}")
         doc = json.loads(out.read())
     stream = doc["sources"]["db"]["streams"][TABLE]
-    result = {"seconds": wall, "bytes": tree_bytes(repo), "chunk_bytes": tree_bytes(os.path.join(repo, "chunks")),
-              "rss_mb": usage.ru_maxrss / 1024, "records": stream["records"], "digest": stream["digest"]}
+    result = {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": tree_bytes(repo),
+              "chunk_bytes": tree_bytes(os.path.join(repo, "chunks")), "rss_mb": usage.ru_maxrss / 1024,
+              "records": stream["records"], "digest": stream["digest"]}
     shutil.rmtree(repo, ignore_errors=True)
     return result
 
@@ -142,7 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
 
-    db = args.db or create_db(args.rows)
+    db = args.db or create_db()
     work = tempfile.mkdtemp(prefix="bench-sql-")
     try:
         import psycopg
@@ -181,13 +191,14 @@ def main(argv=None) -> None:
 
         summary = {
             "rows": nrows, "table_text_bytes": int(text_bytes), "runs": args.runs,
-            "pg_dump_zstd": {"seconds": med("pg_dump", "seconds"), "bytes": int(med("pg_dump", "bytes"))},
-            "snapshot": {"seconds": med("snapshot", "seconds"), "bytes": int(med("snapshot", "bytes")),
-                         "rss_mb": med("snapshot", "rss_mb")},
+            "pg_dump_zstd": {"seconds": med("pg_dump", "seconds"), "cpu": med("pg_dump", "cpu"),
+                             "bytes": int(med("pg_dump", "bytes"))},
+            "snapshot": {"seconds": med("snapshot", "seconds"), "cpu": med("snapshot", "cpu"),
+                         "bytes": int(med("snapshot", "bytes")), "rss_mb": med("snapshot", "rss_mb")},
         }
         if args.generic:
-            summary["snapshot_generic"] = {"seconds": med("generic", "seconds"), "bytes": int(med("generic", "bytes")),
-                                           "rss_mb": med("generic", "rss_mb")}
+            summary["snapshot_generic"] = {"seconds": med("generic", "seconds"), "cpu": med("generic", "cpu"),
+                                           "bytes": int(med("generic", "bytes")), "rss_mb": med("generic", "rss_mb")}
         summary["time_ratio"] = summary["snapshot"]["seconds"] / summary["pg_dump_zstd"]["seconds"]
         summary["size_ratio"] = summary["snapshot"]["bytes"] / summary["pg_dump_zstd"]["bytes"]
         summary["targets_met"] = {"time": summary["time_ratio"] <= 1.0, "size": summary["size_ratio"] <= 1.0,
@@ -197,12 +208,15 @@ def main(argv=None) -> None:
         else:
             d, s = summary["pg_dump_zstd"], summary["snapshot"]
             print(f"{nrows} rows, {text_bytes / 1e6:.0f} MB as text; medians of {args.runs} alternating runs")
-            print(f"pg_dump | zstd -3     {d['seconds']:7.2f} s  {d['bytes'] / 1e6:8.1f} MB")
-            print(f"snapshot (COPY)       {s['seconds']:7.2f} s  {s['bytes'] / 1e6:8.1f} MB  peak RSS {s['rss_mb']:.0f} MB")
+            print(f"{'':20s} {'wall':>9s} {'cpu':>9s} {'output':>10s}")
+            print(f"pg_dump | zstd -3    {d['seconds']:7.2f} s {d['cpu']:7.2f} s {d['bytes'] / 1e6:7.1f} MB")
+            print(f"snapshot (COPY)      {s['seconds']:7.2f} s {s['cpu']:7.2f} s {s['bytes'] / 1e6:7.1f} MB"
+                  f"  peak RSS {s['rss_mb']:.0f} MB")
             if args.generic:
                 g = summary["snapshot_generic"]
-                print(f"snapshot (generic)    {g['seconds']:7.2f} s  {g['bytes'] / 1e6:8.1f} MB  "
-                      f"peak RSS {g['rss_mb']:.0f} MB")
+                print(f"snapshot (generic)   {g['seconds']:7.2f} s {g['cpu']:7.2f} s {g['bytes'] / 1e6:7.1f} MB"
+                      f"  peak RSS {g['rss_mb']:.0f} MB")
+            print("(cpu: user+sys of the client processes; the server's share is not counted)")
             print(f"snapshot / pg_dump: time {summary['time_ratio']:.2f}x, size {summary['size_ratio']:.2f}x")
             print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in summary["targets_met"].items()))
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, SourceError
 
 Key = Any
 Record = tuple  # (key, value)
@@ -53,8 +53,22 @@ class StreamSpec:
     schema: dict = field(default_factory=dict)
 
 
+class StreamChanged(SourceError):
+    """Raised by :meth:`SourceReader.read` of a ``restartable`` reader when the
+    store changed while the stream was read and the read should start over.
+
+    The core then drops what it made of the stream (its chunks become garbage
+    for ``prune``) and calls ``read`` again; the backend decides how many times
+    before it settles for a "best-effort" read.  Records can thus go straight
+    to the core while they are read, with no spool to take them back from.
+    """
+
+
 class SourceReader(ABC):
     """A point-in-time read of one source (used as a context manager)."""
+
+    #: set by the caller when it can take StreamChanged and read the stream again
+    restartable: bool = False
 
     #: the guarantee the read got, recorded in the manifest. One of
     #: "snapshot-isolation" (one transaction), "checked" (before/after check

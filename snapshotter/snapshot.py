@@ -8,6 +8,7 @@ import time
 from typing import Callable, Sequence
 
 from . import __version__
+from .backend import StreamChanged
 from .config import Config
 from .errors import SnapshotterError, SourceError, UsageError
 from .names import iso, new_snapshot_id, utcnow
@@ -62,16 +63,22 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
             with backend.reader() as reader:
                 if manifest["taken_at"] is None:
                     manifest["taken_at"] = iso(utcnow())
+                reader.restartable = True
                 for spec in reader.streams():
                     tick = (lambda n, _s=f"{name}/{spec.name}": progress(_s, n)) if progress else None
-                    writer = StreamWriter(uploader, records_per_boundary=params.get((name, spec.name)),
-                                          on_record=tick)
-                    try:
-                        for batch in reader.read(spec):
-                            for key, value in batch:
-                                writer.add(key, value)
-                    except SourceError as exc:
-                        raise SourceError(f"source {name!r} stream {spec.name!r}: {exc.message}") from exc
+                    while True:
+                        writer = StreamWriter(uploader, records_per_boundary=params.get((name, spec.name)),
+                                              on_record=tick)
+                        try:
+                            for batch in reader.read(spec):
+                                for key, value in batch:
+                                    writer.add(key, value)
+                        except StreamChanged:
+                            writer.abandon()
+                            continue  # the backend bounds its own retries
+                        except SourceError as exc:
+                            raise SourceError(f"source {name!r} stream {spec.name!r}: {exc.message}") from exc
+                        break
                     entry = writer.finish()
                     entry["schema"] = spec.schema
                     src_entry["streams"][spec.name] = entry

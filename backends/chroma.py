@@ -265,6 +265,14 @@ def collection_space(configuration: dict | None, metadata: dict | None) -> str:
     return str((metadata or {}).get("hnsw:space") or "l2")
 
 
+def _estimate(col, schema: dict) -> int | None:
+    # float32 vectors dominate a record; the rest is a guess
+    try:
+        return col.count() * (4 * int(schema.get("dimension") or 0) + 128)
+    except Exception:  # noqa: BLE001 - an estimate is optional
+        return None
+
+
 def stream_schema(col) -> dict:
     """The collection as restore needs it, in a stable key order."""
     configuration = col.configuration_json or {}
@@ -427,7 +435,8 @@ class ChromaReader(SourceReader):
         else:
             names = sorted(n for n in cols if n not in exclude)
         with translate_errors(f"{b.where}: cannot read collection settings at {b.location()}"):
-            return [StreamSpec(n, stream_schema(cols[n])) for n in names]
+            return [StreamSpec(n, schema, estimated_bytes=_estimate(cols[n], schema))
+                    for n, schema in ((n, stream_schema(cols[n])) for n in names)]
 
     def live_spec(self, name: str) -> StreamSpec | None:
         col = self.b.collection(name)

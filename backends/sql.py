@@ -105,7 +105,8 @@ class SQLReader(SourceReader):
 
     def streams(self) -> list[StreamSpec]:
         with sqlbase.translate_errors(f"{self.b.where}: cannot list tables"):
-            return [StreamSpec(doc["table"], doc) for doc in self.b.select_tables(self.conn)]
+            return [StreamSpec(doc["table"], doc, estimated_bytes=sqlbase.estimated_bytes(self.conn, doc))
+                    for doc in self.b.select_tables(self.conn)]
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):

@@ -237,6 +237,25 @@ def table_schema(conn: Connection, table: str, schema: str | None) -> dict:
     }
 
 
+def estimated_bytes(conn: Connection, schema_doc: dict) -> int | None:
+    """The table's size as the database's statistics tell it, without a scan (None if unknown)."""
+    d = dialect(conn)
+    try:
+        if d == "postgresql":
+            name = conn.dialect.identifier_preparer.quote(schema_doc["table"])
+            if schema_doc.get("db_schema"):
+                name = conn.dialect.identifier_preparer.quote(schema_doc["db_schema"]) + "." + name
+            return int(conn.exec_driver_sql("SELECT pg_table_size(%(t)s::regclass)", {"t": name}).scalar() or 0) or None
+        if d in ("mysql", "mariadb"):
+            v = conn.exec_driver_sql("SELECT data_length FROM information_schema.tables WHERE table_schema = "
+                                     "COALESCE(%(s)s, DATABASE()) AND table_name = %(t)s",
+                                     {"s": schema_doc.get("db_schema"), "t": schema_doc["table"]}).scalar()
+            return int(v or 0) or None
+    except sa.exc.SQLAlchemyError:
+        return None
+    return None
+
+
 def lightweight_table(schema_doc: dict) -> sa.TableClause:
     """A table clause without types: values pass to and from the driver unprocessed."""
     return sa.table(schema_doc["table"], *[sa.column(c["name"]) for c in schema_doc["columns"]],

@@ -51,6 +51,9 @@ class StreamSpec:
 
     name: str
     schema: dict = field(default_factory=dict)
+    #: the backend's cheap guess of the stream's encoded size, if it has one; a
+    #: stream's first snapshot sizes its chunks from it (big streams, big chunks)
+    estimated_bytes: int | None = None
 
 
 class StreamChanged(SourceError):

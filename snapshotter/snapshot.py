@@ -68,7 +68,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                     tick = (lambda n, _s=f"{name}/{spec.name}": progress(_s, n)) if progress else None
                     while True:
                         writer = StreamWriter(uploader, records_per_boundary=params.get((name, spec.name)),
-                                              on_record=tick)
+                                              on_record=tick, estimated_bytes=spec.estimated_bytes)
                         try:
                             for batch in reader.read(spec):
                                 for key, value in batch:

@@ -34,6 +34,17 @@ def boundary_hash(key_bytes: bytes) -> int:
     return int.from_bytes(_blake2b(key_bytes, digest_size=8).digest(), "little")
 
 
+#: a stream's first snapshot aims at about this many chunks when its size is known
+CHUNKS_PER_STREAM = 512
+
+
+def chunk_target(min_target: int, max_bytes: int, estimated_bytes: int | None) -> int:
+    """Bigger streams get bigger chunks (fewer objects), up to half of max_bytes."""
+    if not estimated_bytes:
+        return min_target
+    return int(min(max(min_target, estimated_bytes / CHUNKS_PER_STREAM), max_bytes // 2))
+
+
 def pick_records_per_boundary(avg_record_bytes: float, target_bytes: int) -> int:
     if avg_record_bytes <= 0:
         return 1
@@ -103,11 +114,11 @@ class StreamWriter:
     """Encodes one stream's records into chunks; ``finish`` returns its manifest entry."""
 
     def __init__(self, uploader: ChunkUploader, *, records_per_boundary: int | None = None,
-                 on_record: Callable[[int], None] | None = None):
+                 on_record: Callable[[int], None] | None = None, estimated_bytes: int | None = None):
         self.up = uploader
         repo = uploader.repo
-        self.target = repo.chunk_target_bytes
         self.max_bytes = repo.chunk_max_bytes
+        self.target = chunk_target(repo.chunk_target_bytes, self.max_bytes, estimated_bytes)
         self.D = records_per_boundary
         self.digest = hashlib.sha256()
         self.records = 0

@@ -49,6 +49,9 @@ def load_bundle(repo: Repository, incident: str) -> dict:
         doc = json.loads(raw)
     except ValueError:
         raise IntegrityError(f"{bundle_object(incident)} is corrupt (not JSON)") from None
+    if doc.get("format", 1) != 1:
+        raise UsageError(f"{bundle_object(incident)} has format {doc.get('format')!r}, which this snapshotter "
+                         f"does not read (it reads format 1)")
     if doc.get("incident") != incident:
         raise IntegrityError(f"{bundle_object(incident)} is corrupt (incident id does not match its name)")
     return doc

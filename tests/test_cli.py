@@ -121,3 +121,9 @@ def test_json_stdout_is_one_document(tmp_path, cli):
     r = cli("--repo", "r", "--json", "backends")
     names = {b["name"] for b in json.loads(r.out)}
     assert {"sql", "conversation", "chroma"} <= names
+
+
+def test_a_repository_path_that_is_a_file_is_a_usage_error(tmp_path, cli):
+    (tmp_path / "afile").write_text("x")
+    r = cli("--repo", "afile", "list")
+    assert r.code == 2 and "is a file" in r.err

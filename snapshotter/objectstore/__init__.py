@@ -33,5 +33,8 @@ def open_store(url: str, *, endpoint_url: str | None = None, region: str | None 
         raise UsageError(f"unsupported repository URL scheme {parsed.scheme!r} in {url!r} (use a path, file:// or s3://)")
     if not os.path.isabs(path):
         path = os.path.join(base_dir or os.getcwd(), path)
+    path = os.path.normpath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"repository path {path} is a file, not a folder")
     from .local import LocalStore
-    return LocalStore(os.path.normpath(path))
+    return LocalStore(path)

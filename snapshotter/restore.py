@@ -20,6 +20,7 @@ import datetime as _dt
 import getpass
 import hashlib
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -29,7 +30,7 @@ from .backend import SourceBackend, StreamSpec
 from .config import Config
 from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, UsageError
 from .names import iso, new_incident_id, utcnow
-from .quarantine import applied_status, bundles, mark_applied, write_bundle
+from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from .repository import Repository, SnapshotRef, chunk_object
 from .streams import ChunkUploader, StoredRecord, StreamWriter, read_stream
 
@@ -293,7 +294,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         return result
 
     incident = incident or new_incident_id()
-    if incident in {b["incident"] for b in bundles(repo)}:
+    if repo.store.stat(bundle_object(incident)) is not None:
         raise UsageError(f"incident {incident!r} already exists; choose another --incident")
     bundle = {
         "format": 1,
@@ -319,10 +320,14 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         readers: dict[str, Any] = {}
         for source, ts in targets.items():
             w = ts[0].backend.writer()
-            r = w.reader() if w.transactional else None
+            try:
+                r = w.reader() if w.transactional else None
+            except BaseException:
+                w.__exit__(*sys.exc_info())  # the transaction it joined is always ended
+                raise
             if r is None:
                 # planned with a reader of its own, written later in its own transaction or batches
-                w.close()
+                w.__exit__(None, None, None)
                 continue
             stack.enter_context(w)
             writers[source] = w
@@ -355,14 +360,13 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         result.quarantined = result.changes
         result.incident = incident
         # an earlier restore of this snapshot that never finished: its bundle keeps the original values
-        result.continues = [b["incident"] for b in bundles(repo)
-                            if b["snapshot"] == manifest["id"] and applied_status(repo, b["incident"]) is None]
+        result.continues = _unfinished_incidents(repo, manifest["id"])
         bundle["continues"] = result.continues
 
         if confirm is not None and not confirm(result):
             from .errors import Refused
             raise Refused("restore not confirmed; nothing was written")
-        if result.changes == 0:
+        if result.changes == 0 and not any(p.live_missing for ps in result.plans.values() for p in ps.values()):
             # nothing differs: nothing is quarantined and no store is touched
             result.incident = None
             result.verified = _verify(repo, targets, result, sel, readers)
@@ -393,26 +397,36 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
     return result
 
 
+def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
+    """Earlier restores of this snapshot that never finished (their bundles keep the original values).
+    An unreadable bundle is skipped here: it must not block a restore; `quarantine list` reports it."""
+    out = []
+    for incident in incident_ids(repo):
+        try:
+            b = load_bundle(repo, incident)
+        except SnapshotterError:
+            continue
+        if b.get("snapshot") == snapshot_id and applied_status(repo, incident) is None:
+            out.append(incident)
+    return out
+
+
 def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
     w.prepare(t.spec)
-    upserts: list = []
-    deletes: list = []
-    for rec in read_stream(repo, plan.quarantine):
-        q = rec.value
-        if q["op"] == "added":
-            deletes.append(rec.key)
-            if len(deletes) >= APPLY_BATCH:
-                w.delete(t.spec, deletes)
-                deletes = []
-        else:
-            upserts.append((rec.key, q["snapshot_value"]))
-            if len(upserts) >= APPLY_BATCH:
-                w.upsert(t.spec, upserts)
-                upserts = []
-    if deletes:
-        w.delete(t.spec, deletes)
-    if upserts:
-        w.upsert(t.spec, upserts)
+    # every delete before any upsert: under a case-insensitive collation a later
+    # delete of 'A' would otherwise take the 'a' just written back
+    for wanted in ("deletes", "upserts"):
+        batch: list = []
+        for rec in read_stream(repo, plan.quarantine):
+            q = rec.value
+            if (q["op"] == "added") != (wanted == "deletes"):
+                continue
+            batch.append(rec.key if wanted == "deletes" else (rec.key, q["snapshot_value"]))
+            if len(batch) >= APPLY_BATCH:
+                (w.delete if wanted == "deletes" else w.upsert)(t.spec, batch)
+                batch = []
+        if batch:
+            (w.delete if wanted == "deletes" else w.upsert)(t.spec, batch)
 
 
 def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection,

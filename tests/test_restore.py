@@ -211,3 +211,32 @@ def test_kill_9_during_restore_then_rerun_converges(tmp_path, cli):
         else:  # killed before: the re-run quarantined everything
             latest = [b for b in bundles(repo) if b["incident"] == r.json()["incident"]]
             assert rebuild_pre_restore(repo, original, latest[0]) == pre
+
+
+def test_a_dropped_empty_table_is_recreated(sqlite_url, tmp_path, cli):
+    eng = sa.create_engine(sqlite_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE e (id INTEGER PRIMARY KEY, v TEXT)")
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE e")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    assert "e" in sa.inspect(eng).get_table_names()
+
+
+def test_an_unreadable_bundle_does_not_block_restores(sqlite_url, tmp_path, cli):
+    eng = make_table(sqlite_url, rows=50)
+    write_config(tmp_path, sqlite_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    bad = tmp_path / "repo" / "quarantine" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "manifest.json").write_text('{"incident": "other"}')
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM kb_chunks WHERE id < 5")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["quarantined"] == 5

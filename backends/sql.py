@@ -113,7 +113,8 @@ class SQLReader(SourceReader):
             yield from self.fast_or_generic(spec)
 
     def fast_or_generic(self, spec: StreamSpec):
-        yield from sqlbase.read_rows(self.conn, spec.schema)
+        # a reader inside a writer's transaction reads what it is about to overwrite
+        yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns)
 
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")

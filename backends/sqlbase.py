@@ -263,7 +263,7 @@ def lightweight_table(schema_doc: dict) -> sa.TableClause:
 
 
 def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FETCH_BATCH,
-              fast: bool | str | None = None) -> Iterator[list[Record]]:
+              fast: bool | str | None = None, for_update: bool = False) -> Iterator[list[Record]]:
     """Batches of ``(key, {column: value})`` in key order.
 
     On PostgreSQL the rows come through COPY (:mod:`backends.pgcopy`) when it
@@ -279,6 +279,11 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
     if where is not None:
         stmt = stmt.where(where(t))
     stmt = stmt.order_by(*[order_expr(conn, t.c[k], types[k]) for k in pk])
+    if for_update and dialect(conn) in ("mysql", "mariadb"):
+        # a restore plans on MariaDB/MySQL with locking reads: their writes act on the
+        # latest rows, so without locks a concurrent change could be overwritten unseen
+        # (PostgreSQL's REPEATABLE READ fails the commit instead)
+        stmt = stmt.with_for_update()
     pk_idx = [names.index(k) for k in pk]
     use_copy = fast if fast is not None else (dialect(conn) == "postgresql" and pgcopy.enabled())
     if use_copy:

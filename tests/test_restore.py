@@ -240,3 +240,19 @@ def test_an_unreadable_bundle_does_not_block_restores(sqlite_url, tmp_path, cli)
     r = cli("--json", "restore", snap["id"], "--yes")
     assert r.code == 0, r.err
     assert r.json()["quarantined"] == 5
+
+
+def test_mariadb_restore_plan_locks_what_it_will_overwrite(mysql_url, tmp_path):
+    """On MariaDB a write racing the restore waits (and times out) instead of being overwritten unseen."""
+    from snapshotter.config import load_config
+    eng = make_table(mysql_url, rows=20)
+    write_config(tmp_path, mysql_url, 'tables = ["kb_chunks"]\n')
+    backend = load_config(str(tmp_path / "snapshotter.toml")).open_source("retrieval")
+    with backend.writer() as w:
+        reader = w.reader()
+        spec = reader.live_spec("kb_chunks")
+        assert sum(len(b) for b in reader.read(spec)) == 20
+        with eng.connect() as other:
+            other.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            with pytest.raises(sa.exc.OperationalError, match="Lock wait timeout"):
+                other.exec_driver_sql("UPDATE kb_chunks SET title = 'racing' WHERE id = 3")

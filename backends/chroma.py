@@ -52,9 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import queue
-import tempfile
 import threading
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit

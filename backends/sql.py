@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import sqlalchemy as sa
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
-from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SourceError
+from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
 
 from . import sqlbase
 

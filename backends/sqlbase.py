@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from snapshotter.errors import ConfigError, SchemaMismatch, SourceError
+from snapshotter.errors import ConfigError, SourceError
 
 from . import pgcopy
 

@@ -18,7 +18,6 @@ appender that got there first makes us read its record and try the next one.
 """
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import random
@@ -28,7 +27,7 @@ import time
 from typing import Any
 
 from .errors import StoreError
-from .names import iso, utcnow
+from .names import iso, utcnow, current_user
 from .objectstore import ObjectMissing, ObjectStore
 
 AUDIT_PREFIX = "audit/"
@@ -131,10 +130,7 @@ def append_audit(repo, command: str, arguments: dict, result: dict, *, user: str
     """
     store = _store(repo)
     if user is None:
-        try:
-            user = getpass.getuser()
-        except Exception:
-            user = "unknown"
+        user = current_user()
     body = {
         "time": iso(utcnow()),
         "user": user,

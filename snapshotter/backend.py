@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, ClassVar, Iterable, Iterator, Sequence

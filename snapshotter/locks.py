@@ -36,7 +36,6 @@ lose its lock silently) until ``snapshotter unlock`` removes it.
 from __future__ import annotations
 
 import datetime as _dt
-import getpass
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .errors import LockedError, StoreError
-from .names import iso, parse_iso, utcnow
+from .names import iso, parse_iso, utcnow, current_user
 from .objectstore import ObjectMissing, ObjectStore
 
 LOCKS_PREFIX = "locks/"
@@ -70,11 +69,6 @@ def source_resource(name: str) -> str:
     return f"source-{name}"
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
 
 
 def _process_start(pid: int) -> int | None:
@@ -281,7 +275,7 @@ class RepositoryLock:
             "format": 1,
             "claims": self.claims,
             "state": state,
-            "user": _user(),
+            "user": current_user(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_start": _process_start(os.getpid()),

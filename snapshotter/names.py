@@ -39,6 +39,15 @@ def new_incident_id(now: _dt.datetime | None = None) -> str:
     return "inc-" + now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+def current_user() -> str:
+    """Who runs this command, for manifests, bundles, locks and audit records."""
+    import getpass
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry, no LOGNAME: still record something
+        return "unknown"
+
+
 def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 

@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import getpass
 import hashlib
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 from . import __version__, codec
 from .backend import SourceBackend, StreamSpec
 from .config import Config
 from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, UsageError
-from .names import iso, new_incident_id, utcnow
+from .names import iso, new_incident_id, utcnow, current_user
 from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
-from .repository import Repository, SnapshotRef, chunk_object
+from .repository import Repository, chunk_object
 from .streams import ChunkUploader, StoredRecord, StreamWriter, read_stream
 
 APPLY_BATCH = 500
@@ -303,7 +302,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         "release": manifest["release"],
         "created_at": None,
         "failure_at": iso(failure_at) if failure_at else None,
-        "user": _user(),
+        "user": current_user(),
         "host": socket.gethostname(),
         "tool_version": __version__,
         "command": command,
@@ -471,8 +470,3 @@ def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) 
     return None
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"

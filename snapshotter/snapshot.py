@@ -2,7 +2,6 @@
 its streams as chunks, and commit by writing the manifest last."""
 from __future__ import annotations
 
-import getpass
 import socket
 import time
 from typing import Callable, Sequence
@@ -11,7 +10,7 @@ from . import __version__
 from .backend import StreamChanged
 from .config import Config
 from .errors import SnapshotterError, SourceError, UsageError
-from .names import iso, new_snapshot_id, utcnow
+from .names import iso, new_snapshot_id, utcnow, current_user
 from .repository import Repository
 from .streams import ChunkUploader, StreamWriter
 
@@ -52,7 +51,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
         "labels": dict(labels or {}),
         "note": note,
         "host": socket.gethostname(),
-        "user": _user(),
+        "user": current_user(),
         "tool_version": __version__,
         "sources": {},
     }
@@ -95,11 +94,6 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
     return manifest
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
 
 
 def summary(manifest: dict, *, good: bool = False, with_schema: bool = False, with_chunks: bool = False) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import NotFound, UsageError
+from ..errors import UsageError
 from ..locks import MARKS, SHARED
 from ..names import check_name
 from ..repository import Repository

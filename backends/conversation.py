@@ -360,6 +360,17 @@ class MessageTableReader(SourceReader):
         with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             yield from sqlbase.read_rows(self.conn, keyed(spec).schema, where=where)
 
+    def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
+        if not sqlbase.reads_lines(self.conn):
+            return None
+        where = None if sessions is None else (lambda t: in_sessions(t, spec, sessions))
+        if self.writer is not None:
+            self.writer.planned_with(sessions)
+        what = f"{self.b.where}: cannot read table {spec.name}"
+        with sqlbase.translate_errors(what):
+            doc, batches = sqlbase.read_lines(self.conn, keyed(spec).schema, where=where)
+        return doc, sqlbase.translating(batches, what)
+
     def close(self) -> None:
         if self._owns:
             sqlbase.end_transaction(self.conn, commit=True)

@@ -29,6 +29,7 @@ fast path off, for comparison or as an escape hatch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -287,3 +288,145 @@ def _json_scanner_loader(stock: type, versioned: bool) -> type:
             return json.loads(b)
 
     return JsonScannerLoader
+
+
+# -- pgtext: rows as COPY text lines (the stream encoding of PostgreSQL tables) --
+
+LINE_BATCH = 2000
+
+
+@contextlib.contextmanager
+def pgtext_settings(conn: Connection) -> Iterator[None]:
+    """Run the block under :data:`snapshotter.pgtext.SESSION_SETTINGS` (transaction-local),
+    and put the caller's settings back afterwards (later reads load values as before)."""
+    from snapshotter.pgtext import SESSION_SETTINGS
+
+    names = [n for n, _ in SESSION_SETTINGS]
+    old = conn.exec_driver_sql("SELECT " + ", ".join(f"current_setting('{n}')" for n in names)).fetchone()
+    conn.exec_driver_sql("SELECT " + ", ".join(f"set_config('{n}', '{v}', true)" for n, v in SESSION_SETTINGS))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            conn.exec_driver_sql("SELECT " + ", ".join("set_config(%s, %s, true)" for _ in names),
+                                 tuple(x for pair in zip(names, old) for x in pair))
+
+
+def column_oids(conn: Connection, stmt: sa.Select) -> list[int]:
+    """The type OIDs the server reports for the statement's columns (domains: their base type)."""
+    result = conn.execute(stmt.limit(0))
+    try:
+        return [int(d[1]) for d in result.cursor.description]
+    finally:
+        result.close()
+
+
+def copy_lines(conn: Connection, stmt: sa.Select, batch: int = LINE_BATCH) -> Iterator[list[bytes]]:
+    """Batches of the statement's rows as COPY text lines (UTF-8), straight from the server."""
+    import psycopg
+    from psycopg.pq import TransactionStatus
+
+    pg = _psycopg_connection(conn)
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    select = psycopg.ClientCursor(pg).mogrify(compiled.string, compiled.params)
+    statement = f"COPY ({select}) TO STDOUT"
+    encoding = pg.info.encoding
+    savepoint = pg.info.transaction_status == TransactionStatus.INTRANS
+    try:
+        with pg.cursor() as cur:
+            if savepoint:
+                cur.execute("SAVEPOINT snapshotter_copy")
+            try:
+                with cur.copy(statement) as copy:
+                    if hasattr(copy, "_finished"):
+                        batches = _text_batches(pg, copy, batch)
+                    else:
+                        batches = _batched((bytes(d) for d in copy), batch)
+                    for out in batches:
+                        yield out if encoding == "utf-8" else _to_utf8(out, encoding)
+            except BaseException:
+                if savepoint and pg.info.transaction_status == TransactionStatus.INERROR:
+                    cur.execute("ROLLBACK TO SAVEPOINT snapshotter_copy")
+                raise
+            if savepoint:
+                cur.execute("RELEASE SAVEPOINT snapshotter_copy")
+    except psycopg.Error as exc:
+        raise sa.exc.DBAPIError(statement, None, exc) from exc
+
+
+def _batched(rows: Iterator[bytes], batch: int) -> Iterator[list[bytes]]:
+    out: list[bytes] = []
+    for row in rows:
+        out.append(row)
+        if len(out) >= batch:
+            yield out
+            out = []
+    if out:
+        yield out
+
+
+def _text_batches(pg, copy, batch: int) -> Iterator[list[bytes]]:
+    """Batches of the rows of a text COPY, taken from libpq directly while it has them
+    buffered (``Copy.read`` costs a round through psycopg's wait machinery per row,
+    more than the rest of the snapshot's per-row work); only an empty buffer waits
+    in ``Copy.read``.  The end of the COPY is finished as ``Copy.read`` finishes it."""
+    import psycopg
+    from psycopg.pq import ExecStatus
+
+    pgconn = pg.pgconn
+    get = pgconn.get_copy_data
+    consume = pgconn.consume_input
+    read = copy.read
+    out: list[bytes] = []
+    append = out.append
+    while True:
+        n, data = get(1)
+        if n == 0:
+            consume()
+            n, data = get(1)
+        if n > 0:
+            append(bytes(data))
+            if len(out) >= batch:
+                yield out
+                out = []
+                append = out.append
+            continue
+        if n == 0:
+            data = read()  # waits for the socket (GIL released, Ctrl-C honoured)
+            if data:
+                append(bytes(data))
+                continue
+            break
+        if n == -1:
+            results = []
+            while (res := pgconn.get_result()) is not None:
+                results.append(res)
+            copy._finished = True
+            bad = next((r for r in results if r.status != ExecStatus.COMMAND_OK), None)
+            if bad is not None:
+                raise psycopg.errors.error_from_result(bad, encoding=pg.info.encoding)
+            if not results:
+                raise psycopg.OperationalError("COPY ended without its result")
+            break
+        raise psycopg.OperationalError(pgconn.error_message.decode("utf-8", "replace").strip() or "COPY failed")
+    if out:
+        yield out
+
+
+def _to_utf8(lines: list[bytes], encoding: str) -> list[bytes]:
+    return [line.decode(encoding).encode("utf-8") for line in lines]
+
+
+def cursor_lines(conn: Connection, stmt: sa.Select, batch: int = LINE_BATCH) -> Iterator[list[bytes]]:
+    """The same lines through an ordinary cursor, for drivers without COPY: each column is
+    selected as its type's output text (``format('%s', c)`` calls the output function,
+    unlike a cast to text, which differs for bool, bpchar, inet, ...), then escaped
+    as COPY escapes it."""
+    from snapshotter.pgtext import format_line
+
+    cols = list(stmt.selected_columns)
+    texts = [sa.case((c.is_(None), sa.null()), else_=sa.func.format("%s", c)).label(c.name) for c in cols]
+    text_stmt = stmt.with_only_columns(*texts, maintain_column_froms=True)
+    result = conn.execution_options(stream_results=True, yield_per=batch).execute(text_stmt)
+    for part in result.partitions(batch):
+        yield [format_line(row) for row in part]

@@ -112,6 +112,13 @@ class SQLReader(SourceReader):
         with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             yield from self.fast_or_generic(spec)
 
+    def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
+        if not sqlbase.reads_lines(self.conn):
+            return None
+        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            doc, batches = sqlbase.read_lines(self.conn, spec.schema)
+        return doc, sqlbase.translating(batches, f"{self.b.where}: cannot read table {spec.name}")
+
     def fast_or_generic(self, spec: StreamSpec):
         # a reader inside a writer's transaction reads what it is about to overwrite
         yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns)
@@ -159,6 +166,10 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
     def delete(self, spec: StreamSpec, keys: list) -> None:
         with sqlbase.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
             self.delete_keys(spec, keys)
+
+    def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
+        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records)
 
     def commit(self) -> None:
         self.txn.leave(True, self.b.where)

@@ -9,6 +9,7 @@ was stored, bit for bit, on every dialect.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from typing import Any, Iterator, Sequence
@@ -64,6 +65,12 @@ def translate_errors(what: str) -> Iterator[None]:
         raise SourceError(f"{what}: {msg}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise SourceError(f"{what}: {str(exc).splitlines()[0]}") from exc
+
+
+def translating(it: Iterator, what: str) -> Iterator:
+    """``it``, with its errors translated as by :func:`translate_errors`."""
+    with translate_errors(what):
+        yield from it
 
 
 def dialect(conn_or_engine) -> str:
@@ -262,6 +269,46 @@ def lightweight_table(schema_doc: dict) -> sa.TableClause:
                     schema=schema_doc.get("db_schema"))
 
 
+def select_stmt(conn: Connection, schema_doc: dict, where=None) -> sa.Select:
+    """Every column of the table, in key order (Python's order; see :func:`order_expr`)."""
+    t = lightweight_table(schema_doc)
+    types = {c["name"]: c["type"] for c in schema_doc["columns"]}
+    stmt = sa.select(*[t.c[c["name"]] for c in schema_doc["columns"]]).select_from(t)
+    if where is not None:
+        stmt = stmt.where(where(t))
+    return stmt.order_by(*[order_expr(conn, t.c[k], types[k]) for k in schema_doc["primary_key"]])
+
+
+def reads_lines(conn: Connection) -> bool:
+    """Whether tables of this database are captured as ``pgtext`` lines (PostgreSQL)."""
+    return dialect(conn) == "postgresql"
+
+
+def read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
+               batch: int = pgcopy.LINE_BATCH) -> tuple[dict, Iterator[list[bytes]]]:
+    """PostgreSQL: the table's encoding document and batches of its rows as ``pgtext``
+    lines, in key order.  Through COPY when the driver is psycopg (unless ``fast``
+    is False or ``SNAPSHOTTER_PG_COPY=0``), else through a cursor; the lines are
+    the same either way."""
+    from snapshotter.pgtext import encoding_doc
+
+    stmt = select_stmt(conn, schema_doc, where)
+    names = [c["name"] for c in schema_doc["columns"]]
+    oids = pgcopy.column_oids(conn, stmt)
+    doc = encoding_doc(names, oids, schema_doc["primary_key"])
+    use_copy = (fast if fast is not None else pgcopy.enabled()) and pgcopy._psycopg_connection(conn) is not None
+    if fast and not use_copy:
+        raise SourceError(f"table {schema_doc['table']} cannot be read through COPY (the driver is not psycopg)")
+
+    def lines() -> Iterator[list[bytes]]:
+        with pgcopy.pgtext_settings(conn):
+            if use_copy:
+                yield from pgcopy.copy_lines(conn, stmt, batch)
+            else:
+                yield from pgcopy.cursor_lines(conn, stmt, batch)
+    return doc, lines()
+
+
 def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FETCH_BATCH,
               fast: bool | str | None = None, for_update: bool = False) -> Iterator[list[Record]]:
     """Batches of ``(key, {column: value})`` in key order.
@@ -271,14 +318,9 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
     path: ``False`` the cursor, ``True`` COPY, ``"text"``/``"binary"`` COPY
     in that format; a forced COPY that cannot be exact is an error.
     """
-    t = lightweight_table(schema_doc)
-    types = {c["name"]: c["type"] for c in schema_doc["columns"]}
+    stmt = select_stmt(conn, schema_doc, where)
     pk = schema_doc["primary_key"]
     names = [c["name"] for c in schema_doc["columns"]]
-    stmt = sa.select(*[t.c[n] for n in names]).select_from(t)
-    if where is not None:
-        stmt = stmt.where(where(t))
-    stmt = stmt.order_by(*[order_expr(conn, t.c[k], types[k]) for k in pk])
     if for_update and dialect(conn) in ("mysql", "mariadb"):
         # a restore plans on MariaDB/MySQL with locking reads: their writes act on the
         # latest rows, so without locks a concurrent change could be overwritten unseen
@@ -353,6 +395,37 @@ def adapt_for_write(conn: Connection, schema_doc: dict, values: dict) -> dict:
             from psycopg.types.json import Json, Jsonb
             out[c["name"]] = (Jsonb if t == "JSONB" else Json)(v)
     return out
+
+
+def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes]) -> bool:
+    """PostgreSQL: replace rows by ``pgtext`` lines, exactly (the server's own input
+    functions read the text its output functions wrote).  The lines are copied into a
+    temporary table; rows with their keys are deleted, then inserted from it.  False
+    when this connection cannot (another database or driver): the caller decodes."""
+    if dialect(conn) != "postgresql" or pgcopy._psycopg_connection(conn) is None:
+        return False
+    if encoding.get("format") != "pgtext" or \
+            sorted(encoding["columns"]) != sorted(c["name"] for c in schema_doc["columns"]):
+        return False
+    q = conn.dialect.identifier_preparer.quote
+    target = q(schema_doc["table"])
+    if schema_doc.get("db_schema"):
+        target = f"{q(schema_doc['db_schema'])}.{target}"
+    cols = ", ".join(q(c) for c in encoding["columns"])
+    # one staging table per target table and transaction (dropped at its end)
+    stage = q("snapshotter_stage_" + hashlib.sha256(target.encode("utf-8")).hexdigest()[:16])
+    keys = encoding["key"]
+    pg = pgcopy._psycopg_connection(conn)
+    with pgcopy.pgtext_settings(conn):
+        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DROP AS "
+                             f"SELECT {cols} FROM {target} WITH NO DATA")
+        conn.exec_driver_sql(f"TRUNCATE {stage}")
+        with pg.cursor() as cur, cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
+            copy.write(b"".join(lines))
+        match = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)
+        conn.exec_driver_sql(f"DELETE FROM {target} AS t USING {stage} AS s WHERE {match}")
+        conn.exec_driver_sql(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}")
+    return True
 
 
 def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list):

@@ -95,6 +95,18 @@ class SourceReader(ABC):
         sessions' records.  Batches are bounded so memory is too.
         """
 
+    def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None
+                     ) -> tuple[dict, Iterator[list[bytes]]] | None:
+        """The stream's records already encoded by the store, or None (the default)
+        to have the core encode what :meth:`read` returns.
+
+        Returns the encoding document (see :mod:`snapshotter.pgtext`, the one
+        encoding so far) and batches of encoded records in key order.  A
+        PostgreSQL table comes out of ``COPY`` as lines that go into chunks as
+        they are, which is what lets a snapshot keep up with ``pg_dump``.
+        """
+        return None
+
     def __enter__(self):
         return self
 
@@ -128,6 +140,12 @@ class SourceWriter(ABC):
     @abstractmethod
     def delete(self, spec: StreamSpec, keys: list[Key]) -> None:
         """Remove records by key (one batch); missing keys are not an error."""
+
+    def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
+        """Insert or replace records given in the stream's own encoding (one batch);
+        False (the default) when the writer cannot, and the core then calls
+        :meth:`upsert` with decoded records."""
+        return False
 
     def reader(self) -> SourceReader | None:
         """For transactional stores: a reader inside this writer's transaction.

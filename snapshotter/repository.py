@@ -22,7 +22,7 @@ from .objectstore import ObjectMissing, ObjectStore, open_store
 
 FORMAT_VERSION = 1
 CHUNK_TARGET_BYTES = 32 * 1024
-CHUNK_MAX_BYTES = 1024 * 1024
+CHUNK_MAX_BYTES = 8 * 1024 * 1024
 
 
 def chunk_object(chunk_id: str) -> str:

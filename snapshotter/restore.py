@@ -18,20 +18,21 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import itertools
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import __version__, codec
+from . import __version__, codec, pgtext
 from .backend import SourceBackend, StreamSpec
 from .config import Config
 from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, UsageError
 from .names import iso, new_incident_id, utcnow, current_user
 from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from .repository import Repository, chunk_object
-from .streams import ChunkUploader, StoredRecord, StreamWriter, read_stream
+from .streams import ChunkUploader, StoredRecord, StreamWriter, iter_chunks, read_stream
 
 APPLY_BATCH = 500
 
@@ -158,6 +159,94 @@ def _live_records(reader, spec: StreamSpec | None, sessions) -> Iterator[tuple[A
             yield key, b"\x92" + codec.pack(key) + codec.pack(value), value
 
 
+def _msgpack_raw(rec: StoredRecord) -> bytes:
+    """A stored record as the core encodes live records (for snapshots in another encoding)."""
+    return rec.raw if rec._codec is None else b"\x92" + codec.pack(rec.key) + codec.pack(rec.value)
+
+
+def _live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator[list[bytes]] | None:
+    """The live stream as lines in the snapshot's own encoding, when the snapshot is a
+    ``pgtext`` one and the reader can give them (None otherwise)."""
+    enc = t.entry.get("encoding")
+    if not enc or spec is None:
+        return None
+    got = reader.read_encoded(spec, sessions or None)
+    if got is None:
+        return None
+    doc, batches = got
+    if not pgtext.same_encoding(doc, enc):
+        batches.close()
+        return None
+    return batches
+
+
+def _session_filter(t: Target, rc: pgtext.Codec, sessions: set[str] | None):
+    """A test of a snapshot line's session, reading one field where the schema names it."""
+    if not sessions:
+        return None
+    column = (t.spec.schema.get("conversation") or {}).get("session_column")
+    if column in rc.columns:
+        def keep(line: bytes) -> bool:
+            f = rc.field(line, column)
+            return f is not None and f.decode("utf-8", "replace") in sessions
+        return keep
+
+    def keep_decoded(line: bytes) -> bool:
+        key, value = rc.decode(line)
+        return t.backend.session_of(t.spec, key, value) in sessions
+    return keep_decoded
+
+
+def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]], plan: "StreamPlan",
+                sessions: set[str] | None, digest, quarantine) -> None:
+    """The merge of :func:`plan_stream` over ``pgtext`` lines: equal lines (almost all of
+    them after a small drift) are recognised by their bytes alone; keys are decoded only
+    where the two sides differ, values only for what is quarantined."""
+    rc = pgtext.Codec(t.entry["encoding"])
+    keep = _session_filter(t, rc, sessions)
+    live = itertools.chain.from_iterable(live_batches)
+
+    def snapshot_lines() -> Iterator[bytes]:
+        for raw in iter_chunks(repo, t.entry):
+            lines = list(pgtext.iter_lines(raw))
+            if keep is not None:
+                lines = [line for line in lines if keep(line)]
+                for line in lines:
+                    digest.update(line)
+            else:
+                digest.update(raw)
+            plan.snapshot_records += len(lines)
+            yield from lines
+
+    snap = snapshot_lines()
+    key = rc.key
+    lv = next(live, None)
+    sv = next(snap, None)
+    while lv is not None or sv is not None:
+        if lv == sv:
+            lv = next(live, None)
+            sv = next(snap, None)
+            continue
+        lk = key(lv) if lv is not None else None
+        sk = key(sv) if sv is not None else None
+        if sv is None or (lv is not None and lk < sk):
+            plan.added += 1
+            k, value = rc.decode(lv)
+            quarantine(k, "added", value, None, lv, None)
+            lv = next(live, None)
+        elif lv is None or sk < lk:
+            plan.deleted += 1
+            k, value = rc.decode(sv)
+            quarantine(k, "deleted", None, value, None, sv)
+            sv = next(snap, None)
+        else:
+            plan.modified += 1
+            k, value = rc.decode(lv)
+            quarantine(k, "modified", value, rc.decode(sv)[1], lv, sv)
+            lv = next(live, None)
+            sv = next(snap, None)
+
+
 def _snapshot_records(repo: Repository, t: Target, sessions) -> Iterator[StoredRecord]:
     for rec in read_stream(repo, t.entry):
         if sessions and t.backend.session_of(t.spec, rec.key, rec.value) not in sessions:
@@ -179,13 +268,8 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             raise SchemaMismatch(f"source {t.source!r} stream {t.stream!r} changed since the snapshot: " + "; ".join(diffs))
     digest = hashlib.sha256()
     sessions = set(sel.sessions) if sel.sessions else None
-    live = _live_records(reader, live_spec, sel.sessions)
-    snap = _snapshot_records(repo, t, sessions)
-    lv = next(live, None)
-    sv = next(snap, None)
-    last_key = None
 
-    def quarantine(key, op, live_value, snap_value):
+    def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
         if writer is None:
             return
         written = t.backend.written_at(t.spec, key, live_value) if live_value is not None else None
@@ -194,8 +278,27 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             post = written >= failure_at
             plan.post_failure += post
         session = t.backend.session_of(t.spec, key, live_value if live_value is not None else snap_value)
-        writer.add(key, {"op": op, "value": live_value, "snapshot_value": snap_value,
-                         "written_at": written, "post_failure": post, "session": session})
+        rec = {"op": op, "value": live_value, "snapshot_value": snap_value,
+               "written_at": written, "post_failure": post, "session": session}
+        if live_raw is not None or snap_raw is not None:
+            # the records in the snapshot's encoding too: applied and re-applied as they are
+            rec["raw"] = live_raw
+            rec["snapshot_raw"] = snap_raw
+        writer.add(key, rec)
+
+    lines = _live_lines(reader, t, live_spec, sel.sessions)
+    if lines is not None:
+        _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+        plan.snapshot_digest = "sha256:" + digest.hexdigest()
+        if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
+            raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
+        return plan
+
+    live = _live_records(reader, live_spec, sel.sessions)
+    snap = _snapshot_records(repo, t, sessions)
+    lv = next(live, None)
+    sv = next(snap, None)
+    last_key = None
 
     while lv is not None or sv is not None:
         if sv is not None:
@@ -220,7 +323,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             plan.snapshot_records += 1
             # a store that perturbs values on a round trip (Chroma cosine) would otherwise show its
             # own restore as drift, and every later restore would rewrite and quarantine it again
-            if lv[1] != sv.raw and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
+            if lv[1] != _msgpack_raw(sv) and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
                 plan.modified += 1
                 quarantine(sv.key, "modified", lv[2], sv.value)
             last_key = sv.key
@@ -412,6 +515,15 @@ def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
 
 def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
     w.prepare(t.spec)
+    encoding = t.entry.get("encoding")
+
+    def upsert(batch: list) -> None:
+        # records kept in the snapshot's own encoding go back as they are, when the writer can
+        if encoding and all(raw is not None for _, _, raw in batch) and \
+                w.upsert_encoded(t.spec, encoding, [raw for _, _, raw in batch]):
+            return
+        w.upsert(t.spec, [(k, v) for k, v, _ in batch])
+
     # every delete before any upsert: under a case-insensitive collation a later
     # delete of 'A' would otherwise take the 'a' just written back
     for wanted in ("deletes", "upserts"):
@@ -420,12 +532,12 @@ def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
             q = rec.value
             if (q["op"] == "added") != (wanted == "deletes"):
                 continue
-            batch.append(rec.key if wanted == "deletes" else (rec.key, q["snapshot_value"]))
+            batch.append(rec.key if wanted == "deletes" else (rec.key, q["snapshot_value"], q.get("snapshot_raw")))
             if len(batch) >= APPLY_BATCH:
-                (w.delete if wanted == "deletes" else w.upsert)(t.spec, batch)
+                (w.delete(t.spec, batch) if wanted == "deletes" else upsert(batch))
                 batch = []
         if batch:
-            (w.delete if wanted == "deletes" else w.upsert)(t.spec, batch)
+            (w.delete(t.spec, batch) if wanted == "deletes" else upsert(batch))
 
 
 def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection,
@@ -441,9 +553,15 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
                 spec = reader.live_spec(t.stream)
                 h = hashlib.sha256()
                 n = 0
-                for _, raw, _ in _live_records(reader, spec, sel.sessions):
-                    h.update(raw)
-                    n += 1
+                lines = _live_lines(reader, t, spec, sel.sessions)
+                if lines is not None:
+                    for batch in lines:
+                        h.update(b"".join(batch))
+                        n += len(batch)
+                else:
+                    for _, raw, _ in _live_records(reader, spec, sel.sessions):
+                        h.update(raw)
+                        n += 1
                 if "sha256:" + h.hexdigest() == plan.snapshot_digest and n == plan.snapshot_records:
                     continue
                 problem = _compare_records(repo, t, reader, spec, sel)
@@ -462,7 +580,7 @@ def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) 
             return f"record {codec.key_text(sv.key)} missing after restore"
         if lv[0] != sv.key:
             return f"record {codec.key_text(lv[0])} present after restore, expected {codec.key_text(sv.key)}"
-        if lv[1] != sv.raw and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
+        if lv[1] != _msgpack_raw(sv) and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
             return f"record {codec.key_text(sv.key)} differs from the snapshot after restore"
     extra = next(live, None)
     if extra is not None:

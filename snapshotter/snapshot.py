@@ -66,12 +66,18 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                 for spec in reader.streams():
                     tick = (lambda n, _s=f"{name}/{spec.name}": progress(_s, n)) if progress else None
                     while True:
+                        encoded = reader.read_encoded(spec)
                         writer = StreamWriter(uploader, records_per_boundary=params.get((name, spec.name)),
-                                              on_record=tick, estimated_bytes=spec.estimated_bytes)
+                                              on_record=tick, estimated_bytes=spec.estimated_bytes,
+                                              encoding=encoded[0] if encoded else None)
                         try:
-                            for batch in reader.read(spec):
-                                for key, value in batch:
-                                    writer.add(key, value)
+                            if encoded:
+                                for lines in encoded[1]:
+                                    writer.add_lines(lines)
+                            else:
+                                for batch in reader.read(spec):
+                                    for key, value in batch:
+                                        writer.add(key, value)
                         except StreamChanged:
                             writer.abandon()
                             continue  # the backend bounds its own retries

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import codec
+from . import codec, pgtext
 from .errors import SourceError
 from .repository import Repository
 
@@ -28,6 +29,7 @@ _ESTIMATE_RECORDS = 512
 
 
 _blake2b = hashlib.blake2b
+_crc32 = zlib.crc32
 
 
 def boundary_hash(key_bytes: bytes) -> int:
@@ -35,7 +37,7 @@ def boundary_hash(key_bytes: bytes) -> int:
 
 
 #: a stream's first snapshot aims at about this many chunks when its size is known
-CHUNKS_PER_STREAM = 512
+CHUNKS_PER_STREAM = 128
 
 
 def chunk_target(min_target: int, max_bytes: int, estimated_bytes: int | None) -> int:
@@ -114,8 +116,13 @@ class StreamWriter:
     """Encodes one stream's records into chunks; ``finish`` returns its manifest entry."""
 
     def __init__(self, uploader: ChunkUploader, *, records_per_boundary: int | None = None,
-                 on_record: Callable[[int], None] | None = None, estimated_bytes: int | None = None):
+                 on_record: Callable[[int], None] | None = None, estimated_bytes: int | None = None,
+                 encoding: dict | None = None):
         self.up = uploader
+        #: None: records are msgpack ``[key, value]`` (``add``); a pgtext encoding
+        #: document: records are lines (``add_lines``), see :mod:`snapshotter.pgtext`
+        self.encoding = encoding
+        self._codec = pgtext.Codec(encoding) if encoding else None
         repo = uploader.repo
         self.max_bytes = repo.chunk_max_bytes
         self.target = chunk_target(repo.chunk_target_bytes, self.max_bytes, estimated_bytes)
@@ -169,21 +176,96 @@ class StreamWriter:
                 int.from_bytes(_blake2b(kb, digest_size=8).digest(), "little") % D == 0:
             self._cut()
 
+    def add_lines(self, lines: list[bytes]) -> None:
+        """Add already-encoded ``pgtext`` records (one line each, a batch), in key order.
+
+        A line ends a chunk when ``crc32(key bytes) mod D == 0`` (the pgtext
+        boundary rule: the key's text is at hand without decoding, and crc32 is
+        a third of blake2b's cost per record); the work per line is kept to that
+        test, the rest is done per batch."""
+        if not lines:
+            return
+        rc = self._codec
+        if not rc.order_safe:
+            self._check_order(lines)
+        self.records += len(lines)
+        i = 0
+        if self.D is None:
+            # until D is chosen, lines are buffered one by one with their key bytes
+            for i, line in enumerate(lines, 1):
+                self._buf.append(line)
+                self._buf_bytes += len(line)
+                self.bytes += len(line)
+                self._pending_keys.append(rc.key_bytes(line))
+                if len(self._pending_keys) >= _ESTIMATE_RECORDS or self._buf_bytes >= self.target * 4:
+                    self._settle_boundary()
+                    break
+            if self.D is None:
+                return
+        D = self.D
+        rest = lines[i:] if i else lines
+        if rc.single_leading_key:
+            keys = [line[:line.find(b"\t")] for line in rest]
+        else:
+            keys = [rc.key_bytes(line) for line in rest]
+        crc = _crc32
+        start = 0
+        for end in [j + 1 for j, k in enumerate(keys) if not crc(k) % D] + [len(rest)]:
+            if end <= start:
+                continue
+            part = rest[start:end]
+            size = sum(map(len, part))
+            self.bytes += size
+            if self._buf_bytes + size >= self.max_bytes:
+                for line in part:  # rare: records big enough to reach max_bytes first
+                    self._buf.append(line)
+                    self._buf_bytes += len(line)
+                    if self._buf_bytes >= self.max_bytes:
+                        self._cut()
+                if end < len(rest) or not crc(keys[end - 1]) % D:
+                    self._cut()
+            else:
+                self._buf.extend(part)
+                self._buf_bytes += size
+                if not crc(keys[end - 1]) % D:
+                    self._cut()
+            start = end
+
+    def _check_order(self, lines: list[bytes]) -> None:
+        """Keys of a type whose database order may differ from Python's are decoded and checked."""
+        key = self._codec.key
+        for line in lines:
+            k = key(line)
+            if self._has_last:
+                try:
+                    ordered = k > self._last_key
+                except TypeError:
+                    ordered = False
+                if not ordered:
+                    raise SourceError(f"records out of key order: {codec.key_text(k)} after "
+                                      f"{codec.key_text(self._last_key)}")
+            self._last_key = k
+            self._has_last = True
+
     def _settle_boundary(self) -> None:
         """Choose D from the records seen so far, then cut the buffer as if D had been known."""
         self.D = pick_records_per_boundary(self._buf_bytes / max(1, len(self._buf)), self.target)
         recs, keys = self._buf, self._pending_keys
         self._buf, self._buf_bytes, self._pending_keys = [], 0, []
+        boundary = boundary_hash if self._codec is None else _crc32
         for rec, kb in zip(recs, keys):
             self._buf.append(rec)
             self._buf_bytes += len(rec)
-            if self._buf_bytes >= self.max_bytes or boundary_hash(kb) % self.D == 0:
+            if self._buf_bytes >= self.max_bytes or boundary(kb) % self.D == 0:
                 self._cut()
 
     def _cut(self) -> None:
         if not self._buf:
             return
         raw = b"".join(self._buf)
+        if self._codec is not None:
+            # lines are hashed a chunk at a time (the digest covers the same bytes either way)
+            self.digest.update(raw)
         n = len(self._buf)
         self._buf, self._buf_bytes = [], 0
         self._futures.append(self.up.submit(raw, n))
@@ -223,6 +305,7 @@ class StreamWriter:
             "digest": "sha256:" + self.digest.hexdigest(),
             "chunking": {"records_per_boundary": self.D},
             "chunks": [c.to_json() for c in self._chunks],
+            **({"encoding": self.encoding} if self.encoding else {}),
         }
 
 
@@ -242,13 +325,40 @@ class StoredRecord:
     raw: bytes  # the encoded record, as stored
     _value: Any = field(default=None, repr=False)
     _decoded: bool = False
+    _codec: Any = field(default=None, repr=False)  # a pgtext.Codec, for pgtext records
 
     @property
     def value(self) -> Any:
         if not self._decoded:
-            self._value = codec.unpack(self.raw)[1]
+            self._value = codec.unpack(self.raw)[1] if self._codec is None else self._codec.decode(self.raw)[1]
             self._decoded = True
         return self._value
+
+
+def record_codec(entry: dict) -> "pgtext.Codec | None":
+    """The codec of a stream whose records are not msgpack (None: msgpack)."""
+    enc = entry.get("encoding")
+    if not enc:
+        return None
+    if enc.get("format") != pgtext.FORMAT:
+        raise ValueError(f"unknown record encoding {enc.get('format')!r}")
+    return pgtext.Codec(enc)
+
+
+def count_records(raw: bytes, entry: dict) -> int:
+    """Records in one chunk of this stream."""
+    if entry.get("encoding"):
+        return pgtext.count_lines(raw)
+    import msgpack
+    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, max_buffer_size=max(len(raw), 1 << 20))
+    u.feed(raw)
+    n = 0
+    try:
+        while True:
+            u.skip()
+            n += 1
+    except msgpack.OutOfData:
+        return n
 
 
 def iter_chunk_records(raw: bytes) -> Iterator[StoredRecord]:
@@ -282,6 +392,25 @@ def _fix_key(key: Any) -> Any:
 
 def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[StoredRecord]:
     """Every record of a stream as stored, in key order; verifies every chunk's hash."""
+    rc = record_codec(entry)
+    if rc is None:
+        for raw in iter_chunks(repo, entry, prefetch=prefetch):
+            yield from iter_chunk_records(raw)
+        return
+    key = rc.key
+    for raw in iter_chunks(repo, entry, prefetch=prefetch):
+        for line in pgtext.iter_lines(raw):
+            yield StoredRecord(key(line), line, _codec=rc)
+
+
+def iter_lines(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[bytes]:
+    """The raw records (lines) of a ``pgtext`` stream, in key order, not decoded."""
+    for raw in iter_chunks(repo, entry, prefetch=prefetch):
+        yield from pgtext.iter_lines(raw)
+
+
+def iter_chunks(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[bytes]:
+    """A stream's chunks, uncompressed and hash-checked, fetched ahead in a small pool."""
     chunks = [ChunkRef.from_json(c) for c in entry.get("chunks", [])]
     if not chunks:
         return
@@ -297,5 +426,4 @@ def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator
             nxt = next(it, None)
             if nxt is not None:
                 futures.append((nxt, pool.submit(repo.get_chunk, nxt.id)))
-            raw = fut.result()
-            yield from iter_chunk_records(raw)
+            yield fut.result()

@@ -8,23 +8,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-import msgpack
-
 from .errors import IntegrityError, NotFound
 from .repository import Repository, SnapshotRef, chunk_object
-from .streams import ChunkRef
-
-
-def _count_records(raw: bytes) -> int:
-    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, max_buffer_size=max(len(raw), 1 << 20))
-    u.feed(raw)
-    n = 0
-    while True:
-        try:
-            u.skip()
-        except msgpack.OutOfData:
-            return n
-        n += 1
+from .streams import ChunkRef, count_records
 
 
 def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = False,
@@ -103,7 +89,7 @@ def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progr
             ok = False
             continue
         h.update(raw)
-        n = _count_records(raw)
+        n = count_records(raw, st)
         if n != c.records:
             problem(snapshot_id, chunk_object(c.id), f"{where}: holds {n} records, manifest says {c.records}")
             ok = False

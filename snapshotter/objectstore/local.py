@@ -20,7 +20,7 @@ def _load_syncfs():
     try:
         import ctypes
         import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
         return libc.syncfs
     except (OSError, AttributeError):
         return None

@@ -27,7 +27,10 @@ reports its base type); ``key`` names the key columns.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
 import re
+import uuid
 from typing import Any, Iterator, Sequence
 
 FORMAT = "pgtext"
@@ -171,7 +174,8 @@ class Codec:
         fields = split_line(line)
         if len(fields) != len(self.columns):
             raise ValueError(f"record has {len(fields)} fields, the stream {len(self.columns)}")
-        values = self._tx.load_sequence(fields)
+        values = [v if _plain(v) else (None if f is None else f.decode("utf-8", "replace"))
+                  for v, f in zip(self._tx.load_sequence(fields), fields)]
         key = values[self.key_index[0]] if len(self.key_index) == 1 else [values[i] for i in self.key_index]
         return key, dict(zip(self.columns, values))
 
@@ -184,8 +188,25 @@ class Codec:
         else:
             all_fields = split_line(line)
             fields = [all_fields[i] for i in self.key_index]
-        values = self._key_tx.load_sequence(fields)
-        return values[0] if len(values) == 1 else list(values)
+        values = [v if _plain(v) else (None if f is None else f.decode("utf-8", "replace"))
+                  for v, f in zip(self._key_tx.load_sequence(fields), fields)]
+        return values[0] if len(values) == 1 else values
+
+
+_PLAIN = (str, int, float, bool, bytes, type(None), _dt.datetime, _dt.date, _dt.time, _dt.timedelta,
+          decimal.Decimal, uuid.UUID)
+
+
+def _plain(v: Any) -> bool:
+    """Whether a loaded value is one records can hold (see :mod:`snapshotter.codec`); others
+    (network addresses, ranges, geometric types) are kept as their PostgreSQL text."""
+    if isinstance(v, _PLAIN):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
 
 
 def same_encoding(a: dict | None, b: dict | None) -> bool:

@@ -288,7 +288,8 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
 
     lines = _live_lines(reader, t, live_spec, sel.sessions)
     if lines is not None:
-        _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+        with contextlib.closing(lines):  # a COPY left open would hold its connection
+            _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
         plan.snapshot_digest = "sha256:" + digest.hexdigest()
         if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
             raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
@@ -555,9 +556,10 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
                 n = 0
                 lines = _live_lines(reader, t, spec, sel.sessions)
                 if lines is not None:
-                    for batch in lines:
-                        h.update(b"".join(batch))
-                        n += len(batch)
+                    with contextlib.closing(lines):
+                        for batch in lines:
+                            h.update(b"".join(batch))
+                            n += len(batch)
                 else:
                     for _, raw, _ in _live_records(reader, spec, sel.sessions):
                         h.update(raw)

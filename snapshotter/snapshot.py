@@ -2,6 +2,7 @@
 its streams as chunks, and commit by writing the manifest last."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Callable, Sequence
@@ -72,8 +73,11 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                                               encoding=encoded[0] if encoded else None)
                         try:
                             if encoded:
-                                for lines in encoded[1]:
-                                    writer.add_lines(lines)
+                                # closed before the reader's transaction ends, even on an error:
+                                # a COPY left open holds its connection
+                                with contextlib.closing(encoded[1]) as batches:
+                                    for lines in batches:
+                                        writer.add_lines(lines)
                             else:
                                 for batch in reader.read(spec):
                                     for key, value in batch:

@@ -119,6 +119,14 @@ class SQLReader(SourceReader):
             doc, batches = sqlbase.read_lines(self.conn, spec.schema)
         return doc, sqlbase.translating(batches, f"{self.b.where}: cannot read table {spec.name}")
 
+    def read_encoded_keys(self, spec: StreamSpec, keys: list):
+        """The rows with these keys as ``pgtext`` lines (a restore's verification of what it wrote)."""
+        where = (lambda t: sqlbase.key_condition(t, spec.schema["primary_key"], keys))
+        what = f"{self.b.where}: cannot read table {spec.name}"
+        with sqlbase.translate_errors(what):
+            doc, batches = sqlbase.read_lines(self.conn, spec.schema, where=where)
+        return doc, sqlbase.translating(batches, what)
+
     def fast_or_generic(self, spec: StreamSpec):
         # a reader inside a writer's transaction reads what it is about to overwrite
         yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns)

@@ -35,6 +35,7 @@ from .repository import Repository, chunk_object
 from .streams import ChunkUploader, StoredRecord, StreamWriter, iter_chunks, read_stream
 
 APPLY_BATCH = 500
+VERIFY_BATCH = 1000
 
 
 # -- resolving ------------------------------------------------------------------
@@ -146,6 +147,8 @@ class StreamPlan:
         return self.added + self.modified + self.deleted
 
     post_failure: int = 0
+    #: planned over pgtext lines inside the writer's transaction (see _verify_touched)
+    lines: bool = False
 
     def counts(self) -> dict:
         return {"added": self.added, "modified": self.modified, "deleted": self.deleted}
@@ -290,6 +293,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     if lines is not None:
         with contextlib.closing(lines):  # a COPY left open would hold its connection
             _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+        plan.lines = True
         plan.snapshot_digest = "sha256:" + digest.hexdigest()
         if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
             raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
@@ -552,6 +556,13 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
             for t in ts:
                 plan = result.plans[source][t.stream]
                 spec = reader.live_spec(t.stream)
+                if source in readers and plan.lines and plan.quarantine is not None and spec is not None \
+                        and hasattr(reader, "read_encoded_keys"):
+                    problem = _verify_touched(repo, t, reader, spec, plan)
+                    if problem:
+                        ok = False
+                        result.problems.append(f"{source}/{t.stream}: {problem}")
+                    continue
                 h = hashlib.sha256()
                 n = 0
                 lines = _live_lines(reader, t, spec, sel.sessions)
@@ -571,6 +582,52 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
                     ok = False
                     result.problems.append(f"{source}/{t.stream}: {problem}")
     return ok
+
+
+def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan: StreamPlan) -> str | None:
+    """Verification of a stream planned over lines in the writer's own REPEATABLE READ
+    transaction: every row the plan did not touch was compared equal to the snapshot
+    in this transaction, and no other transaction's write is visible to it, so the
+    stream equals the snapshot (and has its digest) exactly when every touched key
+    now holds its snapshot line, or is absent where the snapshot has none.  Reads
+    what the restore wrote, not the whole table."""
+    rc = pgtext.Codec(t.entry["encoding"])
+
+    def check(batch: list) -> str | None:
+        expected = {}
+        for key, q in batch:
+            line = q.get("snapshot_raw") if q["op"] != "added" else q.get("raw")
+            if line is None:
+                return f"record {codec.key_text(key)} has no stored line to verify against"
+            expected[rc.key_bytes(line)] = (key, q.get("snapshot_raw"))
+        got = reader.read_encoded_keys(spec, [k for k, _ in batch])
+        if got is None or not pgtext.same_encoding(got[0], t.entry["encoding"]):
+            return "the live table can no longer be read in the snapshot's encoding"
+        seen = set()
+        with contextlib.closing(got[1]) as lines:
+            for part in lines:
+                for line in part:
+                    kb = rc.key_bytes(line)
+                    key, want = expected.get(kb, (None, None))
+                    if want is None:
+                        return f"record {codec.key_text(rc.key(line))} present after restore but not in the snapshot"
+                    if line != want:
+                        return f"record {codec.key_text(key)} differs from the snapshot after restore"
+                    seen.add(kb)
+        for kb, (key, want) in expected.items():
+            if want is not None and kb not in seen:
+                return f"record {codec.key_text(key)} missing after restore"
+        return None
+
+    batch: list = []
+    for rec in read_stream(repo, plan.quarantine):
+        batch.append((rec.key, rec.value))
+        if len(batch) >= VERIFY_BATCH:
+            problem = check(batch)
+            if problem:
+                return problem
+            batch = []
+    return check(batch) if batch else None
 
 
 def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) -> str | None:

@@ -479,7 +479,7 @@ def test_init_refuses_a_non_empty_folder_that_is_not_a_repository(world: World):
 # -- data that is awkward on purpose -----------------------------------------------------------
 
 def test_50_mb_value_round_trips(tmp_path, cli):
-    """A record bigger than a chunk's max_bytes (1 MiB) becomes a chunk of its own: a 50 MB
+    """A record bigger than a chunk's max_bytes becomes a chunk of its own: a 50 MB
     blob snapshots, verifies and restores bit for bit."""
     url = f"sqlite:///{tmp_path / 'big.db'}"
     eng = sa.create_engine(url)

@@ -29,8 +29,9 @@ import threading
 import uuid
 from typing import Any
 
+import sys
+
 import msgpack
-import numpy as np
 
 EXT_DATETIME, EXT_DATE, EXT_TIME, EXT_DECIMAL, EXT_TIMEDELTA, EXT_UUID, EXT_F32, EXT_BIGINT = range(1, 9)
 
@@ -59,13 +60,14 @@ def _default(obj: Any):
         return _new_tuple(_ExtType, (EXT_UUID, obj.bytes))
     if t is _dt.timedelta:
         return _new_tuple(_ExtType, (EXT_TIMEDELTA, msgpack.packb([obj.days, obj.seconds, obj.microseconds])))
-    if isinstance(obj, np.ndarray):
+    np = sys.modules.get("numpy")  # not imported for it: an array can only come from a loaded numpy
+    if np is not None and isinstance(obj, np.ndarray):
         return msgpack.ExtType(EXT_F32, np.ascontiguousarray(obj, dtype="<f4").tobytes())
     if isinstance(obj, int):  # only reached when out of msgpack's range, or an int subclass (bool is handled natively)
         if _INT64_MIN <= obj <= _UINT64_MAX:
             return int(obj)
         return msgpack.ExtType(EXT_BIGINT, str(int(obj)).encode())
-    if isinstance(obj, np.generic):
+    if np is not None and isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, (tuple, set, frozenset)):
         return list(obj)
@@ -97,6 +99,7 @@ def _ext_hook(code: int, data: bytes):
     if code == EXT_UUID:
         return uuid.UUID(bytes=data)
     if code == EXT_F32:
+        import numpy as np
         return np.frombuffer(data, dtype="<f4").copy()
     if code == EXT_BIGINT:
         return int(data.decode())
@@ -168,7 +171,8 @@ def to_json(value: Any) -> Any:
         return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
     if t is bytes:
         return base64.b64encode(value).decode()
-    if isinstance(value, np.ndarray):
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray):
         return [float(x) for x in value.tolist()]
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()

@@ -20,11 +20,10 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
-
-import numpy as np
 
 from . import codec
 from .backend import StreamSpec
@@ -217,7 +216,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _is_vector(v: Any) -> bool:
-    if isinstance(v, np.ndarray):
+    np = sys.modules.get("numpy")  # an array can only come from a loaded numpy
+    if np is not None and isinstance(v, np.ndarray):
         return v.ndim == 1
     return (isinstance(v, list) and len(v) >= VECTOR_MIN_DIMS and all(type(x) in (float, int) for x in v)
             and any(type(x) is float for x in v))
@@ -282,6 +282,7 @@ def _text_change(path: str, a: str, b: str) -> dict:
 
 
 def _vector_change(path: str, a: Any, b: Any) -> dict:
+    import numpy as np  # loaded on first use: commands that never compare vectors start faster
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
     out: dict[str, Any] = {"path": path, "change": "changed", "kind": "vector",

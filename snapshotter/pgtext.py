@@ -95,18 +95,14 @@ def split_line(line: bytes) -> list[bytes | None]:
     return out
 
 
-def iter_lines(raw: bytes) -> Iterator[bytes]:
+def iter_lines(raw: bytes) -> list[bytes]:
     """The lines of one chunk, each with its newline (escaped newlines never end a line)."""
-    start = 0
-    find = raw.find
-    while True:
-        end = find(b"\n", start)
-        if end < 0:
-            if start < len(raw):
-                raise ValueError("chunk does not end with a complete line")
-            return
-        yield raw[start:end + 1]
-        start = end + 1
+    if raw and not raw.endswith(b"\n"):
+        raise ValueError("chunk does not end with a complete line")
+    if b"\r" in raw:  # never written (COPY escapes it), but splitlines would cut there
+        lines = raw.split(b"\n")[:-1]
+        return [line + b"\n" for line in lines]
+    return raw.splitlines(keepends=True)
 
 
 def count_lines(raw: bytes) -> int:

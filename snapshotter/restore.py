@@ -32,7 +32,7 @@ from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, 
 from .names import iso, new_incident_id, utcnow, current_user
 from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from .repository import Repository, chunk_object
-from .streams import ChunkUploader, StoredRecord, StreamWriter, iter_chunks, read_stream
+from .streams import BackgroundHash, ChunkUploader, StoredRecord, StreamWriter, iter_chunks, read_stream
 
 APPLY_BATCH = 500
 VERIFY_BATCH = 1000
@@ -211,11 +211,10 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
 
     def snapshot_lines() -> Iterator[bytes]:
         for raw in iter_chunks(repo, t.entry):
-            lines = list(pgtext.iter_lines(raw))
+            lines = pgtext.iter_lines(raw)
             if keep is not None:
                 lines = [line for line in lines if keep(line)]
-                for line in lines:
-                    digest.update(line)
+                digest.update(b"".join(lines))
             else:
                 digest.update(raw)
             plan.snapshot_records += len(lines)
@@ -291,10 +290,14 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
 
     lines = _live_lines(reader, t, live_spec, sel.sessions)
     if lines is not None:
-        with contextlib.closing(lines):  # a COPY left open would hold its connection
-            _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+        digest = BackgroundHash()
+        try:
+            with contextlib.closing(lines):  # a COPY left open would hold its connection
+                _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+        finally:
+            hexdigest = digest.hexdigest()
         plan.lines = True
-        plan.snapshot_digest = "sha256:" + digest.hexdigest()
+        plan.snapshot_digest = "sha256:" + hexdigest
         if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
             raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
         return plan

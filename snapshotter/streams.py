@@ -403,6 +403,31 @@ def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator
             yield StoredRecord(key(line), line, _codec=rc)
 
 
+class BackgroundHash:
+    """SHA-256 of data given in order, computed in a thread of its own: hashing big
+    buffers releases the GIL, so the caller's thread goes on (a restore's merge)."""
+
+    def __init__(self):
+        import queue
+        import threading
+        self.h = hashlib.sha256()
+        self._q: "queue.SimpleQueue[bytes | None]" = queue.SimpleQueue()
+        self._t = threading.Thread(target=self._run, name="stream-digest", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (data := self._q.get()) is not None:
+            self.h.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._t.join()
+        return self.h.hexdigest()
+
+
 def iter_lines(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[bytes]:
     """The raw records (lines) of a ``pgtext`` stream, in key order, not decoded."""
     for raw in iter_chunks(repo, entry, prefetch=prefetch):

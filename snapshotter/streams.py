@@ -7,7 +7,10 @@ boundary, a power of two) is fixed for a stream by its first snapshot and
 inherited by the next ones, so an unchanged run of records between two
 boundary keys encodes to the same chunk and is stored once, whatever was
 inserted or deleted elsewhere.  A chunk is also cut when it reaches the
-repository's ``max_bytes``.
+repository's ``max_bytes``.  Streams their store hands over already encoded
+(PostgreSQL's COPY lines, :mod:`snapshotter.pgtext`) go in through
+:meth:`StreamWriter.add_lines`, with ``crc32`` of the key's text as the
+boundary hash.
 
 Reading: chunks are fetched ahead in a small thread pool and decoded in order.
 """

@@ -96,9 +96,7 @@ def plan(conn: Connection, stmt: sa.Select, *, binary: bool | None = None) -> Co
     compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     if any(b.type.bind_processor(conn.dialect) is not None for b in compiled.binds.values()):
         return None  # values SQLAlchemy would convert first: not worth reproducing here
-    # COPY cannot take server-side parameters; the driver's own client-side
-    # quoting merges them, as a client-side cursor would
-    select = psycopg.ClientCursor(pg).mogrify(compiled.string, compiled.params)
+    select = _client_select(conn, stmt)
     try:
         with pg.cursor() as cur:
             # the OIDs a cursor would load the columns with (domains report their base type)
@@ -136,24 +134,34 @@ def _binary_exact(pg, oid: int) -> bool:
 def read_rows(conn: Connection, copy_plan: CopyPlan, names: Sequence[str], key_index: Sequence[int],
               batch: int) -> Iterator[list[tuple[Any, dict]]]:
     """Batches of ``(key, {column: value})`` records, as the generic path builds them."""
+    with _copy_out(conn, copy_plan.statement, prepare=lambda cur: _use_json_scanner(cur, copy_plan)) as (pg, copy):
+        copy.set_types(copy_plan.oids)
+        yield from _batches(pg, copy, copy_plan.binary, tuple(names), tuple(key_index), min(batch, COPY_BATCH))
+
+
+@contextlib.contextmanager
+def _copy_out(conn: Connection, statement: str, prepare=None) -> Iterator[tuple[Any, Any]]:
+    """``(psycopg connection, Copy)`` of ``COPY ... TO STDOUT`` on the reader's connection.
+
+    psycopg cancels a COPY that is left before its end, which would abort the
+    reader's transaction; a savepoint keeps the transaction (and its snapshot)
+    usable for the next stream, as closing a cursor does on the generic path.
+    psycopg errors come out as SQLAlchemy's, which the reader's error translation speaks.
+    """
     import psycopg
     from psycopg.pq import TransactionStatus
 
     pg = _psycopg_connection(conn)
-    # psycopg cancels a COPY that is left before its end, which would abort the
-    # reader's transaction; a savepoint keeps the transaction (and its snapshot)
-    # usable for the next stream, as closing a cursor does on the generic path
     savepoint = pg.info.transaction_status == TransactionStatus.INTRANS
     try:
         with pg.cursor() as cur:
             if savepoint:
                 cur.execute("SAVEPOINT snapshotter_copy")
             try:
-                _use_json_scanner(cur, copy_plan)
-                with cur.copy(copy_plan.statement) as copy:
-                    copy.set_types(copy_plan.oids)
-                    yield from _batches(pg, copy, copy_plan.binary, tuple(names), tuple(key_index),
-                                        min(batch, COPY_BATCH))
+                if prepare is not None:
+                    prepare(cur)
+                with cur.copy(statement) as copy:
+                    yield pg, copy
             except BaseException:
                 if savepoint and pg.info.transaction_status == TransactionStatus.INERROR:
                     cur.execute("ROLLBACK TO SAVEPOINT snapshotter_copy")
@@ -161,8 +169,16 @@ def read_rows(conn: Connection, copy_plan: CopyPlan, names: Sequence[str], key_i
             if savepoint:
                 cur.execute("RELEASE SAVEPOINT snapshotter_copy")
     except psycopg.Error as exc:
-        # the reader's error translation speaks SQLAlchemy
-        raise sa.exc.DBAPIError(copy_plan.statement, None, exc) from exc
+        raise sa.exc.DBAPIError(statement, None, exc) from exc
+
+
+def _client_select(conn: Connection, stmt: sa.Select) -> str:
+    """The SELECT with its parameters merged in as literals (COPY takes no server-side
+    parameters), quoted by the driver as a client-side cursor would quote them."""
+    import psycopg
+
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    return psycopg.ClientCursor(_psycopg_connection(conn)).mogrify(compiled.string, compiled.params)
 
 
 def _batches(pg, copy, binary: bool, names: tuple[str, ...], key_index: tuple[int, ...],
@@ -187,33 +203,11 @@ def _batches(pg, copy, binary: bool, names: tuple[str, ...], key_index: tuple[in
 
 
 def _binary_rows(pg, copy, parse) -> Iterator[tuple]:
-    # Copy.rows() costs a round through psycopg's wait machinery per row, about
-    # as much as parsing it.  Rows already buffered by libpq are taken directly;
-    # only when none is buffered does Copy.read() wait (GIL released, Ctrl-C
-    # honoured).  Binary COPY ends with an in-band trailer, so this loop never
-    # consumes the end of the COPY itself: Copy.read() does, and finishes it.
-    get = pg.pgconn.get_copy_data
-    consume = pg.pgconn.consume_input
-    read = copy.read
-    while True:
-        n, data = get(1)
-        if n == 0:
-            # what the socket already holds is taken without waiting: a wait
-            # releases the GIL, and taking it back from the chunk workers
-            # costs more than the read
-            consume()
-            n, data = get(1)
-        if n <= 0:
-            data = read() if n == 0 else b""
-            if not data:
-                import psycopg
-                raise psycopg.DataError("binary COPY data ended without its trailer")
-        row = parse(data)
-        if row is None:
-            while read():
-                pass
-            return
-        yield row
+    for part in _copy_messages(pg, copy, COPY_BATCH):
+        for data in part:
+            row = parse(data)
+            if row is not None:  # None: the in-band trailer; the messages end after it
+                yield row
 
 
 # -- json and jsonb -------------------------------------------------------------
@@ -323,61 +317,36 @@ def column_oids(conn: Connection, stmt: sa.Select) -> list[int]:
 
 def copy_lines(conn: Connection, stmt: sa.Select, batch: int = LINE_BATCH) -> Iterator[list[bytes]]:
     """Batches of the statement's rows as COPY text lines (UTF-8), straight from the server."""
-    import psycopg
-    from psycopg.pq import TransactionStatus
-
-    pg = _psycopg_connection(conn)
-    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-    select = psycopg.ClientCursor(pg).mogrify(compiled.string, compiled.params)
-    statement = f"COPY ({select}) TO STDOUT"
-    encoding = pg.info.encoding
-    savepoint = pg.info.transaction_status == TransactionStatus.INTRANS
-    try:
-        with pg.cursor() as cur:
-            if savepoint:
-                cur.execute("SAVEPOINT snapshotter_copy")
-            try:
-                with cur.copy(statement) as copy:
-                    if hasattr(copy, "_finished"):
-                        batches = _text_batches(pg, copy, batch)
-                    else:
-                        batches = _batched((bytes(d) for d in copy), batch)
-                    for out in batches:
-                        yield out if encoding == "utf-8" else _to_utf8(out, encoding)
-            except BaseException:
-                if savepoint and pg.info.transaction_status == TransactionStatus.INERROR:
-                    cur.execute("ROLLBACK TO SAVEPOINT snapshotter_copy")
-                raise
-            if savepoint:
-                cur.execute("RELEASE SAVEPOINT snapshotter_copy")
-    except psycopg.Error as exc:
-        raise sa.exc.DBAPIError(statement, None, exc) from exc
+    with _copy_out(conn, f"COPY ({_client_select(conn, stmt)}) TO STDOUT") as (pg, copy):
+        encoding = pg.info.encoding
+        for out in _copy_messages(pg, copy, batch):
+            yield out if encoding == "utf-8" else _to_utf8(out, encoding)
 
 
-def _batched(rows: Iterator[bytes], batch: int) -> Iterator[list[bytes]]:
-    out: list[bytes] = []
-    for row in rows:
-        out.append(row)
-        if len(out) >= batch:
-            yield out
-            out = []
-    if out:
-        yield out
-
-
-def _text_batches(pg, copy, batch: int) -> Iterator[list[bytes]]:
-    """Batches of the rows of a text COPY, taken from libpq directly while it has them
-    buffered (``Copy.read`` costs a round through psycopg's wait machinery per row,
-    more than the rest of the snapshot's per-row work); only an empty buffer waits
-    in ``Copy.read``.  The end of the COPY is finished as ``Copy.read`` finishes it."""
+def _copy_messages(pg, copy, batch: int) -> Iterator[list[bytes]]:
+    """Batches of the data messages of a COPY TO (one row each), taken from libpq
+    directly while it has them buffered: ``Copy.read`` costs a round through
+    psycopg's wait machinery per row, more than the rest of a snapshot's per-row
+    work.  Only an empty buffer waits, in ``Copy.read`` (GIL released, Ctrl-C
+    honoured).  The end of the COPY is finished as ``Copy.read`` finishes it;
+    a psycopg without the state this relies on gets plain ``Copy.read``."""
     import psycopg
     from psycopg.pq import ExecStatus
 
+    out: list[bytes] = []
+    if not hasattr(copy, "_finished"):
+        for data in copy:
+            out.append(bytes(data))
+            if len(out) >= batch:
+                yield out
+                out = []
+        if out:
+            yield out
+        return
     pgconn = pg.pgconn
     get = pgconn.get_copy_data
     consume = pgconn.consume_input
     read = copy.read
-    out: list[bytes] = []
     append = out.append
     while True:
         n, data = get(1)
@@ -392,7 +361,7 @@ def _text_batches(pg, copy, batch: int) -> Iterator[list[bytes]]:
                 append = out.append
             continue
         if n == 0:
-            data = read()  # waits for the socket (GIL released, Ctrl-C honoured)
+            data = read()  # waits for the socket
             if data:
                 append(bytes(data))
                 continue

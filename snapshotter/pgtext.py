@@ -31,7 +31,7 @@ import datetime as _dt
 import decimal
 import re
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 FORMAT = "pgtext"
 

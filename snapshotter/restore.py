@@ -162,11 +162,6 @@ def _live_records(reader, spec: StreamSpec | None, sessions) -> Iterator[tuple[A
             yield key, b"\x92" + codec.pack(key) + codec.pack(value), value
 
 
-def _msgpack_raw(rec: StoredRecord) -> bytes:
-    """A stored record as the core encodes live records (for snapshots in another encoding)."""
-    return rec.raw if rec._codec is None else b"\x92" + codec.pack(rec.key) + codec.pack(rec.value)
-
-
 def _live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator[list[bytes]] | None:
     """The live stream as lines in the snapshot's own encoding, when the snapshot is a
     ``pgtext`` one and the reader can give them (None otherwise)."""
@@ -268,7 +263,6 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         diffs = t.backend.schema_differences(t.spec, live_spec)
         if diffs:
             raise SchemaMismatch(f"source {t.source!r} stream {t.stream!r} changed since the snapshot: " + "; ".join(diffs))
-    digest = hashlib.sha256()
     sessions = set(sel.sessions) if sel.sessions else None
 
     def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
@@ -302,6 +296,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
         return plan
 
+    digest = hashlib.sha256()
     live = _live_records(reader, live_spec, sel.sessions)
     snap = _snapshot_records(repo, t, sessions)
     lv = next(live, None)
@@ -331,7 +326,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             plan.snapshot_records += 1
             # a store that perturbs values on a round trip (Chroma cosine) would otherwise show its
             # own restore as drift, and every later restore would rewrite and quarantine it again
-            if lv[1] != _msgpack_raw(sv) and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
+            if lv[1] != sv.msgpack_raw() and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
                 plan.modified += 1
                 quarantine(sv.key, "modified", lv[2], sv.value)
             last_key = sv.key
@@ -642,7 +637,7 @@ def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) 
             return f"record {codec.key_text(sv.key)} missing after restore"
         if lv[0] != sv.key:
             return f"record {codec.key_text(lv[0])} present after restore, expected {codec.key_text(sv.key)}"
-        if lv[1] != _msgpack_raw(sv) and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
+        if lv[1] != sv.msgpack_raw() and not t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value):
             return f"record {codec.key_text(sv.key)} differs from the snapshot after restore"
     extra = next(live, None)
     if extra is not None:

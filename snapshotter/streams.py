@@ -145,15 +145,7 @@ class StreamWriter:
     def add(self, key: Any, value: Any) -> None:
         # runs once per record of every stream: lookups are hoisted and the
         # boundary hash inlined (same rule as boundary_hash)
-        if self._has_last:
-            try:
-                ordered = key > self._last_key
-            except TypeError:
-                ordered = False
-            if not ordered:
-                raise SourceError(f"records out of key order: {codec.key_text(key)} after {codec.key_text(self._last_key)}")
-        self._last_key = key
-        self._has_last = True
+        self._advance_key(key)
         pack = codec.packer().pack
         try:
             kb = pack(key)
@@ -190,7 +182,9 @@ class StreamWriter:
             return
         rc = self._codec
         if not rc.order_safe:
-            self._check_order(lines)
+            # keys of a type whose database order may differ from Python's are decoded and checked
+            for line in lines:
+                self._advance_key(rc.key(line))
         self.records += len(lines)
         i = 0
         if self.D is None:
@@ -212,10 +206,13 @@ class StreamWriter:
         else:
             keys = [rc.key_bytes(line) for line in rest]
         crc = _crc32
+        # (end of a run of lines, whether that run ends a chunk); lines after the
+        # last boundary stay buffered for the next batch
+        runs = [(j + 1, True) for j, k in enumerate(keys) if not crc(k) % D]
+        if not runs or runs[-1][0] != len(rest):
+            runs.append((len(rest), False))
         start = 0
-        for end in [j + 1 for j, k in enumerate(keys) if not crc(k) % D] + [len(rest)]:
-            if end <= start:
-                continue
+        for end, cut in runs:
             part = rest[start:end]
             size = sum(map(len, part))
             self.bytes += size
@@ -225,30 +222,25 @@ class StreamWriter:
                     self._buf_bytes += len(line)
                     if self._buf_bytes >= self.max_bytes:
                         self._cut()
-                if end < len(rest) or not crc(keys[end - 1]) % D:
-                    self._cut()
             else:
                 self._buf.extend(part)
                 self._buf_bytes += size
-                if not crc(keys[end - 1]) % D:
-                    self._cut()
+            if cut:
+                self._cut()
             start = end
 
-    def _check_order(self, lines: list[bytes]) -> None:
-        """Keys of a type whose database order may differ from Python's are decoded and checked."""
-        key = self._codec.key
-        for line in lines:
-            k = key(line)
-            if self._has_last:
-                try:
-                    ordered = k > self._last_key
-                except TypeError:
-                    ordered = False
-                if not ordered:
-                    raise SourceError(f"records out of key order: {codec.key_text(k)} after "
-                                      f"{codec.key_text(self._last_key)}")
-            self._last_key = k
-            self._has_last = True
+    def _advance_key(self, key: Any) -> None:
+        """Records must come in strictly ascending key order (Python's), which plans rely on."""
+        if self._has_last:
+            try:
+                ordered = key > self._last_key
+            except TypeError:
+                ordered = False
+            if not ordered:
+                raise SourceError(f"records out of key order: {codec.key_text(key)} after "
+                                  f"{codec.key_text(self._last_key)}")
+        self._last_key = key
+        self._has_last = True
 
     def _settle_boundary(self) -> None:
         """Choose D from the records seen so far, then cut the buffer as if D had been known."""
@@ -336,6 +328,11 @@ class StoredRecord:
             self._value = codec.unpack(self.raw)[1] if self._codec is None else self._codec.decode(self.raw)[1]
             self._decoded = True
         return self._value
+
+    def msgpack_raw(self) -> bytes:
+        """The record in the msgpack encoding, whatever its stream's encoding (to compare
+        with records the core encodes from a live store)."""
+        return self.raw if self._codec is None else b"\x92" + codec.pack(self.key) + codec.pack(self.value)
 
 
 def record_codec(entry: dict) -> "pgtext.Codec | None":
@@ -429,12 +426,6 @@ class BackgroundHash:
         self._q.put(None)
         self._t.join()
         return self.h.hexdigest()
-
-
-def iter_lines(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[bytes]:
-    """The raw records (lines) of a ``pgtext`` stream, in key order, not decoded."""
-    for raw in iter_chunks(repo, entry, prefetch=prefetch):
-        yield from pgtext.iter_lines(raw)
 
 
 def iter_chunks(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[bytes]:

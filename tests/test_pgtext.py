@@ -18,12 +18,12 @@ import pytest
 sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 
-from backends import pgcopy, sqlbase  # noqa: E402
+from backends import sqlbase  # noqa: E402
 from snapshotter import pgtext  # noqa: E402
 from snapshotter.repository import Repository  # noqa: E402
 from snapshotter.streams import read_stream  # noqa: E402
 
-from test_pgcopy import AWKWARD_DDL, AWKWARD_ROWS, COMPOSITE_DDL, COMPOSITE_ROWS  # noqa: E402
+from test_pgcopy import db  # noqa: E402,F401 - the database of every awkward type, shared
 
 
 def test_escaping_round_trips_every_awkward_character():
@@ -37,19 +37,6 @@ def test_escaping_round_trips_every_awkward_character():
         assert pgtext.split_line(line) == [None if f is None else f.encode("utf-8") for f in fields]
     # the literal text \N is not NULL
     assert pgtext.split_line(pgtext.format_line(["\\N", None])) == [b"\\N", None]
-
-
-@pytest.fixture
-def db(pg_url):
-    engine = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        for ddl in AWKWARD_DDL:
-            c.exec_driver_sql(ddl)
-        c.exec_driver_sql(AWKWARD_ROWS)
-        c.exec_driver_sql(COMPOSITE_DDL)
-        c.exec_driver_sql(COMPOSITE_ROWS)
-    yield engine
-    engine.dispose()
 
 
 def _norm(v):
@@ -240,4 +227,32 @@ def test_restore_verification_reads_what_it_wrote_and_rolls_back_a_mismatch(pg_u
     r = cli("--json", "restore", snap["id"], "--yes")
     assert r.code == 0 and r.json()["verified"] is True, r.err
     assert cli("--json", "diff", snap["id"]).json()["plan"]["db"]["notes"] == {"added": 0, "modified": 0, "deleted": 0}
+    eng.dispose()
+
+
+def test_rows_big_enough_to_fill_chunks_are_cut_at_max_bytes(pg_url, tmp_path, cli):
+    """Lines are cut by size when a run between two boundaries outgrows max_bytes, and
+    such a table still verifies and restores exactly."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE blobs (id int PRIMARY KEY, body text)")
+        # small rows first, so the boundary divisor is chosen from them and big runs form later
+        c.exec_driver_sql("INSERT INTO blobs SELECT g, CASE WHEN mod(g, 300) = 0 AND g > 600 "
+                          "THEN repeat(md5(g::text), 100000) ELSE 'small ' || g END FROM generate_series(1, 3000) g")
+    write_config(tmp_path, pg_url, 'tables = ["blobs"]\n')
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()
+    from snapshotter.objectstore import open_store
+    repo = Repository.open(open_store(str(tmp_path / "repo")))
+    entry = repo.load_manifest(repo.resolve(snap["id"]))["sources"]["db"]["streams"]["blobs"]
+    sizes = [row[2] for row in entry["chunks"]]
+    assert sum(row[1] for row in entry["chunks"]) == 3000
+    assert len(sizes) >= 2 and max(sizes) < repo.chunk_max_bytes + 3_300_000  # one 3.2 MB row past max_bytes at most
+    assert cli("--json", "verify", "--read-data").json()["ok"] is True
+    original = table_text(eng, "blobs")
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE blobs SET body = 'gone' WHERE id IN (40, 900, 1200)")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0 and r.json()["quarantined"] == 3, r.err
+    assert table_text(eng, "blobs") == original
     eng.dispose()

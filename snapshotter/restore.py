@@ -202,21 +202,19 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
     where the two sides differ, values only for what is quarantined."""
     rc = pgtext.Codec(t.entry["encoding"])
     keep = _session_filter(t, rc, sessions)
+    if keep is None:
+        _merge_lines(iter_chunks(repo, t.entry), live_batches, rc, plan, digest, quarantine)
+        return
     live = itertools.chain.from_iterable(live_batches)
 
     def snapshot_lines() -> Iterator[bytes]:
         for raw in iter_chunks(repo, t.entry):
-            lines = pgtext.iter_lines(raw)
-            if keep is not None:
-                lines = [line for line in lines if keep(line)]
-                digest.update(b"".join(lines))
-            else:
-                digest.update(raw)
+            lines = [line for line in pgtext.iter_lines(raw) if keep(line)]
+            digest.update(b"".join(lines))
             plan.snapshot_records += len(lines)
             yield from lines
 
     snap = snapshot_lines()
-    key = rc.key
     lv = next(live, None)
     sv = next(snap, None)
     while lv is not None or sv is not None:
@@ -224,24 +222,100 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
             lv = next(live, None)
             sv = next(snap, None)
             continue
-        lk = key(lv) if lv is not None else None
-        sk = key(sv) if sv is not None else None
-        if sv is None or (lv is not None and lk < sk):
-            plan.added += 1
-            k, value = rc.decode(lv)
-            quarantine(k, "added", value, None, lv, None)
+        step = _merge_step(rc, lv, sv, plan, quarantine)
+        if step & 1:
             lv = next(live, None)
-        elif lv is None or sk < lk:
-            plan.deleted += 1
-            k, value = rc.decode(sv)
-            quarantine(k, "deleted", None, value, None, sv)
+        if step & 2:
             sv = next(snap, None)
-        else:
-            plan.modified += 1
-            k, value = rc.decode(lv)
-            quarantine(k, "modified", value, rc.decode(sv)[1], lv, sv)
-            lv = next(live, None)
-            sv = next(snap, None)
+
+
+def _merge_step(rc: pgtext.Codec, lv: bytes | None, sv: bytes | None, plan: "StreamPlan", quarantine) -> int:
+    """One step of the merge where the live line ``lv`` and the snapshot line ``sv``
+    differ (None: that side has ended).  Returns which sides it consumed: 1 live, 2
+    snapshot, 3 both."""
+    lk = rc.key(lv) if lv is not None else None
+    sk = rc.key(sv) if sv is not None else None
+    if sv is None or (lv is not None and lk < sk):
+        plan.added += 1
+        k, value = rc.decode(lv)
+        quarantine(k, "added", value, None, lv, None)
+        return 1
+    if lv is None or sk < lk:
+        plan.deleted += 1
+        k, value = rc.decode(sv)
+        quarantine(k, "deleted", None, value, None, sv)
+        return 2
+    plan.modified += 1
+    k, value = rc.decode(lv)
+    quarantine(k, "modified", value, rc.decode(sv)[1], lv, sv)
+    return 3
+
+
+#: lines compared at once by :func:`_merge_lines` (it adapts between these)
+_BLOCK_MIN, _BLOCK_MAX = 8, 1024
+
+
+def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], rc: pgtext.Codec,
+                 plan: "StreamPlan", digest, quarantine) -> None:
+    """The whole-stream merge without splitting the snapshot into lines: the live
+    lines are matched against the snapshot chunk's bytes at a cursor, a block of
+    lines at a time (one join and one ``startswith``, both in C); a block that
+    differs is halved until the differing line is found, which alone goes through
+    :func:`_merge_step`.  A line ends with its only newline (escaped newlines are
+    ``\\n``), so bytes equal at a line start are equal lines."""
+    raw, p = b"", 0
+
+    def load() -> bool:
+        """Move to the next snapshot chunk (False: there is none)."""
+        nonlocal raw, p
+        for chunk in chunks:
+            if not chunk.endswith(b"\n"):
+                raise IntegrityError("a snapshot chunk does not end with a complete line")
+            digest.update(chunk)
+            plan.snapshot_records += chunk.count(b"\n")
+            raw, p = chunk, 0
+            return True
+        raw, p = b"", 0
+        return False
+
+    more = load()
+    join = b"".join
+    k = 64
+    for batch in live_batches:
+        i, n = 0, len(batch)
+        while i < n:
+            m = k if k < n - i else n - i
+            if m > 1:
+                blk = join(batch[i:i + m])
+                if raw.startswith(blk, p):
+                    p += len(blk)
+                    i += m
+                    if k < _BLOCK_MAX:
+                        k *= 2
+                    continue
+                if m > _BLOCK_MIN:
+                    k = m // 2
+                    continue
+            lv = batch[i]
+            if raw.startswith(lv, p):
+                p += len(lv)
+                i += 1
+                continue
+            if p >= len(raw) and more:
+                more = load()
+                continue
+            sv = raw[p:raw.index(b"\n", p) + 1] if more else None
+            step = _merge_step(rc, lv, sv, plan, quarantine)
+            if step & 1:
+                i += 1
+            if step & 2:
+                p += len(sv)
+    while more:  # what is left of the snapshot is gone from the live store
+        while p < len(raw):
+            sv = raw[p:raw.index(b"\n", p) + 1]
+            _merge_step(rc, None, sv, plan, quarantine)
+            p += len(sv)
+        more = load()
 
 
 def _snapshot_records(repo: Repository, t: Target, sessions) -> Iterator[StoredRecord]:

@@ -256,3 +256,79 @@ def test_rows_big_enough_to_fill_chunks_are_cut_at_max_bytes(pg_url, tmp_path, c
     assert r.code == 0 and r.json()["quarantined"] == 3, r.err
     assert table_text(eng, "blobs") == original
     eng.dispose()
+
+
+def _reference_ops(live: dict, snap: dict) -> list:
+    ops = []
+    for k in sorted(set(live) | set(snap)):
+        if k not in snap:
+            ops.append(("added", k))
+        elif k not in live:
+            ops.append(("deleted", k))
+        elif live[k] != snap[k]:
+            ops.append(("modified", k))
+    return ops
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_merge_finds_exactly_the_differing_lines_across_chunk_and_batch_edges(seed):
+    """The restore plan's merge compares blocks of lines against the snapshot's chunk
+    bytes: whatever the drift (none, sparse, runs, everything), the chunk cuts and the
+    live batch sizes, its plan is the plain key-by-key comparison's, the snapshot's
+    digest and record count are those of all its lines, and quarantined lines are the
+    exact live and snapshot lines."""
+    import hashlib
+    from snapshotter.restore import StreamPlan, _merge_lines
+
+    rng = random.Random(seed)
+    rc = pgtext.Codec({"format": "pgtext", "columns": ["id", "body"], "oids": [20, 25], "key": ["id"]})
+    n = rng.choice([0, 1, 7, 300, 3000])
+    rate = rng.choice([0.0, 0.001, 0.01, 0.3, 1.0])
+    snap = {i: f"row {i} " + "x" * rng.randint(0, 40) for i in range(0, 2 * n, 2)}
+    live = dict(snap)
+    for k in list(snap):
+        r = rng.random()
+        if r < rate / 3:
+            del live[k]
+        elif r < 2 * rate / 3:
+            live[k] = snap[k] + "\\ drift\t\n"  # escaped characters in a changed line
+    for k in range(1, 2 * n + 2, 2):
+        if rng.random() < rate / 3:
+            live[k] = f"new {k}"
+    if seed % 4 == 0 and n:  # a long run of changes and one line longer than any block
+        for k in sorted(snap)[n // 3: n // 3 + 50]:
+            live[k] = "y" * 5000
+
+    def line(k, v):
+        return pgtext.format_line([str(k), v])
+
+    snap_lines = [line(k, snap[k]) for k in sorted(snap)]
+    live_lines = [line(k, live[k]) for k in sorted(live)]
+    chunks, i = [], 0
+    while i < len(snap_lines):
+        j = i + rng.randint(1, 400)
+        chunks.append(b"".join(snap_lines[i:j]))
+        i = j
+    batches, i = [], 0
+    while i < len(live_lines):
+        j = i + rng.randint(1, 700)
+        batches.append(live_lines[i:j])
+        i = j
+
+    got, raws = [], {}
+
+    def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
+        got.append((op, key))
+        raws[key] = (live_raw, snap_raw)
+
+    plan, digest = StreamPlan(), hashlib.sha256()
+    _merge_lines(iter(chunks), iter(batches), rc, plan, digest, quarantine)
+    assert got == _reference_ops(live, snap)
+    assert plan.snapshot_records == len(snap_lines)
+    assert digest.hexdigest() == hashlib.sha256(b"".join(snap_lines)).hexdigest()
+    assert (plan.added, plan.modified, plan.deleted) == tuple(sum(op == o for op, _ in got)
+                                                              for o in ("added", "modified", "deleted"))
+    for op, key in got:
+        live_raw, snap_raw = raws[key]
+        assert live_raw == (line(key, live[key]) if op != "deleted" else None)
+        assert snap_raw == (line(key, snap[key]) if op != "added" else None)

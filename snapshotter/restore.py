@@ -272,7 +272,6 @@ def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], r
             if not chunk.endswith(b"\n"):
                 raise IntegrityError("a snapshot chunk does not end with a complete line")
             digest.update(chunk)
-            plan.snapshot_records += chunk.count(b"\n")
             raw, p = chunk, 0
             return True
         raw, p = b"", 0
@@ -281,8 +280,10 @@ def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], r
     more = load()
     join = b"".join
     k = 64
+    live_lines = 0
     for batch in live_batches:
         i, n = 0, len(batch)
+        live_lines += n
         while i < n:
             m = k if k < n - i else n - i
             if m > 1:
@@ -316,6 +317,8 @@ def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], r
             _merge_step(rc, None, sv, plan, quarantine)
             p += len(sv)
         more = load()
+    # every line is matched, added (live only), deleted (snapshot only) or modified (both)
+    plan.snapshot_records += live_lines - plan.added + plan.deleted
 
 
 def _snapshot_records(repo: Repository, t: Target, sessions) -> Iterator[StoredRecord]:

@@ -599,20 +599,20 @@ def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
 
     def upsert(batch: list) -> None:
         # records kept in the snapshot's own encoding go back as they are, when the writer can
-        if encoding and all(raw is not None for _, _, raw in batch) and \
-                w.upsert_encoded(t.spec, encoding, [raw for _, _, raw in batch]):
+        if encoding and all(raw is not None for _, raw in batch) and \
+                w.upsert_encoded(t.spec, encoding, [raw for _, raw in batch]):
             return
-        w.upsert(t.spec, [(k, v) for k, v, _ in batch])
+        w.upsert(t.spec, [(rec.key, rec.value["snapshot_value"]) for rec, _ in batch])
 
     # every delete before any upsert: under a case-insensitive collation a later
     # delete of 'A' would otherwise take the 'a' just written back
     for wanted in ("deletes", "upserts"):
         batch: list = []
         for rec in read_stream(repo, plan.quarantine):
-            q = rec.value
+            q = rec.fields("op", "snapshot_raw")  # values are decoded only if the writer needs them
             if (q["op"] == "added") != (wanted == "deletes"):
                 continue
-            batch.append(rec.key if wanted == "deletes" else (rec.key, q["snapshot_value"], q.get("snapshot_raw")))
+            batch.append(rec.key if wanted == "deletes" else (rec, q.get("snapshot_raw")))
             if len(batch) >= APPLY_BATCH:
                 (w.delete(t.spec, batch) if wanted == "deletes" else upsert(batch))
                 batch = []
@@ -696,7 +696,7 @@ def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan:
 
     batch: list = []
     for rec in read_stream(repo, plan.quarantine):
-        batch.append((rec.key, rec.value))
+        batch.append((rec.key, rec.fields("op", "raw", "snapshot_raw")))
         if len(batch) >= VERIFY_BATCH:
             problem = check(batch)
             if problem:

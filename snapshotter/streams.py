@@ -329,6 +329,24 @@ class StoredRecord:
             self._decoded = True
         return self._value
 
+    def fields(self, *names: str) -> dict:
+        """Only the named entries of a msgpack record whose value is a map (the others
+        are skipped undecoded: a quarantine record's op and lines without its values)."""
+        import msgpack
+        u = msgpack.Unpacker(None, raw=False, strict_map_key=False, use_list=True,
+                             max_buffer_size=max(len(self.raw), 1 << 20))
+        u.feed(self.raw)
+        u.read_array_header()
+        u.skip()  # the key
+        out = {}
+        for _ in range(u.read_map_header()):
+            name = u.unpack()
+            if name in names:
+                out[name] = u.unpack()
+            else:
+                u.skip()
+        return out
+
     def msgpack_raw(self) -> bytes:
         """The record in the msgpack encoding, whatever its stream's encoding (to compare
         with records the core encodes from a live store)."""

@@ -95,10 +95,28 @@ def test_unexpected_errors_have_no_traceback_without_v(tmp_path, cli):
 
 def _commands(group, prefix=""):
     import click
-    for name, cmd in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         yield prefix + name, cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + name + " ")
+
+
+def test_each_command_is_found_in_the_module_it_is_loaded_from():
+    """Commands are imported on demand from COMMAND_MODULES: a command missing from the
+    map would be invisible, one mapped to the wrong module would fail when run."""
+    import importlib
+    import pkgutil
+
+    import snapshotter.cli as pkg
+    from snapshotter.cli import COMMAND_MODULES
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"snapshotter.cli.{mod.name}")
+    assert set(root.commands) == set(COMMAND_MODULES)
+    for name, cmd in root.commands.items():
+        assert cmd.callback.__module__ == f"snapshotter.cli.{COMMAND_MODULES[name]}", name
 
 
 def test_every_command_has_help_and_is_documented(cli):

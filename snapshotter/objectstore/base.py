@@ -44,6 +44,10 @@ class ObjectStore(ABC):
 
     #: a human description without secrets, e.g. ``file:///srv/snap`` or ``s3://bucket/prefix``
     url: str
+    #: requests worth keeping in flight beyond one per CPU (a remote store's latency is
+    #: hidden by overlapping requests; a local disk's is not, and extra writers only
+    #: contend for the CPUs compressing)
+    extra_requests: int = 0
 
     @abstractmethod
     def put(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True) -> bool:

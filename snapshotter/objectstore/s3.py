@@ -58,6 +58,8 @@ class _ShortBody(Exception):
 
 
 class S3Store(ObjectStore):
+    extra_requests = 4
+
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, max_pool: int = 16):
         if not _BUCKET.match(bucket):

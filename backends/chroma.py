@@ -466,6 +466,22 @@ class ChromaReader(SourceReader):
         log.warning("%s: collection %s changed during %s; the snapshot holds the last read (best-effort)",
                     self.b.where, spec.name, f"every one of {attempt + 1} reads" if attempt else "the read")
 
+    def read_keys(self, spec: StreamSpec, keys: list) -> Iterator[list]:
+        col = self.b.collection(spec.name)
+        if col is None:
+            return
+        what = f"{self.b.where}: cannot read collection {spec.name}"
+        for batch in self.fetch(col, sorted(keys), self.b.max_batch(), what):
+            yield _records(batch)
+
+    def list_keys(self, spec: StreamSpec) -> Iterator[list]:
+        col = self.b.collection(spec.name)
+        if col is None:
+            return
+        ids = self.list_ids(col, f"{self.b.where}: cannot list the ids of collection {spec.name}")
+        for start in range(0, len(ids), ID_PAGE):
+            yield ids[start:start + ID_PAGE]
+
     def list_ids(self, col, what: str) -> list[str]:
         """Every id of the collection, sorted (ids only: no embeddings cross the wire)."""
         found: set[str] = set()

@@ -107,6 +107,20 @@ class SourceReader(ABC):
         """
         return None
 
+    def read_keys(self, spec: StreamSpec, keys: list) -> Iterator[list[Record]] | None:
+        """The live records with these keys (absent ones left out), in key order, or
+        None (the default) when the store cannot fetch records by key.
+
+        With :meth:`list_keys`, this lets a restore verify what it wrote by
+        re-reading only those records and the stream's key set, instead of the
+        whole stream (a store without transactions: see docs/design.md)."""
+        return None
+
+    def list_keys(self, spec: StreamSpec) -> Iterator[list] | None:
+        """Batches of every live key of the stream in key order, values left out, or
+        None (the default)."""
+        return None
+
     def __enter__(self):
         return self
 

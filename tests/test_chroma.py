@@ -18,7 +18,7 @@ import pytest
 from snapshotter import codec
 from snapshotter.backend import StreamSpec
 from snapshotter.config import load_config
-from snapshotter.errors import SchemaMismatch, SourceError
+from snapshotter.errors import IntegrityError, SchemaMismatch, SourceError
 from snapshotter.objectstore import open_store
 from snapshotter.repository import Repository
 from snapshotter.streams import read_stream, stream_digest_of
@@ -415,3 +415,65 @@ def test_a_relative_path_is_found_from_the_config_file_folder(tmp_path, cli, mon
     assert r.code == 0, r.err
     assert r.json()["sources"]["memory"]["streams"]["kb_docs"]["records"] == 1
     assert load_config(config).open_source("memory").location() == str(home / "chroma")
+
+
+def test_restore_verifies_by_key_and_notices_writes_it_did_not_make(store, tmp_path, cli):
+    """A Chroma restore re-reads only what it wrote plus the collection's ids (its cost
+    grows with the drift): it is verified when the store ends as the snapshot; another
+    writer adding or removing a record between the plan and the verification, or a
+    restored record changed afterwards, fails the verification."""
+    from snapshotter import restore as R
+
+    name = store.name("memory-l2")
+    col = store.client.create_collection(name, configuration={"hnsw": {"space": "l2"}}, embedding_function=None)
+    rng = np.random.default_rng(11)
+    ids = [f"m-{i:03d}" for i in range(200)]
+    col.add(ids=ids, embeddings=rng.standard_normal((200, DIM)).astype(np.float32),
+            documents=[f"doc {i}" for i in range(200)])
+    write_config(tmp_path, store, [name])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "r1").json()
+    cfg = load_config(str(tmp_path / "snapshotter.toml"))
+    repo = Repository.open(open_store(str(tmp_path / "repo")))
+    manifest = repo.load_manifest(repo.resolve(snap["id"]))
+
+    original = chroma_view(col)
+
+    def drift():
+        col.update(ids=ids[10:13], metadatas=[{"changed": True}] * 3)
+        col.delete(ids=[ids[50]])
+        col.add(ids=["m-late"], embeddings=rng.standard_normal((1, DIM)).astype(np.float32))
+
+    def restore_with(meanwhile):
+        def confirm(_):  # runs after the plan, before the first write
+            meanwhile()
+            return True
+        return R.restore(repo, cfg, manifest, R.Selection(), confirm=confirm)
+
+    drift()
+    result = restore_with(lambda: None)
+    assert result.verified and result.quarantined == 5
+    live = chroma_view(col)
+    assert list(live) == list(original) and all(same_value(live[k], original[k]) for k in ids)
+
+    for meanwhile, expected in [(lambda: col.add(ids=["m-zzz"], embeddings=[[0.5] * DIM]), "live keys"),
+                                (lambda: col.delete(ids=[ids[100]]), "live keys")]:
+        drift()
+        with pytest.raises(IntegrityError, match=f"verification failed: memory/{name}: the {expected}"):
+            restore_with(meanwhile)
+        col.delete(ids=["m-zzz"])
+        drift()
+        assert R.restore(repo, cfg, manifest, R.Selection()).verified  # back to the snapshot
+
+    drift()
+    result = R.restore(repo, cfg, manifest, R.Selection())
+    assert result.verified
+    targets = R.select_targets(manifest, cfg, R.Selection())
+    col.update(ids=[ids[11]], metadatas=[{"changed": "after the restore"}])  # a record the restore wrote
+    result.problems = []
+    assert not R._verify(repo, targets, result, R.Selection(), {})
+    assert result.problems == [f'memory/{name}: record "{ids[11]}" differs from the snapshot after restore']
+    col.delete(ids=[ids[12]])
+    result.problems = []
+    assert not R._verify(repo, targets, result, R.Selection(), {})
+    assert "live keys" in result.problems[0]

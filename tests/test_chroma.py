@@ -5,8 +5,11 @@ the repository, restore through the CLI, the before/after consistency check
 under real concurrent writes, and one-line errors."""
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -477,3 +480,33 @@ def test_restore_verifies_by_key_and_notices_writes_it_did_not_make(store, tmp_p
     result.problems = []
     assert not R._verify(repo, targets, result, R.Selection(), {})
     assert "live keys" in result.problems[0]
+
+
+def test_the_program_leaves_an_embedded_store_restored_for_the_next_process(tmp_path):
+    """The console program ends without the interpreter's teardown once its work is done:
+    what a restore wrote into an embedded Chroma folder is there for the next process,
+    the exit codes and the output are whole."""
+    from tests.conftest import run_cli_subprocess
+
+    path = tmp_path / "chroma"
+    sub = [sys.executable, "-c", (
+        "import sys, chromadb, numpy as np\n"
+        "col = chromadb.PersistentClient(path=sys.argv[1]).get_or_create_collection('notes', embedding_function=None)\n"
+        "if sys.argv[2] == 'build':\n"
+        "    col.add(ids=[f'n{i:03d}' for i in range(300)], embeddings=np.arange(300 * 8, dtype=np.float32).reshape(300, 8),"
+        " documents=[f'note {i}' for i in range(300)])\n"
+        "else:\n"
+        "    col.delete(ids=['n007', 'n100']); col.upsert(ids=['n200', 'late'], embeddings=[[9.0] * 8, [1.0] * 8])\n")]
+    subprocess.run([*sub, str(path), "build"], check=True)
+    (tmp_path / "snapshotter.toml").write_text('[repository]\nurl = "./repo"\n[sources.memory]\nbackend = "chroma"\n'
+                                               'path = "./chroma"\n')
+    assert run_cli_subprocess("init", cwd=tmp_path).code == 0
+    snap = json.loads(run_cli_subprocess("--json", "snapshot", "--release", "r1", cwd=tmp_path).out)["id"]
+    subprocess.run([*sub, str(path), "drift"], check=True)
+    r = run_cli_subprocess("--json", "restore", snap, "--yes", cwd=tmp_path)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["plan"]["memory"]["notes"] == {"added": 1, "modified": 1, "deleted": 2}
+    r = run_cli_subprocess("--json", "diff", snap, cwd=tmp_path)
+    assert r.code == 0 and json.loads(r.out)["plan"]["memory"]["notes"] == {"added": 0, "modified": 0, "deleted": 0}
+    r = run_cli_subprocess("restore", "nosuch", "--yes", cwd=tmp_path)
+    assert r.code == 5 and r.err.strip() == f"snapshotter: no snapshot 'nosuch' in file://{tmp_path / 'repo'}"

@@ -598,10 +598,16 @@ def reapply(cfg: Config, bundle: dict, records: list[Located]) -> list[dict]:
                 spec = StreamSpec(stream, entry.get("schema") or entry.get("snapshot_schema") or {})
                 w.prepare(spec)
                 deletes = [loc.record.key for loc in locs if loc.op == "deleted"]
-                upserts = [(loc.record.key, loc.record.value["value"]) for loc in locs if loc.op != "deleted"]
+                kept = [loc for loc in locs if loc.op != "deleted"]
                 if deletes:
                     w.delete(spec, deletes)
-                if upserts:
-                    w.upsert(spec, upserts)
+                if not kept:
+                    continue
+                # records kept as the store's own lines go back as they are (exact for every type)
+                encoding = entry.get("raw_encoding")
+                raws = [loc.record.value.get("raw") for loc in kept] if encoding else []
+                if encoding and all(raw is not None for raw in raws) and w.upsert_encoded(spec, encoding, raws):
+                    continue
+                w.upsert(spec, [(loc.record.key, loc.record.value["value"]) for loc in kept])
         done.extend(loc.ref() for locs in streams.values() for loc in locs)
     return done

@@ -538,6 +538,9 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                         entry["schema"] = plan.live_schema
                         entry["counts"] = dict(plan.counts(), post_failure=plan.post_failure)
                         entry["snapshot_schema"] = t.spec.schema
+                        if plan.lines:
+                            # what "raw" and "snapshot_raw" are in (reapply writes "raw" back as it is)
+                            entry["raw_encoding"] = t.entry["encoding"]
                         plan.quarantine = entry
                         result.plans[source][t.stream] = plan
                         src["streams"][t.stream] = entry

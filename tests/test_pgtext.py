@@ -332,3 +332,28 @@ def test_block_merge_finds_exactly_the_differing_lines_across_chunk_and_batch_ed
         live_raw, snap_raw = raws[key]
         assert live_raw == (line(key, live[key]) if op != "deleted" else None)
         assert snap_raw == (line(key, snap[key]) if op != "added" else None)
+
+
+def test_reapply_writes_back_the_quarantined_rows_exactly(pg_url, tmp_path, cli):
+    """A row re-applied from the quarantine is the row the agent had, to the last
+    month of an interval and bit of a real: the bundle keeps its line and the
+    encoding of that line, and reapply writes the line back through COPY."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE odd (id int PRIMARY KEY, iv interval, f4 real, c char(6), r int4range)")
+        c.exec_driver_sql("""INSERT INTO odd SELECT g, make_interval(months => g, days => g), g / 3.0, 'x' || g,
+                             int4range(g, g + 5) FROM generate_series(1, 50) g""")
+    write_config(tmp_path, pg_url, 'tables = ["odd"]\n')
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE odd SET iv = make_interval(months => 7, days => 40), f4 = 1 / 7.0 WHERE id = 5")
+        c.exec_driver_sql("INSERT INTO odd VALUES (99, '1 mon 35 days', 0.1, 'ab', '[1,2)')")
+    agent = table_text(eng, "odd")
+    r = cli("--json", "restore", snap, "--yes", "--incident", "inc-re")
+    assert r.code == 0 and r.json()["verified"], r.err
+    assert table_text(eng, "odd") != agent
+    r = cli("--json", "quarantine", "reapply", "inc-re", "5", "99", "--yes")
+    assert r.code == 0, r.err
+    assert table_text(eng, "odd") == agent
+    eng.dispose()

@@ -107,6 +107,7 @@ MESSAGE_TIME_FIELDS = (
 
 #: Redis lists fetched per round trip; a batch holds at most this many sessions.
 SESSIONS_PER_ROUND_TRIP = 64
+ESTIMATE_SAMPLE = 32  # lists whose memory use estimates a Redis history's size
 
 
 class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
@@ -273,7 +274,7 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
             "timestamp_column": self.opt("timestamp_column"),
             "key": self._key_columns(insp, doc),
         }
-        return StreamSpec(table, doc)
+        return StreamSpec(table, doc, estimated_bytes=sqlbase.estimated_bytes(conn, doc))
 
     def _key_columns(self, insp, doc: dict) -> list[str]:
         order, pk, table = self.opt("order_column"), doc["primary_key"], doc["table"]
@@ -538,11 +539,28 @@ class RedisListReader(SourceReader):
         self.b = backend
         self.client = backend.redis()
         self.prefix = backend.key_prefix.encode("utf-8")
+        self._listed: set[bytes] | None = None
         with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}"):
             self.client.ping()
 
     def streams(self) -> list[StreamSpec]:
-        return [StreamSpec(REDIS_STREAM, redis_schema(self.b))]
+        with translate_redis_errors(f"{self.b.where}: cannot list the sessions at {self.b.location()}"):
+            self._listed = self._scan()
+            estimate = self._estimate(self._listed)
+        return [StreamSpec(REDIS_STREAM, redis_schema(self.b), estimated_bytes=estimate)]
+
+    def _estimate(self, keys: set[bytes]) -> int | None:
+        """The lists' size from the memory of a sample of them (chunks are sized by it:
+        without it a large history would be cut into tens of kilobytes per object)."""
+        sample = sorted(keys)[::max(1, len(keys) // ESTIMATE_SAMPLE)][:ESTIMATE_SAMPLE]
+        if not sample:
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        for k in sample:
+            pipe.memory_usage(k, samples=0)
+        # a server where MEMORY is disabled or renamed answers with errors: no estimate
+        sizes = [n for n in pipe.execute(raise_on_error=False) if isinstance(n, int)]
+        return int(sum(sizes) / len(sizes) * len(keys)) if sizes else None
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         with translate_redis_errors(f"{self.b.where}: cannot read {self.b.location()}"):
@@ -553,7 +571,9 @@ class RedisListReader(SourceReader):
 
     def _read(self, sessions: Sequence[str] | None):
         if sessions is None:
-            keys = sorted(self._scan())
+            # the listing streams() made just before, once (a retry lists again)
+            listed, self._listed = self._listed, None
+            keys = sorted(listed if listed is not None else self._scan())
         else:
             keys = sorted({self.prefix + s.encode("utf-8") for s in sessions})
         # UTF-8 byte order is code point order, so sorted keys give sessions in key order

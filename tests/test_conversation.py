@@ -18,7 +18,7 @@ from snapshotter.backend import StreamSpec, load_backend, validate_options
 from snapshotter.errors import SchemaMismatch, SourceError
 from snapshotter.objectstore import open_store
 from snapshotter.repository import Repository
-from snapshotter.streams import read_stream
+from snapshotter.streams import CHUNKS_PER_STREAM, read_stream
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # langchain-community announces its sunset on import
@@ -434,3 +434,35 @@ def test_restore_command_refuses_to_overwrite_a_row_another_session_now_holds(sq
     assert res.code != 0 and "now belongs to session 'keep'" in json.loads(res.err)["error"]["message"]
     assert sql_history(sqlite_url, "keep").messages == [HumanMessage("a"), HumanMessage("reuses a freed row id")]
     assert sql_history(sqlite_url, "lost").messages == []
+
+
+def test_a_large_history_is_stored_in_large_chunks(redis_client, pg_url, tmp_path, cli):
+    """Chunks are sized from the stream's estimated size: a history of some megabytes
+    must not become thousands of tiny objects (each one a request on S3). Redis
+    estimates from the memory of a sample of lists, a SQL table from its statistics."""
+    prefix = redis_client.test_prefix + "chat:"
+    text = "the customer asks about the refund of order {0} and is answered at length; " * 3
+    pipe = redis_client.pipeline(transaction=False)
+    for s in range(400):
+        pipe.rpush(f"{prefix}s{s:04d}", *[text.format(s * 1000 + i) for i in range(200)])
+    pipe.execute()
+    total = sum(len(m) for k in redis_client.scan_iter(match=prefix + "*") for m in redis_client.lrange(k, 0, -1))
+    options = dict(url=REDIS_URL, key_prefix=prefix, list_order="oldest-first")
+    with open_backend(**options).reader() as reader:
+        estimate = reader.streams()[0].estimated_bytes
+    assert total / 2 < estimate < total * 3, (estimate, total)
+    write_config(tmp_path, **options)
+    res, _, records = snapshot(cli, "messages")
+    assert len(records) == 400 * 200
+    chunks = res["sources"]["history"]["streams"]["messages"]["chunks"]
+    assert chunks <= 2 * CHUNKS_PER_STREAM, chunks  # at the 32 KiB floor: about 600
+
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE message_store (id serial PRIMARY KEY, session_id text, message text)")
+        c.exec_driver_sql("INSERT INTO message_store (session_id, message) SELECT 's' || mod(g, 400), "
+                          "repeat('a long answer ', 20) || g FROM generate_series(1, 24000) g")
+        c.exec_driver_sql("ANALYZE message_store")
+    eng.dispose()
+    with open_backend(url=pg_url).reader() as reader:
+        assert reader.streams()[0].estimated_bytes > 24000 * 280

@@ -258,6 +258,10 @@ def estimated_bytes(conn: Connection, schema_doc: dict) -> int | None:
                                      "COALESCE(%(s)s, DATABASE()) AND table_name = %(t)s",
                                      {"s": schema_doc.get("db_schema"), "t": schema_doc["table"]}).scalar()
             return int(v or 0) or None
+        if d == "sqlite" and not schema_doc.get("db_schema"):
+            # the table's pages (dbstat, when SQLite was built with it; else no estimate)
+            v = conn.exec_driver_sql("SELECT sum(pgsize) FROM dbstat WHERE name = ?", (schema_doc["table"],)).scalar()
+            return int(v or 0) or None
     except sa.exc.SQLAlchemyError:
         return None
     return None

@@ -711,9 +711,15 @@ def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan:
                 return f"record {codec.key_text(key)} missing after restore"
         return None
 
+    return _check_incident(repo, plan, lambda rec: (rec.key, rec.fields("op", "raw", "snapshot_raw")), check)
+
+
+def _check_incident(repo: Repository, plan: StreamPlan, item, check) -> str | None:
+    """``check`` over the stream's incident records (as ``item`` makes them), a batch at a
+    time; the first problem it reports, or None."""
     batch: list = []
     for rec in read_stream(repo, plan.quarantine):
-        batch.append((rec.key, rec.fields("op", "raw", "snapshot_raw")))
+        batch.append(item(rec))
         if len(batch) >= VERIFY_BATCH:
             problem = check(batch)
             if problem:
@@ -769,15 +775,7 @@ def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: 
                 return f"record {codec.key_text(key)} differs from the snapshot after restore"
         return None
 
-    batch: list = []
-    for rec in read_stream(repo, plan.quarantine):
-        batch.append((rec.key, rec))
-        if len(batch) >= VERIFY_BATCH:
-            problem = check(batch)
-            if problem:
-                return problem
-            batch = []
-    return check(batch) if batch else None
+    return _check_incident(repo, plan, lambda rec: (rec.key, rec), check)
 
 
 def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) -> str | None:

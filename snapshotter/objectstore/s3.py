@@ -23,8 +23,8 @@ from typing import Iterator
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (BotoCoreError, ClientError, FlexibleChecksumError, HTTPClientError,
-                                 IncompleteReadError, NoCredentialsError)
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                 FlexibleChecksumError, HTTPClientError, IncompleteReadError, NoCredentialsError)
 
 from ..errors import IntegrityError, StoreError, UsageError
 from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
@@ -33,6 +33,10 @@ MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
 #: reads of one GET body before giving up (the request itself is retried by botocore within each)
 BODY_ATTEMPTS = 6
+#: attempts at a command's first contact with the endpoint: a wrong endpoint or a network that is
+#: down fails in seconds, not after a minute of backed-off retries; once it answered, the
+#: store's requests get botocore's full retries (8 attempts)
+REACH_ATTEMPTS = 3
 
 # what botocore accepts (S3 itself is stricter; S3-compatible stores vary)
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}$")
@@ -76,6 +80,25 @@ class S3Store(ObjectStore):
         session = boto3.session.Session()
         self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self._conditional_put = True
+        self._reach_client = lambda: session.client(
+            "s3", endpoint_url=endpoint_url, region_name=region,
+            config=Config(retries={"mode": "standard", "max_attempts": REACH_ATTEMPTS}, connect_timeout=5))
+        self._reached = False
+
+    def _reach(self) -> None:
+        """First contact, once per store: a HEAD of the bucket with few retries. Only a
+        failure to connect at all ends the command here; any answer, even an error, means
+        the endpoint is there (what it means is for the real request to report)."""
+        if self._reached:
+            return
+        try:
+            self._reach_client().head_bucket(Bucket=self.bucket)
+        except (EndpointConnectionError, ConnectTimeoutError) as exc:
+            raise StoreError(f"S3 {self.url}: cannot reach the endpoint ({REACH_ATTEMPTS} attempts): "
+                             f"{' '.join(str(exc).split())}") from exc
+        except (ClientError, BotoCoreError):
+            pass
+        self._reached = True
 
     def _key(self, name: str) -> str:
         check_name(name)
@@ -89,6 +112,7 @@ class S3Store(ObjectStore):
         return StoreError(f"S3 {action} {self.url}/{name} failed: {' '.join(str(exc).split())}")
 
     def put(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True) -> bool:
+        self._reach()
         key = self._key(name)
         if not overwrite and not self._conditional_put and self.stat(name) is not None:
             return False
@@ -148,6 +172,7 @@ class S3Store(ObjectStore):
             return False
 
     def get(self, name: str) -> bytes:
+        self._reach()
         key = self._key(name)
         last: Exception | None = None
         for attempt in range(BODY_ATTEMPTS):
@@ -175,6 +200,7 @@ class S3Store(ObjectStore):
         raise self._fail("get", name, last) from last
 
     def stat(self, name: str) -> ObjectInfo | None:
+        self._reach()
         key = self._key(name)
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=key)
@@ -187,6 +213,7 @@ class S3Store(ObjectStore):
         return ObjectInfo(name, int(resp["ContentLength"]), resp["LastModified"].timestamp())
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self._reach()
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
@@ -202,6 +229,7 @@ class S3Store(ObjectStore):
             raise self._fail("list", prefix, exc) from exc
 
     def delete(self, name: str) -> None:
+        self._reach()
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except (ClientError, BotoCoreError) as exc:
@@ -209,6 +237,7 @@ class S3Store(ObjectStore):
 
     def ensure_bucket(self) -> None:
         """Used by ``init``: the bucket must exist and be reachable."""
+        self._reach()
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:

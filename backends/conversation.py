@@ -549,6 +549,10 @@ class RedisListReader(SourceReader):
             estimate = self._estimate(self._listed)
         return [StreamSpec(REDIS_STREAM, redis_schema(self.b), estimated_bytes=estimate)]
 
+    def live_spec(self, name: str) -> StreamSpec | None:
+        # what restore, diff and verify ask: no listing and no size estimate (a read lists)
+        return StreamSpec(REDIS_STREAM, redis_schema(self.b)) if name == REDIS_STREAM else None
+
     def _estimate(self, keys: set[bytes]) -> int | None:
         """The lists' size from the memory of a sample of them (chunks are sized by it:
         without it a large history would be cut into tens of kilobytes per object)."""

@@ -741,7 +741,7 @@ def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: 
     snapshot cannot see either (docs/design.md).  Returns a problem, None, or
     ``_UNSUPPORTED`` when the reader cannot do it (the caller re-reads everything)."""
     keys = reader.list_keys(spec)
-    if keys is None:
+    if keys is None or reader.read_keys(spec, []) is None:  # both hooks, or none
         return _UNSUPPORTED
     pack = codec.packer().pack
     h = hashlib.sha256()

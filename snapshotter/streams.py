@@ -80,13 +80,26 @@ class WriteStats:
     chunks_reused: int = 0
 
 
+#: chunk compressors at the most, whatever the host (each holds up to two chunks in flight)
+MAX_COMPRESSORS = 8
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+    """CPUs this process may use: its affinity mask, narrowed by a cgroup v2 CPU quota
+    (``cpu.max``, what a container's CPU limit sets)."""
     import os
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            n = min(n, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 class ChunkUploader:
@@ -101,7 +114,7 @@ class ChunkUploader:
         if workers is None:
             # one compressor per CPU: more only thrash the caches (measured: 4 workers on 2
             # CPUs cost a large snapshot 0.25 s more CPU than 2), plus the store's overlap
-            workers = usable_cpus() + getattr(repo.store, "extra_requests", 0)
+            workers = min(usable_cpus(), MAX_COMPRESSORS) + getattr(repo.store, "extra_requests", 0)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-put")
         self.max_in_flight = workers * 2
         self.known = dict(known or {})

@@ -145,3 +145,19 @@ def test_a_repository_path_that_is_a_file_is_a_usage_error(tmp_path, cli):
     (tmp_path / "afile").write_text("x")
     r = cli("--repo", "afile", "list")
     assert r.code == 2 and "is a file" in r.err
+
+
+@pytest.mark.parametrize("raised, code", [("SystemExit(3)", 3), ("RuntimeError('boom')", 1), ("SystemExit(0)", 0)])
+def test_the_program_keeps_the_exit_code_of_anything_escaping_main(raised, code):
+    """The console program skips the interpreter's teardown only after main() returned
+    its code: whatever escapes main() (a plugin's SystemExit, a bug) exits as Python
+    would exit with it, never as a success it was not."""
+    import subprocess
+    import sys
+    prog = ("import snapshotter.cli as c\n"
+            f"def boom():\n    raise {raised}\n"
+            "c.main = boom\nc.run()\n")
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert p.returncode == code, p.stderr
+    r = subprocess.run([sys.executable, "-m", "snapshotter", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("snapshotter")

@@ -261,7 +261,8 @@ def run() -> None:
     sys.exit(code)
 
 
-_exit_code = [0]
+#: set once main() has returned; an exception escaping it leaves the normal exit to Python
+_exit_code: list[int | None] = [None]
 
 
 def _skip_teardown() -> None:
@@ -270,6 +271,8 @@ def _skip_teardown() -> None:
     object and module one by one, costs a tenth of a second after a restore or a large
     snapshot, for nothing: every file and connection of ours is closed by then.  Any
     trouble flushing leaves the normal exit to report it."""
+    if _exit_code[0] is None:
+        return
     try:
         if "logging" in sys.modules:
             sys.modules["logging"].shutdown()

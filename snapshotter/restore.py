@@ -143,6 +143,8 @@ class StreamPlan:
     quarantine: dict | None = None  # the bundle's stream entry
     #: sha256 of the snapshot's keys (packed, in order), for verifying by key (generic plans)
     snapshot_keys_digest: str = ""
+    #: sha256 over the planned changes as (op, key), in order: what a person confirmed
+    changes_digest: Any = field(default_factory=hashlib.sha256, repr=False)
 
     @property
     def changes(self) -> int:
@@ -345,6 +347,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     sessions = set(sel.sessions) if sel.sessions else None
 
     def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
+        plan.changes_digest.update(codec.pack([op, key]))
         if writer is None:
             return
         written = t.backend.written_at(t.spec, key, live_value) if live_value is not None else None
@@ -452,6 +455,15 @@ class RestoreResult:
     @property
     def changes(self) -> int:
         return sum(p.changes for streams in self.plans.values() for p in streams.values())
+
+    def fingerprint(self) -> str:
+        """Which records the plan changes, and how: equal for two plans exactly when they
+        add, modify and delete the same keys of the same streams (the values may differ)."""
+        h = hashlib.sha256()
+        for source in sorted(self.plans):
+            for stream in sorted(self.plans[source]):
+                h.update(codec.pack([source, stream, self.plans[source][stream].changes_digest.digest()]))
+        return h.hexdigest()
 
 
 def check_objects(repo: Repository, targets: dict[str, list[Target]]) -> None:

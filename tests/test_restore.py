@@ -256,3 +256,76 @@ def test_mariadb_restore_plan_locks_what_it_will_overwrite(mysql_url, tmp_path):
             other.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
             with pytest.raises(sa.exc.OperationalError, match="Lock wait timeout"):
                 other.exec_driver_sql("UPDATE kb_chunks SET title = 'racing' WHERE id = 3")
+
+
+def _on_terminal(args: list[str], cwd, answer: str | None, *, before_answer=None) -> tuple[int, str]:
+    """The console program on a pseudo-terminal: read until it asks, then type ``answer``."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "snapshotter", *args], cwd=cwd, stdin=slave, stdout=slave,
+                         stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 60
+    asked = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        if not asked and b"[y/N]" in out:
+            asked = True
+            if before_answer:
+                before_answer()
+            os.write(master, answer.encode() + b"\n")
+        if p.poll() is not None and not ready:
+            break
+    code = p.wait(timeout=30)
+    os.close(master)
+    return code, out.decode("utf-8", "replace")
+
+
+def test_restore_on_a_terminal_shows_the_plan_and_asks_with_no_transaction_open(tmp_path, sqlite_url):
+    """Without --yes on a terminal, restore prints the plan and asks. While the question
+    waits, the agent can still write (no write transaction is held: on SQLite that would
+    lock its writers out). 'n' writes nothing; 'y' restores; a plan that changed between
+    the question and the write transaction is refused (exit 6), nothing written."""
+    eng = make_table(sqlite_url, rows=300)
+    write_config(tmp_path, sqlite_url)
+    assert subprocess.run([sys.executable, "-m", "snapshotter", "init"], cwd=tmp_path).returncode == 0
+    snap = json.loads(subprocess.run([sys.executable, "-m", "snapshotter", "--json", "snapshot", "--release", "r"],
+                                     cwd=tmp_path, capture_output=True, text=True, check=True).stdout)["id"]
+    original = raw_rows(eng)
+    bad_writes(eng)
+    drifted = raw_rows(eng)
+
+    def agent_writes_meanwhile():
+        # the agent's own write while a person reads the plan: must not wait for a lock
+        with eng.begin() as c:
+            c.exec_driver_sql("UPDATE kb_chunks SET title = 'still serving' WHERE id = 299")
+
+    code, out = _on_terminal(["restore", snap], tmp_path, "n", before_answer=agent_writes_meanwhile)
+    assert code == 6 and "restore to snapshot" in out and "retrieval/kb_chunks" in out and "[y/N]" in out
+    assert "not confirmed" in out
+    with eng.begin() as c:  # back to the drifted state
+        c.exec_driver_sql("UPDATE kb_chunks SET title = ? WHERE id = 299", (codec.unpack(drifted[299])["title"],))
+    assert raw_rows(eng) == drifted
+
+    def another_write():
+        with eng.begin() as c:
+            c.exec_driver_sql("DELETE FROM kb_chunks WHERE id = 7")
+
+    code, out = _on_terminal(["restore", snap], tmp_path, "y", before_answer=another_write)
+    assert code == 6 and "changed since the plan you confirmed" in out, out
+    assert 7 not in raw_rows(eng)  # nothing was written
+
+    code, out = _on_terminal(["restore", snap], tmp_path, "y")
+    assert code == 0 and "verified" in out, out
+    assert raw_rows(eng) == original
+    eng.dispose()

@@ -79,12 +79,18 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
     repo = app.repo
     manifest = resolve_snapshot(repo, snapshot, release, before_t)
 
+    preview: list[RestoreResult] = []
+
     def confirm(result: RestoreResult) -> bool:
-        if yes or result.changes == 0:
+        """Called inside the write transactions, with the plan made there: it must be the
+        plan the person confirmed (asked before any transaction was open, so the agent's
+        writers were never held while someone read)."""
+        if yes or (not preview and result.changes == 0):
             return True
-        print_plan(result, title="restore to")
-        return click.confirm(f"quarantine {result.changes} record(s) as an incident and restore?", default=False,
-                             err=True)
+        if result.fingerprint() != preview[0].fingerprint():
+            raise Refused(f"the live state changed since the plan you confirmed ({preview[0].changes} record(s) "
+                          f"then, {result.changes} now); nothing was written: run the restore again")
+        return True
 
     if dry_run:
         with app.lock():
@@ -96,6 +102,13 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
             audit = app.audited({"snapshot": manifest["id"], "release": manifest["release"], "sources": list(sel.sources),
                                  "streams": list(sel.streams), "sessions": list(sel.sessions), "incident": incident,
                                  "failure_at": failure_at}, command="restore")
+            if not yes:
+                preview.append(run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t))
+                if preview[0].changes:
+                    print_plan(preview[0], title="restore to")
+                    if not click.confirm(f"quarantine {preview[0].changes} record(s) as an incident and restore?",
+                                         default=False, err=True):
+                        raise Refused("restore not confirmed; nothing was written")
             result = run_restore(repo, app.config, manifest, sel, incident=incident, failure_at=failure_t,
                                  confirm=confirm)
             audit.update(summary=(f"restored {manifest['id']}: {result.quarantined} record(s) quarantined as "

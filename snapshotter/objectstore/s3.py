@@ -80,25 +80,20 @@ class S3Store(ObjectStore):
         session = boto3.session.Session()
         self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self._conditional_put = True
-        self._reach_client = lambda: session.client(
-            "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"mode": "standard", "max_attempts": REACH_ATTEMPTS}, connect_timeout=5))
         self._reached = False
+        # before the endpoint has answered once, a failure to connect is retried only
+        # REACH_ATTEMPTS times (the handler runs before botocore's own retry decision)
+        self.client.meta.events.register_first("needs-retry.s3", self._until_reached)
 
-    def _reach(self) -> None:
-        """First contact, once per store: a HEAD of the bucket with few retries. Only a
-        failure to connect at all ends the command here; any answer, even an error, means
-        the endpoint is there (what it means is for the real request to report)."""
-        if self._reached:
-            return
-        try:
-            self._reach_client().head_bucket(Bucket=self.bucket)
-        except (EndpointConnectionError, ConnectTimeoutError) as exc:
-            raise StoreError(f"S3 {self.url}: cannot reach the endpoint ({REACH_ATTEMPTS} attempts): "
-                             f"{' '.join(str(exc).split())}") from exc
-        except (ClientError, BotoCoreError):
-            pass
-        self._reached = True
+    def _until_reached(self, response=None, attempts: int = 0, caught_exception=None, **_):
+        """botocore's needs-retry hook: any answer (even an error) means the endpoint is
+        there; until one came, the REACH_ATTEMPTS-th failure to connect ends the request."""
+        if response is not None:
+            self._reached = True
+        elif (not self._reached and attempts >= REACH_ATTEMPTS
+              and isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError))):
+            raise caught_exception
+        return None
 
     def _key(self, name: str) -> str:
         check_name(name)
@@ -112,7 +107,6 @@ class S3Store(ObjectStore):
         return StoreError(f"S3 {action} {self.url}/{name} failed: {' '.join(str(exc).split())}")
 
     def put(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True) -> bool:
-        self._reach()
         key = self._key(name)
         if not overwrite and not self._conditional_put and self.stat(name) is not None:
             return False
@@ -172,7 +166,6 @@ class S3Store(ObjectStore):
             return False
 
     def get(self, name: str) -> bytes:
-        self._reach()
         key = self._key(name)
         last: Exception | None = None
         for attempt in range(BODY_ATTEMPTS):
@@ -200,7 +193,6 @@ class S3Store(ObjectStore):
         raise self._fail("get", name, last) from last
 
     def stat(self, name: str) -> ObjectInfo | None:
-        self._reach()
         key = self._key(name)
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=key)
@@ -213,7 +205,6 @@ class S3Store(ObjectStore):
         return ObjectInfo(name, int(resp["ContentLength"]), resp["LastModified"].timestamp())
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        self._reach()
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
@@ -229,7 +220,6 @@ class S3Store(ObjectStore):
             raise self._fail("list", prefix, exc) from exc
 
     def delete(self, name: str) -> None:
-        self._reach()
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except (ClientError, BotoCoreError) as exc:
@@ -237,7 +227,6 @@ class S3Store(ObjectStore):
 
     def ensure_bucket(self) -> None:
         """Used by ``init``: the bucket must exist and be reachable."""
-        self._reach()
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import warnings
 from typing import Any, Iterator, Sequence
 
 import sqlalchemy as sa
@@ -224,9 +225,31 @@ def type_text(conn: Connection, coltype: Any) -> str:
         return str(coltype)
 
 
+def _pg_type_names(conn: Connection, table: str, schema: str | None) -> dict[str, str]:
+    """PostgreSQL's own text of each column's type (``format_type``), for types SQLAlchemy
+    does not know (point, tsvector, PostGIS geometry, ...), so a dropped table is recreated
+    with them."""
+    name = conn.dialect.identifier_preparer.quote(table)
+    if schema:
+        name = conn.dialect.identifier_preparer.quote(schema) + "." + name
+    rows = conn.exec_driver_sql(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %(t)s::regclass AND attnum > 0 AND NOT attisdropped", {"t": name}).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
 def table_schema(conn: Connection, table: str, schema: str | None) -> dict:
     insp = sa.inspect(conn)
-    cols = insp.get_columns(table, schema=schema)
+    with warnings.catch_warnings():
+        # an unrecognised type is reflected as NullType; its real name is asked for below
+        warnings.filterwarnings("ignore", message="Did not recognize type", category=sa.exc.SAWarning)
+        cols = insp.get_columns(table, schema=schema)
+    unknown = [c["name"] for c in cols if isinstance(c["type"], sa.types.NullType)]
+    if unknown and dialect(conn) == "postgresql":
+        names = _pg_type_names(conn, table, schema)
+        for c in cols:
+            if c["name"] in unknown and c["name"] in names:
+                c["type_text"] = names[c["name"]]
     pk = insp.get_pk_constraint(table, schema=schema).get("constrained_columns") or []
     try:
         indexes = insp.get_indexes(table, schema=schema)
@@ -236,8 +259,8 @@ def table_schema(conn: Connection, table: str, schema: str | None) -> dict:
         "dialect": dialect(conn),
         "table": table,
         "db_schema": schema,
-        "columns": [{"name": c["name"], "type": type_text(conn, c["type"]), "nullable": bool(c.get("nullable", True))}
-                    for c in cols],
+        "columns": [{"name": c["name"], "type": c.get("type_text") or type_text(conn, c["type"]),
+                     "nullable": bool(c.get("nullable", True))} for c in cols],
         "primary_key": list(pk),
         "indexes": [{"name": i["name"], "columns": [c for c in i["column_names"] if c], "unique": bool(i.get("unique"))}
                     for i in indexes if i.get("name") and all(i.get("column_names") or [None])],
@@ -355,6 +378,11 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
 Record = tuple
 
 
+#: what snapshots before PostgreSQL type names were recorded hold for a type SQLAlchemy did
+#: not know: it matches whatever the live column is
+UNKNOWN_TYPE = "NULL"
+
+
 def schema_differences(snap: dict, live: dict) -> list[str]:
     diffs = []
     scols = {c["name"]: c for c in snap["columns"]}
@@ -362,7 +390,7 @@ def schema_differences(snap: dict, live: dict) -> list[str]:
     for name in scols:
         if name not in lcols:
             diffs.append(f"column {name} missing from the live table")
-        elif scols[name]["type"].upper() != lcols[name]["type"].upper():
+        elif scols[name]["type"].upper() != lcols[name]["type"].upper() and scols[name]["type"] != UNKNOWN_TYPE:
             diffs.append(f"column {name} is {lcols[name]['type']} (snapshot: {scols[name]['type']})")
     for name in lcols:
         if name not in scols:

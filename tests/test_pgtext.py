@@ -357,3 +357,38 @@ def test_reapply_writes_back_the_quarantined_rows_exactly(pg_url, tmp_path, cli)
     assert r.code == 0, r.err
     assert table_text(eng, "odd") == agent
     eng.dispose()
+
+
+def test_a_dropped_table_with_types_sqlalchemy_does_not_know_is_recreated(pg_url, tmp_path, cli):
+    """point, tsvector, a range of a custom domain...: the snapshot records PostgreSQL's
+    own name of each type SQLAlchemy cannot reflect, so a dropped table comes back with
+    its types and rows exactly."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE shapes (id int PRIMARY KEY, pt point, doc tsvector, box box, "
+                          "cells int4range, tags text[])")
+        c.exec_driver_sql("""INSERT INTO shapes SELECT g, point(g, -g), to_tsvector('english', 'refund order ' || g),
+                             box(point(0, 0), point(g, g)), int4range(g, g + 3), ARRAY['a', 'b' || g]
+                             FROM generate_series(1, 40) g""")
+        types = c.exec_driver_sql("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                                  "WHERE attrelid = 'shapes'::regclass AND attnum > 0 ORDER BY attnum").fetchall()
+    write_config(tmp_path, pg_url, 'tables = ["shapes"]\n')
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r")
+    assert snap.code == 0, snap.err
+    original = table_text(eng, "shapes")
+    with eng.connect() as c:
+        c.exec_driver_sql("DROP TABLE shapes")
+    r = cli("--json", "restore", snap.json()["id"], "--yes")
+    assert r.code == 0 and r.json()["verified"], r.err
+    assert table_text(eng, "shapes") == original
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                                 "WHERE attrelid = 'shapes'::regclass AND attnum > 0 ORDER BY attnum").fetchall() == types
+        live = sqlbase.table_schema(c, "shapes", None)
+    eng.dispose()
+    # a snapshot from before type names were recorded ("NULL") still restores onto the table
+    older = dict(live, columns=[dict(col, type="NULL") if col["name"] == "pt" else col for col in live["columns"]])
+    assert sqlbase.schema_differences(older, live) == []
+    assert sqlbase.schema_differences(dict(older, columns=[dict(col, type="text") if col["name"] == "pt" else col
+                                                           for col in live["columns"]]), live) != []

@@ -372,6 +372,10 @@ class MessageTableReader(SourceReader):
             doc, batches = sqlbase.read_lines(self.conn, keyed(spec).schema, where=where)
         return doc, sqlbase.translating(batches, what)
 
+    def read_encoded_keys(self, spec: StreamSpec, keys: list):
+        return sqlbase.lines_of_keys(self.conn, keyed(spec).schema, keys,
+                                     f"{self.b.where}: cannot read table {spec.name}")
+
     def close(self) -> None:
         if self._owns:
             sqlbase.end_transaction(self.conn, commit=True)
@@ -425,6 +429,23 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                 self._check_scope(spec, records)
             self.upsert_rows(spec, records)
 
+    def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
+        """Rows back from their ``pgtext`` lines (exact), within the restored sessions."""
+        spec = keyed(spec)
+        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+            if self.sessions is not None:
+                from snapshotter import pgtext
+                rc = pgtext.Codec(encoding)
+                col = spec.schema["conversation"]["session_column"]
+                for line in records:
+                    field = rc.field(line, col)
+                    session = None if field is None else field.decode("utf-8", "replace")
+                    if session is None or session not in self.sessions:
+                        raise SourceError(f"{self.b.where}: message {key_text(rc.key(line))} belongs to session "
+                                          f"{session!r}, outside the sessions being restored")
+                self._check_keys_in_scope(spec, [rc.key(line) for line in records])
+            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records)
+
     def delete(self, spec: StreamSpec, keys: list) -> None:
         spec = keyed(spec)
         with sqlbase.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
@@ -444,8 +465,12 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
             if session is None or str(session) not in self.sessions:
                 raise SourceError(f"{self.b.where}: message {key_text(key)} belongs to session "
                                   f"{session!r}, outside the sessions being restored")
+        self._check_keys_in_scope(spec, [k for k, _ in records])
+
+    def _check_keys_in_scope(self, spec: StreamSpec, keys: list) -> None:
+        """No row these keys will overwrite belongs to another session now."""
+        col = spec.schema["conversation"]["session_column"]
         t, pk = self._table(spec), spec.schema["primary_key"]
-        keys = [k for k, _ in records]
         for i in range(0, len(keys), 500):
             stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
                 sqlbase.key_condition(t, pk, keys[i:i + 500]),

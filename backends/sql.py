@@ -120,12 +120,7 @@ class SQLReader(SourceReader):
         return doc, sqlbase.translating(batches, f"{self.b.where}: cannot read table {spec.name}")
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):
-        """The rows with these keys as ``pgtext`` lines (a restore's verification of what it wrote)."""
-        where = (lambda t: sqlbase.key_condition(t, spec.schema["primary_key"], keys))
-        what = f"{self.b.where}: cannot read table {spec.name}"
-        with sqlbase.translate_errors(what):
-            doc, batches = sqlbase.read_lines(self.conn, spec.schema, where=where)
-        return doc, sqlbase.translating(batches, what)
+        return sqlbase.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}")
 
     def fast_or_generic(self, spec: StreamSpec):
         # a reader inside a writer's transaction reads what it is about to overwrite

@@ -429,6 +429,15 @@ def adapt_for_write(conn: Connection, schema_doc: dict, values: dict) -> dict:
     return out
 
 
+def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
+    """The rows with these keys as ``pgtext`` lines, with the encoding document (a
+    restore's verification of what it wrote)."""
+    where = (lambda t: key_condition(t, schema_doc["primary_key"], keys))
+    with translate_errors(what):
+        doc, batches = read_lines(conn, schema_doc, where=where)
+    return doc, translating(batches, what)
+
+
 def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes]) -> bool:
     """PostgreSQL: replace rows by ``pgtext`` lines, exactly (the server's own input
     functions read the text its output functions wrote).  The lines are copied into a

@@ -466,3 +466,42 @@ def test_a_large_history_is_stored_in_large_chunks(redis_client, pg_url, tmp_pat
     eng.dispose()
     with open_backend(url=pg_url).reader() as reader:
         assert reader.streams()[0].estimated_bytes > 24000 * 280
+
+
+def test_postgres_session_restore_writes_rows_back_exactly_and_only_its_sessions(pg_url, tmp_path, cli):
+    """On PostgreSQL a conversation restore writes the snapshot's rows back as COPY lines:
+    a column a client would round off (an interval's months) comes back exactly, other
+    sessions stay as they are, and a row that moved to another session is refused."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE turns (id serial PRIMARY KEY, session_id text, message jsonb, "
+                          "budget interval)")
+        c.exec_driver_sql("""INSERT INTO turns (session_id, message, budget)
+                             SELECT 's' || mod(g, 3), jsonb_build_object('type', 'human', 'data',
+                                    jsonb_build_object('content', 'turn ' || g)), make_interval(months => g, days => 1)
+                             FROM generate_series(1, 30) g""")
+    write_config(tmp_path, url=pg_url, table="turns", message_column="message")
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r1")
+    assert snap.code == 0, snap.err
+
+    def rows(session):
+        with eng.connect() as c:
+            return c.exec_driver_sql("SELECT t::text FROM turns t WHERE session_id = %s ORDER BY id",
+                                     (session,)).scalars().all()
+    before = {s: rows(s) for s in ("s0", "s1")}
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE turns SET budget = '2 days', message = '{\"poison\": 1}' WHERE id IN (3, 4, 6)")
+        c.exec_driver_sql("INSERT INTO turns (session_id, message) VALUES ('s0', '{\"x\": 1}')")
+    drifted_s1 = rows("s1")
+    r = cli("--json", "restore", snap.json()["id"], "--session", "s0", "--yes")
+    assert r.code == 0 and r.json()["verified"], r.err
+    assert r.json()["plan"]["history"]["turns"] == {"added": 1, "modified": 2, "deleted": 0}
+    assert rows("s0") == before["s0"]
+    assert rows("s1") == drifted_s1 != before["s1"]
+
+    with eng.connect() as c:  # a row of s1 in the snapshot now belongs to s0
+        c.exec_driver_sql("UPDATE turns SET session_id = 's0' WHERE id = 4")
+    r = cli("--json", "restore", snap.json()["id"], "--session", "s1", "--yes")
+    assert r.code == 1 and "now belongs to session 's0'" in r.err, r.err
+    eng.dispose()

@@ -586,7 +586,7 @@ class RedisListReader(SourceReader):
             return None
         pipe = self.client.pipeline(transaction=False)
         for k in sample:
-            pipe.memory_usage(k, samples=0)
+            pipe.memory_usage(k)  # Redis samples a few nodes of each list: cheap, near enough
         # a server where MEMORY is disabled or renamed answers with errors: no estimate
         sizes = [n for n in pipe.execute(raise_on_error=False) if isinstance(n, int)]
         return int(sum(sizes) / len(sizes) * len(keys)) if sizes else None

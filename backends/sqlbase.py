@@ -232,9 +232,18 @@ def _pg_type_names(conn: Connection, table: str, schema: str | None) -> dict[str
     name = conn.dialect.identifier_preparer.quote(table)
     if schema:
         name = conn.dialect.identifier_preparer.quote(schema) + "." + name
-    rows = conn.exec_driver_sql(
-        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = %(t)s::regclass AND attnum > 0 AND NOT attisdropped", {"t": name}).fetchall()
+    # format_type leaves out the schema of a type that is on the session's search path; the
+    # schema is added back, so the name is the same whatever the path is
+    rows = conn.exec_driver_sql("""
+        SELECT a.attname,
+               CASE WHEN n.nspname = 'pg_catalog' OR NOT pg_type_is_visible(b.oid)
+                    THEN format_type(a.atttypid, a.atttypmod)
+                    ELSE quote_ident(n.nspname) || '.' || format_type(a.atttypid, a.atttypmod) END
+        FROM pg_attribute a
+        JOIN pg_type t ON t.oid = a.atttypid
+        JOIN pg_type b ON b.oid = CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE t.oid END
+        JOIN pg_namespace n ON n.oid = b.typnamespace
+        WHERE a.attrelid = %(t)s::regclass AND a.attnum > 0 AND NOT a.attisdropped""", {"t": name}).fetchall()
     return {r[0]: r[1] for r in rows}
 
 
@@ -378,8 +387,9 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
 Record = tuple
 
 
-#: what snapshots before PostgreSQL type names were recorded hold for a type SQLAlchemy did
-#: not know: it matches whatever the live column is
+#: what PostgreSQL snapshots from before type names were recorded hold for a type SQLAlchemy
+#: did not know: it matches whatever the live column is (other dialects still record it, and
+#: there it must match exactly)
 UNKNOWN_TYPE = "NULL"
 
 
@@ -390,7 +400,8 @@ def schema_differences(snap: dict, live: dict) -> list[str]:
     for name in scols:
         if name not in lcols:
             diffs.append(f"column {name} missing from the live table")
-        elif scols[name]["type"].upper() != lcols[name]["type"].upper() and scols[name]["type"] != UNKNOWN_TYPE:
+        elif scols[name]["type"].upper() != lcols[name]["type"].upper() and not (
+                scols[name]["type"] == UNKNOWN_TYPE and snap.get("dialect") == "postgresql"):
             diffs.append(f"column {name} is {lcols[name]['type']} (snapshot: {scols[name]['type']})")
     for name in lcols:
         if name not in scols:

@@ -390,5 +390,22 @@ def test_a_dropped_table_with_types_sqlalchemy_does_not_know_is_recreated(pg_url
     # a snapshot from before type names were recorded ("NULL") still restores onto the table
     older = dict(live, columns=[dict(col, type="NULL") if col["name"] == "pt" else col for col in live["columns"]])
     assert sqlbase.schema_differences(older, live) == []
+    assert sqlbase.schema_differences(dict(older, dialect="mysql"), live) != []  # elsewhere NULL is still a type
     assert sqlbase.schema_differences(dict(older, columns=[dict(col, type="text") if col["name"] == "pt" else col
                                                            for col in live["columns"]]), live) != []
+
+
+def test_recorded_type_names_do_not_depend_on_the_search_path(pg_url):
+    """A type SQLAlchemy does not know is recorded with its schema whether or not that
+    schema is on the session's search_path (a role's path may change between snapshot
+    and restore; the schemas must still compare equal)."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE SCHEMA ext; CREATE TYPE ext.pair AS (a int, b int); "
+                          "CREATE TABLE pairs (id int PRIMARY KEY, pr ext.pair, pra ext.pair[], p point)")
+        plain = sqlbase.table_schema(c, "pairs", None)
+        c.exec_driver_sql("SET search_path = public, ext")
+        on_path = sqlbase.table_schema(c, "pairs", None)
+    eng.dispose()
+    assert [col["type"] for col in plain["columns"]] == ["INTEGER", "ext.pair", "ext.pair[]", "point"]
+    assert on_path == plain and sqlbase.schema_differences(plain, on_path) == []

@@ -5,8 +5,9 @@ import sys
 
 import click
 
-from ..errors import Refused
+from ..errors import Refused, UsageError
 from ..names import check_name, parse_time
+from ..quarantine import bundle_object
 from ..restore import RestoreResult, Selection, resolve_snapshot, restore as run_restore
 from . import App, cli, pass_app
 
@@ -88,8 +89,11 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         if yes or (not preview and result.changes == 0):
             return True
         if result.fingerprint() != preview[0].fingerprint():
-            raise Refused(f"the live state changed since the plan you confirmed ({preview[0].changes} record(s) "
-                          f"then, {result.changes} now); nothing was written: run the restore again")
+            then = (f"the plan you confirmed ({preview[0].changes} record(s))" if preview[0].changes else
+                    "the check a moment ago (it equaled the snapshot)")
+            raise Refused(f"the live state changed since {then}: {result.changes} record(s) differ now; nothing "
+                          f"was written. Is the agent still writing? Stop it and run the restore again, or pass "
+                          f"--yes to restore whatever differs when the restore runs")
         return True
 
     if dry_run:
@@ -103,6 +107,8 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
                                  "streams": list(sel.streams), "sessions": list(sel.sessions), "incident": incident,
                                  "failure_at": failure_at}, command="restore")
             if not yes:
+                if incident and repo.store.stat(bundle_object(incident)) is not None:
+                    raise UsageError(f"incident {incident!r} already exists; choose another --incident")
                 preview.append(run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t))
                 if preview[0].changes:
                     print_plan(preview[0], title="restore to")

@@ -96,6 +96,15 @@ def write_config(tmp_path, url, extra=""):
         f'[repository]\nurl = "./repo"\n[sources.db]\nbackend = "sql"\nurl = "{url}"\n{extra}', encoding="utf-8")
 
 
+def snapshot_of(cli, tmp_path, url, table) -> dict:
+    """A repository holding one snapshot of ``table``; its JSON."""
+    write_config(tmp_path, url, f'tables = ["{table}"]\n')
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r")
+    assert snap.code == 0, snap.err
+    return snap.json()
+
+
 def table_text(engine, table):
     with engine.connect() as c:
         return c.exec_driver_sql(f'SELECT t::text FROM "{table}" t ORDER BY 1').scalars().all()
@@ -112,18 +121,15 @@ def test_restore_writes_back_exactly_what_a_client_would_round_off(pg_url, tmp_p
                              'x' || g, ('10.0.' || mod(g, 250) || '.1/24')::inet, '10.1.0.0/16', int4range(g, g + 5),
                              tstzrange('2026-01-01', '2026-02-01'), point(g, -g), g * 1.25, B'101'
                              FROM generate_series(1, 300) g""")
-    write_config(tmp_path, pg_url, 'tables = ["odd"]\n')
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r")
-    assert snap.code == 0, snap.err
+    snap = snapshot_of(cli, tmp_path, pg_url, "odd")
     original = table_text(eng, "odd")
     with eng.connect() as c:
         c.exec_driver_sql("UPDATE odd SET iv = iv + interval '1 day', f4 = f4 + 1, addr = '192.168.0.1' WHERE mod(id, 3) = 0")
         c.exec_driver_sql("DELETE FROM odd WHERE mod(id, 7) = 0")
         c.exec_driver_sql("INSERT INTO odd (id, iv) VALUES (1000, '1 year')")
-    diff = cli("--json", "diff", snap.json()["id"]).json()["plan"]["db"]["odd"]
+    diff = cli("--json", "diff", snap["id"]).json()["plan"]["db"]["odd"]
     assert diff == {"added": 1, "modified": 86, "deleted": 42}
-    r = cli("--json", "restore", snap.json()["id"], "--yes", "--incident", "inc-odd")
+    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-odd")
     assert r.code == 0, r.err
     assert r.json()["verified"] is True
     assert table_text(eng, "odd") == original
@@ -133,7 +139,7 @@ def test_restore_writes_back_exactly_what_a_client_would_round_off(pg_url, tmp_p
     third = next(x for x in shown if x["key"] == 3)
     assert third["value"]["addr"] == "192.168.0.1" and third["snapshot_value"]["addr"] == "10.0.3.1/24"
     assert third["snapshot_value"]["r"] == "[3,8)"
-    assert cli("--json", "diff", snap.json()["id"]).json()["plan"]["db"]["odd"] == \
+    assert cli("--json", "diff", snap["id"]).json()["plan"]["db"]["odd"] == \
         {"added": 0, "modified": 0, "deleted": 0}
     eng.dispose()
 
@@ -181,9 +187,7 @@ def test_snapshots_in_the_msgpack_encoding_still_restore_onto_postgresql(db, pg_
 
 
 def test_stored_lines_read_back_as_records(db, pg_url, tmp_path, cli):
-    write_config(tmp_path, pg_url, 'tables = ["turns"]\n')
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r").json()
+    snap = snapshot_of(cli, tmp_path, pg_url, "turns")
     from snapshotter.objectstore import open_store
     repo = Repository.open(open_store(str(tmp_path / "repo")))
     entry = repo.load_manifest(repo.resolve(snap["id"]))["sources"]["db"]["streams"]["turns"]
@@ -205,9 +209,7 @@ def test_restore_verification_reads_what_it_wrote_and_rolls_back_a_mismatch(pg_u
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TABLE notes (id int PRIMARY KEY, note text)")
         c.exec_driver_sql("INSERT INTO notes SELECT g, 'n' || g FROM generate_series(1, 2000) g")
-    write_config(tmp_path, pg_url, 'tables = ["notes"]\n')
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r").json()
+    snap = snapshot_of(cli, tmp_path, pg_url, "notes")
     with eng.connect() as c:
         c.exec_driver_sql("UPDATE notes SET note = 'bad' WHERE id BETWEEN 10 AND 20")
         c.exec_driver_sql("INSERT INTO notes VALUES (5000, 'new')")
@@ -239,9 +241,7 @@ def test_rows_big_enough_to_fill_chunks_are_cut_at_max_bytes(pg_url, tmp_path, c
         # small rows first, so the boundary divisor is chosen from them and big runs form later
         c.exec_driver_sql("INSERT INTO blobs SELECT g, CASE WHEN mod(g, 300) = 0 AND g > 600 "
                           "THEN repeat(md5(g::text), 100000) ELSE 'small ' || g END FROM generate_series(1, 3000) g")
-    write_config(tmp_path, pg_url, 'tables = ["blobs"]\n')
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r").json()
+    snap = snapshot_of(cli, tmp_path, pg_url, "blobs")
     from snapshotter.objectstore import open_store
     repo = Repository.open(open_store(str(tmp_path / "repo")))
     entry = repo.load_manifest(repo.resolve(snap["id"]))["sources"]["db"]["streams"]["blobs"]
@@ -343,9 +343,7 @@ def test_reapply_writes_back_the_quarantined_rows_exactly(pg_url, tmp_path, cli)
         c.exec_driver_sql("CREATE TABLE odd (id int PRIMARY KEY, iv interval, f4 real, c char(6), r int4range)")
         c.exec_driver_sql("""INSERT INTO odd SELECT g, make_interval(months => g, days => g), g / 3.0, 'x' || g,
                              int4range(g, g + 5) FROM generate_series(1, 50) g""")
-    write_config(tmp_path, pg_url, 'tables = ["odd"]\n')
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    snap = snapshot_of(cli, tmp_path, pg_url, "odd")["id"]
     with eng.connect() as c:
         c.exec_driver_sql("UPDATE odd SET iv = make_interval(months => 7, days => 40), f4 = 1 / 7.0 WHERE id = 5")
         c.exec_driver_sql("INSERT INTO odd VALUES (99, '1 mon 35 days', 0.1, 'ab', '[1,2)')")
@@ -372,14 +370,11 @@ def test_a_dropped_table_with_types_sqlalchemy_does_not_know_is_recreated(pg_url
                              FROM generate_series(1, 40) g""")
         types = c.exec_driver_sql("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
                                   "WHERE attrelid = 'shapes'::regclass AND attnum > 0 ORDER BY attnum").fetchall()
-    write_config(tmp_path, pg_url, 'tables = ["shapes"]\n')
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r")
-    assert snap.code == 0, snap.err
+    snap = snapshot_of(cli, tmp_path, pg_url, "shapes")
     original = table_text(eng, "shapes")
     with eng.connect() as c:
         c.exec_driver_sql("DROP TABLE shapes")
-    r = cli("--json", "restore", snap.json()["id"], "--yes")
+    r = cli("--json", "restore", snap["id"], "--yes")
     assert r.code == 0 and r.json()["verified"], r.err
     assert table_text(eng, "shapes") == original
     with eng.connect() as c:

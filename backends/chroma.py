@@ -57,8 +57,6 @@ import threading
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
 from snapshotter import codec
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SnapshotterError, SourceError
@@ -330,12 +328,14 @@ def _metadata(m: dict | None) -> dict | None:
 
 def _ordered_keys(bits: np.ndarray) -> np.ndarray:
     """float32 bit patterns mapped onto a line where adjacent floats differ by 1 (-0 and +0 meet)."""
+    import numpy as np
     i = bits.view(np.int32).astype(np.int64)
     return np.where(i < 0, np.int64(-(2**31)) - i, i)
 
 
 def embeddings_close(a: Any, b: Any, ulps: int) -> bool:
     """Same shape and every component within ``ulps`` float32 steps (NaN matches NaN)."""
+    import numpy as np
     x = np.ascontiguousarray(a, dtype=np.float32)
     y = np.ascontiguousarray(b, dtype=np.float32)
     if x.shape != y.shape:
@@ -348,6 +348,7 @@ def embeddings_close(a: Any, b: Any, ulps: int) -> bool:
 
 def _embedding_rows(embeddings: Any, order: list[int]) -> list | np.ndarray:
     """The batch's embeddings as float32 rows in ``order``: one conversion for the batch."""
+    import numpy as np
     if embeddings is None:
         return [None] * len(order)
     if isinstance(embeddings, np.ndarray) and embeddings.ndim == 2:
@@ -642,6 +643,7 @@ class ChromaWriter(SourceWriter):
     def _embeddings(self, spec: StreamSpec, ids: list[str], values: list[dict]):
         """The batch's embeddings, checked before anything is deleted: Chroma refuses a
         record without one or with another dimension than the collection's."""
+        import numpy as np
         rows = []
         for k, v in zip(ids, values):
             e = v.get("embedding")

@@ -76,13 +76,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-import sqlalchemy as sa
-
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
 from snapshotter.codec import key_text
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SourceError
 
-from . import sqlbase
+from . import lazy_module, sqlbase
+
+sa = lazy_module("sqlalchemy")
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_STREAM = "messages"

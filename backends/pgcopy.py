@@ -32,10 +32,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from . import lazy_module
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+sa = lazy_module("sqlalchemy")
 
 ENV_SWITCH = "SNAPSHOTTER_PG_COPY"
 

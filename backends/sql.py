@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Sequence
 
-import sqlalchemy as sa
-
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
 
-from . import sqlbase
+from . import lazy_module, sqlbase
+
+sa = lazy_module("sqlalchemy")
 
 
 class SQLBackend(sqlbase.SQLConnection, SourceBackend):

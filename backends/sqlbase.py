@@ -13,14 +13,16 @@ import hashlib
 import os
 import threading
 import warnings
-from typing import Any, Iterator, Sequence
-
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from snapshotter.errors import ConfigError, SourceError
 
-from . import pgcopy
+from . import lazy_module, pgcopy
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+sa = lazy_module("sqlalchemy")
 
 FETCH_BATCH = 5000
 

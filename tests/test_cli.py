@@ -161,3 +161,22 @@ def test_the_program_keeps_the_exit_code_of_anything_escaping_main(raised, code)
     assert p.returncode == code, p.stderr
     r = subprocess.run([sys.executable, "-m", "snapshotter", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("snapshotter")
+
+
+def test_commands_that_touch_no_source_do_not_load_database_or_vector_libraries(tmp_path):
+    """``list``, ``show`` and ``quarantine`` check the config against each backend's options
+    but load neither SQLAlchemy nor numpy (together ~160 ms of every responder's command)."""
+    import subprocess
+    import sys
+    (tmp_path / "snapshotter.toml").write_text(
+        '[repository]\nurl = "./repo"\n[sources.db]\nbackend = "sql"\nurl = "sqlite:///agent.db"\n'
+        '[sources.chat]\nbackend = "conversation"\nurl = "sqlite:///agent.db"\n'
+        '[sources.memory]\nbackend = "chroma"\npath = "./chroma"\n')
+    prog = ("import sys\nfrom snapshotter.cli import main\n"
+            "assert main(['init']) == 0 and main(['list']) == 0 and main(['quarantine', 'list']) == 0\n"
+            "loaded = [m for m in ('sqlalchemy', 'numpy', 'chromadb') if m in sys.modules\n"
+            "          and type(sys.modules[m]).__name__ != '_LazyModule']\n"
+            "print('LOADED', loaded)\n")
+    p = subprocess.run([sys.executable, "-c", prog], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "LOADED []" in p.stdout, p.stdout

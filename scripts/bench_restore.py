@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import compile_project
+
 PG = os.environ.get("SNAPSHOTTER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -149,17 +151,6 @@ def bench_chroma(vectors: int, runs: int) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-
-def compile_project() -> None:
-    """Bytecode for the project's modules, as an installed package has (pip compiles it at
-    install): run from a checkout where Python writes no bytecode (PYTHONDONTWRITEBYTECODE),
-    every command would compile each module again, tens of milliseconds of start-up that
-    no user pays."""
-    import importlib.util
-    dirs = [d for name in ("snapshotter", "backends")
-            for d in (importlib.util.find_spec(name).submodule_search_locations or [])]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=True)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -34,6 +34,8 @@ import tempfile
 import time
 from urllib.parse import urlsplit
 
+from benchlib import compile_project
+
 PG = os.environ.get("SNAPSHOTTER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 TABLE = "agent_events"
 RSS_LIMIT_MB = 300
@@ -141,17 +143,6 @@ def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
     shutil.rmtree(repo, ignore_errors=True)
     return result
 
-
-
-def compile_project() -> None:
-    """Bytecode for the project's modules, as an installed package has (pip compiles it at
-    install): run from a checkout where Python writes no bytecode (PYTHONDONTWRITEBYTECODE),
-    every command would compile each module again, tens of milliseconds of start-up that
-    no user pays."""
-    import importlib.util
-    dirs = [d for name in ("snapshotter", "backends")
-            for d in (importlib.util.find_spec(name).submodule_search_locations or [])]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=True)
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

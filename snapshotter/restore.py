@@ -740,7 +740,8 @@ def _check_incident(repo: Repository, plan: StreamPlan, item, check) -> str | No
     return check(batch) if batch else None
 
 
-_UNSUPPORTED = object()
+_UNSUPPORTED = object()  # _verify_by_key: the reader cannot verify by key
+_ABSENT = object()  # _verify_by_key: no live record has the key
 
 
 def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: StreamPlan):
@@ -775,12 +776,12 @@ def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: 
                 live[codec.pack(key)] = value
         for key, rec in batch:
             q = rec.fields("op")
-            got = live.get(codec.pack(key), _UNSUPPORTED)
+            got = live.get(codec.pack(key), _ABSENT)
             if q["op"] == "added":
-                if got is not _UNSUPPORTED:
+                if got is not _ABSENT:
                     return f"record {codec.key_text(key)} present after restore but not in the snapshot"
                 continue
-            if got is _UNSUPPORTED:
+            if got is _ABSENT:
                 return f"record {codec.key_text(key)} missing after restore"
             want = rec.value["snapshot_value"]
             if codec.pack(got) != codec.pack(want) and not t.backend.values_equal(t.spec, got, want):

@@ -114,7 +114,7 @@ class ChunkUploader:
         if workers is None:
             # one compressor per CPU: more only thrash the caches (measured: 4 workers on 2
             # CPUs cost a large snapshot 0.25 s more CPU than 2), plus the store's overlap
-            workers = min(usable_cpus(), MAX_COMPRESSORS) + getattr(repo.store, "extra_requests", 0)
+            workers = min(usable_cpus(), MAX_COMPRESSORS) + repo.store.extra_requests
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-put")
         self.max_in_flight = workers * 2
         self.known = dict(known or {})

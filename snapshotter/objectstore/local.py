@@ -16,19 +16,19 @@ from ..errors import StoreError, UsageError
 from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
 
 
-def _load_libc(name: str):
+def _load_libc(name: str, argtypes: list | None = None):
     try:
         import ctypes
-        return getattr(ctypes.CDLL("libc.so.6", use_errno=True), name)
+        fn = getattr(ctypes.CDLL("libc.so.6", use_errno=True), name)
     except (OSError, AttributeError):
         return None
+    if argtypes is not None:
+        fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+    return fn
 
 
 _syncfs = _load_libc("syncfs")
-_sync_file_range = _load_libc("sync_file_range")
-if _sync_file_range is not None:
-    import ctypes
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range = _load_libc("sync_file_range", ["c_int", "c_int64", "c_int64", "c_uint"])
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the file's dirty pages back, without waiting
 
 

@@ -17,7 +17,7 @@ from .names import NAME_RE
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-REPOSITORY_KEYS = {"url", "endpoint_url", "region", "compression_level"}
+REPOSITORY_KEYS = {"url", "endpoint_url", "region", "compression_level", "hash"}
 
 
 @dataclass
@@ -40,6 +40,9 @@ class Config:
     endpoint_url: str | None = None
     region: str | None = None
     compression_level: int = 3
+    #: content hash of a repository `init` creates (an existing one keeps its own)
+    hash: str = "blake3"
+    hash_set: bool = False
     sources: dict[str, SourceConfig] = field(default_factory=dict)
 
     @property
@@ -128,6 +131,11 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
         raise ConfigError(f"{path}: repository.compression_level: expected an integer from 1 to 22")
     cfg.compression_level = level
+    from .hashing import ALGORITHMS
+    if "hash" in repo:
+        if repo["hash"] not in ALGORITHMS:
+            raise ConfigError(f"{path}: repository.hash: expected one of {', '.join(ALGORITHMS)}")
+        cfg.hash, cfg.hash_set = repo["hash"], True
 
     sources = raw.get("sources", {})
     if not isinstance(sources, dict):

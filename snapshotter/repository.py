@@ -6,7 +6,6 @@ what this module reads and writes; keep the two in step.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import threading
@@ -15,12 +14,20 @@ from typing import Any, Iterator
 
 import zstandard
 
-from . import __version__
+from . import __version__, hashing
 from .errors import IntegrityError, NotFound, UsageError
 from .names import SNAPSHOT_ID_RE, iso, utcnow
 from .objectstore import ObjectMissing, ObjectStore, open_store
 
-FORMAT_VERSION = 1
+#: the format a new repository gets: 2 (format 1 with a ``hash`` an older reader
+#: does not know, blake3); a SHA-256 repository is created as format 1, which
+#: every snapshotter reads
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+
+
+def format_for(hash_name: str) -> int:
+    return 1 if hash_name == "sha256" else FORMAT_VERSION
 CHUNK_TARGET_BYTES = 32 * 1024
 CHUNK_MAX_BYTES = 8 * 1024 * 1024
 
@@ -57,14 +64,22 @@ class Repository:
         chunker = config.get("chunker", {})
         self.chunk_target_bytes = int(chunker.get("target_bytes", CHUNK_TARGET_BYTES))
         self.chunk_max_bytes = int(chunker.get("max_bytes", CHUNK_MAX_BYTES))
+        #: the content hash: chunk ids and the digests of new streams (hashing.py)
+        self.hash = config.get("hash", "sha256")
+        self.format = config.get("format", 1)
+        self._hash_new = hashing.constructor(self.hash)
         self._local = threading.local()
         self._manifest_cache: dict[str, dict] = {}
 
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def init(cls, store: ObjectStore, *, compression_level: int = 3) -> tuple["Repository", bool]:
-        """Create the repository; returns (repo, created). Idempotent."""
+    def init(cls, store: ObjectStore, *, compression_level: int = 3,
+             hash_name: str = hashing.DEFAULT) -> tuple["Repository", bool]:
+        """Create the repository; returns (repo, created). Idempotent (an existing
+        repository keeps its hash: ``hash_name`` applies to a new one only)."""
+        if hash_name not in hashing.ALGORITHMS:
+            raise UsageError(f"unknown hash {hash_name!r} (known: {', '.join(hashing.ALGORITHMS)})")
         try:
             existing = store.get("config.json")
         except ObjectMissing:
@@ -76,12 +91,12 @@ class Repository:
                 raise UsageError(f"{store.url} is not empty and holds no snapshotter repository "
                                  f"(found {foreign.name}); choose an empty location")
             config = {
-                "format": FORMAT_VERSION,
+                "format": format_for(hash_name),
                 "id": secrets.token_hex(16),
                 "created_at": iso(utcnow()),
                 "created_by": f"snapshotter {__version__}",
                 "compression": "zstd",
-                "hash": "sha256",
+                "hash": hash_name,
                 "chunker": {"boundary_hash": "blake2b-64", "target_bytes": CHUNK_TARGET_BYTES,
                             "max_bytes": CHUNK_MAX_BYTES},
             }
@@ -100,9 +115,12 @@ class Repository:
             version = config["format"]
         except (ValueError, KeyError, TypeError):
             raise IntegrityError(f"{store.url}/config.json is not a snapshotter repository config") from None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise UsageError(f"repository format {version!r} at {store.url} is not supported by this "
-                             f"snapshotter (it reads format {FORMAT_VERSION})")
+                             f"snapshotter (it reads formats {', '.join(map(str, READABLE_FORMATS))})")
+        if config.get("hash", "sha256") not in hashing.ALGORITHMS:
+            raise UsageError(f"repository at {store.url} names its chunks by hash {config.get('hash')!r}, "
+                             f"which this snapshotter does not know (it knows {', '.join(hashing.ALGORITHMS)})")
         return cls(store, config, compression_level=compression_level)
 
     # -- chunks --------------------------------------------------------------
@@ -128,9 +146,16 @@ class Repository:
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"object {name} is corrupt: {exc}") from None
 
+    def chunk_id(self, raw: bytes) -> str:
+        return self._hash_new(raw).hexdigest()
+
+    def new_hash(self) -> Any:
+        """A hash object of the repository's hash, for a new stream's digest."""
+        return self._hash_new()
+
     def put_chunk(self, raw: bytes, chunk_id: str | None = None) -> tuple[str, int, bool]:
         """Store one chunk: returns (id, stored bytes, newly written)."""
-        chunk_id = chunk_id or hashlib.sha256(raw).hexdigest()
+        chunk_id = chunk_id or self.chunk_id(raw)
         data = self.compress(raw)
         name = chunk_object(chunk_id)
         created = self.store.put(name, data, durable=False)
@@ -150,7 +175,7 @@ class Repository:
             # a chunk is only ever read because a manifest references it: missing is an integrity failure
             raise IntegrityError(f"object {name} is missing from {self.store.url}") from None
         raw = self.decompress(data, name)
-        if hashlib.sha256(raw).hexdigest() != chunk_id:
+        if self._hash_new(raw).hexdigest() != chunk_id:
             raise IntegrityError(f"object {name} is corrupt: its content does not match its name")
         return raw
 
@@ -183,10 +208,10 @@ class Repository:
             raise IntegrityError(f"manifest {ref.object} is corrupt (not JSON)") from None
         if not isinstance(doc, dict) or doc.get("id") != ref.id or doc.get("release") != ref.release:
             raise IntegrityError(f"manifest {ref.object} is corrupt (id or release does not match its name)")
-        if doc.get("format") != FORMAT_VERSION:
+        if doc.get("format") not in READABLE_FORMATS:
             # a newer format may mean something this reader would get wrong (docs/design.md)
             raise UsageError(f"manifest {ref.object} has format {doc.get('format')!r}; this snapshotter reads "
-                             f"format {FORMAT_VERSION}")
+                             f"formats {', '.join(map(str, READABLE_FORMATS))}")
         self._manifest_cache[ref.id] = doc
         return doc
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import __version__, codec, pgtext
+from . import __version__, codec, hashing, pgtext
 from .backend import SourceBackend, StreamSpec
 from .config import Config
 from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, UsageError
@@ -364,21 +364,23 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             rec["snapshot_raw"] = snap_raw
         writer.add(key, rec)
 
+    # the snapshot's records are hashed as its manifest's digest was
+    alg = hashing.of_digest(t.entry.get("digest"))
     lines = _live_lines(reader, t, live_spec, sel.sessions)
     if lines is not None:
-        digest = BackgroundHash()
+        digest = BackgroundHash(alg)
         try:
             with contextlib.closing(lines):  # a COPY left open would hold its connection
                 _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
         finally:
             hexdigest = digest.hexdigest()
         plan.lines = True
-        plan.snapshot_digest = "sha256:" + hexdigest
+        plan.snapshot_digest = f"{alg}:{hexdigest}"
         if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
             raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
         return plan
 
-    digest = hashlib.sha256()
+    digest = hashing.new(alg)
     keys_digest = hashlib.sha256()
     pack = codec.packer().pack
     live = _live_records(reader, live_spec, sel.sessions)
@@ -418,7 +420,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             last_key = sv.key
             lv = next(live, None)
             sv = next(snap, None)
-    plan.snapshot_digest = "sha256:" + digest.hexdigest()
+    plan.snapshot_digest = hashing.digest_string(alg, digest)
     plan.snapshot_keys_digest = "sha256:" + keys_digest.hexdigest()
     if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
         raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
@@ -667,7 +669,8 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
                             ok = False
                             result.problems.append(f"{source}/{t.stream}: {problem}")
                         continue
-                h = hashlib.sha256()
+                alg = hashing.of_digest(plan.snapshot_digest)
+                h = hashing.new(alg)
                 n = 0
                 lines = _live_lines(reader, t, spec, sel.sessions)
                 if lines is not None:
@@ -679,7 +682,7 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
                     for _, raw, _ in _live_records(reader, spec, sel.sessions):
                         h.update(raw)
                         n += 1
-                if "sha256:" + h.hexdigest() == plan.snapshot_digest and n == plan.snapshot_records:
+                if hashing.digest_string(alg, h) == plan.snapshot_digest and n == plan.snapshot_records:
                     continue
                 problem = _compare_records(repo, t, reader, spec, sel)
                 if problem:

@@ -45,7 +45,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
     params, known = parent_streams(repo, release)
     uploader = ChunkUploader(repo, known=known)
     manifest = {
-        "format": 1,
+        "format": repo.format,
         "id": snapshot_id,
         "release": release,
         "taken_at": None,

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import codec, pgtext
+from . import codec, hashing, pgtext
 from .errors import SourceError
 from .repository import Repository
 
@@ -127,7 +127,7 @@ class ChunkUploader:
         return self.pool.submit(self._put, raw, records)
 
     def _put(self, raw: bytes, records: int) -> ChunkRef:
-        chunk_id = hashlib.sha256(raw).hexdigest()
+        chunk_id = self.repo.chunk_id(raw)
         # stats are updated from worker threads; += on ints under the GIL is not atomic,
         # so they are tallied by the caller from the returned ref instead (negative
         # stored bytes: the chunk existed already)
@@ -156,7 +156,7 @@ class StreamWriter:
         self.max_bytes = repo.chunk_max_bytes
         self.target = chunk_target(repo.chunk_target_bytes, self.max_bytes, estimated_bytes)
         self.D = records_per_boundary
-        self.digest = hashlib.sha256()
+        self.digest = repo.new_hash()
         self.records = 0
         self.bytes = 0
         self._buf: list[bytes] = []
@@ -323,21 +323,21 @@ class StreamWriter:
             "records": self.records,
             "bytes": self.bytes,
             "stored_bytes": sum(c.stored_bytes for c in self._chunks),
-            "digest": "sha256:" + self.digest.hexdigest(),
+            "digest": hashing.digest_string(self.up.repo.hash, self.digest),
             "chunking": {"records_per_boundary": self.D},
             "chunks": [c.to_json() for c in self._chunks],
             **({"encoding": self.encoding} if self.encoding else {}),
         }
 
 
-def stream_digest_of(records: Iterator[tuple[Any, Any]]) -> tuple[str, int]:
+def stream_digest_of(records: Iterator[tuple[Any, Any]], hash_name: str = hashing.DEFAULT) -> tuple[str, int]:
     """Digest and count of records as a live store returns them (same rule as the writer)."""
-    h = hashlib.sha256()
+    h = hashing.new(hash_name)
     n = 0
     for key, value in records:
         h.update(b"\x92" + codec.pack(key) + codec.pack(value))
         n += 1
-    return "sha256:" + h.hexdigest(), n
+    return hashing.digest_string(hash_name, h), n
 
 
 @dataclass
@@ -448,13 +448,13 @@ def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator
 
 
 class BackgroundHash:
-    """SHA-256 of data given in order, computed in a thread of its own: hashing big
+    """A hash of data given in order, computed in a thread of its own: hashing big
     buffers releases the GIL, so the caller's thread goes on (a restore's merge)."""
 
-    def __init__(self):
+    def __init__(self, hash_name: str):
         import queue
         import threading
-        self.h = hashlib.sha256()
+        self.h = hashing.new(hash_name)
         self._q: "queue.SimpleQueue[bytes | None]" = queue.SimpleQueue()
         self._t = threading.Thread(target=self._run, name="stream-digest", daemon=True)
         self._t.start()

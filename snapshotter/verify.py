@@ -3,11 +3,12 @@
 digest recomputed."""
 from __future__ import annotations
 
-import hashlib
+
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+from . import hashing
 from .errors import IntegrityError, NotFound
 from .repository import Repository, SnapshotRef, chunk_object
 from .streams import ChunkRef, count_records
@@ -64,7 +65,8 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
 
 
 def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progress) -> bool:
-    h = hashlib.sha256()
+    alg = hashing.of_digest(st.get("digest"))
+    h = hashing.new(alg)
     ok = True
     futures: deque = deque()
     it = iter(chunks)
@@ -98,7 +100,7 @@ def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progr
             ok = False
         if progress:
             progress(1)
-    if ok and "sha256:" + h.hexdigest() != st.get("digest"):
+    if ok and hashing.digest_string(alg, h) != st.get("digest"):
         problem(snapshot_id, "", f"{where}: stream digest does not match the manifest")
         ok = False
     return ok

@@ -89,7 +89,7 @@ def test_snapshot_list_show_verify_dedup(any_db_url, repo_config, cli):
     assert first.code == 0, first.err
     snap = first.json()
     st = snap["sources"]["retrieval"]["streams"]["kb_chunks"]
-    assert st["records"] == ROWS and st["digest"].startswith("sha256:")
+    assert st["records"] == ROWS and st["digest"].startswith("blake3:")
     assert snap["sources"]["retrieval"]["consistency"] == "snapshot-isolation"
     assert snap["labels"] == {"env": "prod"} and snap["bytes_reused"] == 0
     size1 = repo_bytes(store)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .. import hashing
 from ..errors import UsageError
 from ..locks import MARKS, SHARED
 from ..names import check_name
@@ -23,17 +24,24 @@ def human_bytes(n: int | None) -> str:
 
 
 @cli.command()
+@click.option("--hash", "hash_name", type=click.Choice(hashing.ALGORITHMS),
+              help="Content hash of a new repository (default: [repository] hash, else blake3); "
+                   "an existing repository keeps its own.")
 @pass_app
-def init(app: App):
+def init(app: App, hash_name):
     """Create the repository (idempotent)."""
     store = app.store()
     if hasattr(store, "ensure_bucket"):
         store.ensure_bucket()
-    repo, created = Repository.init(store, compression_level=app.config.compression_level)
+    wanted = hash_name or app.config.hash
+    repo, created = Repository.init(store, compression_level=app.config.compression_level, hash_name=wanted)
+    if not created and (hash_name or app.config.hash_set) and repo.hash != wanted:
+        raise UsageError(f"repository {store.url} exists and uses hash {repo.hash}, not {wanted}; "
+                         f"a repository's hash cannot change (init a new one to use {wanted})")
     if created:
         app.audited({"repository": store.url})["summary"] = f"created repository {store.url}"
     app.out({"repository": store.url, "created": created, "id": repo.config.get("id"),
-             "format": repo.config.get("format")},
+             "format": repo.config.get("format"), "hash": repo.hash},
             lambda: app.info(f"{'created' if created else 'already exists:'} repository {store.url}"))
 
 

@@ -1,0 +1,113 @@
+"""The repository's content hash: BLAKE3 for repositories created now, SHA-256
+for older ones and on request.  Either names every chunk by its plaintext and
+digests every stream over its records; snapshots verify and restore the same
+way; a repository's hash is chosen once, at init."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import sqlalchemy as sa
+import zstandard
+from blake3 import blake3
+
+from test_foundation import make_table
+
+HASHES = {"blake3": lambda b: blake3(b).hexdigest(), "sha256": lambda b: hashlib.sha256(b).hexdigest()}
+
+
+def chunk_plaintexts(repo_dir, stream: dict) -> list[tuple[str, bytes]]:
+    d = zstandard.ZstdDecompressor()
+    out = []
+    for cid, *_ in stream["chunks"]:
+        out.append((cid, d.decompress((repo_dir / "chunks" / cid[:2] / cid).read_bytes())))
+    return out
+
+
+def table_rows(url: str) -> list:
+    eng = sa.create_engine(url)
+    with eng.connect() as c:
+        rows = c.execute(sa.text("SELECT id, title, body, price, score FROM kb_chunks ORDER BY id")).all()
+    eng.dispose()
+    return rows
+
+
+@pytest.mark.parametrize("how", ["default", "flag-sha256", "config-sha256"])
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_chunks_named_and_streams_digested_by_the_repository_hash(request, tmp_path, cli, db, how):
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url"}[db])
+    eng = make_table(url, rows=3000)
+    eng.dispose()
+    want = "blake3" if how == "default" else "sha256"
+    extra = 'hash = "sha256"\n' if how == "config-sha256" else ""
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n{extra}\n[sources.db]\nbackend = "sql"\nurl = "{url}"\ntables = ["kb_chunks"]\n')
+    r = cli("--json", "init", *(["--hash", "sha256"] if how == "flag-sha256" else []))
+    assert r.code == 0, r.err
+    assert r.json()["hash"] == want
+    config = json.loads((tmp_path / "repo" / "config.json").read_text())
+    # a SHA-256 repository stays format 1, which older snapshotters read; a BLAKE3 one
+    # is format 2, which they refuse instead of calling every chunk corrupt
+    assert (config["hash"], config["format"]) == (want, 2 if want == "blake3" else 1)
+
+    snap = cli("--json", "snapshot", "--release", "v1")
+    assert snap.code == 0, snap.err
+    sid = snap.json()["id"]
+    manifest = json.loads(next((tmp_path / "repo" / "snapshots" / "v1").glob("*.json")).read_text())
+    assert manifest["format"] == config["format"]
+    stream = manifest["sources"]["db"]["streams"]["kb_chunks"]
+    chunks = chunk_plaintexts(tmp_path / "repo", stream)
+    assert len(chunks) >= 1
+    other = "sha256" if want == "blake3" else "blake3"
+    for cid, raw in chunks:
+        assert cid == HASHES[want](raw) != HASHES[other](raw)
+    assert stream["digest"] == f"{want}:" + HASHES[want](b"".join(raw for _, raw in chunks))
+
+    assert cli("verify", "--read-data").code == 0
+    before = table_rows(url)
+    eng = sa.create_engine(url)
+    with eng.begin() as c:
+        c.execute(sa.text("UPDATE kb_chunks SET body = 'drifted' WHERE id % 100 = 0"))
+        c.execute(sa.text("DELETE FROM kb_chunks WHERE id % 250 = 1"))
+    eng.dispose()
+    r = cli("--json", "restore", sid, "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert table_rows(url) == before
+
+    # a chunk whose content no longer matches its name is found, whichever the hash
+    cid, raw = chunks[0]
+    path = tmp_path / "repo" / "chunks" / cid[:2] / cid
+    path.chmod(0o644)
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw.replace(b"a", b"b", 1)))
+    r = cli("--json", "verify", "--read-data")
+    assert r.code == 3
+    assert "does not match its name" in r.out
+
+
+def test_hash_is_chosen_once(tmp_path, cli):
+    assert cli("--repo", "./repo", "init", "--hash", "sha256").code == 0
+    assert cli("--repo", "./repo", "init").code == 0  # idempotent: the repository keeps its hash
+    r = cli("--repo", "./repo", "init", "--hash", "blake3")
+    assert r.code == 2
+    assert "uses hash sha256" in r.err and len(r.err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "repo" / "config.json").read_text())["hash"] == "sha256"
+
+
+def test_unknown_hashes_are_refused(tmp_path, cli):
+    (tmp_path / "snapshotter.toml").write_text('[repository]\nurl = "./repo"\nhash = "md5"\n')
+    r = cli("init")
+    assert r.code == 2 and "repository.hash" in r.err
+    assert not (tmp_path / "repo").exists()
+
+    (tmp_path / "snapshotter.toml").write_text('[repository]\nurl = "./repo"\n')
+    assert cli("init").code == 0
+    cfg = tmp_path / "repo" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["hash"] = "sha3-512"
+    cfg.chmod(0o644)
+    cfg.write_text(json.dumps(doc))
+    r = cli("list")
+    assert r.code == 2
+    assert "sha3-512" in r.err and "does not know" in r.err and len(r.err.strip().splitlines()) == 1

@@ -227,14 +227,14 @@ class StreamWriter:
                 return
         D = self.D
         rest = lines[i:] if i else lines
-        if rc.single_leading_key:
-            keys = [line[:line.find(b"\t")] for line in rest]
-        else:
-            keys = [rc.key_bytes(line) for line in rest]
         crc = _crc32
         # (end of a run of lines, whether that run ends a chunk); lines after the
         # last boundary stay buffered for the next batch
-        runs = [(j + 1, True) for j, k in enumerate(keys) if not crc(k) % D]
+        if rc.single_leading_key:
+            runs = [(j, True) for j, line in enumerate(rest, 1) if not crc(line[:line.find(b"\t")]) % D]
+        else:
+            key_bytes = rc.key_bytes
+            runs = [(j, True) for j, line in enumerate(rest, 1) if not crc(key_bytes(line)) % D]
         if not runs or runs[-1][0] != len(rest):
             runs.append((len(rest), False))
         start = 0

@@ -11,6 +11,10 @@ def compile_project() -> None:
     install): run from a checkout where Python writes no bytecode (PYTHONDONTWRITEBYTECODE),
     every command would compile each module again, tens of milliseconds of start-up that
     no user pays."""
-    dirs = [d for name in ("snapshotter", "backends")
-            for d in (importlib.util.find_spec(name).submodule_search_locations or [])]
+    specs = {name: importlib.util.find_spec(name) for name in ("snapshotter", "backends")}
+    missing = [name for name, spec in specs.items() if spec is None]
+    if missing:
+        sys.exit(f"benchmark: cannot import {', '.join(missing)}: install the project first "
+                 f"(python3 -m pip install -e \".[test]\" from the checkout)")
+    dirs = [d for spec in specs.values() for d in (spec.submodule_search_locations or [])]
     subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=True)

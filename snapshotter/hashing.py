@@ -7,8 +7,8 @@ hashes; BLAKE3 hashes about four times as fast as SHA-256 does even with the
 CPU's SHA extensions, and every byte of a snapshot is hashed twice (its
 chunk's id and its stream's digest).
 
-A stream digest is written ``"<hash>:<hex>"``, so a digest names the hash
-that recomputes it (:func:`of_digest`), whichever repository it came from.
+A stream digest is written ``"<hash>:<hex>"``; a repository's manifests hold
+only digests of its own hash (checked when a manifest is read).
 """
 from __future__ import annotations
 
@@ -32,12 +32,6 @@ def constructor(name: str) -> Callable[..., Any]:
 
 def new(name: str, data: bytes = b"") -> Any:
     return constructor(name)(data)
-
-
-def of_digest(digest: str | None) -> str:
-    """The hash a stream digest was computed with (its prefix)."""
-    name = (digest or "").partition(":")[0]
-    return name if name in ALGORITHMS else "sha256"
 
 
 def digest_string(name: str, h: Any) -> str:

@@ -118,9 +118,14 @@ class Repository:
         if version not in READABLE_FORMATS:
             raise UsageError(f"repository format {version!r} at {store.url} is not supported by this "
                              f"snapshotter (it reads formats {', '.join(map(str, READABLE_FORMATS))})")
-        if config.get("hash", "sha256") not in hashing.ALGORITHMS:
+        hash_name = config.get("hash", "sha256")
+        if hash_name not in hashing.ALGORITHMS:
             raise UsageError(f"repository at {store.url} names its chunks by hash {config.get('hash')!r}, "
                              f"which this snapshotter does not know (it knows {', '.join(hashing.ALGORITHMS)})")
+        if version != format_for(hash_name):
+            # a format-1 reader would take a blake3 repository for a SHA-256 one
+            raise IntegrityError(f"{store.url}/config.json is inconsistent: format {version} with hash "
+                                 f"{hash_name!r} (a {hash_name} repository is format {format_for(hash_name)})")
         return cls(store, config, compression_level=compression_level)
 
     # -- chunks --------------------------------------------------------------
@@ -212,8 +217,22 @@ class Repository:
             # a newer format may mean something this reader would get wrong (docs/design.md)
             raise UsageError(f"manifest {ref.object} has format {doc.get('format')!r}; this snapshotter reads "
                              f"formats {', '.join(map(str, READABLE_FORMATS))}")
+        self._check_digests(ref, doc)
         self._manifest_cache[ref.id] = doc
         return doc
+
+    def _check_digests(self, ref: SnapshotRef, doc: dict) -> None:
+        """Every stream digest must be of the repository's hash: a manifest copied from a
+        repository of another hash, or edited, would otherwise fail later as corrupt chunks."""
+        sources = doc.get("sources")
+        for sname, src in (sources.items() if isinstance(sources, dict) else ()):
+            streams = src.get("streams") if isinstance(src, dict) else None
+            for stname, st in (streams.items() if isinstance(streams, dict) else ()):
+                digest = st.get("digest") if isinstance(st, dict) else None
+                if not isinstance(digest, str) or digest.partition(":")[0] != self.hash:
+                    raise IntegrityError(f"manifest {ref.object}: stream {sname}/{stname} has digest "
+                                         f"{str(digest)[:24]!r}, not a {self.hash} digest as this repository's "
+                                         f"chunks and digests are")
 
     def manifests(self, release: str | None = None) -> Iterator[dict]:
         """Every manifest, newest first (lazily: only as many are read as are consumed).

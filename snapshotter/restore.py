@@ -365,7 +365,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         writer.add(key, rec)
 
     # the snapshot's records are hashed as its manifest's digest was
-    alg = hashing.of_digest(t.entry.get("digest"))
+    alg = repo.hash  # load_manifest checked that its digests are the repository's hash
     lines = _live_lines(reader, t, live_spec, sel.sessions)
     if lines is not None:
         digest = BackgroundHash(alg)
@@ -669,7 +669,7 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
                             ok = False
                             result.problems.append(f"{source}/{t.stream}: {problem}")
                         continue
-                alg = hashing.of_digest(plan.snapshot_digest)
+                alg = repo.hash
                 h = hashing.new(alg)
                 n = 0
                 lines = _live_lines(reader, t, spec, sel.sessions)

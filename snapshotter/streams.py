@@ -330,7 +330,7 @@ class StreamWriter:
         }
 
 
-def stream_digest_of(records: Iterator[tuple[Any, Any]], hash_name: str = hashing.DEFAULT) -> tuple[str, int]:
+def stream_digest_of(records: Iterator[tuple[Any, Any]], hash_name: str) -> tuple[str, int]:
     """Digest and count of records as a live store returns them (same rule as the writer)."""
     h = hashing.new(hash_name)
     n = 0

@@ -65,7 +65,7 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
 
 
 def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progress) -> bool:
-    alg = hashing.of_digest(st.get("digest"))
+    alg = repo.hash  # load_manifest checked that the digest is of this hash
     h = hashing.new(alg)
     ok = True
     futures: deque = deque()

@@ -111,3 +111,62 @@ def test_unknown_hashes_are_refused(tmp_path, cli):
     r = cli("list")
     assert r.code == 2
     assert "sha3-512" in r.err and "does not know" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_hash_flag_reads_its_environment_variable(tmp_path, cli, monkeypatch):
+    # every flag reads SNAPSHOTTER_<COMMAND>_<FLAG>, also where the code names it otherwise
+    monkeypatch.setenv("SNAPSHOTTER_INIT_HASH", "sha256")
+    r = cli("--repo", "./repo", "--json", "init")
+    assert r.code == 0, r.err
+    assert r.json()["hash"] == "sha256"
+    monkeypatch.setenv("SNAPSHOTTER_INIT_HASH", "md5")
+    r = cli("--repo", "./other", "init")
+    assert r.code == 2 and "md5" in r.err
+    assert not (tmp_path / "other").exists()
+
+
+def test_inconsistent_config_json_is_refused(tmp_path, cli):
+    # format 1 is read as SHA-256 by older snapshotters: a blake3 repository that says
+    # format 1 would be taken for a corrupt one, so it is refused before anything is read
+    assert cli("--repo", "./repo", "init").code == 0
+    cfg = tmp_path / "repo" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["format"] = 1
+    cfg.chmod(0o644)
+    cfg.write_text(json.dumps(doc))
+    r = cli("--repo", "./repo", "list")
+    assert r.code == 3
+    assert "inconsistent" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("prefix", ["md5", "sha256"])
+def test_manifest_digest_of_another_hash_is_refused(tmp_path, cli, sqlite_url, prefix):
+    # a manifest copied from a repository of another hash (or edited) is reported as such,
+    # before any chunk is read and before anything is written to the live store
+    eng = make_table(sqlite_url, rows=500)
+    eng.dispose()
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{sqlite_url}"\n'
+        f'tables = ["kb_chunks"]\n')
+    assert cli("init").code == 0
+    sid = cli("--json", "snapshot", "--release", "v1").json()["id"]
+    path = next((tmp_path / "repo" / "snapshots" / "v1").glob("*.json"))
+    doc = json.loads(path.read_text())
+    stream = doc["sources"]["db"]["streams"]["kb_chunks"]
+    stream["digest"] = prefix + ":" + stream["digest"].partition(":")[2]
+    path.chmod(0o644)
+    path.write_text(json.dumps(doc))
+    before = table_rows(sqlite_url)
+    eng = sa.create_engine(sqlite_url)
+    with eng.begin() as c:
+        c.execute(sa.text("UPDATE kb_chunks SET body = 'drifted' WHERE id % 10 = 0"))
+    eng.dispose()
+    drifted = table_rows(sqlite_url)
+    assert drifted != before
+    for args in (("show", sid), ("diff", sid), ("restore", sid, "--yes")):
+        r = cli(*args)
+        assert r.code == 3, (args, r.err)
+        assert "not a blake3 digest" in r.err and len(r.err.strip().splitlines()) == 1
+    assert table_rows(sqlite_url) == drifted
+    r = cli("--json", "verify")
+    assert r.code == 3 and "not a blake3 digest" in r.out

@@ -164,7 +164,27 @@ class LazyGroup(click.Group):
         if name not in self.commands and name in COMMAND_MODULES:
             import importlib
             importlib.import_module(f"{__name__}.{COMMAND_MODULES[name]}")
-        return self.commands.get(name)
+        cmd = self.commands.get(name)
+        if cmd is not None:
+            flag_envvars(cmd, f"SNAPSHOTTER_{name}")
+        return cmd
+
+
+def flag_envvars(cmd: click.Command, prefix: str) -> None:
+    """``SNAPSHOTTER_<COMMAND>_<FLAG>`` for every option, named after its long flag.
+
+    Click's automatic name comes from the option's Python parameter, which differs from
+    the flag where the code renames it (``--hash`` is ``hash_name``, ``--source`` of
+    ``snapshot`` is ``sources``); the README promises the flag's name."""
+    prefix = prefix.upper().replace("-", "_")
+    for param in cmd.params:
+        if not isinstance(param, click.Option) or param.envvar is not None or not param.allow_from_autoenv:
+            continue
+        longs = [o for o in param.opts if o.startswith("--")]
+        if longs:
+            param.envvar = f"{prefix}_{max(longs, key=len)[2:].upper().replace('-', '_')}"
+    for sub_name, sub in getattr(cmd, "commands", {}).items():
+        flag_envvars(sub, f"{prefix}_{sub_name}")
 
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)

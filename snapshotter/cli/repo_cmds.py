@@ -165,7 +165,7 @@ def backends(app: App):
     """Installed backend plugins and their options."""
     from ..backend import available_backends, load_backend
     out = []
-    for name in sorted(available_backends()):
+    for name in available_backends():
         try:
             cls = load_backend(name)
         except UsageError as exc:

@@ -180,3 +180,27 @@ def test_commands_that_touch_no_source_do_not_load_database_or_vector_libraries(
     p = subprocess.run([sys.executable, "-c", prog], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "LOADED []" in p.stdout, p.stdout
+
+
+def test_every_command_flag_reads_its_environment_variable(monkeypatch):
+    """README: a command's flag also reads SNAPSHOTTER_<COMMAND>_<FLAG> (subcommands
+    included), named after the flag even where the code names the value otherwise."""
+    import click
+
+    seen = 0
+    for top in root.list_commands(click.Context(root)):
+        stack = [(root.get_command(click.Context(root), top), [top])]
+        while stack:
+            cmd, path = stack.pop()
+            stack.extend((sub, path + [n]) for n, sub in getattr(cmd, "commands", {}).items())
+            for param in cmd.params:
+                longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+                if not isinstance(param, click.Option) or not longs or longs[0] == "--help":
+                    continue
+                var = "_".join(["SNAPSHOTTER", *path, max(longs, key=len)[2:]]).upper().replace("-", "_")
+                monkeypatch.setenv(var, "from-env")
+                ctx = click.Context(cmd, auto_envvar_prefix="_".join(["SNAPSHOTTER", *path]).upper())
+                assert param.resolve_envvar_value(ctx) == "from-env", (path, param.name, var)
+                monkeypatch.delenv(var)
+                seen += 1
+    assert seen > 30

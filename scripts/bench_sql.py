@@ -10,13 +10,18 @@ alternation, --runs times each:
 * ``python -m snapshotter snapshot`` into a fresh local repository (the real
   CLI in a child process): wall time, repository bytes, peak RSS of the child;
 * with --generic, the same snapshot with the COPY fast path switched off
-  (``SNAPSHOTTER_PG_COPY=0``), for comparison.
+  (``SNAPSHOTTER_PG_COPY=0``), for comparison;
+* with --floor, the least a Python client can do for the same result: the rows
+  through ``COPY`` in key order (libpq directly, as the snapshot reads them),
+  joined into 2.8 MB buffers, ``zstd -3`` in one thread per CPU, one file each;
+  no chunk boundaries, hashes, manifest, SQLAlchemy or CLI.  What the snapshot
+  costs over it is snapshotter's own overhead.
 
 Medians are printed, with the ratios the targets are stated in (snapshot time
 no more than pg_dump's, repository no larger than its output, RSS < 300 MB).
 The scratch database is dropped at the end unless --keep.
 
-    python scripts/bench_sql.py [--rows 500000] [--runs 3] [--generic] [--json]
+    python scripts/bench_sql.py [--rows 500000] [--runs 3] [--generic] [--floor] [--json]
 """
 from __future__ import annotations
 
@@ -119,6 +124,73 @@ def run_pg_dump(db: str, work: str) -> dict:
     return {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": size}
 
 
+FLOOR = r"""
+import concurrent.futures, os, sys, threading
+import psycopg, zstandard
+url, table, out_dir = sys.argv[1:4]
+local = threading.local()
+
+def put(buf, i):
+    z = getattr(local, "z", None)
+    if z is None:
+        z = local.z = zstandard.ZstdCompressor(level=3, write_content_size=True)
+    with open(os.path.join(out_dir, str(i)), "wb") as fh:
+        fh.write(z.compress(buf))
+
+os.makedirs(out_dir, exist_ok=True)
+pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2)
+futures, out, size, i = [], [], 0, 0
+with psycopg.connect(url) as pg:
+    pg.isolation_level, pg.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
+    key = pg.execute("SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum)) "
+                     "FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                     "WHERE i.indrelid = %s::regclass AND i.indisprimary", (table,)).fetchone()[0]
+    pgconn = pg.pgconn
+    with pg.cursor().copy(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO STDOUT") as copy:
+        get, consume = pgconn.get_copy_data, pgconn.consume_input
+        while True:
+            n, data = get(1)
+            if n == 0:
+                consume()
+                n, data = get(1)
+                if n == 0:
+                    data = copy.read()
+                    if not data:
+                        break
+                    n = len(data)
+            if n < 0:
+                while pgconn.get_result() is not None:
+                    pass
+                copy._finished = True
+                break
+            out.append(bytes(data))
+            size += n
+            if size >= 2_800_000:
+                futures.append(pool.submit(put, b"".join(out), i))
+                i, out, size = i + 1, [], 0
+                while len(futures) > 2 * (os.cpu_count() or 2):
+                    futures.pop(0).result()
+        if out:
+            futures.append(pool.submit(put, b"".join(out), i))
+for f in futures:
+    f.result()
+"""
+
+
+def run_floor(db: str, work: str) -> dict:
+    out = os.path.join(work, "floor")
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR, db_url(db), TABLE, out])
+    code, usage = wait_child(proc)
+    wall = time.perf_counter() - t
+    if code != 0:
+        raise SystemExit(f"the floor client failed ({code})")
+    size = tree_bytes(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": size}
+
+
 def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
     repo = os.path.join(work, "repo")
     shutil.rmtree(repo, ignore_errors=True)
@@ -149,6 +221,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=500_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--generic", action="store_true", help="also time the generic (cursor) path")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a minimal COPY + zstd client (what snapshotter's overhead is measured from)")
     ap.add_argument("--db", help="use this existing database (its table is created if missing) and keep it")
     ap.add_argument("--keep", action="store_true", help="keep the scratch database")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -174,18 +248,20 @@ def main(argv=None) -> None:
             fh.write(f'[repository]\ncompression_level = 3\n\n[sources.db]\nbackend = "sql"\n'
                      f'url = "{sa_url}"\ntables = ["{TABLE}"]\n')
 
-        kinds = ["pg_dump", "snapshot"] + (["generic"] if args.generic else [])
+        kinds = ["pg_dump", "snapshot"] + (["generic"] if args.generic else []) + (["floor"] if args.floor else [])
         results: dict[str, list[dict]] = {k: [] for k in kinds}
         for i in range(args.runs):
             for kind in kinds:
                 if kind == "pg_dump":
                     r = run_pg_dump(db, work)
+                elif kind == "floor":
+                    r = run_floor(db, work)
                 else:
                     r = run_snapshot(config, work, generic=kind == "generic")
                 results[kind].append(r)
                 print(f"run {i + 1} {kind:8s} " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in r.items() if k != "digest"), file=sys.stderr)
-        digests = {r["digest"] for k in kinds if k != "pg_dump" for r in results[k]}
+        digests = {r["digest"] for k in kinds if k not in ("pg_dump", "floor") for r in results[k]}
         if len(digests) != 1:
             raise SystemExit(f"paths disagree: stream digests {sorted(digests)}")
 
@@ -202,6 +278,9 @@ def main(argv=None) -> None:
         if args.generic:
             summary["snapshot_generic"] = {"seconds": med("generic", "seconds"), "cpu": med("generic", "cpu"),
                                            "bytes": int(med("generic", "bytes")), "rss_mb": med("generic", "rss_mb")}
+        if args.floor:
+            summary["floor"] = {"seconds": med("floor", "seconds"), "cpu": med("floor", "cpu"),
+                                "bytes": int(med("floor", "bytes"))}
         summary["time_ratio"] = summary["snapshot"]["seconds"] / summary["pg_dump_zstd"]["seconds"]
         summary["size_ratio"] = summary["snapshot"]["bytes"] / summary["pg_dump_zstd"]["bytes"]
         summary["targets_met"] = {"time": summary["time_ratio"] <= 1.0, "size": summary["size_ratio"] <= 1.0,
@@ -219,6 +298,10 @@ def main(argv=None) -> None:
                 g = summary["snapshot_generic"]
                 print(f"snapshot (generic)   {g['seconds']:7.2f} s {g['cpu']:7.2f} s {g['bytes'] / 1e6:7.1f} MB"
                       f"  peak RSS {g['rss_mb']:.0f} MB")
+            if args.floor:
+                f = summary["floor"]
+                print(f"floor (COPY + zstd)  {f['seconds']:7.2f} s {f['cpu']:7.2f} s {f['bytes'] / 1e6:7.1f} MB"
+                      f"  ({f['seconds'] / d['seconds']:.2f}x pg_dump; snapshot {s['seconds'] / f['seconds']:.2f}x floor)")
             print("(cpu: user+sys of the client processes; the server's share is not counted)")
             print(f"snapshot / pg_dump: time {summary['time_ratio']:.2f}x, size {summary['size_ratio']:.2f}x")
             print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in summary["targets_met"].items()))

@@ -159,9 +159,14 @@ with psycopg.connect(url) as pg:
                         break
                     n = len(data)
             if n < 0:
-                while pgconn.get_result() is not None:
-                    pass
+                if n != -1:
+                    sys.exit(pgconn.error_message.decode(errors="replace"))
+                results = []
+                while (res := pgconn.get_result()) is not None:
+                    results.append(res)
                 copy._finished = True
+                if any(r.status != psycopg.pq.ExecStatus.COMMAND_OK for r in results):
+                    sys.exit("COPY failed: " + pgconn.error_message.decode(errors="replace"))
                 break
             out.append(bytes(data))
             size += n

@@ -288,6 +288,11 @@ def load_backend(name: str, *, where: str = "") -> type[SourceBackend]:
     except ImportError as exc:
         raise ConfigError(f"{where}backend {name!r} cannot be loaded: {exc} "
                           f"(is its optional dependency installed?)") from exc
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's module may fail in any way when imported
+        raise ConfigError(f"{where}backend {name!r} cannot be loaded: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from exc
     if not (isinstance(cls, type) and issubclass(cls, SourceBackend)):
         raise ConfigError(f"{where}entry point {name!r} is not a snapshotter source backend")
     return cls

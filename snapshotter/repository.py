@@ -217,20 +217,22 @@ class Repository:
             # a newer format may mean something this reader would get wrong (docs/design.md)
             raise UsageError(f"manifest {ref.object} has format {doc.get('format')!r}; this snapshotter reads "
                              f"formats {', '.join(map(str, READABLE_FORMATS))}")
-        self._check_digests(ref, doc)
         self._manifest_cache[ref.id] = doc
         return doc
 
-    def _check_digests(self, ref: SnapshotRef, doc: dict) -> None:
+    def check_digests(self, doc: dict) -> None:
         """Every stream digest must be of the repository's hash: a manifest copied from a
-        repository of another hash, or edited, would otherwise fail later as corrupt chunks."""
+        repository of another hash, or edited, would otherwise fail later as corrupt chunks.
+        Checked where a manifest's chunks or digests are used (show, diff, restore, verify,
+        a new snapshot's parent), not by listing, forget or prune, which a damaged
+        manifest must not stop."""
         sources = doc.get("sources")
         for sname, src in (sources.items() if isinstance(sources, dict) else ()):
             streams = src.get("streams") if isinstance(src, dict) else None
             for stname, st in (streams.items() if isinstance(streams, dict) else ()):
                 digest = st.get("digest") if isinstance(st, dict) else None
                 if not isinstance(digest, str) or digest.partition(":")[0] != self.hash:
-                    raise IntegrityError(f"manifest {ref.object}: stream {sname}/{stname} has digest "
+                    raise IntegrityError(f"manifest {doc.get('id')}: stream {sname}/{stname} has digest "
                                          f"{str(digest)[:24]!r}, not a {self.hash} digest as this repository's "
                                          f"chunks and digests are")
 

@@ -47,7 +47,9 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
     if snapshot:
         if release or before:
             raise UsageError("give either SNAPSHOT or --release [--before], not both")
-        return repo.load_manifest(repo.resolve(snapshot))
+        manifest = repo.load_manifest(repo.resolve(snapshot))
+        repo.check_digests(manifest)
+        return manifest
     if not release:
         raise UsageError("name a SNAPSHOT, or --release R to restore that release's newest known-good snapshot")
     good = repo.good_ids()
@@ -57,8 +59,10 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
             continue
         candidates.append(m)
         if m["id"] in good:
+            repo.check_digests(m)
             return m
     if candidates:
+        repo.check_digests(candidates[0])
         return candidates[0]
     when = f" taken before {iso(before)}" if before else ""
     raise NotFound(f"no snapshot of release {release!r}{when}")
@@ -365,7 +369,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         writer.add(key, rec)
 
     # the snapshot's records are hashed as its manifest's digest was
-    alg = repo.hash  # load_manifest checked that its digests are the repository's hash
+    alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
     lines = _live_lines(reader, t, live_spec, sel.sessions)
     if lines is not None:
         digest = BackgroundHash(alg)

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .backend import StreamChanged
 from .config import Config
-from .errors import SnapshotterError, SourceError, UsageError
+from .errors import IntegrityError, SnapshotterError, SourceError, UsageError
 from .names import iso, new_snapshot_id, utcnow, current_user
 from .repository import Repository
 from .streams import ChunkUploader, StreamWriter
@@ -23,6 +23,12 @@ def parent_streams(repo: Repository, release: str) -> tuple[dict, dict[str, int]
     params: dict = {}
     known: dict[str, int] = {}
     if parent is None:
+        return params, known
+    try:
+        repo.check_digests(parent)
+    except IntegrityError:
+        # a damaged parent (verify reports it) lends nothing: its chunk list may name
+        # chunks this repository does not have, which "known" would skip writing
         return params, known
     for sname, src in parent.get("sources", {}).items():
         for stname, st in src.get("streams", {}).items():

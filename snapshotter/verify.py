@@ -28,6 +28,7 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
         for ref in refs:
             try:
                 manifest = repo.load_manifest(ref)
+                repo.check_digests(manifest)
             except (IntegrityError, NotFound) as exc:
                 problem(ref.id, ref.object, exc.message)
                 continue
@@ -65,7 +66,7 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
 
 
 def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progress) -> bool:
-    alg = repo.hash  # load_manifest checked that the digest is of this hash
+    alg = repo.hash  # check_digests made sure the digest is of this hash
     h = hashing.new(alg)
     ok = True
     futures: deque = deque()

@@ -198,9 +198,22 @@ def test_every_command_flag_reads_its_environment_variable(monkeypatch):
                 if not isinstance(param, click.Option) or not longs or longs[0] == "--help":
                     continue
                 var = "_".join(["SNAPSHOTTER", *path, max(longs, key=len)[2:]]).upper().replace("-", "_")
-                monkeypatch.setenv(var, "from-env")
                 ctx = click.Context(cmd, auto_envvar_prefix="_".join(["SNAPSHOTTER", *path]).upper())
+                # click's own name, from the code's parameter, is not read where it differs
+                derived = "_".join(["SNAPSHOTTER", *path, param.name]).upper()
+                if derived != var:
+                    monkeypatch.setenv(derived, "from-param-name")
+                    assert param.resolve_envvar_value(ctx) is None, (path, param.name, derived)
+                    monkeypatch.delenv(derived)
+                monkeypatch.setenv(var, "from-env")
                 assert param.resolve_envvar_value(ctx) == "from-env", (path, param.name, var)
                 monkeypatch.delenv(var)
                 seen += 1
     assert seen > 30
+
+
+def test_version_is_not_taken_from_the_environment(tmp_path, cli, monkeypatch):
+    # SNAPSHOTTER_VERSION set for some other purpose must not turn every command into --version
+    monkeypatch.setenv("SNAPSHOTTER_VERSION", "1")
+    r = cli("--repo", "r", "--json", "init")
+    assert r.code == 0 and r.json()["created"] is True

@@ -119,6 +119,11 @@ def test_hash_flag_reads_its_environment_variable(tmp_path, cli, monkeypatch):
     r = cli("--repo", "./repo", "--json", "init")
     assert r.code == 0, r.err
     assert r.json()["hash"] == "sha256"
+    # the name click would derive from the code's parameter is not read
+    monkeypatch.delenv("SNAPSHOTTER_INIT_HASH")
+    monkeypatch.setenv("SNAPSHOTTER_INIT_HASH_NAME", "sha256")
+    r = cli("--repo", "./third", "--json", "init")
+    assert r.code == 0 and r.json()["hash"] == "blake3"
     monkeypatch.setenv("SNAPSHOTTER_INIT_HASH", "md5")
     r = cli("--repo", "./other", "init")
     assert r.code == 2 and "md5" in r.err
@@ -163,10 +168,22 @@ def test_manifest_digest_of_another_hash_is_refused(tmp_path, cli, sqlite_url, p
     eng.dispose()
     drifted = table_rows(sqlite_url)
     assert drifted != before
-    for args in (("show", sid), ("diff", sid), ("restore", sid, "--yes")):
+    for args in (("show", sid), ("diff", sid), ("restore", sid, "--yes"), ("restore", "--release", "v1", "--yes")):
         r = cli(*args)
         assert r.code == 3, (args, r.err)
         assert "not a blake3 digest" in r.err and len(r.err.strip().splitlines()) == 1
     assert table_rows(sqlite_url) == drifted
     r = cli("--json", "verify")
     assert r.code == 3 and "not a blake3 digest" in r.out
+    # the damaged manifest stops none of the commands that do not use its chunks: it is
+    # listed, can be forgotten, and the next snapshot (whose parent it would be) is whole
+    r = cli("--json", "list")
+    assert r.code == 0 and [s["id"] for s in r.json()] == [sid]
+    r = cli("--json", "snapshot", "--release", "v1")
+    assert r.code == 0, r.err
+    new = r.json()["id"]
+    assert cli("verify", new, "--read-data").code == 0
+    r = cli("--json", "forget", "--keep-last", "1")
+    assert r.code == 0, r.err
+    assert [s["id"] for s in cli("--json", "list").json()] == [new]
+    assert cli("verify").code == 0

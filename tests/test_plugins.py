@@ -39,7 +39,10 @@ def install_plugin(site: Path) -> None:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ledger-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
-        "[snapshotter.backends]\nledger = ledger_plugin:LedgerBackend\nsql = ledger_plugin:Impostor\n")
+        "[snapshotter.backends]\nledger = ledger_plugin:LedgerBackend\nsql = ledger_plugin:Impostor\n"
+        "broken = ledger_plugin.broken:Backend\n")
+    # a module that fails as it is imported, with something other than ImportError
+    (site / "ledger_plugin" / "broken.py").write_text('raise RuntimeError("needs LEDGER_HOME")\n')
 
 
 def test_builtin_table_matches_the_registered_entry_points():
@@ -67,6 +70,9 @@ def test_an_installed_plugin_is_listed_and_snapshots(tmp_path):
     # a plugin cannot take over a built-in name
     assert found["sql"]["module"] == "backends.sql:SQLBackend"
     assert {"conversation", "chroma"} <= set(found)
+    # a plugin that cannot be imported is listed as such, and hides nothing else
+    assert "RuntimeError: needs LEDGER_HOME" in found["broken"]["error"]
+    assert "module" not in found["broken"]
 
     (tmp_path / "snapshotter.toml").write_text(
         f'[repository]\nurl = "./repo"\n\n[sources.books]\nbackend = "ledger"\nurl = "sqlite:///{db}"\n')
@@ -76,6 +82,14 @@ def test_an_installed_plugin_is_listed_and_snapshots(tmp_path):
     snap = json.loads(r.out)
     assert snap["sources"]["books"]["backend"] == "ledger"
     assert snap["sources"]["books"]["streams"]["entries"]["records"] == 2
+
+    # a source on the broken plugin: one line, exit 2, nothing written
+    (tmp_path / "broken.toml").write_text(
+        f'[repository]\nurl = "./repo"\n\n[sources.x]\nbackend = "broken"\nurl = "sqlite:///{db}"\n')
+    r = run_cli_subprocess("--config", "broken.toml", "snapshot", "--release", "v2", env=env, cwd=tmp_path)
+    assert r.code == 2, r.err
+    assert "backend 'broken' cannot be loaded: RuntimeError: needs LEDGER_HOME" in r.err
+    assert len(r.err.strip().splitlines()) == 1
 
     # without the plugin installed, the config names an unknown backend: one line, exit 2
     r = run_cli_subprocess("snapshot", "--release", "v1", cwd=tmp_path)

@@ -183,12 +183,15 @@ def flag_envvars(cmd: click.Command, prefix: str) -> None:
         longs = [o for o in param.opts if o.startswith("--")]
         if longs:
             param.envvar = f"{prefix}_{max(longs, key=len)[2:].upper().replace('-', '_')}"
+            # and not click's name from the parameter as well (SNAPSHOTTER_INIT_HASH_NAME; two
+            # flags of one parameter, --stale/--all of unlock, would share SNAPSHOTTER_UNLOCK_MODE)
+            param.allow_from_autoenv = False
     for sub_name, sub in getattr(cmd, "commands", {}).items():
         flag_envvars(sub, f"{prefix}_{sub_name}")
 
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
-@click.version_option(__version__, prog_name="snapshotter")
+@click.version_option(__version__, prog_name="snapshotter", allow_from_autoenv=False)  # not SNAPSHOTTER_VERSION
 @click.option("--config", "config_path", metavar="PATH", envvar="SNAPSHOTTER_CONFIG", type=click.Path(dir_okay=False),
               help="Config file (default: $SNAPSHOTTER_CONFIG, else ./snapshotter.toml).")
 @click.option("--repo", "repo_url", metavar="URL", envvar="SNAPSHOTTER_REPO", help="Repository URL; overrides [repository] url.")

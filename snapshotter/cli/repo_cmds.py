@@ -89,6 +89,7 @@ def show(app: App, snapshot):
     repo = app.repo
     ref = repo.resolve(snapshot)
     m = repo.load_manifest(ref)
+    repo.check_digests(m)
     s = summary(m, good=ref.id in repo.good_ids(), with_schema=True)
 
     def human():

@@ -3,7 +3,7 @@
 A repository names its hash in ``config.json`` (``"hash"``), chosen once by
 ``init``: ``blake3`` for repositories created now, ``sha256`` for older ones
 or when asked for (``init --hash sha256``).  Both are 256-bit cryptographic
-hashes; BLAKE3 hashes about four times as fast as SHA-256 does even with the
+hashes; BLAKE3 hashes 1.5 to 4 times as fast as SHA-256 does even with the
 CPU's SHA extensions, and every byte of a snapshot is hashed twice (its
 chunk's id and its stream's digest).
 

@@ -212,6 +212,9 @@ def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
         return column
     d = dialect(conn)
     if d == "postgresql":
+        if "CITEXT" in type_text.upper():
+            # citext compares case-folded whatever the collation ('a' < 'B'); its text does not
+            return sa.cast(column, sa.Text).collate("C")
         return column.collate("C")
     if d in ("mysql", "mariadb"):
         return sa.cast(column, sa.LargeBinary)

@@ -313,3 +313,42 @@ def test_snapshot_digests_agree_whichever_path_ran(pg_url, db, cli, tmp_path, mo
         digests[switch] = {name: st["digest"] for name, st in r.json()["sources"]["db"]["streams"].items()}
     assert set(digests["1"]) == {"awkward", "turns", "docs", "events"}
     assert digests["1"] == digests["0"]
+
+
+def test_citext_keys_snapshot_and_restore_on_both_paths(pg_url, cli, tmp_path, monkeypatch):
+    """citext orders case-folded ('a' before 'B') even under COLLATE "C"; a stream must
+    be in code-point order, so such keys are ordered by their text."""
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS citext")
+        c.exec_driver_sql("CREATE TABLE handles (handle citext PRIMARY KEY, owner text)")
+        c.exec_driver_sql("INSERT INTO handles SELECT CASE WHEN i %% 2 = 0 THEN upper(chr(97 + i %% 26)) "
+                          "ELSE chr(97 + i %% 26) END || i, 'owner ' || i FROM generate_series(1, 3000) i")
+
+    def rows():
+        with eng.connect() as c:
+            return c.exec_driver_sql("SELECT handle::text, owner FROM handles ORDER BY handle::text COLLATE \"C\"").all()
+
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{pg_url}"\ntables = ["handles"]\n')
+    assert cli("init").code == 0
+    before = rows()
+    snaps = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(pgcopy.ENV_SWITCH, switch)
+        r = cli("--json", "snapshot", "--release", f"r{switch}")
+        assert r.code == 0, r.err
+        snaps[switch] = r.json()
+    st = {s: snaps[s]["sources"]["db"]["streams"]["handles"] for s in snaps}
+    assert st["1"]["records"] == 3000 and st["1"]["digest"] == st["0"]["digest"]
+
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE handles SET owner = 'drifted' WHERE right(handle::text, 1) = '7'")
+        c.exec_driver_sql("DELETE FROM handles WHERE right(handle::text, 1) = '3'")
+        c.exec_driver_sql("INSERT INTO handles VALUES ('Zz-new', 'new'), ('aa-new', 'new')")
+    monkeypatch.setenv(pgcopy.ENV_SWITCH, "1")
+    r = cli("--json", "restore", snaps["1"]["id"], "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert rows() == before
+    eng.dispose()

@@ -34,6 +34,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from snapshotter.errors import SourceError
+
 from . import lazy_module
 
 if TYPE_CHECKING:
@@ -388,6 +390,17 @@ def _copy_messages(pg, copy, batch: int) -> Iterator[list[bytes]]:
 
 def _to_utf8(lines: list[bytes], encoding: str) -> list[bytes]:
     return [line.decode(encoding).encode("utf-8") for line in lines]
+
+
+def from_utf8(lines: list[bytes], encoding: str, where: str) -> list[bytes]:
+    """Stored (UTF-8) lines in a connection's client encoding, for COPY FROM."""
+    if encoding == "utf-8":
+        return lines
+    try:
+        return [line.decode("utf-8").encode(encoding) for line in lines]
+    except UnicodeEncodeError as exc:
+        raise SourceError(f"{where}: the snapshot holds {exc.object[exc.start:exc.end]!r}, which the "
+                          f"database's encoding ({encoding}) cannot store") from None
 
 
 def cursor_lines(conn: Connection, stmt: sa.Select, batch: int = LINE_BATCH) -> Iterator[list[bytes]]:

@@ -206,16 +206,32 @@ def is_text_type(type_text: str) -> bool:
     return any(w in t for w in ("CHAR", "TEXT", "CLOB", "STRING", "CITEXT", "NAME"))
 
 
+#: PostgreSQL server encodings whose byte order is code point order (LATIN1 maps bytes
+#: to U+0000-U+00FF one to one); in any other, text keys are ordered as UTF-8 bytes
+BYTES_IN_CODE_POINT_ORDER = {"UTF8", "SQL_ASCII", "LATIN1"}
+
+
+def _pg_server_encoding(conn: Connection) -> str:
+    cache = conn.info
+    if "snapshotter.server_encoding" not in cache:
+        cache["snapshotter.server_encoding"] = str(conn.exec_driver_sql("SHOW server_encoding").scalar()).upper()
+    return cache["snapshotter.server_encoding"]
+
+
 def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
     """ORDER BY term so the database sorts like Python does (code point order)."""
     if not is_text_type(type_text):
         return column
     d = dialect(conn)
     if d == "postgresql":
-        if "CITEXT" in type_text.upper():
-            # citext compares case-folded whatever the collation ('a' < 'B'); its text does not
-            return sa.cast(column, sa.Text).collate("C")
-        return column.collate("C")
+        citext = "CITEXT" in type_text.upper()
+        # citext compares case-folded whatever the collation ('a' < 'B'); its text does not
+        text = sa.cast(column, sa.Text) if citext else column
+        if _pg_server_encoding(conn) not in BYTES_IN_CODE_POINT_ORDER:
+            # COLLATE "C" compares the server encoding's bytes: in WIN1252 '€' (0x80) sorts
+            # before 'é' (0xE9); the same text as UTF-8 bytes sorts by code point
+            return sa.func.convert_to(text, sa.literal_column("'UTF8'"))
+        return text.collate("C")
     if d in ("mysql", "mariadb"):
         return sa.cast(column, sa.LargeBinary)
     if d == "sqlite":
@@ -478,7 +494,8 @@ def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list
                              f"SELECT {cols} FROM {target} WITH NO DATA")
         conn.exec_driver_sql(f"TRUNCATE {stage}")
         with pg.cursor() as cur, cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
-            copy.write(b"".join(lines))
+            # stored lines are UTF-8; the server reads COPY data in the client encoding
+            copy.write(b"".join(pgcopy.from_utf8(lines, pg.info.encoding, target)))
         match = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)
         conn.exec_driver_sql(f"DELETE FROM {target} AS t USING {stage} AS s WHERE {match}")
         conn.exec_driver_sql(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}")

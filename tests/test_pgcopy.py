@@ -352,3 +352,62 @@ def test_citext_keys_snapshot_and_restore_on_both_paths(pg_url, cli, tmp_path, m
     assert r.json()["verified"] is True
     assert rows() == before
     eng.dispose()
+
+
+@pytest.fixture
+def win1252_url():
+    """A database in WIN1252, where COLLATE "C" orders '€' (0x80) before 'é' (0xE9)."""
+    from conftest import PG_ADMIN_URL, service_down
+    import secrets
+    name = "snap_w1252_" + secrets.token_hex(3)
+    try:
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.exec_driver_sql(f"CREATE DATABASE \"{name}\" ENCODING 'WIN1252' LC_COLLATE 'C' LC_CTYPE 'C' "
+                              f"TEMPLATE template0")
+    except Exception as exc:  # noqa: BLE001 - the service is not usable
+        service_down("PostgreSQL", str(exc).splitlines()[0])
+    yield sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def test_non_utf8_database_keys_in_code_point_order_and_restored(win1252_url, cli, tmp_path, monkeypatch):
+    eng = sa.create_engine(win1252_url, connect_args={"client_encoding": "utf8"})
+    words = ["a", "z", "é", "€uro", "Ž", "b€", "ë-old", "œuvre", "naïve", "Ωmega"[1:]]
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE words (w text PRIMARY KEY, n integer)")
+        c.execute(sa.text("INSERT INTO words VALUES (:w, :n)"), [{"w": w, "n": i} for i, w in enumerate(words)])
+
+    def rows():
+        with eng.connect() as c:
+            return sorted(c.exec_driver_sql("SELECT w, n FROM words").all())
+
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{win1252_url}"\n')
+    assert cli("init").code == 0
+    snaps = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(pgcopy.ENV_SWITCH, switch)
+        r = cli("--json", "snapshot", "--release", f"r{switch}")
+        assert r.code == 0, r.err
+        snaps[switch] = r.json()
+    st = {s: snaps[s]["sources"]["db"]["streams"]["words"] for s in snaps}
+    assert st["1"]["digest"] == st["0"]["digest"]
+    before = rows()
+
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')")
+        c.exec_driver_sql("DELETE FROM words WHERE w = 'Ž'")
+        c.exec_driver_sql("INSERT INTO words VALUES ('ë', 99)")
+    monkeypatch.setenv(pgcopy.ENV_SWITCH, "1")
+    sid = snaps["1"]["id"]
+    r = cli("--json", "diff", sid)
+    assert r.code == 0, r.err
+    assert r.json()["plan"]["db"]["words"] == {"added": 1, "modified": 2, "deleted": 1}
+    r = cli("--json", "restore", sid, "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert rows() == before
+    eng.dispose()

@@ -233,7 +233,9 @@ def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
             return sa.func.convert_to(text, sa.literal_column("'UTF8'"))
         return text.collate("C")
     if d in ("mysql", "mariadb"):
-        return sa.cast(column, sa.LargeBinary)
+        # the bytes of the text as UTF-8: a latin1 column's own bytes (cp1252: '€' is 0x80)
+        # are not in code point order
+        return sa.cast(sa.func.convert(column, sa.literal_column("CHAR CHARACTER SET utf8mb4")), sa.LargeBinary)
     if d == "sqlite":
         return column.collate("BINARY")
     return column

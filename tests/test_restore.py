@@ -329,3 +329,38 @@ def test_restore_on_a_terminal_shows_the_plan_and_asks_with_no_transaction_open(
     assert code == 0 and "verified" in out, out
     assert raw_rows(eng) == original
     eng.dispose()
+
+
+def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
+    """A latin1 (cp1252) column's bytes put '€' (0x80) before 'Ž' and 'é': keys are
+    ordered by their UTF-8 bytes, so the stream is in code point order and diff and
+    restore merge it correctly."""
+    eng = sa.create_engine(mysql_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE words (w VARCHAR(20) CHARACTER SET latin1 PRIMARY KEY, n INT)")
+        c.execute(sa.text("INSERT INTO words VALUES (:w, :n)"),
+                  [{"w": w, "n": i} for i, w in enumerate(["a", "z", "é", "€uro", "Ž", "b€", "œuvre"])])
+
+    def rows():
+        with eng.connect() as c:
+            return sorted(c.exec_driver_sql("SELECT w, n FROM words").all())
+
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{mysql_url}"\ntables = ["words"]\n')
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r")
+    assert r.code == 0, r.err
+    sid = r.json()["id"]
+    before = rows()
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')")
+        c.exec_driver_sql("DELETE FROM words WHERE w = 'Ž'")
+        c.exec_driver_sql("INSERT INTO words VALUES ('ñ', 99)")
+    r = cli("--json", "diff", sid)
+    assert r.code == 0, r.err
+    assert r.json()["plan"]["db"]["words"] == {"added": 1, "modified": 2, "deleted": 1}
+    r = cli("--json", "restore", sid, "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert rows() == before
+    eng.dispose()

@@ -98,6 +98,22 @@ def cli(tmp_path):
     return CLI(tmp_path)
 
 
+def drift_then_restore(cli, eng, snapshot_id: str, table: str, statements: list[str], plan: dict, rows) -> None:
+    """Change the table, check that diff counts ``plan`` and that a restore verifies and gives
+    back what ``rows()`` returned before the change (the live table's content, in any order)."""
+    before = rows()
+    with eng.begin() as c:
+        for sql in statements:
+            c.exec_driver_sql(sql)
+    r = cli("--json", "diff", snapshot_id)
+    assert r.code == 0, r.err
+    assert r.json()["plan"]["db"][table] == plan
+    r = cli("--json", "restore", snapshot_id, "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert rows() == before
+
+
 def run_cli_subprocess(*args: str, env: dict | None = None, cwd=None, timeout: float = 120) -> Result:
     """The real console entry point in a child process (for signals, kill -9 and tracebacks)."""
     e = dict(os.environ)

@@ -15,6 +15,7 @@ sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 
 from backends import pgcopy, sqlbase  # noqa: E402
+from conftest import drift_then_restore  # noqa: E402
 from snapshotter import codec  # noqa: E402
 from snapshotter.errors import SourceError  # noqa: E402
 from snapshotter.streams import stream_digest_of  # noqa: E402
@@ -315,6 +316,20 @@ def test_snapshot_digests_agree_whichever_path_ran(pg_url, db, cli, tmp_path, mo
     assert digests["1"] == digests["0"]
 
 
+def snapshot_on_both_paths(cli, monkeypatch, table: str) -> dict:
+    """A snapshot through COPY and one through the cursor: their stream digests must agree.
+    Returns the COPY one (the path left switched on)."""
+    snaps = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(pgcopy.ENV_SWITCH, switch)
+        r = cli("--json", "snapshot", "--release", f"r{switch}")
+        assert r.code == 0, r.err
+        snaps[switch] = r.json()
+    digests = {s: snaps[s]["sources"]["db"]["streams"][table]["digest"] for s in snaps}
+    assert digests["1"] == digests["0"]
+    return snaps["1"]
+
+
 def test_citext_keys_snapshot_and_restore_on_both_paths(pg_url, cli, tmp_path, monkeypatch):
     """citext orders case-folded ('a' before 'B') even under COLLATE "C"; a stream must
     be in code-point order, so such keys are ordered by their text."""
@@ -327,30 +342,18 @@ def test_citext_keys_snapshot_and_restore_on_both_paths(pg_url, cli, tmp_path, m
 
     def rows():
         with eng.connect() as c:
-            return c.exec_driver_sql("SELECT handle::text, owner FROM handles ORDER BY handle::text COLLATE \"C\"").all()
+            return sorted(c.exec_driver_sql("SELECT handle::text, owner FROM handles").all())
 
     (tmp_path / "snapshotter.toml").write_text(
         f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{pg_url}"\ntables = ["handles"]\n')
     assert cli("init").code == 0
-    before = rows()
-    snaps = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(pgcopy.ENV_SWITCH, switch)
-        r = cli("--json", "snapshot", "--release", f"r{switch}")
-        assert r.code == 0, r.err
-        snaps[switch] = r.json()
-    st = {s: snaps[s]["sources"]["db"]["streams"]["handles"] for s in snaps}
-    assert st["1"]["records"] == 3000 and st["1"]["digest"] == st["0"]["digest"]
-
-    with eng.begin() as c:
-        c.exec_driver_sql("UPDATE handles SET owner = 'drifted' WHERE right(handle::text, 1) = '7'")
-        c.exec_driver_sql("DELETE FROM handles WHERE right(handle::text, 1) = '3'")
-        c.exec_driver_sql("INSERT INTO handles VALUES ('Zz-new', 'new'), ('aa-new', 'new')")
-    monkeypatch.setenv(pgcopy.ENV_SWITCH, "1")
-    r = cli("--json", "restore", snaps["1"]["id"], "--yes")
-    assert r.code == 0, r.err
-    assert r.json()["verified"] is True
-    assert rows() == before
+    snap = snapshot_on_both_paths(cli, monkeypatch, "handles")
+    assert snap["sources"]["db"]["streams"]["handles"]["records"] == 3000
+    drift_then_restore(cli, eng, snap["id"], "handles", [
+        "UPDATE handles SET owner = 'drifted' WHERE right(handle::text, 1) = '7'",
+        "DELETE FROM handles WHERE right(handle::text, 1) = '3'",
+        "INSERT INTO handles VALUES ('Zz-new', 'new'), ('aa-new', 'new')",
+    ], {"added": 2, "modified": 300, "deleted": 300}, rows)
     eng.dispose()
 
 
@@ -375,7 +378,7 @@ def win1252_url():
 
 def test_non_utf8_database_keys_in_code_point_order_and_restored(win1252_url, cli, tmp_path, monkeypatch):
     eng = sa.create_engine(win1252_url, connect_args={"client_encoding": "utf8"})
-    words = ["a", "z", "é", "€uro", "Ž", "b€", "ë-old", "œuvre", "naïve", "Ωmega"[1:]]
+    words = ["a", "z", "é", "€uro", "Ž", "b€", "ë-old", "œuvre", "naïve"]
     with eng.begin() as c:
         c.exec_driver_sql("CREATE TABLE words (w text PRIMARY KEY, n integer)")
         c.execute(sa.text("INSERT INTO words VALUES (:w, :n)"), [{"w": w, "n": i} for i, w in enumerate(words)])
@@ -387,27 +390,10 @@ def test_non_utf8_database_keys_in_code_point_order_and_restored(win1252_url, cl
     (tmp_path / "snapshotter.toml").write_text(
         f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{win1252_url}"\n')
     assert cli("init").code == 0
-    snaps = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(pgcopy.ENV_SWITCH, switch)
-        r = cli("--json", "snapshot", "--release", f"r{switch}")
-        assert r.code == 0, r.err
-        snaps[switch] = r.json()
-    st = {s: snaps[s]["sources"]["db"]["streams"]["words"] for s in snaps}
-    assert st["1"]["digest"] == st["0"]["digest"]
-    before = rows()
-
-    with eng.begin() as c:
-        c.exec_driver_sql("UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')")
-        c.exec_driver_sql("DELETE FROM words WHERE w = 'Ž'")
-        c.exec_driver_sql("INSERT INTO words VALUES ('ë', 99)")
-    monkeypatch.setenv(pgcopy.ENV_SWITCH, "1")
-    sid = snaps["1"]["id"]
-    r = cli("--json", "diff", sid)
-    assert r.code == 0, r.err
-    assert r.json()["plan"]["db"]["words"] == {"added": 1, "modified": 2, "deleted": 1}
-    r = cli("--json", "restore", sid, "--yes")
-    assert r.code == 0, r.err
-    assert r.json()["verified"] is True
-    assert rows() == before
+    snap = snapshot_on_both_paths(cli, monkeypatch, "words")
+    drift_then_restore(cli, eng, snap["id"], "words", [
+        "UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')",
+        "DELETE FROM words WHERE w = 'Ž'",
+        "INSERT INTO words VALUES ('ë', 99)",
+    ], {"added": 1, "modified": 2, "deleted": 1}, rows)
     eng.dispose()

@@ -18,6 +18,7 @@ from snapshotter import codec
 from snapshotter.objectstore import open_store
 from snapshotter.quarantine import bundles, iter_records
 from snapshotter.repository import Repository
+from conftest import drift_then_restore
 from tests.test_foundation import make_table
 
 ROWS = 2000
@@ -350,17 +351,9 @@ def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
     assert cli("init").code == 0
     r = cli("--json", "snapshot", "--release", "r")
     assert r.code == 0, r.err
-    sid = r.json()["id"]
-    before = rows()
-    with eng.begin() as c:
-        c.exec_driver_sql("UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')")
-        c.exec_driver_sql("DELETE FROM words WHERE w = 'Ž'")
-        c.exec_driver_sql("INSERT INTO words VALUES ('ñ', 99)")
-    r = cli("--json", "diff", sid)
-    assert r.code == 0, r.err
-    assert r.json()["plan"]["db"]["words"] == {"added": 1, "modified": 2, "deleted": 1}
-    r = cli("--json", "restore", sid, "--yes")
-    assert r.code == 0, r.err
-    assert r.json()["verified"] is True
-    assert rows() == before
+    drift_then_restore(cli, eng, r.json()["id"], "words", [
+        "UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')",
+        "DELETE FROM words WHERE w = 'Ž'",
+        "INSERT INTO words VALUES ('ñ', 99)",
+    ], {"added": 1, "modified": 2, "deleted": 1}, rows)
     eng.dispose()

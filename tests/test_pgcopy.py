@@ -397,3 +397,12 @@ def test_non_utf8_database_keys_in_code_point_order_and_restored(win1252_url, cl
         "INSERT INTO words VALUES ('ë', 99)",
     ], {"added": 1, "modified": 2, "deleted": 1}, rows)
     eng.dispose()
+
+
+def test_lines_the_database_encoding_cannot_store_are_a_clear_error():
+    # a snapshot taken from a UTF8 database restored into a LATIN1 one: 'Ω' has no byte there
+    lines = ["1\tcafé\n".encode(), "2\tΩmega\n".encode()]
+    assert pgcopy.from_utf8(lines[:1], "latin-1", "public.words") == ["1\tcafé\n".encode("latin-1")]
+    with pytest.raises(SourceError) as err:
+        pgcopy.from_utf8(lines, "latin-1", "public.words")
+    assert "public.words" in str(err.value) and "'Ω'" in str(err.value) and "latin-1" in str(err.value)

@@ -218,15 +218,37 @@ def _pg_server_encoding(conn: Connection) -> str:
     return cache["snapshotter.server_encoding"]
 
 
+#: key types (leading word of the type's text) whose values the database orders as Python
+#: orders the values the driver returns; other non-text key types (PostgreSQL enums,
+#: inet, macaddr, ranges, types SQLAlchemy does not know; MySQL ENUM and SET) come back
+#: as text or have an order of their own (an enum's declaration order), so they are
+#: ordered by their text, as text keys are
+VALUE_ORDERED_TYPES = frozenset({
+    "SMALLINT", "INTEGER", "INT", "BIGINT", "TINYINT", "MEDIUMINT", "SERIAL", "BIGSERIAL", "SMALLSERIAL",
+    "NUMERIC", "DECIMAL", "REAL", "DOUBLE", "FLOAT", "DATE", "DATETIME", "TIMESTAMP", "TIME", "YEAR",
+    "UUID", "BOOLEAN", "BOOL", "BYTEA", "BLOB", "TINYBLOB", "MEDIUMBLOB", "LONGBLOB", "BINARY",
+    "VARBINARY", "INTERVAL", "BIT", "OID",
+})
+
+
+def _orders_as_text(type_text: str) -> bool:
+    if is_text_type(type_text):
+        return True
+    words = type_text.upper().replace("(", " ").split()
+    return bool(words) and words[0] not in VALUE_ORDERED_TYPES and not words[0].endswith("[]")
+
+
 def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
     """ORDER BY term so the database sorts like Python does (code point order)."""
-    if not is_text_type(type_text):
-        return column
     d = dialect(conn)
+    if d == "sqlite":
+        return column.collate("BINARY") if is_text_type(type_text) else column
+    if not _orders_as_text(type_text):
+        return column
     if d == "postgresql":
-        citext = "CITEXT" in type_text.upper()
-        # citext compares case-folded whatever the collation ('a' < 'B'); its text does not
-        text = sa.cast(column, sa.Text) if citext else column
+        # citext compares case-folded whatever the collation ('a' < 'B'), an enum in its
+        # declaration order, inet by address: their text does not
+        text = column if is_text_type(type_text) and "CITEXT" not in type_text.upper() else sa.cast(column, sa.Text)
         if _pg_server_encoding(conn) not in BYTES_IN_CODE_POINT_ORDER:
             # COLLATE "C" compares the server encoding's bytes: in WIN1252 '€' (0x80) sorts
             # before 'é' (0xE9); the same text as UTF-8 bytes sorts by code point
@@ -234,10 +256,8 @@ def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
         return text.collate("C")
     if d in ("mysql", "mariadb"):
         # the bytes of the text as UTF-8: a latin1 column's own bytes (cp1252: '€' is 0x80)
-        # are not in code point order
+        # are not in code point order; an ENUM converted to text is its label
         return sa.cast(sa.func.convert(column, sa.literal_column("CHAR CHARACTER SET utf8mb4")), sa.LargeBinary)
-    if d == "sqlite":
-        return column.collate("BINARY")
     return column
 
 

@@ -171,7 +171,7 @@ class Codec:
         if len(fields) != len(self.columns):
             raise ValueError(f"record has {len(fields)} fields, the stream {len(self.columns)}")
         values = [v if _plain(v) else (None if f is None else f.decode("utf-8", "replace"))
-                  for v, f in zip(self._tx.load_sequence(fields), fields)]
+                  for v, f in zip(_load(self._tx, self.oids, fields), fields)]
         key = values[self.key_index[0]] if len(self.key_index) == 1 else [values[i] for i in self.key_index]
         return key, dict(zip(self.columns, values))
 
@@ -185,8 +185,29 @@ class Codec:
             all_fields = split_line(line)
             fields = [all_fields[i] for i in self.key_index]
         values = [v if _plain(v) else (None if f is None else f.decode("utf-8", "replace"))
-                  for v, f in zip(self._key_tx.load_sequence(fields), fields)]
+                  for v, f in zip(_load(self._key_tx, [self.oids[i] for i in self.key_index], fields), fields)]
         return values[0] if len(values) == 1 else values
+
+
+def _load(tx, oids: Sequence[int], fields: list) -> list:
+    """The fields loaded as a cursor loads them; a field whose value Python cannot hold
+    (``infinity`` and ``-infinity`` timestamps and dates, BC dates, years past 9999) is
+    kept as its PostgreSQL text, as types psycopg does not know are."""
+    try:
+        return tx.load_sequence(fields)
+    except Exception:
+        from psycopg.pq import Format
+
+        out: list = []
+        for oid, f in zip(oids, fields):
+            if f is None:
+                out.append(None)
+                continue
+            try:
+                out.append(tx.get_loader(oid, Format.TEXT).load(f))
+            except Exception:
+                out.append(f.decode("utf-8", "replace"))
+        return out
 
 
 _PLAIN = (str, int, float, bool, bytes, type(None), _dt.datetime, _dt.date, _dt.time, _dt.timedelta,

@@ -23,6 +23,7 @@ from snapshotter import pgtext  # noqa: E402
 from snapshotter.repository import Repository  # noqa: E402
 from snapshotter.streams import read_stream  # noqa: E402
 
+from conftest import drift_then_restore  # noqa: E402
 from test_pgcopy import db  # noqa: E402,F401 - the database of every awkward type, shared
 
 
@@ -144,18 +145,50 @@ def test_restore_writes_back_exactly_what_a_client_would_round_off(pg_url, tmp_p
     eng.dispose()
 
 
-def test_keys_the_database_orders_unlike_python_are_refused(pg_url, tmp_path, cli):
+def test_keys_the_database_orders_by_value_not_text_are_read_in_text_order(pg_url, tmp_path, cli):
+    """An enum sorts in its declaration order and inet by address ('10.0.0.9' before
+    '10.0.0.10'); their keys come back as text, so they are read in the order of their
+    text (they could not be snapshotted at all before: 'records out of key order')."""
     eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TYPE level AS ENUM ('low', 'high', 'critical')")
-        c.exec_driver_sql("CREATE TABLE alerts (lvl level PRIMARY KEY, note text)")
-        c.exec_driver_sql("INSERT INTO alerts VALUES ('low', 'a'), ('high', 'b'), ('critical', 'c')")
-    write_config(tmp_path, pg_url, 'tables = ["alerts"]\n')
-    assert cli("init").code == 0
-    r = cli("snapshot", "--release", "r")
-    assert r.code != 0
-    assert "out of key order" in r.err and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
-    assert not list((tmp_path / "repo" / "snapshots").rglob("*.json"))
+        c.exec_driver_sql("CREATE TABLE alerts (lvl level, host inet, mac macaddr, note text, "
+                          "PRIMARY KEY (lvl, host, mac))")
+        c.exec_driver_sql("""INSERT INTO alerts VALUES ('low', '10.0.0.9', '08:00:2b:01:02:03', 'a'),
+                             ('low', '10.0.0.10', '08:00:2b:01:02:03', 'b'), ('high', '::1', '08:00:2b:01:02:04', 'c'),
+                             ('critical', '10.0.0.9', '08:00:2b:01:02:04', 'd')""")
+    snap = snapshot_of(cli, tmp_path, pg_url, "alerts")
+    assert snap["records"] == 4
+    drift_then_restore(cli, eng, snap["id"], "alerts", [
+        "UPDATE alerts SET note = 'x' WHERE host = '10.0.0.10'",
+        "DELETE FROM alerts WHERE lvl = 'high'",
+        "INSERT INTO alerts VALUES ('critical', '10.0.0.1', '08:00:2b:01:02:05', 'new')",
+    ], {"added": 1, "modified": 1, "deleted": 1}, lambda: table_text(eng, "alerts"))
+    eng.dispose()
+
+
+def test_values_python_cannot_hold_are_shown_as_text_and_restored(pg_url, tmp_path, cli):
+    """infinity, -infinity, BC dates, years past 9999: a cursor cannot load them, so
+    diff and the quarantine show their text; restore writes the stored lines back."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE valid (id int PRIMARY KEY, until timestamptz, born date, note text)")
+        c.exec_driver_sql("""INSERT INTO valid VALUES (1, '-infinity', '0044-03-15 BC', 'a'),
+                             (2, 'infinity', 'infinity', 'b'), (3, '2026-01-01', '10000-01-01', 'c'),
+                             (4, '2026-01-01', '2026-01-01', 'd')""")
+    snap = snapshot_of(cli, tmp_path, pg_url, "valid")
+    original = table_text(eng, "valid")
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE valid SET note = 'x', until = 'infinity' WHERE id <> 2")
+    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-inf")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True and table_text(eng, "valid") == original
+    shown = {x["key"]: x for x in cli("--json", "quarantine", "show", "inc-inf").json()}
+    assert sorted(shown) == [1, 3, 4]
+    assert shown[1]["snapshot_value"]["until"] == "-infinity" and shown[1]["snapshot_value"]["born"] == "0044-03-15 BC"
+    assert shown[1]["value"]["until"] == "infinity"
+    assert shown[3]["snapshot_value"]["born"] == "10000-01-01"
+    assert shown[4]["snapshot_value"]["born"] == datetime.date(2026, 1, 1).isoformat()
     eng.dispose()
 
 

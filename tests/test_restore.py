@@ -357,3 +357,43 @@ def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
         "INSERT INTO words VALUES ('ñ', 99)",
     ], {"added": 1, "modified": 2, "deleted": 1}, rows)
     eng.dispose()
+
+
+def test_mariadb_enum_keys_in_label_order(mysql_url, tmp_path, cli):
+    """MariaDB sorts an ENUM by its declaration order; keys come back as their labels,
+    so they are read in the labels' order (the table could not be snapshotted before)."""
+    eng = sa.create_engine(mysql_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE prio (p ENUM('zeta', 'alpha', 'mid') PRIMARY KEY, n INT)")
+        c.exec_driver_sql("INSERT INTO prio VALUES ('zeta', 1), ('alpha', 2), ('mid', 3)")
+
+    def rows():
+        with eng.connect() as c:
+            return sorted(c.exec_driver_sql("SELECT p, n FROM prio").all())
+
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{mysql_url}"\ntables = ["prio"]\n')
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r")
+    assert r.code == 0, r.err
+    drift_then_restore(cli, eng, r.json()["id"], "prio", [
+        "UPDATE prio SET n = -1 WHERE p = 'zeta'", "DELETE FROM prio WHERE p = 'mid'",
+    ], {"added": 0, "modified": 1, "deleted": 1}, rows)
+    eng.dispose()
+
+
+def test_keys_of_mixed_types_are_refused_in_one_line(sqlite_url, tmp_path, cli):
+    """SQLite lets one key column hold numbers and text, which Python cannot order
+    together: the snapshot is refused by name and nothing is written."""
+    eng = sa.create_engine(sqlite_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE m (id PRIMARY KEY, v TEXT)")
+        c.exec_driver_sql("INSERT INTO m VALUES (1, 'a'), ('b', 'c'), (2.5, 'd')")
+    eng.dispose()
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{sqlite_url}"\n')
+    assert cli("init").code == 0
+    r = cli("snapshot", "--release", "r")
+    assert r.code == 1
+    assert "stream 'm'" in r.err and "out of key order" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not list((tmp_path / "repo" / "snapshots").rglob("*.json"))

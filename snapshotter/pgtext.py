@@ -226,6 +226,10 @@ def _plain(v: Any) -> bool:
     return False
 
 
+def is_pgtext(doc: dict | None) -> bool:
+    return bool(doc) and doc.get("format") == FORMAT
+
+
 def same_encoding(a: dict | None, b: dict | None) -> bool:
     return bool(a) and bool(b) and a.get("format") == b.get("format") and a.get("columns") == b.get("columns") \
         and a.get("oids") == b.get("oids") and a.get("key") == b.get("key")

@@ -371,6 +371,11 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     # the snapshot's records are hashed as its manifest's digest was
     alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
     lines = _live_lines(reader, t, live_spec, sel.sessions)
+    if lines is None and live_spec is None and pgtext.is_pgtext(t.entry.get("encoding")) \
+            and hasattr(reader, "read_encoded"):
+        # the table is gone: every stored line goes back as it is (through COPY, after the
+        # table is recreated), not as decoded values, which would round off intervals
+        lines = (batch for batch in ())
     if lines is not None:
         digest = BackgroundHash(alg)
         try:

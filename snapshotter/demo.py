@@ -38,9 +38,28 @@ def message(kind: str, content: str, at: _dt.datetime) -> str:
                                               "type": kind}})
 
 
+#: written first into a demo folder: only a folder holding it is rebuilt over
+MARKER = ".snapshotter-demo"
+
+
+def check_folder(directory: str) -> None:
+    """Refuse a folder that holds anything and was not made by the demo: building the demo
+    replaces its repository, database and every Chroma collection in it."""
+    from .errors import UsageError
+
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"demo: {directory} is not a folder")
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, MARKER)):
+        raise UsageError(f"demo: {directory} is not empty and was not made by `snapshotter demo` (the demo "
+                         "replaces a repository, agent.db and the Chroma collections in it); give a new folder")
+
+
 def build(directory: str) -> dict:
     """Create the stores and the config file; returns paths."""
+    check_folder(directory)
     os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, MARKER), "w") as fh:
+        fh.write("made by `snapshotter demo`: running it again rebuilds this folder\n")
     db = os.path.join(directory, "agent.db")
     if os.path.exists(db):
         os.remove(db)

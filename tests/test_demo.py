@@ -28,3 +28,17 @@ def test_demo_walks_snapshot_bad_writes_restore_quarantine(tmp_path, cli):
     assert len(poison["value"]["embedding"]) == 32
     # running it again starts over cleanly
     assert cli("demo", "--dir", "d").code == 0
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, cli):
+    """`demo --dir .` in a project folder must not wipe its repository or Chroma store."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "agent.db").write_bytes(b"precious")
+    (tmp_path / "proj" / "repo").mkdir()
+    (tmp_path / "proj" / "repo" / "config.json").write_text("{}")
+    r = cli("demo", "--dir", "proj")
+    assert r.code == 2 and "not made by `snapshotter demo`" in r.err and len(r.err.strip().splitlines()) == 1
+    assert (tmp_path / "proj" / "agent.db").read_bytes() == b"precious"
+    assert (tmp_path / "proj" / "repo" / "config.json").read_text() == "{}"
+    (tmp_path / "file").write_text("x")
+    assert cli("demo", "--dir", "file").code == 2

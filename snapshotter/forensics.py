@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 from . import codec
 from .backend import StreamSpec
 from .config import Config
-from .errors import NotFound, UsageError
+from .errors import NotFound, Refused, UsageError
 from .quarantine import OPS, record_json, stream_entry
 from .repository import Repository
 from .streams import StoredRecord, read_stream
@@ -574,10 +574,15 @@ def export_records(repo: Repository, bundle: dict, flt: RecordFilter, fmt: str, 
 
 # -- re-apply ---------------------------------------------------------------------------
 
-def reapply(cfg: Config, bundle: dict, records: list[Located]) -> list[dict]:
+def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = False) -> list[dict]:
     """Write the live values of ``records`` back to their stores: added and
     modified records are upserted, deleted ones deleted again.  One writer (one
-    transaction on SQL stores) per source."""
+    transaction on SQL stores) per source.
+
+    Each record's live state must still be what the restore left (the snapshot's
+    value; nothing, for a record the restore removed): a record written since (by the
+    agent, or by an operator fixing things) would otherwise be overwritten without a
+    trace.  Such records are refused (exit 6, nothing written) unless ``force``."""
     by_source: dict[str, dict[str, list[Located]]] = {}
     for loc in records:
         by_source.setdefault(loc.source, {}).setdefault(loc.stream, []).append(loc)
@@ -593,10 +598,22 @@ def reapply(cfg: Config, bundle: dict, records: list[Located]) -> list[dict]:
     done: list[dict] = []
     for source, streams in by_source.items():
         with backends[source].writer() as w:
+            specs = {}
             for stream, locs in streams.items():
                 entry = stream_entry(bundle, source, stream)
-                spec = StreamSpec(stream, entry.get("schema") or entry.get("snapshot_schema") or {})
+                specs[stream] = spec = StreamSpec(stream, entry.get("schema") or entry.get("snapshot_schema") or {})
                 w.prepare(spec)
+                if not force:
+                    changed = changed_since_restore(backends[source], w, spec, entry, locs)
+                    if changed:
+                        shown = ", ".join(f"{loc.source}/{loc.stream} {codec.key_text(loc.record.key)}" for loc in changed[:3])
+                        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+                        raise Refused(f"{len(changed)} record(s) changed in the live store since the restore "
+                                      f"({shown}{more}): reapply would overwrite them; take a snapshot to keep "
+                                      "them, then pass --force; nothing was written")
+            for stream, locs in streams.items():
+                entry = stream_entry(bundle, source, stream)
+                spec = specs[stream]
                 deletes = [loc.record.key for loc in locs if loc.op == "deleted"]
                 kept = [loc for loc in locs if loc.op != "deleted"]
                 if deletes:
@@ -611,3 +628,61 @@ def reapply(cfg: Config, bundle: dict, records: list[Located]) -> list[dict]:
                 w.upsert(spec, [(loc.record.key, loc.record.value["value"]) for loc in kept])
         done.extend(loc.ref() for locs in streams.values() for loc in locs)
     return done
+
+
+def changed_since_restore(backend, writer, spec: StreamSpec, entry: dict, locs: list[Located]) -> list[Located]:
+    """The records whose live state is no longer what the restore left: the snapshot's
+    value, or no record where the restore removed one (``added`` in the incident).
+    Read through the writer's transaction where it has one (SQL: the rows are locked
+    until the reapply commits), else by a reader of its own just before the writes."""
+    from . import pgtext
+
+    own = writer.reader()
+    reader = own if own is not None else backend.reader()
+    with contextlib.nullcontext(reader) if own is not None else reader:
+        encoding = entry.get("raw_encoding")
+        keys = [loc.record.key for loc in locs]
+        if pgtext.is_pgtext(encoding) and hasattr(reader, "read_encoded_keys"):
+            doc, batches = reader.read_encoded_keys(spec, keys)
+            with contextlib.closing(batches):
+                if pgtext.same_encoding(doc, encoding):
+                    rc = pgtext.Codec(doc)
+                    live = {rc.key_bytes(line): line for batch in batches for line in batch}
+                    out = []
+                    for loc in locs:
+                        q = loc.record.fields("op", "raw", "snapshot_raw")
+                        line = q.get("snapshot_raw") if q["op"] != "added" else q.get("raw")
+                        if line is None:
+                            break  # not kept as lines: compare values below
+                        expected = None if q["op"] == "added" else q["snapshot_raw"]
+                        if live.get(rc.key_bytes(line)) != expected:
+                            out.append(loc)
+                    else:
+                        return out
+        got = reader.read_keys(spec, keys)
+        if got is None:
+            sessions = sorted({loc.record.value.get("session") for loc in locs} - {None})
+            got = reader.read(spec, sessions if sessions and all(
+                loc.record.value.get("session") is not None for loc in locs) else None)
+        wanted = {codec.pack(k) for k in keys}
+        live_values = {}
+        for batch in got:
+            for key, value in batch:
+                packed = codec.pack(key)
+                if packed in wanted:
+                    live_values[packed] = value
+        out = []
+        for loc in locs:
+            packed = codec.pack(loc.record.key)
+            if loc.op == "added":
+                if packed in live_values:
+                    out.append(loc)
+                continue
+            snap = loc.record.value["snapshot_value"]
+            if packed not in live_values:
+                out.append(loc)
+                continue
+            live = live_values[packed]
+            if codec.pack(live) != codec.pack(snap) and not backend.values_equal(spec, live, snap):
+                out.append(loc)
+        return out

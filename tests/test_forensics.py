@@ -480,3 +480,53 @@ def test_sessions_are_filtered_and_ranked(redis_client, tmp_path, cli):
     ranked = re.findall(r'<tr><td><code>(s-[abc])</code></td><td class="num">(\d+)</td><td class="num">(\d+)</td>',
                         page)
     assert ranked == [("s-a", "5", "5"), ("s-b", "2", "0"), ("s-c", "1", "1")]
+
+
+def test_reapply_refuses_records_changed_since_the_restore(incident, any_db_url, cli):
+    """An operator fixed row 7 and wrote a new row 100 after the restore: re-applying the
+    quarantined 7 and 100 would overwrite both without a trace, so it is refused (exit 6,
+    nothing written) unless --force; records still as the restore left them go back."""
+    inc = incident(any_db_url)
+    eng = inc["engine"]
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE kb_docs SET body = 'fixed by the operator' WHERE id = 7")
+        c.exec_driver_sql("INSERT INTO kb_docs (id, title, body, meta, updated_at) "
+                          "SELECT 100, 'legit', 'written after the restore', meta, updated_at FROM kb_docs WHERE id = 1")
+    before = dump(eng)
+    r = cli("--json", "quarantine", "reapply", inc["id"], "7", "100", "9", "--stream", "kb_docs", "--yes")
+    assert r.code == 6, r.err
+    err = json.loads(r.err)["error"]["message"]
+    assert "2 record(s) changed" in err and "kb_docs 7" in err and "kb_docs 100" in err and "--force" in err
+    assert dump(eng) == before
+    # an unchanged record goes back; --force overwrites the changed ones
+    assert cli("quarantine", "reapply", inc["id"], "9", "--stream", "kb_docs", "--yes").code == 0
+    r = cli("--json", "quarantine", "reapply", inc["id"], "7", "100", "--stream", "kb_docs", "--yes", "--force")
+    assert r.code == 0, r.err
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT title FROM kb_docs WHERE id = 100").scalar_one() == SCRIPT
+        assert INJECTION in c.exec_driver_sql("SELECT body FROM kb_docs WHERE id = 7").scalar_one()
+    eng.dispose()
+
+
+def test_reapply_does_not_write_over_a_message_pushed_after_the_restore(redis_client, tmp_path, cli):
+    """Redis messages are keyed by position (LPUSH, as LangChain writes): after the restore the agent pushed a new
+    message into the position a quarantined one had; re-applying that one is refused."""
+    prefix = redis_client.test_prefix + "message_store:"
+    for text in ("one", "two"):
+        redis_client.lpush(prefix + "s1", json.dumps({"type": "human", "data": {"content": text}}))
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{REDIS_URL}"\n'
+        f'key_prefix = "{prefix}"\n')
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    redis_client.lpush(prefix + "s1", json.dumps({"type": "ai", "data": {"content": "poison"}}))
+    r = cli("--json", "restore", snap, "--yes")
+    assert r.code == 0, r.err
+    inc = r.json()["incident"]
+    [added] = show(cli, inc)
+    assert added["op"] == "added"
+    redis_client.lpush(prefix + "s1", json.dumps({"type": "human", "data": {"content": "legit, after the restore"}}))
+    before = redis_client.lrange(prefix + "s1", 0, -1)
+    r = cli("quarantine", "reapply", inc, json.dumps(added["key"]), "--yes")
+    assert r.code == 6 and "changed in the live store since the restore" in r.err, r.err
+    assert redis_client.lrange(prefix + "s1", 0, -1) == before

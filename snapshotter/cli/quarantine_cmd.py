@@ -224,12 +224,16 @@ def report(app: App, incident, output, max_records):
 @click.option("--source", metavar="NAME", help="The source holding the KEYs (when several do).")
 @click.option("--stream", metavar="NAME", help="The stream holding the KEYs (when several do).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True,
+              help="Write even over records changed in the live store since the restore (their values are not kept).")
 @pass_app
-def reapply(app: App, incident, keys, source, stream, yes):
+def reapply(app: App, incident, keys, source, stream, yes, force):
     """Write chosen quarantined records back to the live store.
 
     Added and modified records get their quarantined live value again; deleted
-    records are deleted again.  Recorded in the audit log.
+    records are deleted again.  A record changed in the live store since the
+    restore is refused (exit 6, nothing written) unless --force.  Recorded in the
+    audit log.
     """
     if source:
         check_name("source", source)
@@ -249,9 +253,9 @@ def reapply(app: App, incident, keys, source, stream, yes):
             raise Refused("reapply not confirmed; nothing was written")
     claims = {source_resource(s): EXCLUSIVE for s in sorted({loc.source for loc in found})}
     with app.lock(claims):
-        audit = app.audited({"incident": incident, "keys": list(keys), "source": source, "stream": stream},
-                            command="quarantine reapply")
-        done = run_reapply(app.config, bundle, found)
+        audit = app.audited({"incident": incident, "keys": list(keys), "source": source, "stream": stream,
+                             "force": force}, command="quarantine reapply")
+        done = run_reapply(app.config, bundle, found, force=force)
         audit.update(summary=f"re-applied {len(done)} record(s) of incident {incident}", incident=incident,
                      reapplied=done)
     result = {"incident": incident, "reapplied": done, "records": len(done)}

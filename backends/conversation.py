@@ -78,7 +78,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
 from snapshotter.codec import key_text
-from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SourceError
+from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SourceError
 
 from . import lazy_module, sqlbase
 
@@ -532,6 +532,20 @@ class SessionChanges:
 
     put: dict[int, bytes] = field(default_factory=dict)
     drop: set[int] = field(default_factory=set)
+    #: what the restore planned over (:meth:`RedisListWriter.expect`): position -> message, or None: absent
+    expected: dict[int, bytes | None] = field(default_factory=dict)
+    #: the live list's length when planned, where the plan tells it
+    planned_len: int | None = None
+
+    def changed(self, items: list[bytes]) -> str | None:
+        """Why the live list (oldest first) is not the one planned over, or None."""
+        if self.planned_len is not None and len(items) != self.planned_len:
+            return f"it has {len(items)} messages, the restore planned over {self.planned_len}"
+        for pos in sorted(self.expected):
+            live = items[pos] if pos < len(items) else None
+            if live != self.expected[pos]:
+                return f"message {pos} changed"
+        return None
 
     def edits(self, live_len: int, session: str) -> tuple[int, dict[int, bytes], list[bytes]]:
         """(final length, in-place replacements, messages to append oldest first) for a live list.
@@ -704,6 +718,22 @@ class RedisListWriter(SourceWriter):
             changes, pos = self._changes(key)
             changes.drop.add(pos)
 
+    def expect(self, spec: StreamSpec, records: list) -> bool:
+        added: dict[str, list[int]] = {}
+        absent: dict[str, list[int]] = {}
+        for key, op, value in records:
+            changes, pos = self._changes(key)
+            changes.expected[pos] = None if op == "deleted" else message_bytes(value, key)
+            (added if op == "added" else absent if op == "deleted" else {}).setdefault(key[0], []).append(pos)
+        # the planned length: one past the highest message the snapshot lacks, else the
+        # first position the live list lacked
+        for session, changes in self.pending.items():
+            if session in added:
+                changes.planned_len = max(added[session]) + 1
+            elif session in absent:
+                changes.planned_len = min(absent[session])
+        return True
+
     def commit(self) -> None:
         for session in sorted(self.pending):
             with translate_redis_errors(f"{self.b.where}: cannot restore session {session!r}"):
@@ -715,6 +745,14 @@ class RedisListWriter(SourceWriter):
         newest_first = self.b.list_order == NEWEST_FIRST
 
         def rewrite(pipe) -> None:
+            if changes.expected or changes.planned_len is not None:
+                items = pipe.lrange(key, 0, -1)
+                if newest_first:
+                    items.reverse()
+                why = changes.changed(items)
+                if why is not None:
+                    raise Refused(f"{self.b.where}: session {session!r} changed after the restore planned it "
+                                  f"({why}); nothing was written to it: run the restore again")
             live_len = pipe.llen(key)
             final, in_place, appended = changes.edits(live_len, session)
             pipe.multi()

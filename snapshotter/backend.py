@@ -174,6 +174,18 @@ class SourceWriter(ABC):
         :meth:`upsert` with decoded records."""
         return False
 
+    def expect(self, spec: StreamSpec, records: Iterable[tuple[Key, str, Any]]) -> bool:
+        """What the restore planned over, before it writes: ``(key, op, live value)`` of
+        every record it will change (an iterable, read only by a writer that checks) (op ``added``/``modified``: the live value it saw;
+        ``deleted``: the key was absent).  A store without transactions checks, as it
+        writes and atomically where it can, that the live records are still these, and
+        raises :class:`~snapshotter.errors.Refused` if one changed (a write racing the
+        restore would otherwise be overwritten without being quarantined).  False (the
+        default): the core re-reads the records by key itself just before writing
+        (:meth:`SourceReader.read_keys`).  Not called for transactional writers, which
+        plan and write in one transaction."""
+        return False
+
     def reader(self) -> SourceReader | None:
         """For transactional stores: a reader inside this writer's transaction.
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from . import __version__, codec, hashing, pgtext
 from .backend import SourceBackend, StreamSpec
 from .config import Config
-from .errors import IntegrityError, NotFound, SchemaMismatch, SnapshotterError, UsageError
+from .errors import IntegrityError, NotFound, Refused, SchemaMismatch, SnapshotterError, UsageError
 from .names import iso, new_incident_id, utcnow, current_user
 from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from .repository import Repository, chunk_object
@@ -579,7 +579,6 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         bundle["continues"] = result.continues
 
         if confirm is not None and not confirm(result):
-            from .errors import Refused
             raise Refused("restore not confirmed; nothing was written")
         if result.changes == 0 and not any(p.live_missing for ps in result.plans.values() for p in ps.values()):
             # nothing differs: nothing is quarantined and no store is touched
@@ -629,6 +628,8 @@ def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
 def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
     w.prepare(t.spec)
     encoding = t.entry.get("encoding")
+    if not getattr(w, "transactional", False) and plan.quarantine is not None and plan.changes:
+        _expect_planned(repo, w, t, plan)
 
     def upsert(batch: list) -> None:
         # records kept in the snapshot's own encoding go back as they are, when the writer can
@@ -651,6 +652,41 @@ def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
                 batch = []
         if batch:
             (w.delete(t.spec, batch) if wanted == "deletes" else upsert(batch))
+
+
+def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
+    """A store without transactions: the records about to change must still be what the
+    plan saw (and quarantined).  The writer checks as it writes where it can
+    (:meth:`SourceWriter.expect`); otherwise they are re-read by key here, just before
+    the first write.  A record changed since is refused: it was not quarantined."""
+    def expected() -> Iterator[tuple[Any, str, Any]]:
+        for rec in read_stream(repo, plan.quarantine):
+            q = rec.fields("op", "value")
+            yield rec.key, q["op"], q.get("value")
+
+    if w.expect(t.spec, expected()):
+        return
+    with t.backend.reader() as reader:
+        records = expected()
+        while batch := list(itertools.islice(records, APPLY_BATCH)):
+            got = reader.read_keys(t.spec, [key for key, _, _ in batch])
+            if got is None:
+                return  # the store cannot read by key: verification will see a racing write
+            live = {codec.pack(key): value for part in got for key, value in part}
+            for key, op, value in batch:
+                now = live.get(codec.pack(key), _ABSENT)
+                if op == "deleted":
+                    same = now is _ABSENT
+                else:
+                    same = now is not _ABSENT and (codec.pack(now) == codec.pack(value)
+                                                   or t.backend.values_equal(t.spec, now, value))
+                if not same:
+                    raise Refused(f"source {t.source!r} stream {t.stream!r}: record {codec.key_text(key)} changed "
+                                  "after the restore planned it (it was not quarantined); nothing more was "
+                                  "written to this stream: run the restore again")
+
+
+_ABSENT = object()
 
 
 def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection,

@@ -13,6 +13,7 @@ import hashlib
 import os
 import threading
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from snapshotter.errors import ConfigError, SourceError
@@ -520,8 +521,33 @@ def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list
             copy.write(b"".join(pgcopy.from_utf8(lines, pg.info.encoding, target)))
         match = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)
         conn.exec_driver_sql(f"DELETE FROM {target} AS t USING {stage} AS s WHERE {match}")
-        conn.exec_driver_sql(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}")
+        generated, always = write_rules(conn, schema_doc)
+        written = ", ".join(q(c) for c in encoding["columns"] if c not in generated)
+        overriding = " OVERRIDING SYSTEM VALUE" if always else ""
+        conn.exec_driver_sql(f"INSERT INTO {target} ({written}){overriding} SELECT {written} FROM {stage}")
     return True
+
+
+_WRITE_RULES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], bool]:
+    """What an INSERT of whole rows must respect in the live table: its generated columns
+    (computed by the database, never written; the restored rows compute the values the
+    snapshot holds) and whether a column is ``GENERATED ALWAYS AS IDENTITY`` (PostgreSQL
+    takes the stored values only with ``OVERRIDING SYSTEM VALUE``).  Asked once per table
+    and transaction."""
+    txn = conn.get_transaction()
+    cache = _WRITE_RULES.setdefault(txn, {}) if txn is not None else {}
+    name = (schema_doc.get("db_schema"), schema_doc["table"])
+    if name not in cache:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Did not recognize type", category=sa.exc.SAWarning)
+            cols = sa.inspect(conn).get_columns(name[1], schema=name[0])
+        generated = frozenset(c["name"] for c in cols if c.get("computed"))
+        always = dialect(conn) == "postgresql" and any((c.get("identity") or {}).get("always") for c in cols)
+        cache[name] = (generated, always)
+    return cache[name]
 
 
 def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list):
@@ -552,5 +578,19 @@ class SQLWriterMixin:
             return
         self.delete_keys(spec, [k for k, _ in records])
         t = self._table(spec)
+        generated, always = write_rules(self.conn, spec.schema)
         rows = [adapt_for_write(self.conn, spec.schema, v) for _, v in records]
-        self.conn.execute(sa.insert(t), rows)
+        if generated:
+            rows = [{c: v for c, v in row.items() if c not in generated} for row in rows]
+        stmt = sa.insert(t)
+        if always:
+            # a literal INSERT ... OVERRIDING SYSTEM VALUE VALUES (...) with the same bind names
+            names = list(rows[0])
+            q = self.conn.dialect.identifier_preparer.quote
+            target = q(spec.schema["table"])
+            if spec.schema.get("db_schema"):
+                target = f"{q(spec.schema['db_schema'])}.{target}"
+            stmt = sa.text(f"INSERT INTO {target} ({', '.join(q(c) for c in names)}) OVERRIDING SYSTEM VALUE "
+                           f"VALUES ({', '.join(f':p{i}' for i in range(len(names)))})")
+            rows = [{f"p{i}": row[c] for i, c in enumerate(names)} for row in rows]
+        self.conn.execute(stmt, rows)

@@ -10,7 +10,7 @@ import json
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import zstandard
 
@@ -236,11 +236,15 @@ class Repository:
                                          f"{str(digest)[:24]!r}, not a {self.hash} digest as this repository's "
                                          f"chunks and digests are")
 
-    def manifests(self, release: str | None = None) -> Iterator[dict]:
+    def manifests(self, release: str | None = None,
+                  damaged: Callable[[SnapshotRef, IntegrityError], None] | None = None) -> Iterator[dict]:
         """Every manifest, newest first (lazily: only as many are read as are consumed).
 
         Ids sort by time to the second; snapshots taken within the same second
-        are ordered by their manifests' full-precision ``taken_at``.
+        are ordered by their manifests' full-precision ``taken_at``.  With
+        ``damaged``, a corrupt manifest is reported to it and skipped (one damaged
+        snapshot must not hide the others from ``list`` or ``restore --release``);
+        without, it raises.
         """
         refs = [r for r in self.list_snapshot_refs() if release is None or r.release == release]
         i = 0
@@ -248,7 +252,14 @@ class Repository:
             j = i
             while j < len(refs) and refs[j].id[:16] == refs[i].id[:16]:
                 j += 1
-            group = [self.load_manifest(r) for r in refs[i:j]]
+            group = []
+            for r in refs[i:j]:
+                try:
+                    group.append(self.load_manifest(r))
+                except IntegrityError as exc:
+                    if damaged is None:
+                        raise
+                    damaged(r, exc)
             group.sort(key=lambda m: (m.get("taken_at") or "", m["id"]), reverse=True)
             yield from group
             i = j

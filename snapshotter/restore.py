@@ -41,9 +41,11 @@ VERIFY_BATCH = 1000
 # -- resolving ------------------------------------------------------------------
 
 def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None,
-                     before: _dt.datetime | None) -> dict:
+                     before: _dt.datetime | None, *, warn: Callable[[str], None] | None = None) -> dict:
     """An id (or unique prefix), or the newest known-good snapshot of a release
-    (the newest of the release when none is marked), taken before ``before``."""
+    (the newest of the release when none is marked), taken before ``before``.
+    A corrupt manifest of the release is skipped (told to ``warn``): the pick is
+    among the intact ones."""
     if snapshot:
         if release or before:
             raise UsageError("give either SNAPSHOT or --release [--before], not both")
@@ -54,7 +56,11 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
         raise UsageError("name a SNAPSHOT, or --release R to restore that release's newest known-good snapshot")
     good = repo.good_ids()
     candidates = []
-    for m in repo.manifests(release):
+    def damaged(ref, exc) -> None:
+        if warn is not None:
+            warn(f"warning: skipped snapshot {ref.id}: {exc.message} (`verify` reports it)")
+
+    for m in repo.manifests(release, damaged=damaged):
         if before is not None and codec_time(m["taken_at"]) >= before:
             continue
         candidates.append(m)

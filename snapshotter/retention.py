@@ -147,13 +147,22 @@ def incident_snapshots(repo: Repository) -> dict[str, str]:
     return out
 
 
-def plan_forget(repo: Repository, policy: RetentionPolicy) -> ForgetPlan:
+def plan_forget(repo: Repository, policy: RetentionPolicy,
+                warn: Callable[[str], None] | None = None) -> ForgetPlan:
+    """Which snapshots the policy keeps and removes.  A corrupt manifest is left out of
+    the policy and left in place (told to ``warn``): it is neither counted as a kept
+    snapshot nor deleted, and ``verify`` reports it."""
     protected = dict(incident_snapshots(repo))
     for sid in repo.good_ids():
         protected[sid] = "known-good"
     snapshots = []
     for ref in repo.list_snapshot_refs():
-        m = repo.load_manifest(ref)
+        try:
+            m = repo.load_manifest(ref)
+        except IntegrityError as exc:
+            if warn is not None:
+                warn(f"warning: snapshot {ref.id} left out of forget and left in place: {exc.message}")
+            continue
         snapshots.append({"id": ref.id, "release": ref.release, "taken_at": m.get("taken_at") or _id_time(ref.id)})
     return apply_policy(snapshots, policy, protected=protected)
 

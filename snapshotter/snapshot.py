@@ -19,7 +19,10 @@ from .streams import ChunkUploader, StreamWriter
 def parent_streams(repo: Repository, release: str) -> tuple[dict, dict[str, int]]:
     """Chunking parameters per (source, stream) and chunks known to exist, from the
     newest snapshot of the release (else the newest of any release)."""
-    parent = next(repo.manifests(release), None) or next(repo.manifests(), None)
+    def skip(ref, exc) -> None:  # a damaged manifest lends nothing; verify reports it
+        pass
+
+    parent = next(repo.manifests(release, damaged=skip), None) or next(repo.manifests(damaged=skip), None)
     params: dict = {}
     known: dict[str, int] = {}
     if parent is None:

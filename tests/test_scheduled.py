@@ -501,3 +501,28 @@ def test_cron_wrapper_is_quiet_on_success_and_says_one_line_on_failure(local_env
     assert line.startswith("snapshotter-cron: snapshot failed (exit 4): the repository is locked")
     assert read_metrics(metrics / "snapshotter-snapshot.prom")[
         ("snapshotter_exit_code", (("command", "snapshot"), ("release", "r1")))] == 4
+
+
+def test_one_corrupt_manifest_does_not_hide_the_other_snapshots(local_env, cli):
+    """At 3 a.m. a damaged manifest must not stop `list`, `restore --release`, `forget` or
+    the next snapshot; each says which one it skipped, `verify` still fails on it, and it
+    cannot be marked known-good."""
+    a = snapshot(cli, local_env)
+    b = snapshot(cli, local_env)
+    manifest = local_env.dir / "repo" / "snapshots" / "r1" / f"{b}.json"
+    manifest.write_text("{broken")
+    r = cli(*local_env.args("--json", "list"))
+    assert r.code == 0 and [s["id"] for s in r.json()] == [a]
+    assert f"snapshot {b} of release r1 not listed" in r.err and "not JSON" in r.err
+    r = cli(*local_env.args("--json", "restore", "--release", "r1", "--dry-run"))
+    assert r.code == 0 and r.json()["snapshot"] == a, r.err
+    assert f"skipped snapshot {b}" in r.err
+    r = cli(*local_env.args("mark-good", b))
+    assert r.code == 3 and "not JSON" in r.err
+    assert not (local_env.dir / "repo" / "good" / b).exists()
+    c = snapshot(cli, local_env)
+    r = cli(*local_env.args("--json", "forget", "--keep-last", "1"))
+    assert r.code == 0 and [d["id"] for d in r.json()["remove"]] == [a], r.err
+    assert f"snapshot {b} left out of forget and left in place" in r.err
+    assert manifest.read_text() == "{broken" and listed(cli, local_env) == [c]
+    assert cli(*local_env.args("verify")).code == 3

@@ -129,6 +129,10 @@ class App:
         if not self.quiet and not self.json:
             click.echo(text)
 
+    def warn(self, text: str) -> None:
+        """Something the user should know that does not stop the command: stderr, always."""
+        click.echo(f"snapshotter: {text}", err=True)
+
     def log(self, text: str) -> None:
         """Diagnostics: stderr, shown with -v."""
         if self.verbose:

@@ -40,7 +40,7 @@ def forget(app: App, keep_last, keep_hourly, keep_daily, keep_weekly, keep_month
     repo = app.repo
     # exclusive on the marks only: snapshots may go on, a mark-good may not slip in between plan and delete
     with contextlib.nullcontext() if dry_run else app.lock({locks.MARKS: locks.EXCLUSIVE}) as lock:
-        plan = retention.plan_forget(repo, policy)
+        plan = retention.plan_forget(repo, policy, warn=app.warn)
         if not dry_run:
             audit = app.audited({"policy": policy.to_json()})
             retention.forget(repo, plan, check=lock.check)

@@ -59,7 +59,11 @@ def list_cmd(app: App, release, source, limit):
     repo = app.repo
     good = repo.good_ids()
     rows = []
-    for m in repo.manifests(release):
+    def damaged(ref, exc) -> None:
+        app.warn(f"warning: snapshot {ref.id} of release {ref.release} not listed: {exc.message} "
+                 "(`verify` reports it)")
+
+    for m in repo.manifests(release, damaged=damaged):
         if source and source not in m.get("sources", {}):
             continue
         s = summary(m, good=m["id"] in good)
@@ -137,6 +141,9 @@ def _mark(app: App, snapshot: str, good: bool) -> None:
     # the marks lock keeps forget from deleting a snapshot while it is being marked known-good
     with app.lock({MARKS: SHARED}):
         ref = repo.resolve(snapshot)
+        if good:
+            # a snapshot that cannot be restored must not become what `restore --release` picks
+            repo.check_digests(repo.load_manifest(ref))
         app.audited({"snapshot": ref.id, "release": ref.release})["summary"] = \
             f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"
         repo.mark_good(ref, good)

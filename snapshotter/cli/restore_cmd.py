@@ -78,7 +78,7 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
     if not dry_run and not yes and not interactive:
         raise Refused("restore changes live stores: pass --yes (no terminal to confirm on)")
     repo = app.repo
-    manifest = resolve_snapshot(repo, snapshot, release, before_t)
+    manifest = resolve_snapshot(repo, snapshot, release, before_t, warn=app.warn)
 
     preview: list[RestoreResult] = []
 

@@ -455,6 +455,8 @@ class RestoreResult:
     continues: list[str] = field(default_factory=list)
     duration: float = 0.0
     problems: list[str] = field(default_factory=list)
+    #: sources of the snapshot that the config file no longer has: not restored
+    not_configured: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -466,6 +468,7 @@ class RestoreResult:
             "quarantined": self.quarantined,
             "verified": self.verified,
             "continues": self.continues,
+            "not_configured": self.not_configured,
             "duration_seconds": round(self.duration, 3),
         }
 
@@ -502,6 +505,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
     targets = select_targets(manifest, cfg, sel)
     check_objects(repo, targets)
     result = RestoreResult(manifest, None, dry_run, {})
+    if not sel.sources:
+        result.not_configured = sorted(s for s in manifest.get("sources", {}) if s not in cfg.sources)
     if dry_run:
         for source, ts in targets.items():
             backend = ts[0].backend

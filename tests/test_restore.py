@@ -434,3 +434,21 @@ def test_identity_and_generated_columns_restore(any_db_url, tmp_path, cli):
         "INSERT INTO gen (a, body) VALUES (7, 'injected')",
     ], {"added": 1, "modified": 1, "deleted": 1}, rows)
     eng.dispose()
+
+
+def test_a_snapshot_source_no_longer_configured_is_named_not_skipped_silently(sqlite_url, tmp_path, cli):
+    """The config lost a source the snapshot holds: a full restore cannot put it back, and
+    says so on stderr and in its JSON, instead of a plan that silently leaves it out."""
+    make_table(sqlite_url, rows=20)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    make_table(other, rows=5)
+    write_config(tmp_path, sqlite_url, f'[sources.archive]\nbackend = "sql"\nurl = "{other}"\n')
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()["id"]
+    write_config(tmp_path, sqlite_url)
+    for args in (("diff", snap), ("restore", snap, "--dry-run"), ("restore", snap, "--yes")):
+        r = cli("--json", *args)
+        assert r.code == 0, r.err
+        assert r.json()["not_configured"] == ["archive"] and list(r.json()["plan"]) == ["retrieval"]
+        assert "holds source(s) 'archive', which the config file no longer has" in r.err
+    assert cli("restore", snap, "--source", "archive", "--yes").code == 5

@@ -49,8 +49,16 @@ def diff(app: App, snapshot, sources, streams, sessions):
     repo = app.repo
     with app.lock():
         manifest = resolve_snapshot(repo, snapshot, None, None)
+        _warn_not_configured(app, manifest, sel)
         result = run_restore(repo, app.config, manifest, sel, dry_run=True)
     app.out(result.to_json(), lambda: print_plan(result, title="live state against"))
+
+
+def _warn_not_configured(app: App, manifest: dict, sel) -> None:
+    gone = [] if sel.sources else sorted(s for s in manifest.get("sources", {}) if s not in app.config.sources)
+    if gone:
+        app.warn(f"warning: snapshot {manifest['id']} holds source(s) {', '.join(map(repr, gone))}, which the config "
+                 f"file no longer has: not compared or restored")
 
 
 @cli.command()
@@ -79,6 +87,7 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         raise Refused("restore changes live stores: pass --yes (no terminal to confirm on)")
     repo = app.repo
     manifest = resolve_snapshot(repo, snapshot, release, before_t, warn=app.warn)
+    _warn_not_configured(app, manifest, sel)
 
     preview: list[RestoreResult] = []
 

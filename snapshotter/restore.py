@@ -599,14 +599,26 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
             return result
 
         write_bundle(repo, bundle)  # the quarantine is committed before the first live write
-        for source, ts in targets.items():
-            backend = ts[0].backend
-            with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
-                for t in ts:
-                    plan = result.plans[source][t.stream]
-                    if plan.changes == 0 and not plan.live_missing:
-                        continue
-                    _apply_stream(repo, w, t, plan)
+        outside = False  # whether a store outside the write transactions may have been written
+        try:
+            for source, ts in targets.items():
+                backend = ts[0].backend
+                with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
+                    for t in ts:
+                        plan = result.plans[source][t.stream]
+                        if plan.changes == 0 and not plan.live_missing:
+                            continue
+                        outside = outside or source not in writers
+                        _apply_stream(repo, w, t, plan)
+        except Exception as exc:
+            if not outside:
+                # only transactional sources were written, and the exception rolls them back:
+                # the incident is not left looking half-applied ("interrupted")
+                problem = exc.message if isinstance(exc, SnapshotterError) else f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):
+                    mark_applied(repo, incident, {"incident": incident, "applied_at": None, "verified": False,
+                                                  "rolled_back": list(writers), "problems": [problem]})
+            raise
         result.verified = _verify(repo, targets, result, sel, readers)
         if not result.verified:
             rolled = [s for s in writers]

@@ -434,6 +434,9 @@ def test_restore_command_refuses_to_overwrite_a_row_another_session_now_holds(sq
     assert res.code != 0 and "now belongs to session 'keep'" in json.loads(res.err)["error"]["message"]
     assert sql_history(sqlite_url, "keep").messages == [HumanMessage("a"), HumanMessage("reuses a freed row id")]
     assert sql_history(sqlite_url, "lost").messages == []
+    # the SQL transaction rolled back: the incident says so, and is not "interrupted" (half-applied)
+    [listed] = cli("--json", "quarantine", "list").json()
+    assert listed["status"] == "rolled_back", listed
 
 
 def test_a_large_history_is_stored_in_large_chunks(redis_client, pg_url, tmp_path, cli):

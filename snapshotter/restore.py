@@ -487,8 +487,18 @@ class RestoreResult:
 
 
 def check_objects(repo: Repository, targets: dict[str, list[Target]]) -> None:
-    """Every chunk the selection needs is present (corruption is caught while reading)."""
+    """Every chunk the selection needs is present (corruption is caught while reading),
+    and each stream's chunk list adds up to the record count its manifest states (what
+    `show`, `list` and the plan's counts rely on)."""
     from concurrent.futures import ThreadPoolExecutor
+    for ts in targets.values():
+        for t in ts:
+            rows = t.entry.get("chunks", [])
+            if not all(isinstance(r, list) and len(r) >= 2 and type(r[1]) is int for r in rows) \
+                    or sum(r[1] for r in rows) != t.entry.get("records"):
+                raise IntegrityError(f"snapshot stream {t.source}/{t.stream}: its chunk list does not add up to the "
+                                     f"{t.entry.get('records')} records its manifest states; nothing was written "
+                                     f"(run `snapshotter verify`)")
     ids = sorted({row[0] for ts in targets.values() for t in ts for row in t.entry.get("chunks", [])})
     with ThreadPoolExecutor(max_workers=8) as pool:
         for cid, info in zip(ids, pool.map(lambda c: repo.store.stat(chunk_object(c)), ids)):

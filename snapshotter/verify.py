@@ -10,42 +10,40 @@ from typing import Callable, Iterable
 
 from . import hashing
 from .errors import IntegrityError, NotFound
+from .quarantine import bundle_object, load_bundle
 from .repository import Repository, SnapshotRef, chunk_object
 from .streams import ChunkRef, count_records
 
 
 def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = False,
-           progress: Callable[[int], None] | None = None) -> dict:
+           progress: Callable[[int], None] | None = None, incidents: Iterable[str] = ()) -> dict:
+    """Every object the snapshots ``refs`` (and the quarantine bundles ``incidents``: the
+    evidence of past restores) reference is present with its recorded size, and with
+    ``read_data`` intact."""
     problems: list[dict] = []
     checked = 0
+    checked_incidents = 0
     stat_cache: dict[str, int | None] = {}
     verified_lists: set[tuple] = set()
 
-    def problem(snapshot: str, obj: str, text: str) -> None:
-        problems.append({"snapshot": snapshot, "object": obj, "problem": text})
-
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="verify") as pool:
-        for ref in refs:
-            try:
-                manifest = repo.load_manifest(ref)
-                repo.check_digests(manifest)
-            except (IntegrityError, NotFound) as exc:
-                problem(ref.id, ref.object, exc.message)
-                continue
-            checked += 1
-            for sname, src in manifest.get("sources", {}).items():
-                for stname, st in src.get("streams", {}).items():
+        def check_streams(owner: dict, obj: str, sources: dict) -> None:
+            def problem(o: str, text: str) -> None:
+                problems.append({**owner, "object": o, "problem": text})
+
+            for sname, src in sources.items():
+                for stname, st in (src.get("streams") or {}).items():
                     where = f"{sname}/{stname}"
                     try:
                         chunks = [ChunkRef.from_json(c) for c in st.get("chunks", [])]
                     except (TypeError, ValueError, IndexError):
-                        problem(ref.id, ref.object, f"{where}: malformed chunk list")
+                        problem(obj, f"{where}: malformed chunk list")
                         continue
                     if sum(c.records for c in chunks) != st.get("records"):
-                        problem(ref.id, ref.object, f"{where}: chunk record counts add up to "
+                        problem(obj, f"{where}: chunk record counts add up to "
                                 f"{sum(c.records for c in chunks)}, manifest says {st.get('records')}")
                     if sum(c.raw_bytes for c in chunks) != st.get("bytes"):
-                        problem(ref.id, ref.object, f"{where}: chunk sizes add up to "
+                        problem(obj, f"{where}: chunk sizes add up to "
                                 f"{sum(c.raw_bytes for c in chunks)}, manifest says {st.get('bytes')}")
                     todo = [c for c in chunks if c.id not in stat_cache]
                     for c, info in zip(todo, pool.map(lambda c: repo.store.stat(chunk_object(c.id)), todo)):
@@ -53,19 +51,40 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
                     for c in chunks:
                         size = stat_cache[c.id]
                         if size is None:
-                            problem(ref.id, chunk_object(c.id), f"{where}: missing")
+                            problem(chunk_object(c.id), f"{where}: missing")
                         elif size != c.stored_bytes:
-                            problem(ref.id, chunk_object(c.id), f"{where}: size {size}, manifest says {c.stored_bytes}")
+                            problem(chunk_object(c.id), f"{where}: size {size}, manifest says {c.stored_bytes}")
                     if read_data:
                         sig = (tuple(c.id for c in chunks), st.get("digest"))
                         if sig in verified_lists:
                             continue
-                        if _read_stream_data(repo, pool, ref.id, where, chunks, st, problem, progress):
+                        if _read_stream_data(repo, pool, where, chunks, st, problem, progress):
                             verified_lists.add(sig)
-    return {"ok": not problems, "checked": checked, "problems": problems}
+
+        for ref in refs:
+            try:
+                manifest = repo.load_manifest(ref)
+                repo.check_digests(manifest)
+            except (IntegrityError, NotFound) as exc:
+                problems.append({"snapshot": ref.id, "object": ref.object, "problem": exc.message})
+                continue
+            checked += 1
+            check_streams({"snapshot": ref.id}, ref.object, manifest.get("sources", {}))
+        for incident in incidents:
+            try:
+                bundle = load_bundle(repo, incident)
+                repo.check_digests(bundle)
+            except (IntegrityError, NotFound) as exc:
+                problems.append({"snapshot": None, "incident": incident, "object": bundle_object(incident),
+                                 "problem": exc.message})
+                continue
+            checked_incidents += 1
+            check_streams({"snapshot": None, "incident": incident}, bundle_object(incident),
+                          bundle.get("sources") or {})
+    return {"ok": not problems, "checked": checked, "incidents_checked": checked_incidents, "problems": problems}
 
 
-def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progress) -> bool:
+def _read_stream_data(repo, pool, where, chunks, st, problem, progress) -> bool:
     alg = repo.hash  # check_digests made sure the digest is of this hash
     h = hashing.new(alg)
     ok = True
@@ -88,21 +107,21 @@ def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progr
             raw = fut.result()
         except (IntegrityError, NotFound) as exc:
             # a store that fails to answer is not a finding about the data: that error ends verify (exit 1)
-            problem(snapshot_id, chunk_object(c.id), f"{where}: {exc.message}")
+            problem(chunk_object(c.id), f"{where}: {exc.message}")
             ok = False
             continue
         h.update(raw)
         n = count_records(raw, st)
         if n != c.records:
-            problem(snapshot_id, chunk_object(c.id), f"{where}: holds {n} records, manifest says {c.records}")
+            problem(chunk_object(c.id), f"{where}: holds {n} records, manifest says {c.records}")
             ok = False
         if len(raw) != c.raw_bytes:
-            problem(snapshot_id, chunk_object(c.id), f"{where}: holds {len(raw)} bytes, manifest says {c.raw_bytes}")
+            problem(chunk_object(c.id), f"{where}: holds {len(raw)} bytes, manifest says {c.raw_bytes}")
             ok = False
         if progress:
             progress(1)
     if ok and hashing.digest_string(alg, h) != st.get("digest"):
-        problem(snapshot_id, "", f"{where}: stream digest does not match the manifest")
+        problem("", f"{where}: stream digest does not match the manifest")
         ok = False
     return ok
 
@@ -110,4 +129,5 @@ def _read_stream_data(repo, pool, snapshot_id, where, chunks, st, problem, progr
 def require_ok(report: dict) -> None:
     if not report["ok"]:
         first = report["problems"][0]
-        raise IntegrityError(f"{len(report['problems'])} problem(s); first: {first['object'] or first['snapshot']}: {first['problem']}")
+        raise IntegrityError(f"{len(report['problems'])} problem(s); first: "
+                             f"{first['object'] or first['snapshot']}: {first['problem']}")

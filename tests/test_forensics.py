@@ -530,3 +530,32 @@ def test_reapply_does_not_write_over_a_message_pushed_after_the_restore(redis_cl
     r = cli("quarantine", "reapply", inc, json.dumps(added["key"]), "--yes")
     assert r.code == 6 and "changed in the live store since the restore" in r.err, r.err
     assert redis_client.lrange(prefix + "s1", 0, -1) == before
+
+
+def test_verify_checks_the_quarantine_bundles_too(incident, sqlite_url, cli, tmp_path):
+    """The evidence of a restore is only as good as its chunks: `verify` (every snapshot)
+    also checks every incident bundle's, and names the incident when one is lost."""
+    inc = incident(sqlite_url)
+    inc["engine"].dispose()
+    repo = tmp_path / "repo"
+
+    def chunk_ids(doc):
+        return {c[0] for src in doc["sources"].values() for st in src["streams"].values() for c in st["chunks"]}
+
+    snap_chunks = set()
+    for m in (repo / "snapshots").rglob("*.json"):
+        snap_chunks |= chunk_ids(json.loads(m.read_text()))
+    evidence = sorted(chunk_ids(json.loads((repo / "quarantine" / inc["id"] / "manifest.json").read_text()))
+                      - snap_chunks)
+    assert evidence
+    r = cli("--json", "verify", "--read-data")
+    assert r.code == 0 and r.json()["incidents_checked"] == 1, r.err
+    victim = next((repo / "chunks").rglob(evidence[0]))
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    r = cli("--json", "verify", "--read-data")
+    assert r.code == 3
+    assert any(p.get("incident") == inc["id"] for p in json.loads(r.out)["problems"])
+    victim.unlink()
+    r = cli("verify")
+    assert r.code == 3 and f"incident {inc['id']}" in r.err and "missing" in r.err
+    assert cli("verify", inc["snapshot"]).code == 0  # a named snapshot: its own objects only

@@ -125,7 +125,7 @@ def test_snapshot_list_show_verify_dedup(any_db_url, repo_config, cli):
 
     v = cli("--json", "verify", "--read-data")
     assert v.code == 0, v.out + v.err
-    assert v.json() == {"ok": True, "checked": 3, "problems": []}
+    assert v.json() == {"ok": True, "checked": 3, "incidents_checked": 0, "problems": []}
 
     # what the repository holds is exactly what the database holds
     repo = Repository.open(store)

@@ -118,18 +118,27 @@ def show(app: App, snapshot):
 @click.option("--read-data", is_flag=True, help="Read and re-hash every chunk and recompute stream digests.")
 @pass_app
 def verify(app: App, snapshots, all_, read_data):
-    """Check that every object the snapshots reference is present (and intact)."""
+    """Check that every object the snapshots reference is present (and intact).
+
+    With no SNAPSHOT (or --all), the quarantine bundles of past restores are
+    checked too: they are the evidence forensics reads."""
+    from ..quarantine import incident_ids
+
     repo = app.repo
-    refs = [repo.resolve(s) for s in snapshots] if snapshots and not all_ else repo.list_snapshot_refs()
+    everything = all_ or not snapshots
+    refs = repo.list_snapshot_refs() if everything else [repo.resolve(s) for s in snapshots]
     with app.progress_bar("verifying chunks") as bar:
-        report = run_verify(repo, refs, read_data=read_data, progress=bar.advance)
+        report = run_verify(repo, refs, read_data=read_data, progress=bar.advance,
+                            incidents=incident_ids(repo) if everything else ())
 
     def human():
         if report["ok"]:
-            app.info(f"ok: {report['checked']} snapshot(s) verified{' with data' if read_data else ''}")
+            bundles = f" and {report['incidents_checked']} incident bundle(s)" if everything else ""
+            app.info(f"ok: {report['checked']} snapshot(s){bundles} verified{' with data' if read_data else ''}")
         else:
             for p in report["problems"]:
-                click.echo(f"{p['snapshot']}: {p['object'] or '-'}: {p['problem']}", err=True)
+                owner = p["snapshot"] if p.get("snapshot") else f"incident {p.get('incident')}"
+                click.echo(f"{owner}: {p['object'] or '-'}: {p['problem']}", err=True)
     app.out(report, human)
     if not report["ok"]:
         from ..errors import IntegrityError

@@ -89,8 +89,10 @@ def test_unexpected_errors_have_no_traceback_without_v(tmp_path, cli):
     cli("--repo", "r", "init")
     (tmp_path / "r" / "snapshots" / "rel").mkdir(parents=True)
     (tmp_path / "r" / "snapshots" / "rel" / "20260101T000000Z-abcdef.json").write_text("{not json")
-    r = cli("--repo", "r", "list")
+    r = cli("--repo", "r", "show", "20260101T000000Z-abcdef")
     assert r.code == 3 and "corrupt" in r.err and "Traceback" not in r.err
+    r = cli("--repo", "r", "-v", "show", "20260101T000000Z-abcdef")
+    assert r.code == 3 and "corrupt" in r.err
 
 
 def _commands(group, prefix=""):

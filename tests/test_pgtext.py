@@ -111,6 +111,19 @@ def table_text(engine, table):
         return c.exec_driver_sql(f'SELECT t::text FROM "{table}" t ORDER BY 1').scalars().all()
 
 
+def changed_then_restored(cli, eng, table: str, change: str, incident: str) -> dict:
+    """Run ``change``, restore the repository's only snapshot as ``incident``: it must verify
+    and give the table back as it was (every value's text); the restore's JSON."""
+    original = table_text(eng, table)
+    with eng.connect() as c:
+        c.exec_driver_sql(change)
+    snap = cli("--json", "list").json()[0]["id"]
+    r = cli("--json", "restore", snap, "--yes", "--incident", incident)
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True and table_text(eng, table) == original
+    return r.json()
+
+
 def test_restore_writes_back_exactly_what_a_client_would_round_off(pg_url, tmp_path, cli):
     """Months in an interval, float4, char padding, inet, ranges: a decoded round trip
     would change some of them; lines written back through COPY change none."""
@@ -176,13 +189,9 @@ def test_values_python_cannot_hold_are_shown_as_text_and_restored(pg_url, tmp_pa
         c.exec_driver_sql("""INSERT INTO valid VALUES (1, '-infinity', '0044-03-15 BC', 'a'),
                              (2, 'infinity', 'infinity', 'b'), (3, '2026-01-01', '10000-01-01', 'c'),
                              (4, '2026-01-01', '2026-01-01', 'd')""")
-    snap = snapshot_of(cli, tmp_path, pg_url, "valid")
-    original = table_text(eng, "valid")
-    with eng.connect() as c:
-        c.exec_driver_sql("UPDATE valid SET note = 'x', until = 'infinity' WHERE id <> 2")
-    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-inf")
-    assert r.code == 0, r.err
-    assert r.json()["verified"] is True and table_text(eng, "valid") == original
+    snapshot_of(cli, tmp_path, pg_url, "valid")
+    changed_then_restored(cli, eng, "valid", "UPDATE valid SET note = 'x', until = 'infinity' WHERE id <> 2",
+                          "inc-inf")
     shown = {x["key"]: x for x in cli("--json", "quarantine", "show", "inc-inf").json()}
     assert sorted(shown) == [1, 3, 4]
     assert shown[1]["snapshot_value"]["until"] == "-infinity" and shown[1]["snapshot_value"]["born"] == "0044-03-15 BC"
@@ -434,13 +443,8 @@ def test_a_dropped_table_comes_back_from_its_stored_lines(pg_url, tmp_path, cli)
         c.exec_driver_sql("""INSERT INTO gone VALUES (1, '1 mon', '{"b": 1,  "a": 2}', '10.0.0.1/8'),
                              (2, '2 days', '[1]', NULL)""")
     snap = snapshot_of(cli, tmp_path, pg_url, "gone")
-    original = table_text(eng, "gone")
-    with eng.connect() as c:
-        c.exec_driver_sql("DROP TABLE gone")
-    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-gone")
-    assert r.code == 0, r.err
-    assert r.json()["verified"] is True and r.json()["plan"]["db"]["gone"]["deleted"] == 2
-    assert table_text(eng, "gone") == original
+    restored = changed_then_restored(cli, eng, "gone", "DROP TABLE gone", "inc-gone")
+    assert restored["plan"]["db"]["gone"]["deleted"] == 2
     assert cli("--json", "diff", snap["id"]).json()["plan"]["db"]["gone"] == {"added": 0, "modified": 0, "deleted": 0}
     shown = cli("--json", "quarantine", "show", "inc-gone").json()
     assert sorted((x["key"], x["op"]) for x in shown) == [(1, "deleted"), (2, "deleted")]

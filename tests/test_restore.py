@@ -332,6 +332,16 @@ def test_restore_on_a_terminal_shows_the_plan_and_asks_with_no_transaction_open(
     eng.dispose()
 
 
+def snapshot_table(cli, tmp_path, url: str, table: str) -> str:
+    """A repository holding one snapshot of ``table`` (source ``db``); the snapshot's id."""
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{url}"\ntables = ["{table}"]\n')
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r")
+    assert r.code == 0, r.err
+    return r.json()["id"]
+
+
 def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
     """A latin1 (cp1252) column's bytes put '€' (0x80) before 'Ž' and 'é': keys are
     ordered by their UTF-8 bytes, so the stream is in code point order and diff and
@@ -346,12 +356,7 @@ def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
         with eng.connect() as c:
             return sorted(c.exec_driver_sql("SELECT w, n FROM words").all())
 
-    (tmp_path / "snapshotter.toml").write_text(
-        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{mysql_url}"\ntables = ["words"]\n')
-    assert cli("init").code == 0
-    r = cli("--json", "snapshot", "--release", "r")
-    assert r.code == 0, r.err
-    drift_then_restore(cli, eng, r.json()["id"], "words", [
+    drift_then_restore(cli, eng, snapshot_table(cli, tmp_path, mysql_url, "words"), "words", [
         "UPDATE words SET n = -1 WHERE w IN ('€uro', 'a')",
         "DELETE FROM words WHERE w = 'Ž'",
         "INSERT INTO words VALUES ('ñ', 99)",
@@ -371,12 +376,7 @@ def test_mariadb_enum_keys_in_label_order(mysql_url, tmp_path, cli):
         with eng.connect() as c:
             return sorted(c.exec_driver_sql("SELECT p, n FROM prio").all())
 
-    (tmp_path / "snapshotter.toml").write_text(
-        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{mysql_url}"\ntables = ["prio"]\n')
-    assert cli("init").code == 0
-    r = cli("--json", "snapshot", "--release", "r")
-    assert r.code == 0, r.err
-    drift_then_restore(cli, eng, r.json()["id"], "prio", [
+    drift_then_restore(cli, eng, snapshot_table(cli, tmp_path, mysql_url, "prio"), "prio", [
         "UPDATE prio SET n = -1 WHERE p = 'zeta'", "DELETE FROM prio WHERE p = 'mid'",
     ], {"added": 0, "modified": 1, "deleted": 1}, rows)
     eng.dispose()
@@ -424,12 +424,7 @@ def test_identity_and_generated_columns_restore(any_db_url, tmp_path, cli):
         with eng.connect() as c:
             return [tuple(r) for r in c.exec_driver_sql("SELECT id, a, twice, body FROM gen ORDER BY id")]
 
-    (tmp_path / "snapshotter.toml").write_text(
-        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{any_db_url}"\ntables = ["gen"]\n')
-    assert cli("init").code == 0
-    r = cli("--json", "snapshot", "--release", "r")
-    assert r.code == 0, r.err
-    drift_then_restore(cli, eng, r.json()["id"], "gen", [
+    drift_then_restore(cli, eng, snapshot_table(cli, tmp_path, any_db_url, "gen"), "gen", [
         "UPDATE gen SET a = 10, body = 'poison' WHERE id = 1", "DELETE FROM gen WHERE id = 2",
         "INSERT INTO gen (a, body) VALUES (7, 'injected')",
     ], {"added": 1, "modified": 1, "deleted": 1}, rows)

@@ -338,6 +338,8 @@ CASES = [
     Case("label-key-non-ascii", ("snapshot", "--release", "r2", "--label", "ключ=v"), 2, None, "nothing", "label"),
     Case("label-without-value", ("snapshot", "--release", "r2", "--label", "novalue"), 2, None, "nothing", "label"),
     Case("label-control", ("snapshot", "--release", "r2", "--label", "k=a\x1bb"), 2, None, "nothing", "label"),
+    Case("label-given-twice", ("snapshot", "--release", "r2", "--label", "k=a", "--label", "k=b"), 2, None, "nothing",
+         "given twice"),
     Case("list-release-space", ("list", "--release", "a b"), 2, None, "nothing", "invalid release name"),
     Case("restore-release-slash", ("restore", "--release", "a/b", "--dry-run"), 2, None, "nothing",
          "invalid release name"),

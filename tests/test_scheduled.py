@@ -477,6 +477,24 @@ def test_metrics_file_after_success_and_after_failure(local_env, cli):
     m = read_metrics(forget_prom)
     assert m[("snapshotter_exit_code", (("command", "forget"), ("release", "")))] == 2
 
+    # a metrics path that cannot be written is refused before the work (not after a committed snapshot)
+    before = listed(cli, local_env)
+    r = cli(*local_env.args("--metrics-file", local_env.dir / "no" / "such" / "m.prom", "snapshot", "--release", "r1"))
+    assert r.code == 2 and "its folder does not exist" in r.err
+    assert listed(cli, local_env) == before
+
+
+def test_forget_refuses_keep_release_rules_that_match_no_release(local_env, cli):
+    """A misspelt --keep-release as the only rule would keep nothing: like no rule at all."""
+    a = snapshot(cli, local_env, "prod-v1")
+    b = snapshot(cli, local_env, "prod-v2")
+    r = cli(*local_env.args("forget", "--keep-release", "prod-V1"))
+    assert r.code == 2 and "no snapshot of release(s) 'prod-V1'" in r.err and "prod-v1, prod-v2" in r.err
+    assert sorted(listed(cli, local_env)) == sorted([a, b])
+    # with a rule that keeps something, or a release that exists, forget goes on
+    r = cli(*local_env.args("--json", "forget", "--keep-release", "prod-v1", "--keep-release", "gone"))
+    assert r.code == 0 and [d["id"] for d in r.json()["remove"]] == [b]
+
 
 # -- the cron wrapper ------------------------------------------------------------------
 

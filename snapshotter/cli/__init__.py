@@ -212,11 +212,16 @@ def cli(ctx: click.Context, config_path, repo_url, as_json, verbose, quiet, no_p
     # main() passes the App in, so it can write the audit record and metrics after the command
     app = ctx.ensure_object(App)
     app.config_path, app.repo_url, app.json, app.verbose, app.quiet = config_path, repo_url, as_json, verbose, quiet
-    app.progress, app.lock_wait, app.metrics_file = not no_progress, lock_wait, metrics_file
-    app.command = ctx.invoked_subcommand or ""
     if metrics_file:
         from ..metrics import require_client
         require_client()
+        folder = os.path.dirname(os.path.abspath(metrics_file))
+        if not os.path.isdir(folder) or os.path.isdir(metrics_file):
+            # found out only after the command's work otherwise (a snapshot committed, then exit 1)
+            raise UsageError(f"--metrics-file {metrics_file}: "
+                             f"{'is a folder' if os.path.isdir(metrics_file) else 'its folder does not exist'}")
+    app.progress, app.lock_wait, app.metrics_file = not no_progress, lock_wait, metrics_file
+    app.command = ctx.invoked_subcommand or ""
 
 
 def _error_json(exc: SnapshotterError) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import UsageError
 from ..locks import SHARED, source_resource
 from ..names import check_name, parse_label
 from ..snapshot import summary, take_snapshot
@@ -21,7 +22,12 @@ def snapshot(app: App, release, sources, labels, note):
     check_name("release", release)
     for s in sources:
         check_name("source", s)
-    label_map = dict(parse_label(l) for l in labels)
+    label_map: dict[str, str] = {}
+    for text in labels:
+        k, v = parse_label(text)
+        if k in label_map and label_map[k] != v:
+            raise UsageError(f"label {k!r} given twice ({label_map[k]!r} and {v!r})")
+        label_map[k] = v
     app.results["release"] = release
     repo = app.repo
     # shared: snapshots run side by side, but not beside prune or a restore of the same source

@@ -67,6 +67,15 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
     # -- table selection ----------------------------------------------------
 
     def select_tables(self, conn) -> list[dict]:
+        docs = self._select_tables(conn)
+        col = self.config.get("timestamp_column")
+        if col and docs and not any(col in (c["name"] for c in d["columns"]) for d in docs):
+            # tables without the column are fine (their rows have no write time); none having it is a typo
+            raise ConfigError(f"{self.where}: timestamp_column {col!r}: none of the tables has such a column "
+                              f"({', '.join(d['table'] for d in docs)})")
+        return docs
+
+    def _select_tables(self, conn) -> list[dict]:
         schema = self.config.get("schema")
         insp = sa.inspect(conn)
         all_tables = sorted(insp.get_table_names(schema=schema))

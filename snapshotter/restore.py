@@ -44,8 +44,8 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
                      before: _dt.datetime | None, *, warn: Callable[[str], None] | None = None) -> dict:
     """An id (or unique prefix), or the newest known-good snapshot of a release
     (the newest of the release when none is marked), taken before ``before``.
-    A corrupt manifest of the release is skipped (told to ``warn``): the pick is
-    among the intact ones."""
+    A corrupt manifest of the release is skipped (told to ``warn``), unless it is the
+    one that would be picked: then the restore is refused (IntegrityError)."""
     if snapshot:
         if release or before:
             raise UsageError("give either SNAPSHOT or --release [--before], not both")
@@ -55,23 +55,50 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
     if not release:
         raise UsageError("name a SNAPSHOT, or --release R to restore that release's newest known-good snapshot")
     good = repo.good_ids()
-    candidates = []
+    skipped: list = []
+
     def damaged(ref, exc) -> None:
+        skipped.append((ref, exc))
         if warn is not None:
             warn(f"warning: skipped snapshot {ref.id}: {exc.message} (`verify` reports it)")
 
+    def picked(m: dict, is_good: bool) -> dict:
+        # a damaged snapshot that would have been the pick must not hand the restore to another one
+        # (an older known-good one, or a newer one taken after the agent went wrong)
+        for ref, exc in skipped:
+            if before is not None and _id_time(ref.id) >= before:
+                continue
+            # ids order by time to the second; one of the same second may be the newer (taken_at is unread)
+            newer = ref.id[:16] >= m["id"][:16]
+            if (ref.id in good and not is_good) or (newer and (ref.id in good or not is_good)):
+                raise _damaged_pick(release, ref, exc, "known-good" if ref.id in good else "newest")
+        repo.check_digests(m)
+        return m
+
+    candidates = []
     for m in repo.manifests(release, damaged=damaged):
         if before is not None and codec_time(m["taken_at"]) >= before:
             continue
         candidates.append(m)
         if m["id"] in good:
-            repo.check_digests(m)
-            return m
+            return picked(m, True)
     if candidates:
-        repo.check_digests(candidates[0])
-        return candidates[0]
+        return picked(candidates[0], False)
     when = f" taken before {iso(before)}" if before else ""
+    relevant = [(ref, exc) for ref, exc in skipped if before is None or _id_time(ref.id) < before]
+    if relevant:
+        ref, exc = next(((r, e) for r, e in relevant if r.id in good), relevant[0])
+        raise _damaged_pick(release, ref, exc, "known-good" if ref.id in good else "newest")
     raise NotFound(f"no snapshot of release {release!r}{when}")
+
+
+def _damaged_pick(release: str, ref, exc, what: str) -> IntegrityError:
+    return IntegrityError(f"the {what} snapshot of release {release!r}, {ref.id}, is damaged ({exc.message}); "
+                          f"nothing was written: restore a snapshot by id, or unmark-good it")
+
+
+def _id_time(snapshot_id: str) -> _dt.datetime:
+    return _dt.datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc)
 
 
 def codec_time(text: str) -> _dt.datetime:

@@ -524,23 +524,42 @@ def test_cron_wrapper_is_quiet_on_success_and_says_one_line_on_failure(local_env
 def test_one_corrupt_manifest_does_not_hide_the_other_snapshots(local_env, cli):
     """At 3 a.m. a damaged manifest must not stop `list`, `restore --release`, `forget` or
     the next snapshot; each says which one it skipped, `verify` still fails on it, and it
-    cannot be marked known-good."""
+    cannot be marked known-good.  But when the damaged one is the snapshot `restore
+    --release` would pick, the restore is refused rather than handed to another one."""
+    def later_snapshot() -> str:
+        time.sleep(1.05)  # ids order by the second: a damaged manifest of the same second might be the newer
+        return snapshot(cli, local_env)
+
     a = snapshot(cli, local_env)
-    b = snapshot(cli, local_env)
-    manifest = local_env.dir / "repo" / "snapshots" / "r1" / f"{b}.json"
+    b = later_snapshot()
+    manifest = local_env.dir / "repo" / "snapshots" / "r1" / f"{a}.json"
     manifest.write_text("{broken")
     r = cli(*local_env.args("--json", "list"))
-    assert r.code == 0 and [s["id"] for s in r.json()] == [a]
-    assert f"snapshot {b} of release r1 not listed" in r.err and "not JSON" in r.err
+    assert r.code == 0 and [s["id"] for s in r.json()] == [b]
+    assert f"snapshot {a} of release r1 not listed" in r.err and "not JSON" in r.err
     r = cli(*local_env.args("--json", "restore", "--release", "r1", "--dry-run"))
-    assert r.code == 0 and r.json()["snapshot"] == a, r.err
-    assert f"skipped snapshot {b}" in r.err
-    r = cli(*local_env.args("mark-good", b))
+    assert r.code == 0 and r.json()["snapshot"] == b, r.err
+    assert f"skipped snapshot {a}" in r.err
+    r = cli(*local_env.args("mark-good", a))
     assert r.code == 3 and "not JSON" in r.err
-    assert not (local_env.dir / "repo" / "good" / b).exists()
-    c = snapshot(cli, local_env)
+    assert not (local_env.dir / "repo" / "good" / a).exists()
+    c = later_snapshot()
     r = cli(*local_env.args("--json", "forget", "--keep-last", "1"))
-    assert r.code == 0 and [d["id"] for d in r.json()["remove"]] == [a], r.err
-    assert f"snapshot {b} left out of forget and left in place" in r.err
+    assert r.code == 0 and [d["id"] for d in r.json()["remove"]] == [b], r.err
+    assert f"snapshot {a} left out of forget and left in place" in r.err
     assert manifest.read_text() == "{broken" and listed(cli, local_env) == [c]
     assert cli(*local_env.args("verify")).code == 3
+
+    # the known-good snapshot is the damaged one: no fallback to the newest (maybe poisoned) one
+    assert cli(*local_env.args("mark-good", c)).code == 0
+    d = later_snapshot()
+    (local_env.dir / "repo" / "snapshots" / "r1" / f"{c}.json").write_text("{broken")
+    r = cli(*local_env.args("restore", "--release", "r1", "--dry-run"))
+    assert r.code == 3 and f"the known-good snapshot of release 'r1', {c}, is damaged" in r.err, r.err
+    assert cli(*local_env.args("unmark-good", c)).code == 0
+    r = cli(*local_env.args("--json", "restore", "--release", "r1", "--dry-run"))
+    assert r.code == 0 and r.json()["snapshot"] == d
+    # and when the newest is damaged and none is known-good, not an older one either
+    (local_env.dir / "repo" / "snapshots" / "r1" / f"{d}.json").write_text("{broken")
+    r = cli(*local_env.args("restore", "--release", "r1", "--dry-run"))
+    assert r.code == 3 and f"the newest snapshot of release 'r1', {d}, is damaged" in r.err, r.err

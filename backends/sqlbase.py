@@ -239,12 +239,39 @@ def _orders_as_text(type_text: str) -> bool:
     return bool(words) and words[0] not in VALUE_ORDERED_TYPES and not words[0].endswith("[]")
 
 
+#: PostgreSQL type categories (pg_type.typcategory) whose values load as Python values that
+#: order as the database orders them: numeric, date/time, boolean, timespan, bit string
+PG_VALUE_ORDERED_CATEGORIES = frozenset("NDBTV")
+
+
+def _pg_orders_as_text(conn: Connection, column: sa.ColumnClause) -> bool:
+    """Decided by the column's base type (a domain's ``typbasetype``; its name says nothing):
+    enums, network addresses, ranges and unknown types load as text or order otherwise."""
+    table = column.table
+    q = conn.dialect.identifier_preparer.quote
+    name = q(table.name) if not getattr(table, "schema", None) else f"{q(table.schema)}.{q(table.name)}"
+    row = conn.exec_driver_sql("""
+        SELECT b.typcategory, b.typname FROM pg_attribute a
+        JOIN pg_type t ON t.oid = a.atttypid
+        JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+        WHERE a.attrelid = %(t)s::regclass AND a.attname = %(c)s""", {"t": name, "c": column.name}).fetchone()
+    if row is None:
+        return False
+    category, typname = row
+    if category == "A":  # arrays order element by element, as Python lists do
+        return False
+    return category not in PG_VALUE_ORDERED_CATEGORIES and typname not in ("uuid", "bytea", "oid")
+
+
 def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
     """ORDER BY term so the database sorts like Python does (code point order)."""
     d = dialect(conn)
     if d == "sqlite":
         return column.collate("BINARY") if is_text_type(type_text) else column
-    if not _orders_as_text(type_text):
+    if d == "postgresql" and not is_text_type(type_text):
+        if not _pg_orders_as_text(conn, column):
+            return column
+    elif not _orders_as_text(type_text):
         return column
     if d == "postgresql":
         # citext compares case-folded whatever the collation ('a' < 'B'), an enum in its

@@ -165,18 +165,23 @@ def test_keys_the_database_orders_by_value_not_text_are_read_in_text_order(pg_ur
     eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TYPE level AS ENUM ('low', 'high', 'critical')")
-        c.exec_driver_sql("CREATE TABLE alerts (lvl level, host inet, mac macaddr, note text, "
-                          "PRIMARY KEY (lvl, host, mac))")
-        c.exec_driver_sql("""INSERT INTO alerts VALUES ('low', '10.0.0.9', '08:00:2b:01:02:03', 'a'),
-                             ('low', '10.0.0.10', '08:00:2b:01:02:03', 'b'), ('high', '::1', '08:00:2b:01:02:04', 'c'),
-                             ('critical', '10.0.0.9', '08:00:2b:01:02:04', 'd')""")
+        c.exec_driver_sql("CREATE DOMAIN posint AS integer CHECK (VALUE > 0)")
+        # a domain over a number keeps its number order (its type name says nothing of that)
+        c.exec_driver_sql("CREATE TABLE alerts (lvl level, host inet, mac macaddr, n posint, note text, "
+                          "PRIMARY KEY (lvl, host, mac, n))")
+        c.exec_driver_sql("""INSERT INTO alerts VALUES ('low', '10.0.0.9', '08:00:2b:01:02:03', 1, 'a'),
+                             ('low', '10.0.0.10', '08:00:2b:01:02:03', 1, 'b'), ('high', '::1', '08:00:2b:01:02:04', 1, 'c'),
+                             ('critical', '10.0.0.9', '08:00:2b:01:02:04', 1, 'd')""")
+        c.exec_driver_sql("""INSERT INTO alerts SELECT 'low', '10.0.0.9', '08:00:2b:01:02:03', g, 'n'
+                             FROM generate_series(2, 12) g""")
     snap = snapshot_of(cli, tmp_path, pg_url, "alerts")
-    assert snap["records"] == 4
+    assert snap["records"] == 15
     drift_then_restore(cli, eng, snap["id"], "alerts", [
         "UPDATE alerts SET note = 'x' WHERE host = '10.0.0.10'",
         "DELETE FROM alerts WHERE lvl = 'high'",
-        "INSERT INTO alerts VALUES ('critical', '10.0.0.1', '08:00:2b:01:02:05', 'new')",
-    ], {"added": 1, "modified": 1, "deleted": 1}, lambda: table_text(eng, "alerts"))
+        "INSERT INTO alerts VALUES ('critical', '10.0.0.1', '08:00:2b:01:02:05', 1, 'new')",
+        "INSERT INTO alerts VALUES ('low', '10.0.0.9', '08:00:2b:01:02:03', 100, 'new')",
+    ], {"added": 2, "modified": 1, "deleted": 1}, lambda: table_text(eng, "alerts"))
     eng.dispose()
 
 

@@ -596,24 +596,30 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                              f"{backend.name!r}")
         backends[source] = backend
     done: list[dict] = []
-    for source, streams in by_source.items():
-        with backends[source].writer() as w:
-            specs = {}
+    with contextlib.ExitStack() as stack:
+        # every source checked before any is written: a refusal must leave every store as it was
+        writers, specs = {}, {}
+        for source, streams in by_source.items():
+            writers[source] = w = stack.enter_context(backends[source].writer())
             for stream, locs in streams.items():
                 entry = stream_entry(bundle, source, stream)
-                specs[stream] = spec = StreamSpec(stream, entry.get("schema") or entry.get("snapshot_schema") or {})
+                specs[source, stream] = spec = StreamSpec(stream, entry.get("schema") or entry.get("snapshot_schema")
+                                                          or {})
                 w.prepare(spec)
                 if not force:
                     changed = changed_since_restore(backends[source], w, spec, entry, locs)
                     if changed:
-                        shown = ", ".join(f"{loc.source}/{loc.stream} {codec.key_text(loc.record.key)}" for loc in changed[:3])
+                        shown = ", ".join(f"{loc.source}/{loc.stream} {codec.key_text(loc.record.key)}"
+                                          for loc in changed[:3])
                         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
                         raise Refused(f"{len(changed)} record(s) changed in the live store since the restore "
                                       f"({shown}{more}): reapply would overwrite them; take a snapshot to keep "
                                       "them, then pass --force; nothing was written")
+        for source, streams in by_source.items():
+            w = writers[source]
             for stream, locs in streams.items():
                 entry = stream_entry(bundle, source, stream)
-                spec = specs[stream]
+                spec = specs[source, stream]
                 deletes = [loc.record.key for loc in locs if loc.op == "deleted"]
                 kept = [loc for loc in locs if loc.op != "deleted"]
                 if deletes:
@@ -626,7 +632,7 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                 if encoding and all(raw is not None for raw in raws) and w.upsert_encoded(spec, encoding, raws):
                     continue
                 w.upsert(spec, [(loc.record.key, loc.record.value["value"]) for loc in kept])
-        done.extend(loc.ref() for locs in streams.values() for loc in locs)
+            done.extend(loc.ref() for locs in streams.values() for loc in locs)
     return done
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from . import __version__, codec, hashing, pgtext
 from .backend import SourceBackend, StreamSpec
 from .config import Config
-from .errors import IntegrityError, NotFound, Refused, SchemaMismatch, SnapshotterError, UsageError
+from .errors import IntegrityError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError, UsageError
 from .names import iso, new_incident_id, utcnow, current_user
 from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from .repository import Repository, chunk_object
@@ -399,7 +399,10 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             # the records in the snapshot's encoding too: applied and re-applied as they are
             rec["raw"] = live_raw
             rec["snapshot_raw"] = snap_raw
-        writer.add(key, rec)
+        try:
+            writer.add(key, rec)
+        except SourceError as exc:  # the quarantine stream's own order check: say whose records
+            raise SourceError(f"source {t.source!r} stream {t.stream!r}: {exc.message}") from None
 
     # the snapshot's records are hashed as its manifest's digest was
     alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
@@ -746,8 +749,6 @@ def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
                                   "written to this stream: run the restore again")
 
 
-_ABSENT = object()
-
 
 def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection,
             readers: dict[str, Any]) -> bool:
@@ -849,7 +850,7 @@ def _check_incident(repo: Repository, plan: StreamPlan, item, check) -> str | No
 
 
 _UNSUPPORTED = object()  # _verify_by_key: the reader cannot verify by key
-_ABSENT = object()  # _verify_by_key: no live record has the key
+_ABSENT = object()  # no live record has the key (_expect_planned, _verify_by_key)
 
 
 def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: StreamPlan):

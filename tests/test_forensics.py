@@ -610,3 +610,25 @@ def test_reapply_checks_every_source_before_writing_any(tmp_path, cli):
     assert value("alpha") == "good" and value("beta") == "fixed by the operator"
     assert cli("quarantine", "reapply", inc, "1", "--source", "alpha", "--yes").code == 0  # alone, alpha is fine
     assert value("alpha") == "bad-alpha"
+
+
+def test_export_to_standard_output(incident, sqlite_url, cli, tmp_path):
+    """`-o -` pipes the export (jsonl, csv or parquet) to stdout, e.g. into duckdb or jq;
+    the summary goes to stderr, and --json (which needs stdout) is refused."""
+    import io
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    inc = incident(sqlite_url)
+    assert cli("quarantine", "export", inc["id"], "--format", "jsonl", "-o", "q.jsonl").code == 0
+    r = cli("quarantine", "export", inc["id"], "--format", "jsonl", "-o", "-")
+    assert r.code == 0 and r.out == (tmp_path / "q.jsonl").read_text(encoding="utf-8")
+    assert "exported 7 record(s)" in r.err and not (tmp_path / "-").exists()
+    p = subprocess.run([sys.executable, "-m", "snapshotter", "quarantine", "export", inc["id"], "--format", "parquet",
+                        "-o", "-"], capture_output=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert pq.read_table(io.BytesIO(p.stdout)).num_rows == 7
+    r = cli("--json", "quarantine", "export", inc["id"], "--format", "jsonl", "-o", "-")
+    assert r.code == 2 and r.out == ""

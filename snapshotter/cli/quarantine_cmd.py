@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from ..codec import key_text
-from ..errors import Refused
+from ..errors import Refused, UsageError
 from ..forensics import (EXPORT_FORMATS, RecordFilter, changed_fields, count_post_failure, export_records, locate,
                          reapply as run_reapply, record_diff, select_records)
 from ..locks import EXCLUSIVE, source_resource
@@ -186,7 +187,8 @@ def diff(app: App, incident, key, source, stream):
 @quarantine.command()
 @click.argument("incident")
 @click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS), help="File format.")
-@click.option("-o", "--output", required=True, metavar="PATH", help="File to write (replaced atomically).")
+@click.option("-o", "--output", required=True, metavar="PATH",
+              help="File to write (replaced atomically); - for standard output.")
 @filter_options
 @pass_app
 def export(app: App, incident, fmt, output, source, stream, ops, post_failure, sessions, limit):
@@ -199,9 +201,36 @@ def export(app: App, incident, fmt, output, source, stream, ops, post_failure, s
     """
     flt = _filter(source, stream, ops, post_failure, sessions, limit)
     bundle = _bundle(app, incident)
+    if output == "-":
+        if app.json:
+            raise UsageError("-o - writes the export to standard output, which --json needs for its result")
+        n = _export_to_stdout(app, bundle, flt, fmt)
+        if not app.quiet:
+            click.echo(f"exported {n} record(s) of incident {incident} to standard output ({fmt})", err=True)
+        return
     n = export_records(app.repo, bundle, flt, fmt, output)
     app.out({"incident": incident, "format": fmt, "path": output, "records": n},
             lambda: app.info(f"exported {n} record(s) of incident {incident} to {output} ({fmt})"))
+
+
+def _export_to_stdout(app: App, bundle: dict, flt, fmt: str) -> int:
+    """The export, written to a private temporary file first (whole, or not at all), then
+    copied to standard output."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="snapshotter-export-") as folder:
+        path = os.path.join(folder, "export")
+        n = export_records(app.repo, bundle, flt, fmt, path)
+        out = getattr(sys.stdout, "buffer", None)
+        with open(path, "rb") as fh:
+            if out is not None:
+                sys.stdout.flush()
+                shutil.copyfileobj(fh, out)
+                out.flush()
+            else:  # a text-only stdout (tests, embedding): the text formats
+                sys.stdout.write(fh.read().decode("utf-8"))
+    return n
 
 
 @quarantine.command()

@@ -9,6 +9,7 @@ table.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from typing import Any, Sequence
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
@@ -17,6 +18,9 @@ from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
 from . import lazy_module, sqlbase
 
 sa = lazy_module("sqlalchemy")
+
+
+log = logging.getLogger(__name__)
 
 
 class SQLBackend(sqlbase.SQLConnection, SourceBackend):
@@ -70,9 +74,12 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         docs = self._select_tables(conn)
         col = self.config.get("timestamp_column")
         if col and docs and not any(col in (c["name"] for c in d["columns"]) for d in docs):
-            # tables without the column are fine (their rows have no write time); none having it is a typo
-            raise ConfigError(f"{self.where}: timestamp_column {col!r}: none of the tables has such a column "
-                              f"({', '.join(d['table'] for d in docs)})")
+            # tables without the column are fine (their rows have no write time); none having it is a
+            # typo, or the agent dropped the table that had it: said, but a snapshot is never held up
+            # by an option only forensics use
+            log.warning("snapshotter: warning: %s: timestamp_column %r: none of the tables has such a column "
+                        "(%s); their rows have no write time, so post_failure will be null",
+                        self.where, col, ", ".join(d["table"] for d in docs))
         return docs
 
     def _select_tables(self, conn) -> list[dict]:

@@ -239,9 +239,12 @@ def _orders_as_text(type_text: str) -> bool:
     return bool(words) and words[0] not in VALUE_ORDERED_TYPES and not words[0].endswith("[]")
 
 
-#: PostgreSQL type categories (pg_type.typcategory) whose values load as Python values that
-#: order as the database orders them: numeric, date/time, boolean, timespan, bit string
-PG_VALUE_ORDERED_CATEGORIES = frozenset("NDBTV")
+#: PostgreSQL base types whose values psycopg loads as Python values that order as the
+#: database orders them (money and the reg* types are numeric to PostgreSQL but load as text)
+PG_VALUE_ORDERED_TYPES = frozenset({
+    "int2", "int4", "int8", "float4", "float8", "numeric", "oid", "bool", "date", "time", "timetz",
+    "timestamp", "timestamptz", "interval", "uuid", "bytea", "bit", "varbit",
+})
 
 
 def _pg_orders_as_text(conn: Connection, column: sa.ColumnClause) -> bool:
@@ -260,7 +263,7 @@ def _pg_orders_as_text(conn: Connection, column: sa.ColumnClause) -> bool:
     category, typname = row
     if category == "A":  # arrays order element by element, as Python lists do
         return False
-    return category not in PG_VALUE_ORDERED_CATEGORIES and typname not in ("uuid", "bytea", "oid")
+    return typname not in PG_VALUE_ORDERED_TYPES
 
 
 def order_expr(conn: Connection, column: sa.ColumnClause, type_text: str):
@@ -579,7 +582,9 @@ def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], boo
 
 def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list):
     if len(pk) == 1:
-        return t.c[pk[0]].in_(keys)
+        # untyped: a key held as text (money, an enum, inet) is then read by the column's own type;
+        # a str bind would be cast to VARCHAR on PostgreSQL ("operator does not exist: money = varchar")
+        return t.c[pk[0]].in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))
     return sa.tuple_(*[t.c[k] for k in pk]).in_([tuple(k) for k in keys])
 
 

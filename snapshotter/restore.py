@@ -93,8 +93,9 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
 
 
 def _damaged_pick(release: str, ref, exc, what: str) -> IntegrityError:
+    hint = "restore a snapshot by id, or unmark-good it" if what == "known-good" else "restore a snapshot by id"
     return IntegrityError(f"the {what} snapshot of release {release!r}, {ref.id}, is damaged ({exc.message}); "
-                          f"nothing was written: restore a snapshot by id, or unmark-good it")
+                          f"nothing was written: {hint}")
 
 
 def _id_time(snapshot_id: str) -> _dt.datetime:

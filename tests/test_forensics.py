@@ -632,3 +632,20 @@ def test_export_to_standard_output(incident, sqlite_url, cli, tmp_path):
     assert pq.read_table(io.BytesIO(p.stdout)).num_rows == 7
     r = cli("--json", "quarantine", "export", inc["id"], "--format", "jsonl", "-o", "-")
     assert r.code == 2 and r.out == ""
+
+
+def test_a_timestamp_column_no_table_has_is_said_but_does_not_stop_snapshots(sqlite_url, tmp_path, cli, caplog):
+    """A misspelt timestamp_column (or the agent dropped the table that had it) leaves every
+    row without a write time: the snapshot says so, and still runs (scheduled snapshots
+    of a broken state are the ones wanted)."""
+    eng = sa.create_engine(sqlite_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, updated_at TEXT)")
+    eng.dispose()
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.db]\nbackend = "sql"\nurl = "{sqlite_url}"\n'
+        'timestamp_column = "upated_at"\n')
+    assert cli("init").code == 0
+    r = cli("snapshot", "--release", "r1")
+    assert r.code == 0, r.err
+    assert "timestamp_column 'upated_at': none of the tables has such a column (t)" in caplog.text

@@ -185,6 +185,18 @@ def test_keys_the_database_orders_by_value_not_text_are_read_in_text_order(pg_ur
     eng.dispose()
 
 
+def test_money_keys_keep_text_order(pg_url, tmp_path, cli):
+    """money is a number to PostgreSQL but loads as text ('$1,000.00'): read in text order."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE prices (amt money PRIMARY KEY, note text)")
+        c.exec_driver_sql("INSERT INTO prices VALUES (2, 'a'), (10, 'b'), (1000, 'c')")
+    snap = snapshot_of(cli, tmp_path, pg_url, "prices")
+    drift_then_restore(cli, eng, snap["id"], "prices", ["UPDATE prices SET note = 'x' WHERE amt = 10::money"],
+                       {"added": 0, "modified": 1, "deleted": 0}, lambda: table_text(eng, "prices"))
+    eng.dispose()
+
+
 def test_values_python_cannot_hold_are_shown_as_text_and_restored(pg_url, tmp_path, cli):
     """infinity, -infinity, BC dates, years past 9999: a cursor cannot load them, so
     diff and the quarantine show their text; restore writes the stored lines back."""

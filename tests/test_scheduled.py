@@ -486,6 +486,8 @@ def test_metrics_file_after_success_and_after_failure(local_env, cli):
 
 def test_forget_refuses_keep_release_rules_that_match_no_release(local_env, cli):
     """A misspelt --keep-release as the only rule would keep nothing: like no rule at all."""
+    r = cli(*local_env.args("forget", "--keep-release", "prod-v1"))
+    assert r.code == 0, r.err  # nothing to forget yet (a cron job on a new repository)
     a = snapshot(cli, local_env, "prod-v1")
     b = snapshot(cli, local_env, "prod-v2")
     r = cli(*local_env.args("forget", "--keep-release", "prod-V1"))
@@ -494,6 +496,7 @@ def test_forget_refuses_keep_release_rules_that_match_no_release(local_env, cli)
     # with a rule that keeps something, or a release that exists, forget goes on
     r = cli(*local_env.args("--json", "forget", "--keep-release", "prod-v1", "--keep-release", "gone"))
     assert r.code == 0 and [d["id"] for d in r.json()["remove"]] == [b]
+    assert "--keep-release 'gone': no snapshot of that release" in r.err
 
 
 # -- the cron wrapper ------------------------------------------------------------------

@@ -38,13 +38,17 @@ def forget(app: App, keep_last, keep_hourly, keep_daily, keep_weekly, keep_month
     if policy.empty:
         raise UsageError("forget needs at least one --keep-* rule (it will not forget every snapshot)")
     repo = app.repo
-    if keep_release and not (keep_last or keep_hourly or keep_daily or keep_weekly or keep_monthly):
+    if keep_release:
         present = {ref.release for ref in repo.list_snapshot_refs()}
-        if not present & set(keep_release):
+        unknown = [r for r in keep_release if r not in present]
+        if present and len(unknown) == len(keep_release) and \
+                not (keep_last or keep_hourly or keep_daily or keep_weekly or keep_monthly):
             # a misspelt release would keep nothing: the same as forgetting with no rule at all
             raise UsageError(f"forget: no snapshot of release(s) {', '.join(map(repr, keep_release))} in the "
                              f"repository, so every snapshot not known-good would go; nothing forgotten (releases: "
-                             f"{', '.join(sorted(present)) or 'none'})")
+                             f"{', '.join(sorted(present))})")
+        if present and unknown:
+            app.warn(f"warning: --keep-release {', '.join(map(repr, unknown))}: no snapshot of that release")
     # exclusive on the marks only: snapshots may go on, a mark-good may not slip in between plan and delete
     with contextlib.nullcontext() if dry_run else app.lock({locks.MARKS: locks.EXCLUSIVE}) as lock:
         plan = retention.plan_forget(repo, policy, warn=app.warn)

@@ -622,6 +622,10 @@ class RedisListReader(SourceReader):
         # UTF-8 byte order is code point order, so sorted keys give sessions in key order
         newest_first = self.b.list_order == NEWEST_FIRST
         seen: dict[bytes, tuple] = {}
+        # each session's length as read, for a restore's writer (RedisListWriter.expect): the
+        # plan that follows this read is the one the writer checks against
+        lengths: dict[str, int] = {}
+        self.b.read_lengths = lengths
         for i in range(0, len(keys), SESSIONS_PER_ROUND_TRIP):
             group = keys[i:i + SESSIONS_PER_ROUND_TRIP]
             pipe = self.client.pipeline(transaction=False)
@@ -633,6 +637,7 @@ class RedisListReader(SourceReader):
                     raise SourceError(f"{self.b.where}: key {k.decode('utf-8', 'replace')!r}: {items}")
                 session = self._session(k)
                 seen[k] = list_state(items)
+                lengths[session] = len(items)
                 if newest_first:
                     items.reverse()
                 batch.extend(([session, pos], message_value(raw)) for pos, raw in enumerate(items))
@@ -727,11 +732,15 @@ class RedisListWriter(SourceWriter):
             (added if op == "added" else absent if op == "deleted" else {}).setdefault(key[0], []).append(pos)
         # the planned length: one past the highest message the snapshot lacks, else the
         # first position the live list lacked
+        # a session whose plan only modified messages: the length its reader saw
+        lengths = getattr(self.b, "read_lengths", None) or {}
         for session, changes in self.pending.items():
             if session in added:
                 changes.planned_len = max(added[session]) + 1
             elif session in absent:
                 changes.planned_len = min(absent[session])
+            else:
+                changes.planned_len = lengths.get(session)
         return True
 
     def commit(self) -> None:

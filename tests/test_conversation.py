@@ -549,3 +549,33 @@ def test_a_message_pushed_while_the_restore_runs_is_not_overwritten(redis_client
     shown = cli("--json", "quarantine", "show", r.json()["incident"]).json()
     assert any("CONCURRENT" in json.dumps(x["value"]) for x in shown)
     assert [json.loads(m)["data"]["content"] for m in redis_client.lrange(key, 0, -1)] == ["m3", "m2", "m1", "m0"]
+
+
+def test_a_push_while_restoring_a_session_with_only_modified_messages_is_refused(redis_client, tmp_path, cli,
+                                                                                  monkeypatch):
+    """When the plan only modifies messages, the list's length comes from what the plan's
+    reader saw: a message pushed before the write is refused (exit 6), not left to fail
+    verification after the write."""
+    from snapshotter import restore as restore_mod
+
+    prefix = redis_client.test_prefix + "message_store:"
+    key = prefix + "s1"
+    for text in ("m0", "m1"):
+        redis_client.lpush(key, json.dumps({"type": "human", "data": {"content": text}}))
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{REDIS_URL}"\n'
+        f'key_prefix = "{prefix}"\n')
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    redis_client.lset(key, -1, json.dumps({"type": "human", "data": {"content": "poisoned"}}))  # the oldest
+    real = restore_mod.write_bundle
+
+    def bundle_then_agent_writes(repo, bundle):
+        real(repo, bundle)
+        redis_client.lpush(key, json.dumps({"type": "ai", "data": {"content": "CONCURRENT"}}))
+
+    monkeypatch.setattr(restore_mod, "write_bundle", bundle_then_agent_writes)
+    r = cli("restore", snap, "--yes")
+    assert r.code == 6 and "it has 3 messages, the restore planned over 2" in r.err, r.err
+    assert len(redis_client.lrange(key, 0, -1)) == 3
+    assert json.loads(redis_client.lindex(key, -1))["data"]["content"] == "poisoned"  # nothing written

@@ -236,6 +236,13 @@ class ChromaBackend(SourceBackend):
     def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
         return index_differences(snapshot.schema, live.schema)
 
+    def settings_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
+        target = plain_metadata(snapshot.schema.get("metadata"))
+        if not target or target == plain_metadata(live.schema.get("metadata")):
+            # no metadata in the snapshot cannot be put back: Chroma's modify refuses an empty one
+            return []
+        return ["collection metadata"]
+
     def values_equal(self, spec: StreamSpec, a: Any, b: Any) -> bool:
         if spec.schema.get("space") != "cosine":
             return False
@@ -299,6 +306,12 @@ def index_parameters(schema: dict) -> dict[str, Any]:
                 if key != "space" and key not in _TUNABLE:
                     out[f"{kind} {key}"] = value
     return out
+
+
+def plain_metadata(metadata: dict | None) -> dict:
+    """A collection's metadata without the legacy ``hnsw:*`` keys, which configure its index
+    (captured and compared as its configuration) and which ``modify`` refuses to set."""
+    return codec.canonical({k: v for k, v in (metadata or {}).items() if not str(k).startswith("hnsw:")})
 
 
 def index_differences(snapshot: dict, live: dict) -> list[str]:
@@ -542,6 +555,16 @@ class ChromaWriter(SourceWriter):
             self._dims[spec.name] = live.get("dimension")
         self._cols[spec.name] = col
         self._dims.setdefault(spec.name, spec.schema.get("dimension"))
+
+    def restore_settings(self, spec: StreamSpec) -> None:
+        """The snapshot's collection metadata, without ``hnsw:*`` keys (``modify`` replaces
+        the metadata whole and refuses those; the index keeps its configuration)."""
+        target = plain_metadata(spec.schema.get("metadata"))
+        if not target:
+            return
+        col = self._cols[spec.name]
+        with translate_errors(f"{self.b.where}: cannot restore the metadata of collection {spec.name}"):
+            col.modify(metadata=target)
 
     def _create(self, spec: StreamSpec):
         b = self.b

@@ -174,6 +174,9 @@ class SourceWriter(ABC):
         :meth:`upsert` with decoded records."""
         return False
 
+    def restore_settings(self, spec: StreamSpec) -> None:
+        """Put back the stream settings :meth:`SourceBackend.settings_differences` reported."""
+
     def expect(self, spec: StreamSpec, records: Iterable[tuple[Key, str, Any]]) -> bool:
         """What the restore planned over, before it writes: ``(key, op, live value)`` of
         every record it will change (an iterable, read only by a writer that checks) (op ``added``/``modified``: the live value it saw;
@@ -251,6 +254,13 @@ class SourceBackend(ABC):
         with cosine space) relaxes this, within a documented bound.
         """
         return False
+
+    def settings_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
+        """Stream settings (not records, not the schema a restore refuses to change) that
+        differ from the snapshot's and that a restore puts back with
+        :meth:`SourceWriter.restore_settings`; the incident keeps the live ones (its
+        stream's ``schema``).  Default: none."""
+        return []
 
     def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
         """Why the live stream cannot take the snapshot's records as they are

@@ -191,9 +191,14 @@ class StreamPlan:
     post_failure: int = 0
     #: planned over pgtext lines inside the writer's transaction (see _verify_touched)
     lines: bool = False
+    #: stream settings that differ from the snapshot's and are put back (Chroma: collection metadata)
+    settings: list[str] = field(default_factory=list)
 
     def counts(self) -> dict:
-        return {"added": self.added, "modified": self.modified, "deleted": self.deleted}
+        out = {"added": self.added, "modified": self.modified, "deleted": self.deleted}
+        if self.settings:
+            out["settings"] = list(self.settings)
+        return out
 
 
 def _live_records(reader, spec: StreamSpec | None, sessions) -> Iterator[tuple[Any, bytes, Any]]:
@@ -382,6 +387,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         diffs = t.backend.schema_differences(t.spec, live_spec)
         if diffs:
             raise SchemaMismatch(f"source {t.source!r} stream {t.stream!r} changed since the snapshot: " + "; ".join(diffs))
+        plan.settings = list(t.backend.settings_differences(t.spec, live_spec))
     sessions = set(sel.sessions) if sel.sessions else None
 
     def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
@@ -513,7 +519,8 @@ class RestoreResult:
         h = hashlib.sha256()
         for source in sorted(self.plans):
             for stream in sorted(self.plans[source]):
-                h.update(codec.pack([source, stream, self.plans[source][stream].changes_digest.digest()]))
+                p = self.plans[source][stream]
+                h.update(codec.pack([source, stream, p.changes_digest.digest(), p.settings]))
         return h.hexdigest()
 
 
@@ -632,7 +639,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
 
         if confirm is not None and not confirm(result):
             raise Refused("restore not confirmed; nothing was written")
-        if result.changes == 0 and not any(p.live_missing for ps in result.plans.values() for p in ps.values()):
+        if result.changes == 0 and not any(p.live_missing or p.settings for ps in result.plans.values()
+                                           for p in ps.values()):
             # nothing differs: nothing is quarantined and no store is touched
             result.incident = None
             result.verified = _verify(repo, targets, result, sel, readers)
@@ -647,7 +655,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                 with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
                     for t in ts:
                         plan = result.plans[source][t.stream]
-                        if plan.changes == 0 and not plan.live_missing:
+                        if plan.changes == 0 and not plan.live_missing and not plan.settings:
                             continue
                         outside = outside or source not in writers
                         _apply_stream(repo, w, t, plan)
@@ -691,6 +699,8 @@ def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
 
 def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
     w.prepare(t.spec)
+    if plan.settings:
+        w.restore_settings(t.spec)
     encoding = t.entry.get("encoding")
     if not getattr(w, "transactional", False) and plan.quarantine is not None and plan.changes:
         _expect_planned(repo, w, t, plan)

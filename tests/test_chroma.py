@@ -561,3 +561,27 @@ def test_a_record_changed_while_the_restore_runs_is_not_overwritten(tmp_path, cl
     r = cli("--json", "restore", snap, "--yes")
     assert r.code == 0 and r.json()["verified"] is True, r.err
     assert col.get(ids=["d0"])["documents"] == ["a"]
+
+
+def test_collection_metadata_is_put_back_and_the_live_one_kept(tmp_path, cli):
+    """An attacker rewrote the collection's metadata (modify also drops its legacy hnsw:*
+    keys): diff reports it, restore puts the snapshot's back (the index keeps its space)
+    and the incident keeps the live metadata it replaced."""
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    col = client.create_collection("mem", metadata={"hnsw:space": "cosine", "owner": "support-agent", "v": 3},
+                                   embedding_function=None)
+    col.add(ids=["d0"], embeddings=[[0.1, 0.2]], documents=["a"])
+    write_config(tmp_path, Store(client, 'path = "./chroma"\n', ""), ["mem"])
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    col.modify(metadata={"owner": "attacker"})
+    plan = cli("--json", "diff", snap).json()["plan"]["memory"]["mem"]
+    assert plan == {"added": 0, "modified": 0, "deleted": 0, "settings": ["collection metadata"]}
+    r = cli("--json", "restore", snap, "--yes", "--incident", "inc-meta")
+    assert r.code == 0 and r.json()["verified"] is True, r.err
+    live = client.get_collection("mem", embedding_function=None)
+    assert {k: v for k, v in live.metadata.items() if not k.startswith("hnsw:")} == {"owner": "support-agent", "v": 3}
+    assert cli("--json", "diff", snap).json()["plan"]["memory"]["mem"] == {"added": 0, "modified": 0, "deleted": 0}
+    bundle = json.loads((tmp_path / "repo" / "quarantine" / "inc-meta" / "manifest.json").read_text())
+    assert bundle["sources"]["memory"]["streams"]["mem"]["schema"]["metadata"] == {"owner": "attacker"}
+    assert live.get(ids=["d0"], include=["documents"])["documents"] == ["a"]

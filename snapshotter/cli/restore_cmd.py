@@ -33,7 +33,8 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
     click.echo(f"  {'SOURCE/STREAM':<40} {'ADDED':>8} {'MODIFIED':>9} {'DELETED':>8}")
     for source, streams in result.plans.items():
         for stream, p in streams.items():
-            mark = "  (missing: will be recreated)" if p.live_missing else ""
+            mark = "  (missing: will be recreated)" if p.live_missing else \
+                f"  ({', '.join(p.settings)} differs)" if p.settings else ""
             click.echo(f"  {source + '/' + stream:<40} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
     total = result.changes
     click.echo(f"  {total} record(s) differ" + ("" if total else ": live state equals the snapshot"))

@@ -413,6 +413,8 @@ def cursor_lines(conn: Connection, stmt: sa.Select, batch: int = LINE_BATCH) -> 
     cols = list(stmt.selected_columns)
     texts = [sa.case((c.is_(None), sa.null()), else_=sa.func.format("%s", c)).label(c.name) for c in cols]
     text_stmt = stmt.with_only_columns(*texts, maintain_column_froms=True)
-    result = conn.execution_options(stream_results=True, yield_per=batch).execute(text_stmt)
+    # per statement: Connection.execution_options() would switch the whole connection to
+    # server-side cursors, and a later CREATE TEMP TABLE would be sent as a DECLARE ... CURSOR
+    result = conn.execute(text_stmt, execution_options={"stream_results": True, "yield_per": batch})
     for part in result.partitions(batch):
         yield [format_line(row) for row in part]

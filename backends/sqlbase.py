@@ -448,7 +448,8 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
             raise SourceError(f"table {schema_doc['table']} cannot be read exactly through COPY"
                               f"{' in ' + fast + ' format' if isinstance(fast, str) else ''}")
     single = len(pk_idx) == 1
-    result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+    # per statement (Connection.execution_options() would set server-side cursors for the connection)
+    result = conn.execute(stmt, execution_options={"stream_results": True, "yield_per": batch})
     for part in result.partitions(batch):
         out = []
         for row in part:

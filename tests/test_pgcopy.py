@@ -316,6 +316,25 @@ def test_snapshot_digests_agree_whichever_path_ran(pg_url, db, cli, tmp_path, mo
     assert digests["1"] == digests["0"]
 
 
+def test_restore_with_the_copy_path_switched_off(pg_url, db, cli, tmp_path, monkeypatch):
+    """SNAPSHOTTER_PG_COPY=0 (the escape hatch) restores too: the cursor read used to leave
+    the connection on server-side cursors, and the restore's CREATE TEMP TABLE then failed
+    ('syntax error at or near "CREATE"')."""
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{pg_url}"\n', encoding="utf-8")
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM docs WHERE ctid = (SELECT ctid FROM docs LIMIT 1)")
+    eng.dispose()
+    monkeypatch.setenv(pgcopy.ENV_SWITCH, "0")
+    r = cli("--json", "restore", snap, "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True and r.json()["plan"]["db"]["docs"]["deleted"] == 1
+    assert cli("--json", "diff", snap).json()["plan"]["db"]["docs"] == {"added": 0, "modified": 0, "deleted": 0}
+
+
 def snapshot_on_both_paths(cli, monkeypatch, table: str) -> dict:
     """A snapshot through COPY and one through the cursor: their stream digests must agree.
     Returns the COPY one (the path left switched on)."""

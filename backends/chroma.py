@@ -59,7 +59,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from snapshotter import codec
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec
-from snapshotter.errors import ConfigError, NotFound, SchemaMismatch, SnapshotterError, SourceError
+from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -556,14 +556,20 @@ class ChromaWriter(SourceWriter):
         self._cols[spec.name] = col
         self._dims.setdefault(spec.name, spec.schema.get("dimension"))
 
-    def restore_settings(self, spec: StreamSpec) -> None:
+    def restore_settings(self, spec: StreamSpec, seen: dict) -> None:
         """The snapshot's collection metadata, without ``hnsw:*`` keys (``modify`` replaces
         the metadata whole and refuses those; the index keeps its configuration)."""
         target = plain_metadata(spec.schema.get("metadata"))
         if not target:
             return
-        col = self._cols[spec.name]
-        with translate_errors(f"{self.b.where}: cannot restore the metadata of collection {spec.name}"):
+        what = f"{self.b.where}: cannot restore the metadata of collection {spec.name}"
+        with translate_errors(what):
+            col = self.b.collection(spec.name)
+            now = plain_metadata(col.metadata if col is not None else None)
+        if now != plain_metadata(seen.get("metadata")):
+            raise Refused(f"{self.b.where}: the metadata of collection {spec.name} changed after the restore "
+                          f"planned it (the incident holds the one it saw); not overwritten: run the restore again")
+        with translate_errors(what):
             col.modify(metadata=target)
 
     def _create(self, spec: StreamSpec):

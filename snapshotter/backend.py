@@ -174,8 +174,10 @@ class SourceWriter(ABC):
         :meth:`upsert` with decoded records."""
         return False
 
-    def restore_settings(self, spec: StreamSpec) -> None:
-        """Put back the stream settings :meth:`SourceBackend.settings_differences` reported."""
+    def restore_settings(self, spec: StreamSpec, seen: dict) -> None:
+        """Put back the stream settings :meth:`SourceBackend.settings_differences` reported;
+        ``seen`` is the live schema the plan saw: settings changed since are refused
+        (:class:`~snapshotter.errors.Refused`), not overwritten unquarantined."""
 
     def expect(self, spec: StreamSpec, records: Iterable[tuple[Key, str, Any]]) -> bool:
         """What the restore planned over, before it writes: ``(key, op, live value)`` of

@@ -139,6 +139,17 @@ def op_counts(bundle: dict) -> dict[str, int]:
     return counts
 
 
+def replaced_settings(bundle: dict) -> list[str]:
+    """``source/stream: setting`` for the stream settings the restore put back (not records:
+    the live ones are kept in the stream entry's ``schema``, the snapshot's in
+    ``snapshot_schema``)."""
+    out = []
+    for source, streams in bundle.get("plan", {}).items():
+        for stream, c in streams.items():
+            out.extend(f"{source}/{stream}: {name}" for name in c.get("settings") or [])
+    return out
+
+
 def stream_entry(bundle: dict, source: str, stream: str) -> dict:
     """The bundle's entry for one stream (chunks, schema, counts)."""
     try:

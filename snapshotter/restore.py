@@ -513,6 +513,12 @@ class RestoreResult:
     def changes(self) -> int:
         return sum(p.changes for streams in self.plans.values() for p in streams.values())
 
+    @property
+    def settings(self) -> list[str]:
+        """``source/stream: setting`` for every stream setting the restore puts back."""
+        return [f"{source}/{stream}: {name}" for source, streams in self.plans.items()
+                for stream, p in streams.items() for name in p.settings]
+
     def fingerprint(self) -> str:
         """Which records the plan changes, and how: equal for two plans exactly when they
         add, modify and delete the same keys of the same streams (the values may differ)."""
@@ -699,11 +705,13 @@ def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
 
 def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
     w.prepare(t.spec)
-    if plan.settings:
-        w.restore_settings(t.spec)
     encoding = t.entry.get("encoding")
     if not getattr(w, "transactional", False) and plan.quarantine is not None and plan.changes:
         _expect_planned(repo, w, t, plan)
+    if plan.settings:
+        # after the records' check, so a refused restore has not touched the settings either;
+        # the writer checks the live settings are still the ones the plan saw (and quarantined)
+        w.restore_settings(t.spec, plan.live_schema or {})
 
     def upsert(batch: list) -> None:
         # records kept in the snapshot's own encoding go back as they are, when the writer can
@@ -772,6 +780,9 @@ def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreR
             for t in ts:
                 plan = result.plans[source][t.stream]
                 spec = reader.live_spec(t.stream)
+                if plan.settings and spec is not None and t.backend.settings_differences(t.spec, spec):
+                    ok = False
+                    result.problems.append(f"{source}/{t.stream}: {', '.join(plan.settings)} not as in the snapshot")
                 if source in readers and plan.lines and plan.quarantine is not None and spec is not None \
                         and hasattr(reader, "read_encoded_keys"):
                     problem = _verify_touched(repo, t, reader, spec, plan)

@@ -585,3 +585,31 @@ def test_collection_metadata_is_put_back_and_the_live_one_kept(tmp_path, cli):
     bundle = json.loads((tmp_path / "repo" / "quarantine" / "inc-meta" / "manifest.json").read_text())
     assert bundle["sources"]["memory"]["streams"]["mem"]["schema"]["metadata"] == {"owner": "attacker"}
     assert live.get(ids=["d0"], include=["documents"])["documents"] == ["a"]
+    [listed] = cli("--json", "quarantine", "list").json()
+    assert listed["records"] == 0 and listed["settings"] == ["memory/mem: collection metadata"]
+    assert "settings put back: memory/mem: collection metadata" in cli("quarantine", "show", "inc-meta").out
+
+
+def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path, cli, monkeypatch):
+    """The metadata the restore puts back must still be the one it planned over (and kept)."""
+    from snapshotter import restore as restore_mod
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    col = client.create_collection("mem", metadata={"owner": "support-agent"}, embedding_function=None)
+    col.add(ids=["d0"], embeddings=[[0.1, 0.2]], documents=["a"])
+    write_config(tmp_path, Store(client, 'path = "./chroma"\n', ""), ["mem"])
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    col.modify(metadata={"owner": "attacker"})
+    real = restore_mod.write_bundle
+
+    def bundle_then_agent_writes(repo, bundle):
+        real(repo, bundle)
+        col.modify(metadata={"owner": "agent, during the restore"})
+
+    monkeypatch.setattr(restore_mod, "write_bundle", bundle_then_agent_writes)
+    r = cli("restore", snap, "--yes")
+    assert r.code == 6 and "metadata of collection mem changed after the restore planned it" in r.err, r.err
+    assert client.get_collection("mem", embedding_function=None).metadata == {"owner": "agent, during the restore"}
+    r = cli("diff", snap)
+    assert r.code == 0 and "settings differ: memory/mem: collection metadata" in r.out

@@ -13,7 +13,7 @@ from ..forensics import (EXPORT_FORMATS, RecordFilter, changed_fields, count_pos
                          reapply as run_reapply, record_diff, select_records)
 from ..locks import EXCLUSIVE, source_resource
 from ..names import check_name
-from ..quarantine import OPS, bundles, incident_status, load_bundle, op_counts, record_json
+from ..quarantine import OPS, bundles, incident_status, load_bundle, op_counts, record_json, replaced_settings
 from ..report import MAX_RECORDS, write_report
 from . import App, cli, pass_app
 
@@ -70,7 +70,7 @@ def list_cmd(app: App, limit):
             "created_at": b.get("created_at"), "records": b.get("records", 0), "failure_at": b.get("failure_at"),
             "post_failure": count_post_failure(repo, b), "counts": op_counts(b), "status": status["status"],
             "verified": status["verified"], "user": b.get("user"), "host": b.get("host"),
-            "sources": sorted(b.get("sources", {})),
+            "sources": sorted(b.get("sources", {})), "settings": replaced_settings(b),
         })
         if limit and len(rows) >= limit:
             break
@@ -106,7 +106,12 @@ def show(app: App, incident, source, stream, ops, post_failure, sessions, limit)
         records.append(record_json(sname, stname, rec))
         fields.append(changed_fields(rec.value))
 
+    settings = replaced_settings(bundle)
+
     def human():
+        for line in settings:
+            app.info(f"settings put back: {line} (the replaced ones are in the incident's manifest.json, "
+                     f"stream schema)")
         if not records:
             app.info(f"no quarantined records in incident {incident} match")
             return

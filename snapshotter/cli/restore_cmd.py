@@ -37,7 +37,11 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
                 f"  ({', '.join(p.settings)} differs)" if p.settings else ""
             click.echo(f"  {source + '/' + stream:<40} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
     total = result.changes
-    click.echo(f"  {total} record(s) differ" + ("" if total else ": live state equals the snapshot"))
+    settings = result.settings
+    if settings:
+        click.echo(f"  {total} record(s) differ; settings differ: {'; '.join(settings)}")
+    else:
+        click.echo(f"  {total} record(s) differ" + ("" if total else ": live state equals the snapshot"))
 
 
 @cli.command()
@@ -96,7 +100,7 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         """Called inside the write transactions, with the plan made there: it must be the
         plan the person confirmed (asked before any transaction was open, so the agent's
         writers were never held while someone read)."""
-        if yes or (not preview and result.changes == 0):
+        if yes or (not preview and result.changes == 0 and not result.settings):
             return True
         if result.fingerprint() != preview[0].fingerprint():
             then = (f"the plan you confirmed ({preview[0].changes} record(s))" if preview[0].changes else
@@ -120,9 +124,10 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
                 if incident and repo.store.stat(bundle_object(incident)) is not None:
                     raise UsageError(f"incident {incident!r} already exists; choose another --incident")
                 preview.append(run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t))
-                if preview[0].changes:
+                if preview[0].changes or preview[0].settings:
                     print_plan(preview[0], title="restore to")
-                    if not click.confirm(f"quarantine {preview[0].changes} record(s) as an incident and restore?",
+                    also = " (and put back the settings above)" if preview[0].settings else ""
+                    if not click.confirm(f"quarantine {preview[0].changes} record(s) as an incident and restore{also}?",
                                          default=False, err=True):
                         raise Refused("restore not confirmed; nothing was written")
             result = run_restore(repo, app.config, manifest, sel, incident=incident, failure_at=failure_t,

@@ -9,6 +9,7 @@ was stored, bit for bit, on every dialect.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import hashlib
 import os
 import threading
@@ -581,8 +582,29 @@ def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], boo
     return cache[name]
 
 
+def _array_literal(value: Any) -> Any:
+    """A list of numbers (nested, NULLs allowed) as PostgreSQL array text; anything else as is."""
+    def numeric(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return all(numeric(x) for x in v)
+        return v is None or (isinstance(v, (int, float, decimal.Decimal)) and not isinstance(v, bool))
+
+    def text(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return "{" + ",".join(text(x) for x in v) + "}"
+        return "NULL" if v is None else repr(v) if isinstance(v, float) else str(v)
+
+    return text(value) if isinstance(value, (list, tuple)) and numeric(value) else value
+
+
 def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list):
     if len(pk) == 1:
+        if any(isinstance(k, (list, tuple)) for k in keys):
+            # an array key (PostgreSQL int[]): an expanding IN would take each list for a row, and a
+            # list of numbers is sent as the smallest array type (int2[] = int4[] has no operator):
+            # numbers go as an untyped array literal the column's type reads
+            return sa.or_(*[t.c[pk[0]] == sa.bindparam(None, _array_literal(k), type_=sa.types.NullType())
+                            for k in keys])
         # untyped: a key held as text (money, an enum, inet) is then read by the column's own type;
         # a str bind would be cast to VARCHAR on PostgreSQL ("operator does not exist: money = varchar")
         return t.c[pk[0]].in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))

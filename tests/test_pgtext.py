@@ -197,6 +197,20 @@ def test_money_keys_keep_text_order(pg_url, tmp_path, cli):
     eng.dispose()
 
 
+def test_array_keys_restore(pg_url, tmp_path, cli):
+    """An int[] primary key: the restore's keyed re-read matches arrays, not rows
+    ('operator does not exist: integer[] = record')."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE paths (p int[] PRIMARY KEY, note text)")
+        c.exec_driver_sql("INSERT INTO paths VALUES ('{1,2}', 'a'), ('{1,10}', 'b'), ('{3}', 'c')")
+    snap = snapshot_of(cli, tmp_path, pg_url, "paths")
+    drift_then_restore(cli, eng, snap["id"], "paths", ["UPDATE paths SET note = 'x' WHERE p = '{1,10}'",
+                                                       "DELETE FROM paths WHERE p = '{3}'"],
+                       {"added": 0, "modified": 1, "deleted": 1}, lambda: table_text(eng, "paths"))
+    eng.dispose()
+
+
 def test_values_python_cannot_hold_are_shown_as_text_and_restored(pg_url, tmp_path, cli):
     """infinity, -infinity, BC dates, years past 9999: a cursor cannot load them, so
     diff and the quarantine show their text; restore writes the stored lines back."""

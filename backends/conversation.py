@@ -454,8 +454,9 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                 return
             # a key the plan saw in a restored session may have moved to another since
             t, pk = self._table(spec), spec.schema["primary_key"]
+            d = sqlbase.dialect(self.conn)
             for i in range(0, len(keys), 500):
-                self.conn.execute(sa.delete(t).where(sqlbase.key_condition(t, pk, keys[i:i + 500]),
+                self.conn.execute(sa.delete(t).where(sqlbase.key_condition(t, pk, keys[i:i + 500], d),
                                                      in_sessions(t, spec, self.sessions)))
 
     def _check_scope(self, spec: StreamSpec, records: list) -> None:
@@ -473,7 +474,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         t, pk = self._table(spec), spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
             stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
-                sqlbase.key_condition(t, pk, keys[i:i + 500]),
+                sqlbase.key_condition(t, pk, keys[i:i + 500], sqlbase.dialect(self.conn)),
                 sa.or_(t.c[col].is_(None), sa.not_(in_sessions(t, spec, self.sessions))))
             row = self.conn.execute(stmt).first()
             if row is not None:

@@ -145,7 +145,8 @@ class SQLReader(SourceReader):
                 for i in range(0, len(keys), 500):
                     part = keys[i:i + 500]
                     yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns,
-                                                 where=lambda t, part=part: sqlbase.key_condition(t, pk, part))
+                                                 where=lambda t, part=part: sqlbase.key_condition(
+                                                     t, pk, part, sqlbase.dialect(self.conn)))
         return batches()
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):

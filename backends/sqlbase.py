@@ -519,7 +519,7 @@ def adapt_for_write(conn: Connection, schema_doc: dict, values: dict) -> dict:
 def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
     """The rows with these keys as ``pgtext`` lines, with the encoding document (a
     restore's verification of what it wrote)."""
-    where = (lambda t: key_condition(t, schema_doc["primary_key"], keys))
+    where = (lambda t: key_condition(t, schema_doc["primary_key"], keys, dialect(conn)))
     with translate_errors(what):
         doc, batches = read_lines(conn, schema_doc, where=where)
     return doc, translating(batches, what)
@@ -582,6 +582,15 @@ def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], boo
     return cache[name]
 
 
+def _pg_key(key: Any) -> Any:
+    if isinstance(key, float):
+        return repr(key) if key == key and key not in (float("inf"), float("-inf")) else \
+            {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[repr(key)]
+    if isinstance(key, list) and any(isinstance(k, float) for k in key):  # a composite key
+        return [_pg_key(k) for k in key]
+    return key
+
+
 def _array_literal(value: Any) -> Any:
     """A list of numbers (nested, NULLs allowed) as PostgreSQL array text; anything else as is."""
     def numeric(v: Any) -> bool:
@@ -597,7 +606,11 @@ def _array_literal(value: Any) -> Any:
     return text(value) if isinstance(value, (list, tuple)) and numeric(value) else value
 
 
-def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list):
+def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list, dialect_name: str | None = None):
+    if dialect_name == "postgresql":
+        # a float key goes as its shortest text, which the column's own type reads: a real key
+        # 0.2 compared as a float8 bind (0.2000000000000000111) matched nothing
+        keys = [_pg_key(k) for k in keys]
     if len(pk) == 1:
         if any(isinstance(k, (list, tuple)) for k in keys):
             # an array key (PostgreSQL int[]): an expanding IN would take each list for a row, and a
@@ -626,7 +639,7 @@ class SQLWriterMixin:
         t = self._table(spec)
         pk = spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
-            self.conn.execute(sa.delete(t).where(key_condition(t, pk, keys[i:i + 500])))
+            self.conn.execute(sa.delete(t).where(key_condition(t, pk, keys[i:i + 500], dialect(self.conn))))
 
     def upsert_rows(self, spec, records: list) -> None:
         if not records:

@@ -211,6 +211,26 @@ def test_array_keys_restore(pg_url, tmp_path, cli):
     eng.dispose()
 
 
+def test_real_keys_restore_and_reapply(pg_url, tmp_path, cli):
+    """A real (float4) key: the restore's keyed reads and deletes must find 0.2, which a
+    float8 bind (0.2000000000000000111) never equals; verification failed and rolled back."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE weights (k real PRIMARY KEY, v text)")
+        c.exec_driver_sql("INSERT INTO weights VALUES (0.1, 'a'), (0.2, 'b'), (1.5, 'c')")
+    snap = snapshot_of(cli, tmp_path, pg_url, "weights")
+    drift_then_restore(cli, eng, snap["id"], "weights", ["UPDATE weights SET v = 'x' WHERE k = 0.2::real",
+                                                         "INSERT INTO weights VALUES (0.3, 'injected')"],
+                       {"added": 1, "modified": 1, "deleted": 0}, lambda: table_text(eng, "weights"))
+    inc = cli("--json", "quarantine", "list").json()[0]["incident"]
+    r = cli("quarantine", "reapply", inc, "0.2", "0.3", "--yes")
+    assert r.code == 0, r.err
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT v FROM weights WHERE k = 0.2::real").scalar_one() == "x"
+        assert c.exec_driver_sql("SELECT v FROM weights WHERE k = 0.3::real").scalar_one() == "injected"
+    eng.dispose()
+
+
 def test_values_python_cannot_hold_are_shown_as_text_and_restored(pg_url, tmp_path, cli):
     """infinity, -infinity, BC dates, years past 9999: a cursor cannot load them, so
     diff and the quarantine show their text; restore writes the stored lines back."""

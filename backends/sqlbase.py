@@ -220,11 +220,10 @@ def _pg_server_encoding(conn: Connection) -> str:
     return cache["snapshotter.server_encoding"]
 
 
-#: key types (leading word of the type's text) whose values the database orders as Python
-#: orders the values the driver returns; other non-text key types (PostgreSQL enums,
-#: inet, macaddr, ranges, types SQLAlchemy does not know; MySQL ENUM and SET) come back
-#: as text or have an order of their own (an enum's declaration order), so they are
-#: ordered by their text, as text keys are
+#: MariaDB/MySQL key types (leading word of the type's text) whose values the database
+#: orders as Python orders the values the driver returns; other non-text key types (ENUM
+#: and SET: their declaration order) are ordered by their text, as text keys are.
+#: PostgreSQL decides by the column's base type instead (:data:`PG_VALUE_ORDERED_TYPES`)
 VALUE_ORDERED_TYPES = frozenset({
     "SMALLINT", "INTEGER", "INT", "BIGINT", "TINYINT", "MEDIUMINT", "SERIAL", "BIGSERIAL", "SMALLSERIAL",
     "NUMERIC", "DECIMAL", "REAL", "DOUBLE", "FLOAT", "DATE", "DATETIME", "TIMESTAMP", "TIME", "YEAR",

@@ -456,8 +456,8 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
             t, pk = self._table(spec), spec.schema["primary_key"]
             d = sqlbase.dialect(self.conn)
             for i in range(0, len(keys), 500):
-                self.conn.execute(sa.delete(t).where(sqlbase.key_condition(t, pk, keys[i:i + 500], d),
-                                                     in_sessions(t, spec, self.sessions)))
+                part = sqlbase.key_condition(t, pk, keys[i:i + 500], d, spec.schema)
+                self.conn.execute(sa.delete(t).where(part, in_sessions(t, spec, self.sessions)))
 
     def _check_scope(self, spec: StreamSpec, records: list) -> None:
         col = spec.schema["conversation"]["session_column"]
@@ -474,7 +474,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         t, pk = self._table(spec), spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
             stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
-                sqlbase.key_condition(t, pk, keys[i:i + 500], sqlbase.dialect(self.conn)),
+                sqlbase.key_condition(t, pk, keys[i:i + 500], sqlbase.dialect(self.conn), spec.schema),
                 sa.or_(t.c[col].is_(None), sa.not_(in_sessions(t, spec, self.sessions))))
             row = self.conn.execute(stmt).first()
             if row is not None:

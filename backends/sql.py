@@ -146,7 +146,7 @@ class SQLReader(SourceReader):
                     part = keys[i:i + 500]
                     yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns,
                                                  where=lambda t, part=part: sqlbase.key_condition(
-                                                     t, pk, part, sqlbase.dialect(self.conn)))
+                                                     t, pk, part, sqlbase.dialect(self.conn), spec.schema))
         return batches()
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):

@@ -518,7 +518,7 @@ def adapt_for_write(conn: Connection, schema_doc: dict, values: dict) -> dict:
 def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
     """The rows with these keys as ``pgtext`` lines, with the encoding document (a
     restore's verification of what it wrote)."""
-    where = (lambda t: key_condition(t, schema_doc["primary_key"], keys, dialect(conn)))
+    where = (lambda t: key_condition(t, schema_doc["primary_key"], keys, dialect(conn), schema_doc))
     with translate_errors(what):
         doc, batches = read_lines(conn, schema_doc, where=where)
     return doc, translating(batches, what)
@@ -581,6 +581,14 @@ def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], boo
     return cache[name]
 
 
+def _bit_key(key: Any, bits: list[bool]) -> Any:
+    def number(v: Any) -> Any:
+        return int.from_bytes(v, "big") if isinstance(v, (bytes, bytearray)) else v
+    if len(bits) == 1:
+        return number(key)
+    return [number(v) if bit else v for v, bit in zip(key, bits)]
+
+
 def _pg_key(key: Any) -> Any:
     if isinstance(key, float):
         return repr(key) if key == key and key not in (float("inf"), float("-inf")) else \
@@ -605,11 +613,20 @@ def _array_literal(value: Any) -> Any:
     return text(value) if isinstance(value, (list, tuple)) and numeric(value) else value
 
 
-def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list, dialect_name: str | None = None):
+def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list, dialect_name: str | None = None,
+                  schema_doc: dict | None = None):
+    """``key IN (keys)`` for these key values as the reader returned them (``dialect_name``
+    and the table's ``schema_doc`` let them be sent so the database matches them)."""
     if dialect_name == "postgresql":
         # a float key goes as its shortest text, which the column's own type reads: a real key
         # 0.2 compared as a float8 bind (0.2000000000000000111) matched nothing
         keys = [_pg_key(k) for k in keys]
+    elif dialect_name in ("mysql", "mariadb") and schema_doc is not None:
+        # a BIT column comes back as bytes but matches only a number (b'..' = _binary'..' is false)
+        types = {c["name"]: c["type"].upper() for c in schema_doc["columns"]}
+        bits = [types.get(k, "").startswith("BIT") for k in pk]
+        if any(bits):
+            keys = [_bit_key(k, bits) for k in keys]
     if len(pk) == 1:
         if any(isinstance(k, (list, tuple)) for k in keys):
             # an array key (PostgreSQL int[]): an expanding IN would take each list for a row, and a
@@ -638,7 +655,8 @@ class SQLWriterMixin:
         t = self._table(spec)
         pk = spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
-            self.conn.execute(sa.delete(t).where(key_condition(t, pk, keys[i:i + 500], dialect(self.conn))))
+            self.conn.execute(sa.delete(t).where(key_condition(t, pk, keys[i:i + 500], dialect(self.conn),
+                                                               spec.schema)))
 
     def upsert_rows(self, spec, records: list) -> None:
         if not records:

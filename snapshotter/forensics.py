@@ -689,6 +689,6 @@ def changed_since_restore(backend, writer, spec: StreamSpec, entry: dict, locs: 
                 out.append(loc)
                 continue
             live = live_values[packed]
-            if codec.pack(live) != codec.pack(snap) and not backend.values_equal(spec, live, snap):
+            if not backend.same_value(spec, live, snap):
                 out.append(loc)
         return out

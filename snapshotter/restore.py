@@ -760,8 +760,7 @@ def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
                 if op == "deleted":
                     same = now is _ABSENT
                 else:
-                    same = now is not _ABSENT and (codec.pack(now) == codec.pack(value)
-                                                   or t.backend.values_equal(t.spec, now, value))
+                    same = now is not _ABSENT and t.backend.same_value(t.spec, now, value)
                 if not same:
                     raise Refused(f"source {t.source!r} stream {t.stream!r}: record {codec.key_text(key)} changed "
                                   "after the restore planned it (it was not quarantined); nothing more was "

@@ -185,43 +185,45 @@ def test_keys_the_database_orders_by_value_not_text_are_read_in_text_order(pg_ur
     eng.dispose()
 
 
-def test_money_keys_keep_text_order(pg_url, tmp_path, cli):
-    """money is a number to PostgreSQL but loads as text ('$1,000.00'): read in text order."""
+def keyed_table_restores(cli, tmp_path, pg_url: str, table: str, setup: list[str], changes: list[str],
+                         plan: dict):
+    """Build ``table`` with ``setup``, snapshot it, apply ``changes``: diff must count ``plan``
+    and a restore must verify and give the table back; the engine, for more checks."""
     eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with eng.connect() as c:
-        c.exec_driver_sql("CREATE TABLE prices (amt money PRIMARY KEY, note text)")
-        c.exec_driver_sql("INSERT INTO prices VALUES (2, 'a'), (10, 'b'), (1000, 'c')")
-    snap = snapshot_of(cli, tmp_path, pg_url, "prices")
-    drift_then_restore(cli, eng, snap["id"], "prices", ["UPDATE prices SET note = 'x' WHERE amt = 10::money"],
-                       {"added": 0, "modified": 1, "deleted": 0}, lambda: table_text(eng, "prices"))
-    eng.dispose()
+        for sql in setup:
+            c.exec_driver_sql(sql)
+    snap = snapshot_of(cli, tmp_path, pg_url, table)
+    drift_then_restore(cli, eng, snap["id"], table, changes, plan, lambda: table_text(eng, table))
+    return eng
+
+
+def test_money_keys_keep_text_order(pg_url, tmp_path, cli):
+    """money is a number to PostgreSQL but loads as text ('$1,000.00'): read in text order."""
+    keyed_table_restores(cli, tmp_path, pg_url, "prices", [
+        "CREATE TABLE prices (amt money PRIMARY KEY, note text)",
+        "INSERT INTO prices VALUES (2, 'a'), (10, 'b'), (1000, 'c')",
+    ], ["UPDATE prices SET note = 'x' WHERE amt = 10::money"], {"added": 0, "modified": 1, "deleted": 0}).dispose()
 
 
 def test_array_keys_restore(pg_url, tmp_path, cli):
     """An int[] primary key: the restore's keyed re-read matches arrays, not rows
     ('operator does not exist: integer[] = record')."""
-    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.exec_driver_sql("CREATE TABLE paths (p int[] PRIMARY KEY, note text)")
-        c.exec_driver_sql("INSERT INTO paths VALUES ('{1,2}', 'a'), ('{1,10}', 'b'), ('{3}', 'c')")
-    snap = snapshot_of(cli, tmp_path, pg_url, "paths")
-    drift_then_restore(cli, eng, snap["id"], "paths", ["UPDATE paths SET note = 'x' WHERE p = '{1,10}'",
-                                                       "DELETE FROM paths WHERE p = '{3}'"],
-                       {"added": 0, "modified": 1, "deleted": 1}, lambda: table_text(eng, "paths"))
-    eng.dispose()
+    keyed_table_restores(cli, tmp_path, pg_url, "paths", [
+        "CREATE TABLE paths (p int[] PRIMARY KEY, note text)",
+        "INSERT INTO paths VALUES ('{1,2}', 'a'), ('{1,10}', 'b'), ('{3}', 'c')",
+    ], ["UPDATE paths SET note = 'x' WHERE p = '{1,10}'", "DELETE FROM paths WHERE p = '{3}'"],
+        {"added": 0, "modified": 1, "deleted": 1}).dispose()
 
 
 def test_real_keys_restore_and_reapply(pg_url, tmp_path, cli):
     """A real (float4) key: the restore's keyed reads and deletes must find 0.2, which a
     float8 bind (0.2000000000000000111) never equals; verification failed and rolled back."""
-    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.exec_driver_sql("CREATE TABLE weights (k real PRIMARY KEY, v text)")
-        c.exec_driver_sql("INSERT INTO weights VALUES (0.1, 'a'), (0.2, 'b'), (1.5, 'c')")
-    snap = snapshot_of(cli, tmp_path, pg_url, "weights")
-    drift_then_restore(cli, eng, snap["id"], "weights", ["UPDATE weights SET v = 'x' WHERE k = 0.2::real",
-                                                         "INSERT INTO weights VALUES (0.3, 'injected')"],
-                       {"added": 1, "modified": 1, "deleted": 0}, lambda: table_text(eng, "weights"))
+    eng = keyed_table_restores(cli, tmp_path, pg_url, "weights", [
+        "CREATE TABLE weights (k real PRIMARY KEY, v text)",
+        "INSERT INTO weights VALUES (0.1, 'a'), (0.2, 'b'), (1.5, 'c')",
+    ], ["UPDATE weights SET v = 'x' WHERE k = 0.2::real", "INSERT INTO weights VALUES (0.3, 'injected')"],
+        {"added": 1, "modified": 1, "deleted": 0})
     inc = cli("--json", "quarantine", "list").json()[0]["incident"]
     r = cli("quarantine", "reapply", inc, "0.2", "0.3", "--yes")
     assert r.code == 0, r.err

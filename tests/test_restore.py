@@ -364,24 +364,6 @@ def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
     eng.dispose()
 
 
-def test_mariadb_enum_keys_in_label_order(mysql_url, tmp_path, cli):
-    """MariaDB sorts an ENUM by its declaration order; keys come back as their labels,
-    so they are read in the labels' order (the table could not be snapshotted before)."""
-    eng = sa.create_engine(mysql_url)
-    with eng.begin() as c:
-        c.exec_driver_sql("CREATE TABLE prio (p ENUM('zeta', 'alpha', 'mid') PRIMARY KEY, n INT)")
-        c.exec_driver_sql("INSERT INTO prio VALUES ('zeta', 1), ('alpha', 2), ('mid', 3)")
-
-    def rows():
-        with eng.connect() as c:
-            return sorted(c.exec_driver_sql("SELECT p, n FROM prio").all())
-
-    drift_then_restore(cli, eng, snapshot_table(cli, tmp_path, mysql_url, "prio"), "prio", [
-        "UPDATE prio SET n = -1 WHERE p = 'zeta'", "DELETE FROM prio WHERE p = 'mid'",
-    ], {"added": 0, "modified": 1, "deleted": 1}, rows)
-    eng.dispose()
-
-
 def test_keys_of_mixed_types_are_refused_in_one_line(sqlite_url, tmp_path, cli):
     """SQLite lets one key column hold numbers and text, which Python cannot order
     together: the snapshot is refused by name and nothing is written."""
@@ -449,19 +431,32 @@ def test_a_snapshot_source_no_longer_configured_is_named_not_skipped_silently(sq
     assert cli("restore", snap, "--source", "archive", "--yes").code == 5
 
 
-def test_mariadb_bit_keys_restore(mysql_url, tmp_path, cli):
-    """A BIT primary key comes back as bytes but matches only a number: the restore's delete
-    found nothing and the re-insert failed ('Duplicate entry')."""
+MARIADB_KEYS = {
+    # MariaDB sorts an ENUM by its declaration order; keys come back as their labels, so they are
+    # read in the labels' order (the table could not be snapshotted before)
+    "enum": ("CREATE TABLE k (p ENUM('zeta', 'alpha', 'mid') PRIMARY KEY, n INT)",
+             "INSERT INTO k VALUES ('zeta', 1), ('alpha', 2), ('mid', 3)", "SELECT p, n FROM k",
+             ["UPDATE k SET n = -1 WHERE p = 'zeta'", "DELETE FROM k WHERE p = 'mid'"]),
+    # a BIT key comes back as bytes but matches only a number: the restore's delete found
+    # nothing and the re-insert failed ('Duplicate entry')
+    "bit": ("CREATE TABLE k (p BIT(12) PRIMARY KEY, n INT)",
+            "INSERT INTO k VALUES (b'000000000010', 1), (b'100000000001', 2), (b'0', 3)", "SELECT p + 0, n FROM k",
+            ["UPDATE k SET n = -1 WHERE p = 2", "DELETE FROM k WHERE p = 0"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MARIADB_KEYS))
+def test_mariadb_keys_of_their_own_order_and_form(kind, mysql_url, tmp_path, cli):
+    create, insert, select, changes = MARIADB_KEYS[kind]
     eng = sa.create_engine(mysql_url)
     with eng.begin() as c:
-        c.exec_driver_sql("CREATE TABLE flags (b BIT(12) PRIMARY KEY, v TEXT)")
-        c.exec_driver_sql("INSERT INTO flags VALUES (b'000000000010', 'a'), (b'100000000001', 'b'), (b'0', 'c')")
+        c.exec_driver_sql(create)
+        c.exec_driver_sql(insert)
 
     def rows():
         with eng.connect() as c:
-            return sorted(c.exec_driver_sql("SELECT b + 0, v FROM flags").all())
+            return sorted(c.exec_driver_sql(select).all())
 
-    drift_then_restore(cli, eng, snapshot_table(cli, tmp_path, mysql_url, "flags"), "flags", [
-        "UPDATE flags SET v = 'x' WHERE b = 2", "DELETE FROM flags WHERE b = 0",
-    ], {"added": 0, "modified": 1, "deleted": 1}, rows)
+    drift_then_restore(cli, eng, snapshot_table(cli, tmp_path, mysql_url, "k"), "k", changes,
+                       {"added": 0, "modified": 1, "deleted": 1}, rows)
     eng.dispose()

@@ -73,7 +73,7 @@ import contextlib
 import datetime as _dt
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
@@ -453,10 +453,9 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                 self.delete_keys(spec, keys)
                 return
             # a key the plan saw in a restored session may have moved to another since
-            t, pk = self._table(spec), spec.schema["primary_key"]
-            d = sqlbase.dialect(self.conn)
+            t, d = self._table(spec), sqlbase.dialect(self.conn)
             for i in range(0, len(keys), 500):
-                part = sqlbase.key_condition(t, pk, keys[i:i + 500], d, spec.schema)
+                part = sqlbase.key_condition(t, spec.schema, keys[i:i + 500], d)
                 self.conn.execute(sa.delete(t).where(part, in_sessions(t, spec, self.sessions)))
 
     def _check_scope(self, spec: StreamSpec, records: list) -> None:
@@ -474,7 +473,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         t, pk = self._table(spec), spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
             stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
-                sqlbase.key_condition(t, pk, keys[i:i + 500], sqlbase.dialect(self.conn), spec.schema),
+                sqlbase.key_condition(t, spec.schema, keys[i:i + 500], sqlbase.dialect(self.conn)),
                 sa.or_(t.c[col].is_(None), sa.not_(in_sessions(t, spec, self.sessions))))
             row = self.conn.execute(stmt).first()
             if row is not None:
@@ -724,13 +723,14 @@ class RedisListWriter(SourceWriter):
             changes, pos = self._changes(key)
             changes.drop.add(pos)
 
-    def expect(self, spec: StreamSpec, records: list) -> bool:
-        added: dict[str, list[int]] = {}
-        absent: dict[str, list[int]] = {}
+    def expect(self, spec: StreamSpec, records: Iterable) -> bool:
+        added: dict[str, list[int]] = {}  # positions the snapshot lacks, per session
+        absent: dict[str, list[int]] = {}  # positions the live list lacked
         for key, op, value in records:
             changes, pos = self._changes(key)
             changes.expected[pos] = None if op == "deleted" else message_bytes(value, key)
-            (added if op == "added" else absent if op == "deleted" else {}).setdefault(key[0], []).append(pos)
+            if op in ("added", "deleted"):
+                (added if op == "added" else absent).setdefault(key[0], []).append(pos)
         # the planned length: one past the highest message the snapshot lacks, else the
         # first position the live list lacked
         # a session whose plan only modified messages: the length its reader saw

@@ -138,15 +138,13 @@ class SQLReader(SourceReader):
     def read_keys(self, spec: StreamSpec, keys: list):
         """The rows with these keys (a reapply's check of what it would overwrite), locked
         like the restore's own reads when inside the writer's transaction."""
-        pk = spec.schema["primary_key"]
-
         def batches():
             with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
                 for i in range(0, len(keys), 500):
                     part = keys[i:i + 500]
                     yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns,
                                                  where=lambda t, part=part: sqlbase.key_condition(
-                                                     t, pk, part, sqlbase.dialect(self.conn), spec.schema))
+                                                     t, spec.schema, part, sqlbase.dialect(self.conn)))
         return batches()
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):

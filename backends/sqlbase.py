@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import decimal
 import hashlib
+import math
 import os
 import threading
 import warnings
@@ -225,10 +226,9 @@ def _pg_server_encoding(conn: Connection) -> str:
 #: and SET: their declaration order) are ordered by their text, as text keys are.
 #: PostgreSQL decides by the column's base type instead (:data:`PG_VALUE_ORDERED_TYPES`)
 VALUE_ORDERED_TYPES = frozenset({
-    "SMALLINT", "INTEGER", "INT", "BIGINT", "TINYINT", "MEDIUMINT", "SERIAL", "BIGSERIAL", "SMALLSERIAL",
-    "NUMERIC", "DECIMAL", "REAL", "DOUBLE", "FLOAT", "DATE", "DATETIME", "TIMESTAMP", "TIME", "YEAR",
-    "UUID", "BOOLEAN", "BOOL", "BYTEA", "BLOB", "TINYBLOB", "MEDIUMBLOB", "LONGBLOB", "BINARY",
-    "VARBINARY", "INTERVAL", "BIT", "OID",
+    "SMALLINT", "INTEGER", "INT", "BIGINT", "TINYINT", "MEDIUMINT", "NUMERIC", "DECIMAL", "REAL",
+    "DOUBLE", "FLOAT", "DATE", "DATETIME", "TIMESTAMP", "TIME", "YEAR", "UUID", "BOOLEAN", "BOOL",
+    "BLOB", "TINYBLOB", "MEDIUMBLOB", "LONGBLOB", "BINARY", "VARBINARY", "BIT",
 })
 
 
@@ -236,7 +236,7 @@ def _orders_as_text(type_text: str) -> bool:
     if is_text_type(type_text):
         return True
     words = type_text.upper().replace("(", " ").split()
-    return bool(words) and words[0] not in VALUE_ORDERED_TYPES and not words[0].endswith("[]")
+    return bool(words) and words[0] not in VALUE_ORDERED_TYPES
 
 
 #: PostgreSQL base types whose values psycopg loads as Python values that order as the
@@ -518,7 +518,7 @@ def adapt_for_write(conn: Connection, schema_doc: dict, values: dict) -> dict:
 def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
     """The rows with these keys as ``pgtext`` lines, with the encoding document (a
     restore's verification of what it wrote)."""
-    where = (lambda t: key_condition(t, schema_doc["primary_key"], keys, dialect(conn), schema_doc))
+    where = (lambda t: key_condition(t, schema_doc, keys, dialect(conn)))
     with translate_errors(what):
         doc, batches = read_lines(conn, schema_doc, where=where)
     return doc, translating(batches, what)
@@ -591,8 +591,9 @@ def _bit_key(key: Any, bits: list[bool]) -> Any:
 
 def _pg_key(key: Any) -> Any:
     if isinstance(key, float):
-        return repr(key) if key == key and key not in (float("inf"), float("-inf")) else \
-            {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[repr(key)]
+        if math.isfinite(key):
+            return repr(key)
+        return "NaN" if key != key else "Infinity" if key > 0 else "-Infinity"
     if isinstance(key, list) and any(isinstance(k, float) for k in key):  # a composite key
         return [_pg_key(k) for k in key]
     return key
@@ -613,15 +614,15 @@ def _array_literal(value: Any) -> Any:
     return text(value) if isinstance(value, (list, tuple)) and numeric(value) else value
 
 
-def key_condition(t: sa.TableClause, pk: Sequence[str], keys: list, dialect_name: str | None = None,
-                  schema_doc: dict | None = None):
-    """``key IN (keys)`` for these key values as the reader returned them (``dialect_name``
-    and the table's ``schema_doc`` let them be sent so the database matches them)."""
+def key_condition(t: sa.TableClause, schema_doc: dict, keys: list, dialect_name: str):
+    """``key IN (keys)`` over the table's primary key, for key values as the reader returned
+    them, sent so that the database matches them."""
+    pk = schema_doc["primary_key"]
     if dialect_name == "postgresql":
         # a float key goes as its shortest text, which the column's own type reads: a real key
         # 0.2 compared as a float8 bind (0.2000000000000000111) matched nothing
         keys = [_pg_key(k) for k in keys]
-    elif dialect_name in ("mysql", "mariadb") and schema_doc is not None:
+    elif dialect_name in ("mysql", "mariadb"):
         # a BIT column comes back as bytes but matches only a number (b'..' = _binary'..' is false)
         types = {c["name"]: c["type"].upper() for c in schema_doc["columns"]}
         bits = [types.get(k, "").startswith("BIT") for k in pk]
@@ -653,10 +654,8 @@ class SQLWriterMixin:
         if not keys:
             return
         t = self._table(spec)
-        pk = spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
-            self.conn.execute(sa.delete(t).where(key_condition(t, pk, keys[i:i + 500], dialect(self.conn),
-                                                               spec.schema)))
+            self.conn.execute(sa.delete(t).where(key_condition(t, spec.schema, keys[i:i + 500], dialect(self.conn))))
 
     def upsert_rows(self, spec, records: list) -> None:
         if not records:

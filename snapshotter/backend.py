@@ -25,6 +25,9 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 from . import codec
 from .errors import ConfigError, SourceError
 
+#: no live record has the key (what :meth:`SourceBackend.same_value` compares with)
+ABSENT = object()
+
 Key = Any
 Record = tuple  # (key, value)
 
@@ -182,8 +185,8 @@ class SourceWriter(ABC):
 
     def expect(self, spec: StreamSpec, records: Iterable[tuple[Key, str, Any]]) -> bool:
         """What the restore planned over, before it writes: ``(key, op, live value)`` of
-        every record it will change (an iterable, read only by a writer that checks) (op ``added``/``modified``: the live value it saw;
-        ``deleted``: the key was absent).  A store without transactions checks, as it
+        every record it will change, as an iterable that only a writer which checks reads
+        (op ``added``/``modified``: the live value it saw; ``deleted``: the key was absent).  A store without transactions checks, as it
         writes and atomically where it can, that the live records are still these, and
         raises :class:`~snapshotter.errors.Refused` if one changed (a write racing the
         restore would otherwise be overwritten without being quarantined).  False (the
@@ -250,8 +253,10 @@ class SourceBackend(ABC):
     # -- optional knowledge of the store; the defaults suit exact stores ---------
 
     def same_value(self, spec: StreamSpec, live: Any, expected: Any) -> bool:
-        """Whether a live record value is the expected one: equal encodings, or equal by
-        this backend's rule (:meth:`values_equal`)."""
+        """Whether a live record value is the expected one: both :data:`ABSENT`, or equal
+        encodings, or equal by this backend's rule (:meth:`values_equal`)."""
+        if live is ABSENT or expected is ABSENT:
+            return live is expected
         return codec.pack(live) == codec.pack(expected) or self.values_equal(spec, live, expected)
 
     def values_equal(self, spec: StreamSpec, a: Any, b: Any) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from . import codec
-from .backend import StreamSpec
+from .backend import ABSENT, StreamSpec
 from .config import Config
 from .errors import NotFound, Refused, UsageError
 from .quarantine import OPS, record_json, stream_entry
@@ -677,18 +677,6 @@ def changed_since_restore(backend, writer, spec: StreamSpec, entry: dict, locs: 
                 packed = codec.pack(key)
                 if packed in wanted:
                     live_values[packed] = value
-        out = []
-        for loc in locs:
-            packed = codec.pack(loc.record.key)
-            if loc.op == "added":
-                if packed in live_values:
-                    out.append(loc)
-                continue
-            snap = loc.record.value["snapshot_value"]
-            if packed not in live_values:
-                out.append(loc)
-                continue
-            live = live_values[packed]
-            if not backend.same_value(spec, live, snap):
-                out.append(loc)
-        return out
+        return [loc for loc in locs
+                if not backend.same_value(spec, live_values.get(codec.pack(loc.record.key), ABSENT),
+                                          ABSENT if loc.op == "added" else loc.record.value["snapshot_value"])]

@@ -29,14 +29,22 @@ def parse_label(text: str) -> tuple[str, str]:
     return k, v
 
 
+ID_TIME = "%Y%m%dT%H%M%SZ"
+
+
 def new_snapshot_id(now: _dt.datetime | None = None) -> str:
     now = now or utcnow()
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return now.strftime(ID_TIME) + "-" + secrets.token_hex(3)
+
+
+def snapshot_id_time(snapshot_id: str) -> _dt.datetime:
+    """The UTC time, to the second, a snapshot id starts with (20261129T101500Z-...)."""
+    return _dt.datetime.strptime(snapshot_id[:16], ID_TIME).replace(tzinfo=_dt.timezone.utc)
 
 
 def new_incident_id(now: _dt.datetime | None = None) -> str:
     now = now or utcnow()
-    return "inc-" + now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return "inc-" + now.strftime(ID_TIME) + "-" + secrets.token_hex(3)
 
 
 def current_user() -> str:

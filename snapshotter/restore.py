@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import __version__, codec, hashing, pgtext
-from .backend import SourceBackend, StreamSpec
+from .backend import ABSENT, SourceBackend, StreamSpec
 from .config import Config
 from .errors import IntegrityError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError, UsageError
-from .names import iso, new_incident_id, utcnow, current_user
+from .names import iso, new_incident_id, snapshot_id_time, utcnow, current_user
 from .quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from .repository import Repository, chunk_object
 from .streams import BackgroundHash, ChunkUploader, StoredRecord, StreamWriter, iter_chunks, read_stream
@@ -66,7 +66,7 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
         # a damaged snapshot that would have been the pick must not hand the restore to another one
         # (an older known-good one, or a newer one taken after the agent went wrong)
         for ref, exc in skipped:
-            if before is not None and _id_time(ref.id) >= before:
+            if before is not None and snapshot_id_time(ref.id) >= before:
                 continue
             # ids order by time to the second; one of the same second may be the newer (taken_at is unread)
             newer = ref.id[:16] >= m["id"][:16]
@@ -85,7 +85,7 @@ def resolve_snapshot(repo: Repository, snapshot: str | None, release: str | None
     if candidates:
         return picked(candidates[0], False)
     when = f" taken before {iso(before)}" if before else ""
-    relevant = [(ref, exc) for ref, exc in skipped if before is None or _id_time(ref.id) < before]
+    relevant = [(ref, exc) for ref, exc in skipped if before is None or snapshot_id_time(ref.id) < before]
     if relevant:
         ref, exc = next(((r, e) for r, e in relevant if r.id in good), relevant[0])
         raise _damaged_pick(release, ref, exc, "known-good" if ref.id in good else "newest")
@@ -96,10 +96,6 @@ def _damaged_pick(release: str, ref, exc, what: str) -> IntegrityError:
     hint = "restore a snapshot by id, or unmark-good it" if what == "known-good" else "restore a snapshot by id"
     return IntegrityError(f"the {what} snapshot of release {release!r}, {ref.id}, is damaged ({exc.message}); "
                           f"nothing was written: {hint}")
-
-
-def _id_time(snapshot_id: str) -> _dt.datetime:
-    return _dt.datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc)
 
 
 def codec_time(text: str) -> _dt.datetime:
@@ -127,6 +123,12 @@ class Target:
     stream: str
     entry: dict  # the snapshot manifest's stream entry
     spec: StreamSpec  # the snapshot's spec (schema as captured)
+
+
+def not_configured(manifest: dict, cfg: Config, sel: Selection) -> list[str]:
+    """Sources of the snapshot that the config file no longer has (unless sources are named:
+    then a missing one is an error, see :func:`select_targets`)."""
+    return [] if sel.sources else sorted(s for s in manifest.get("sources", {}) if s not in cfg.sources)
 
 
 def select_targets(manifest: dict, cfg: Config, sel: Selection) -> dict[str, list[Target]]:
@@ -558,9 +560,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
     started = time.monotonic()
     targets = select_targets(manifest, cfg, sel)
     check_objects(repo, targets)
-    result = RestoreResult(manifest, None, dry_run, {})
-    if not sel.sources:
-        result.not_configured = sorted(s for s in manifest.get("sources", {}) if s not in cfg.sources)
+    result = RestoreResult(manifest, None, dry_run, {}, not_configured=not_configured(manifest, cfg, sel))
     if dry_run:
         for source, ts in targets.items():
             backend = ts[0].backend
@@ -756,16 +756,11 @@ def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
                 return  # the store cannot read by key: verification will see a racing write
             live = {codec.pack(key): value for part in got for key, value in part}
             for key, op, value in batch:
-                now = live.get(codec.pack(key), _ABSENT)
-                if op == "deleted":
-                    same = now is _ABSENT
-                else:
-                    same = now is not _ABSENT and t.backend.same_value(t.spec, now, value)
-                if not same:
+                expected = ABSENT if op == "deleted" else value
+                if not t.backend.same_value(t.spec, live.get(codec.pack(key), ABSENT), expected):
                     raise Refused(f"source {t.source!r} stream {t.stream!r}: record {codec.key_text(key)} changed "
                                   "after the restore planned it (it was not quarantined); nothing more was "
                                   "written to this stream: run the restore again")
-
 
 
 def _verify(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult, sel: Selection,
@@ -871,7 +866,6 @@ def _check_incident(repo: Repository, plan: StreamPlan, item, check) -> str | No
 
 
 _UNSUPPORTED = object()  # _verify_by_key: the reader cannot verify by key
-_ABSENT = object()  # no live record has the key (_expect_planned, _verify_by_key)
 
 
 def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: StreamPlan):
@@ -906,15 +900,14 @@ def _verify_by_key(repo: Repository, t: Target, reader, spec: StreamSpec, plan: 
                 live[codec.pack(key)] = value
         for key, rec in batch:
             q = rec.fields("op")
-            got = live.get(codec.pack(key), _ABSENT)
+            got = live.get(codec.pack(key), ABSENT)
             if q["op"] == "added":
-                if got is not _ABSENT:
+                if got is not ABSENT:
                     return f"record {codec.key_text(key)} present after restore but not in the snapshot"
                 continue
-            if got is _ABSENT:
+            if got is ABSENT:
                 return f"record {codec.key_text(key)} missing after restore"
-            want = rec.value["snapshot_value"]
-            if codec.pack(got) != codec.pack(want) and not t.backend.values_equal(t.spec, got, want):
+            if not t.backend.same_value(t.spec, got, rec.value["snapshot_value"]):
                 return f"record {codec.key_text(key)} differs from the snapshot after restore"
         return None
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import IntegrityError, SnapshotterError
-from .names import parse_iso
+from .names import parse_iso, snapshot_id_time
 from .objectstore import ObjectMissing
 from .repository import Repository, manifest_object
 
@@ -169,8 +169,7 @@ def plan_forget(repo: Repository, policy: RetentionPolicy,
 
 def _id_time(snapshot_id: str) -> str:
     # ids start with their UTC time (20261129T101500Z-...), a fallback for a manifest without taken_at
-    t = _dt.datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc)
-    return t.isoformat().replace("+00:00", "Z")
+    return snapshot_id_time(snapshot_id).isoformat().replace("+00:00", "Z")
 
 
 def forget(repo: Repository, plan: ForgetPlan, *, check: Callable[[], None] | None = None) -> None:

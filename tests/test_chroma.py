@@ -590,10 +590,8 @@ def test_collection_metadata_is_put_back_and_the_live_one_kept(tmp_path, cli):
     assert "settings put back: memory/mem: collection metadata" in cli("quarantine", "show", "inc-meta").out
 
 
-def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path, cli, monkeypatch):
-    """The metadata the restore puts back must still be the one it planned over (and kept)."""
-    from snapshotter import restore as restore_mod
-
+def metadata_attacked(tmp_path, cli):
+    """A one-record collection, its snapshot, then its metadata rewritten: (client, collection, snapshot id)."""
     client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
     col = client.create_collection("mem", metadata={"owner": "support-agent"}, embedding_function=None)
     col.add(ids=["d0"], embeddings=[[0.1, 0.2]], documents=["a"])
@@ -601,6 +599,14 @@ def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path,
     assert cli("init").code == 0
     snap = cli("--json", "snapshot", "--release", "r").json()["id"]
     col.modify(metadata={"owner": "attacker"})
+    return client, col, snap
+
+
+def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path, cli, monkeypatch):
+    """The metadata the restore puts back must still be the one it planned over (and kept)."""
+    from snapshotter import restore as restore_mod
+
+    client, col, snap = metadata_attacked(tmp_path, cli)
     real = restore_mod.write_bundle
 
     def bundle_then_agent_writes(repo, bundle):
@@ -613,3 +619,15 @@ def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path,
     assert client.get_collection("mem", embedding_function=None).metadata == {"owner": "agent, during the restore"}
     r = cli("diff", snap)
     assert r.code == 0 and "settings differ: memory/mem: collection metadata" in r.out
+
+
+def test_a_metadata_only_restore_on_a_terminal_shows_the_plan_and_asks(tmp_path, cli):
+    """Zero records differ, the collection metadata does: the person is still asked."""
+    from test_restore import _on_terminal
+
+    client, col, snap = metadata_attacked(tmp_path, cli)
+    del col, client  # the CLI runs in another process on the same folder
+    code, out = _on_terminal(["restore", snap], tmp_path, "n")
+    assert code == 6 and "settings differ: memory/mem: collection metadata" in out and "[y/N]" in out, out
+    assert not (tmp_path / "repo" / "quarantine").exists() or not list((tmp_path / "repo" / "quarantine").iterdir())
+    assert chromadb.PersistentClient(path=str(tmp_path / "chroma")).get_collection("mem").metadata == {"owner": "attacker"}

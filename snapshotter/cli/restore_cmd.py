@@ -8,7 +8,7 @@ import click
 from ..errors import Refused, UsageError
 from ..names import check_name, parse_time
 from ..quarantine import bundle_object
-from ..restore import RestoreResult, Selection, resolve_snapshot, restore as run_restore
+from ..restore import RestoreResult, Selection, not_configured, resolve_snapshot, restore as run_restore
 from . import App, cli, pass_app
 
 
@@ -60,7 +60,7 @@ def diff(app: App, snapshot, sources, streams, sessions):
 
 
 def _warn_not_configured(app: App, manifest: dict, sel) -> None:
-    gone = [] if sel.sources else sorted(s for s in manifest.get("sources", {}) if s not in app.config.sources)
+    gone = not_configured(manifest, app.config, sel)
     if gone:
         app.warn(f"warning: snapshot {manifest['id']} holds source(s) {', '.join(map(repr, gone))}, which the config "
                  f"file no longer has: not compared or restored")

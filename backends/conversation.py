@@ -444,7 +444,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                         raise SourceError(f"{self.b.where}: message {key_text(rc.key(line))} belongs to session "
                                           f"{session!r}, outside the sessions being restored")
                 self._check_keys_in_scope(spec, [rc.key(line) for line in records])
-            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records)
+            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
 
     def delete(self, spec: StreamSpec, keys: list) -> None:
         spec = keyed(spec)
@@ -454,9 +454,11 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                 return
             # a key the plan saw in a restored session may have moved to another since
             t, d = self._table(spec), sqlbase.dialect(self.conn)
+            self.txn.guard.before_write(spec.schema)
             for i in range(0, len(keys), 500):
                 part = sqlbase.key_condition(t, spec.schema, keys[i:i + 500], d)
-                self.conn.execute(sa.delete(t).where(part, in_sessions(t, spec, self.sessions)))
+                n = self.conn.execute(sa.delete(t).where(part, in_sessions(t, spec, self.sessions))).rowcount
+                self.txn.guard.wrote(spec.schema, deleted=n)
 
     def _check_scope(self, spec: StreamSpec, records: list) -> None:
         col = spec.schema["conversation"]["session_column"]

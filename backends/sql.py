@@ -200,7 +200,7 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
 
     def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
         with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
-            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records)
+            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
 
     def commit(self) -> None:
         self.txn.leave(True, self.b.where)

@@ -18,9 +18,10 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from snapshotter import codec
 from snapshotter.errors import ConfigError, SourceError
 
-from . import lazy_module, pgcopy
+from . import lazy_module, pgcopy, sqlintegrity
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -110,6 +111,9 @@ def end_transaction(conn: Connection, commit: bool) -> None:
 def begin_write(conn: Connection) -> None:
     d = dialect(conn)
     if d == "sqlite":
+        # the restore keeps foreign-key actions from firing and proves the keys itself
+        # (backends/sqlintegrity.py); the pragma is a no-op inside a transaction
+        conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     elif d in ("mysql", "mariadb"):
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -168,6 +172,7 @@ class WriteTransaction:
         self.conn = conn
         self.users = 0
         self.failed = False
+        self.guard = sqlintegrity.Guard(conn, dialect(conn))
 
     @classmethod
     def join(cls, backend) -> "WriteTransaction":
@@ -201,7 +206,11 @@ class WriteTransaction:
                 with translate_errors(f"{where}: commit failed"):
                     self.conn.exec_driver_sql("COMMIT")
         finally:
-            self.conn.close()
+            try:
+                with contextlib.suppress(Exception):
+                    self.guard.end()
+            finally:
+                self.conn.close()
 
 
 def is_text_type(type_text: str) -> bool:
@@ -524,11 +533,14 @@ def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
     return doc, translating(batches, what)
 
 
-def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes]) -> bool:
+def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes],
+                 guard: "sqlintegrity.Guard | None" = None) -> bool:
     """PostgreSQL: replace rows by ``pgtext`` lines, exactly (the server's own input
     functions read the text its output functions wrote).  The lines are copied into a
-    temporary table; rows with their keys are deleted, then inserted from it.  False
-    when this connection cannot (another database or driver): the caller decodes."""
+    temporary table; rows whose keys are live are updated in place (a delete and insert
+    would fire ``ON DELETE`` actions on the rows that reference them), the others
+    inserted.  False when this connection cannot (another database or driver): the
+    caller decodes."""
     if dialect(conn) != "postgresql" or pgcopy._psycopg_connection(conn) is None:
         return False
     if encoding.get("format") != "pgtext" or \
@@ -550,23 +562,34 @@ def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list
         with pg.cursor() as cur, cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
             # stored lines are UTF-8; the server reads COPY data in the client encoding
             copy.write(b"".join(pgcopy.from_utf8(lines, pg.info.encoding, target)))
+        if guard is not None:
+            guard.before_write(schema_doc)
         match = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)
-        conn.exec_driver_sql(f"DELETE FROM {target} AS t USING {stage} AS s WHERE {match}")
-        generated, always = write_rules(conn, schema_doc)
+        generated, identity = write_rules(conn, schema_doc)
+        settable = [c for c in encoding["columns"] if c not in keys and c not in generated and c not in identity]
+        updated = 0
+        if settable:
+            updated = conn.exec_driver_sql(
+                f"UPDATE {target} AS t SET {', '.join(f'{q(c)} = s.{q(c)}' for c in settable)} "
+                f"FROM {stage} AS s WHERE {match}").rowcount
         written = ", ".join(q(c) for c in encoding["columns"] if c not in generated)
-        overriding = " OVERRIDING SYSTEM VALUE" if always else ""
-        conn.exec_driver_sql(f"INSERT INTO {target} ({written}){overriding} SELECT {written} FROM {stage}")
+        overriding = " OVERRIDING SYSTEM VALUE" if identity else ""
+        inserted = conn.exec_driver_sql(
+            f"INSERT INTO {target} ({written}){overriding} SELECT {written} FROM {stage} AS s "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {target} AS t WHERE {match})").rowcount
+        if guard is not None:
+            guard.wrote(schema_doc, inserted=inserted, updated=updated)
     return True
 
 
 _WRITE_RULES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], bool]:
+def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], frozenset[str]]:
     """What an INSERT of whole rows must respect in the live table: its generated columns
     (computed by the database, never written; the restored rows compute the values the
-    snapshot holds) and whether a column is ``GENERATED ALWAYS AS IDENTITY`` (PostgreSQL
-    takes the stored values only with ``OVERRIDING SYSTEM VALUE``).  Asked once per table
+    snapshot holds) and its ``GENERATED ALWAYS AS IDENTITY`` columns (PostgreSQL takes
+    the stored values only with ``OVERRIDING SYSTEM VALUE``, and never in an UPDATE).  Asked once per table
     and transaction."""
     txn = conn.get_transaction()
     cache = _WRITE_RULES.setdefault(txn, {}) if txn is not None else {}
@@ -576,7 +599,8 @@ def write_rules(conn: Connection, schema_doc: dict) -> tuple[frozenset[str], boo
             warnings.filterwarnings("ignore", message="Did not recognize type", category=sa.exc.SAWarning)
             cols = sa.inspect(conn).get_columns(name[1], schema=name[0])
         generated = frozenset(c["name"] for c in cols if c.get("computed"))
-        always = dialect(conn) == "postgresql" and any((c.get("identity") or {}).get("always") for c in cols)
+        always = frozenset(c["name"] for c in cols if dialect(conn) == "postgresql"
+                           and (c.get("identity") or {}).get("always"))
         cache[name] = (generated, always)
     return cache[name]
 
@@ -641,40 +665,105 @@ def key_condition(t: sa.TableClause, schema_doc: dict, keys: list, dialect_name:
     return sa.tuple_(*[t.c[k] for k in pk]).in_([tuple(k) for k in keys])
 
 
+def key_binds(schema_doc: dict, key: Any, dialect_name: str) -> list:
+    """The values of one key's columns, as :func:`key_condition` sends them."""
+    pk = schema_doc["primary_key"]
+    if dialect_name == "postgresql":
+        key = _pg_key(key)
+    elif dialect_name in ("mysql", "mariadb"):
+        types = {c["name"]: c["type"].upper() for c in schema_doc["columns"]}
+        bits = [types.get(k, "").startswith("BIT") for k in pk]
+        if any(bits):
+            key = _bit_key(key, bits)
+    values = [key] if len(pk) == 1 else list(key)
+    return [_array_literal(v) for v in values] if dialect_name == "postgresql" else values
+
+
 class SQLWriterMixin:
-    """upsert/delete on one connection inside one transaction (used by sql and conversation)."""
+    """upsert/delete on one connection inside one transaction (used by sql and conversation),
+    under the transaction's :class:`~backends.sqlintegrity.Guard`: modified rows are updated
+    in place, every statement's rows are counted, and triggers and foreign-key actions are
+    kept from firing."""
 
     conn: Connection
     schemas: dict
+    txn: WriteTransaction
 
     def _table(self, spec) -> sa.TableClause:
         return lightweight_table(spec.schema)
+
+    # -- the restore's view of the transaction (SourceWriter hooks) -----------------
+
+    def write_order(self, specs: list) -> list:
+        names = [sqlintegrity.table_name(s.schema) for s in specs if "table" in s.schema]
+        if len(names) != len(specs) or len(specs) < 2:
+            return list(specs)
+        fks = self.txn.guard._foreign_keys(specs[0].schema.get("db_schema"))
+        return [specs[i] for i in sqlintegrity.write_order(names, fks)]
+
+    def preflight(self, streams: list) -> None:
+        tables = [sqlintegrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
+                  for p in streams if "table" in p.spec.schema]
+        if tables:
+            self.txn.guard.preflight(tables, tables[0].schema_doc.get("db_schema"), self.b.where)
+
+    def check_writes(self) -> list[str]:
+        return [f"{self.b.where}: {p}" for p in self.txn.guard.finish()]
+
+    # -- writes ---------------------------------------------------------------------
 
     def delete_keys(self, spec, keys: list) -> None:
         if not keys:
             return
         t = self._table(spec)
+        self.txn.guard.before_write(spec.schema)
         for i in range(0, len(keys), 500):
-            self.conn.execute(sa.delete(t).where(key_condition(t, spec.schema, keys[i:i + 500], dialect(self.conn))))
+            n = self.conn.execute(sa.delete(t).where(key_condition(t, spec.schema, keys[i:i + 500],
+                                                                   dialect(self.conn)))).rowcount
+            self.txn.guard.wrote(spec.schema, deleted=n)
 
     def upsert_rows(self, spec, records: list) -> None:
+        """Rows whose keys are live are updated in place (a delete and insert would fire
+        ``ON DELETE`` actions on the rows referencing them); the others are inserted."""
         if not records:
             return
-        self.delete_keys(spec, [k for k, _ in records])
         t = self._table(spec)
-        generated, always = write_rules(self.conn, spec.schema)
-        rows = [adapt_for_write(self.conn, spec.schema, v) for _, v in records]
+        d = dialect(self.conn)
+        pk = spec.schema["primary_key"]
+        live = set()
+        for i in range(0, len(records), 500):
+            part = [k for k, _ in records[i:i + 500]]
+            for row in self.conn.execute(sa.select(*[t.c[k] for k in pk]).where(key_condition(t, spec.schema, part, d))):
+                live.add(codec.pack(row[0] if len(pk) == 1 else list(row)))
+        self.txn.guard.before_write(spec.schema)
+        generated, identity = write_rules(self.conn, spec.schema)
+        rows = [(k, adapt_for_write(self.conn, spec.schema, v)) for k, v in records]
         if generated:
-            rows = [{c: v for c, v in row.items() if c not in generated} for row in rows]
+            rows = [(k, {c: v for c, v in row.items() if c not in generated}) for k, row in rows]
+        existing = [(k, row) for k, row in rows if codec.pack(k) in live]
+        new = [row for k, row in rows if codec.pack(k) not in live]
+        if existing:
+            settable = [c for c in existing[0][1] if c not in pk and c not in identity]
+            if settable:
+                stmt = sa.update(t).where(*[t.c[k] == sa.bindparam(f"snapshotter_k{i}", type_=sa.types.NullType())
+                                            for i, k in enumerate(pk)]) \
+                    .values({c: sa.bindparam(f"snapshotter_v{j}", type_=sa.types.NullType()) for j, c in enumerate(settable)})
+                params = [{**{f"snapshotter_k{i}": v for i, v in enumerate(key_binds(spec.schema, k, d))},
+                           **{f"snapshotter_v{j}": row[c] for j, c in enumerate(settable)}} for k, row in existing]
+                n = self.conn.execute(stmt, params).rowcount
+                self.txn.guard.wrote(spec.schema, updated=n if n is not None and n >= 0 else len(params))
+        if not new:
+            return
         stmt = sa.insert(t)
-        if always:
+        if identity:
             # a literal INSERT ... OVERRIDING SYSTEM VALUE VALUES (...) with the same bind names
-            names = list(rows[0])
+            names = list(new[0])
             q = self.conn.dialect.identifier_preparer.quote
             target = q(spec.schema["table"])
             if spec.schema.get("db_schema"):
                 target = f"{q(spec.schema['db_schema'])}.{target}"
             stmt = sa.text(f"INSERT INTO {target} ({', '.join(q(c) for c in names)}) OVERRIDING SYSTEM VALUE "
                            f"VALUES ({', '.join(f':p{i}' for i in range(len(names)))})")
-            rows = [{f"p{i}": row[c] for i, c in enumerate(names)} for row in rows]
-        self.conn.execute(stmt, rows)
+            new = [{f"p{i}": row[c] for i, c in enumerate(names)} for row in new]
+        self.conn.execute(stmt, new)
+        self.txn.guard.wrote(spec.schema, inserted=len(new))

@@ -148,6 +148,20 @@ class SourceReader(ABC):
         pass
 
 
+@dataclass
+class PlannedStream:
+    """What a restore will write to one stream, as :meth:`SourceWriter.preflight` sees it."""
+
+    spec: StreamSpec
+    added: int
+    modified: int
+    deleted: int
+    #: the stream is missing from the live store and will be created
+    recreate: bool
+    #: a callable giving the planned changes as ``(key, op, live value, snapshot value)``
+    records: Any
+
+
 class SourceWriter(ABC):
     """Writes restored records into the live store (used as a context manager).
 
@@ -194,6 +208,28 @@ class SourceWriter(ABC):
         (:meth:`SourceReader.read_keys`).  Not called for transactional writers, which
         plan and write in one transaction."""
         return False
+
+    def preflight(self, streams: list[PlannedStream]) -> None:
+        """The whole plan of this source (every selected stream, written or not), before the
+        quarantine is committed and anything is written: raise
+        :class:`~snapshotter.errors.UsageError` for a restore the store cannot do exactly
+        (a SQL trigger that cannot be kept from firing, a write that would cascade into
+        rows outside the selection)."""
+
+    def write_order(self, specs: list[StreamSpec]) -> list[StreamSpec]:
+        """The streams in the order their records may be inserted (parents before children);
+        deletes run in the reverse order.  Default: as given."""
+        return list(specs)
+
+    def finish(self, spec: StreamSpec) -> None:
+        """Called for every written stream of the source after all its records are written
+        and before the commit (a recreated table's foreign keys, triggers, sequences)."""
+
+    def check_writes(self) -> list[str]:
+        """Transactional stores, before the commit: what the store changed besides the
+        restore's own writes (a trigger, a cascade) or what no longer holds (a foreign key).
+        A non-empty list rolls the restore back (exit 3)."""
+        return []
 
     def reader(self) -> SourceReader | None:
         """For transactional stores: a reader inside this writer's transaction.

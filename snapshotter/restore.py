@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import __version__, codec, hashing, pgtext
-from .backend import ABSENT, SourceBackend, StreamSpec
+from .backend import ABSENT, PlannedStream, SourceBackend, StreamSpec
 from .config import Config
 from .errors import IntegrityError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError, UsageError
 from .names import iso, new_incident_id, snapshot_id_time, utcnow, current_user
@@ -643,6 +643,10 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         result.continues = _unfinished_incidents(repo, manifest["id"])
         bundle["continues"] = result.continues
 
+        for source, w in writers.items():
+            # refusals a database can tell before anything is written (a trigger that cannot be kept
+            # from firing, a write cascading outside the selection): before the person is asked
+            w.preflight([_planned(repo, t, result.plans[source][t.stream]) for t in targets[source]])
         if confirm is not None and not confirm(result):
             raise Refused("restore not confirmed; nothing was written")
         if result.changes == 0 and not any(p.live_missing or p.settings for ps in result.plans.values()
@@ -658,13 +662,18 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         try:
             for source, ts in targets.items():
                 backend = ts[0].backend
+                todo = [t for t in ts if _writes(result.plans[source][t.stream])]
+                if not todo:
+                    continue
                 with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
-                    for t in ts:
-                        plan = result.plans[source][t.stream]
-                        if plan.changes == 0 and not plan.live_missing and not plan.settings:
-                            continue
-                        outside = outside or source not in writers
-                        _apply_stream(repo, w, t, plan)
+                    outside = outside or source not in writers
+                    _apply_source(repo, w, todo, result.plans[source])
+            # before any commit: what the databases changed besides the restore's own writes
+            side_effects = [p for w in writers.values() for p in w.check_writes()]
+            if side_effects:
+                raise IntegrityError(f"the restore would change what it did not plan: {'; '.join(side_effects[:3])}; "
+                                     f"rolled back: {', '.join(writers)}; incident {incident} holds the pre-restore "
+                                     f"values")
         except Exception as exc:
             if not outside:
                 # only transactional sources were written, and the exception rolls them back:
@@ -703,15 +712,51 @@ def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
     return out
 
 
-def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
-    w.prepare(t.spec)
+def _writes(plan: StreamPlan) -> bool:
+    return bool(plan.changes or plan.live_missing or plan.settings)
+
+
+def _planned(repo: Repository, t: Target, plan: StreamPlan) -> PlannedStream:
+    def records() -> Iterator[tuple[Any, str, Any, Any]]:
+        if plan.quarantine is None:
+            return
+        for rec in read_stream(repo, plan.quarantine):
+            q = rec.fields("op", "value", "snapshot_value")
+            yield rec.key, q["op"], q.get("value"), q.get("snapshot_value")
+    return PlannedStream(t.spec, plan.added, plan.modified, plan.deleted, plan.live_missing, records)
+
+
+def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, StreamPlan]) -> None:
+    """Write one source's planned streams: created parents first, every delete (children
+    first) before any insert or update (parents first), so foreign keys hold at each
+    step and a case-insensitive key deleted later cannot take a record just written."""
+    by_name = {t.spec.name: t for t in ts}
+    ordered = [by_name[spec.name] for spec in w.write_order([t.spec for t in ts])]
+    for t in ordered:
+        w.prepare(t.spec)
+    for t in ordered:
+        plan = plans[t.stream]
+        if not getattr(w, "transactional", False) and plan.quarantine is not None and plan.changes:
+            _expect_planned(repo, w, t, plan)
+    for t in ordered:
+        plan = plans[t.stream]
+        if plan.settings:
+            # after the records' check, so a refused restore has not touched the settings either;
+            # the writer checks the live settings are still the ones the plan saw (and quarantined)
+            w.restore_settings(t.spec, plan.live_schema or {})
+    for t in reversed(ordered):
+        _apply_records(repo, w, t, plans[t.stream], deletes=True)
+    for t in ordered:
+        _apply_records(repo, w, t, plans[t.stream], deletes=False)
+    for t in ordered:
+        w.finish(t.spec)
+
+
+def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes: bool) -> None:
+    """The stream's ``added`` records deleted, or its modified and deleted ones written back."""
+    if plan.quarantine is None:
+        return
     encoding = t.entry.get("encoding")
-    if not getattr(w, "transactional", False) and plan.quarantine is not None and plan.changes:
-        _expect_planned(repo, w, t, plan)
-    if plan.settings:
-        # after the records' check, so a refused restore has not touched the settings either;
-        # the writer checks the live settings are still the ones the plan saw (and quarantined)
-        w.restore_settings(t.spec, plan.live_schema or {})
 
     def upsert(batch: list) -> None:
         # records kept in the snapshot's own encoding go back as they are, when the writer can
@@ -720,20 +765,18 @@ def _apply_stream(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
             return
         w.upsert(t.spec, [(rec.key, rec.value["snapshot_value"]) for rec, _ in batch])
 
-    # every delete before any upsert: under a case-insensitive collation a later
-    # delete of 'A' would otherwise take the 'a' just written back
-    for wanted in ("deletes", "upserts"):
-        batch: list = []
-        for rec in read_stream(repo, plan.quarantine):
-            q = rec.fields("op", "snapshot_raw")  # values are decoded only if the writer needs them
-            if (q["op"] == "added") != (wanted == "deletes"):
-                continue
-            batch.append(rec.key if wanted == "deletes" else (rec, q.get("snapshot_raw")))
-            if len(batch) >= APPLY_BATCH:
-                (w.delete(t.spec, batch) if wanted == "deletes" else upsert(batch))
-                batch = []
-        if batch:
-            (w.delete(t.spec, batch) if wanted == "deletes" else upsert(batch))
+    write = (lambda b: w.delete(t.spec, b)) if deletes else upsert
+    batch: list = []
+    for rec in read_stream(repo, plan.quarantine):
+        q = rec.fields("op", "snapshot_raw")  # values are decoded only if the writer needs them
+        if (q["op"] == "added") != deletes:
+            continue
+        batch.append(rec.key if deletes else (rec, q.get("snapshot_raw")))
+        if len(batch) >= APPLY_BATCH:
+            write(batch)
+            batch = []
+    if batch:
+        write(batch)
 
 
 def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan) -> None:

@@ -356,9 +356,11 @@ class Guard:
             for fk, before in self.baseline.items():
                 after = self._violations(fk)
                 if after > before:
+                    outside = [n for n in (fk.parent, fk.child) if n not in self.selected]
+                    hint = f": add {', '.join(f'--stream {n[1]}' for n in outside)}" if outside else ""
                     problems.append(f"foreign key {fk.describe()} would be broken by the restore "
                                     f"({after - before} row(s) of {_show(fk.child)} without their "
-                                    f"{_show(fk.parent)} row)")
+                                    f"{_show(fk.parent)} row){hint}")
         self.result = problems
         return problems
 

@@ -1,0 +1,320 @@
+"""Restore into the schemas real agents have: foreign keys with and without ON DELETE
+CASCADE (a RAG app's documents -> chunks -> citations chain, composite keys), a
+"touch updated_at" trigger, an audit trigger writing a table outside the restore.
+
+Every case goes snapshot -> drift -> diff -> restore and checks that the live state
+equals the snapshot, that nothing outside the selection changed (the audit table, a
+child table the agent wrote legitimately), that the agent's ordinary writes still work
+(defaults, triggers and foreign keys are in force again), and that snapshot + incident
+rebuild the pre-restore state exactly."""
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import sqlalchemy as sa
+
+from snapshotter import codec
+from snapshotter.objectstore import open_store
+from snapshotter.quarantine import iter_records, load_bundle
+from snapshotter.repository import Repository
+
+CAPTURED = ["documents", "chunks", "citations", "passages", "passage_tags"]
+
+
+def corpus(dialect: str, triggers: bool = True) -> list[str]:
+    """The corpus's DDL for one dialect (MariaDB without triggers unless asked: a restore refuses them)."""
+    if dialect == "postgresql":
+        ts, now, auto = "timestamptz", "now()", "serial PRIMARY KEY"
+    elif dialect == "sqlite":
+        ts, now, auto = "TEXT", "CURRENT_TIMESTAMP", "INTEGER PRIMARY KEY AUTOINCREMENT"
+    else:
+        ts, now, auto = "TIMESTAMP(6)", "CURRENT_TIMESTAMP(6)", "INT AUTO_INCREMENT PRIMARY KEY"
+    text = "VARCHAR(200)" if dialect == "mariadb" else "TEXT"
+    ddl = [
+        f"CREATE TABLE documents (id INT PRIMARY KEY, title {text} NOT NULL, updated_at {ts} NOT NULL DEFAULT {now})",
+        f"CREATE TABLE chunks (id INT PRIMARY KEY, doc_id INT NOT NULL, body {text}, "
+        f"FOREIGN KEY (doc_id) REFERENCES documents (id) ON DELETE CASCADE)",
+        f"CREATE TABLE citations (id INT PRIMARY KEY, chunk_id INT NOT NULL, note {text}, "
+        f"FOREIGN KEY (chunk_id) REFERENCES chunks (id))",
+        f"CREATE TABLE passages (doc_id INT NOT NULL, n INT NOT NULL, body {text}, PRIMARY KEY (doc_id, n), "
+        f"FOREIGN KEY (doc_id) REFERENCES documents (id) ON DELETE CASCADE)",
+        f"CREATE TABLE passage_tags (id INT PRIMARY KEY, doc_id INT, n INT, tag {text}, "
+        f"FOREIGN KEY (doc_id, n) REFERENCES passages (doc_id, n) ON DELETE CASCADE)",
+        f"CREATE TABLE audit_log (id {auto}, tbl {text}, op {text})",
+    ]
+    if not triggers:
+        return ddl
+    if dialect == "postgresql":
+        ddl += [
+            "CREATE FUNCTION touch() RETURNS trigger AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$ "
+            "LANGUAGE plpgsql",
+            "CREATE TRIGGER documents_touch BEFORE INSERT OR UPDATE ON documents FOR EACH ROW EXECUTE FUNCTION touch()",
+            "CREATE FUNCTION audit() RETURNS trigger AS $$ BEGIN INSERT INTO audit_log (tbl, op) "
+            "VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER chunks_audit AFTER INSERT OR UPDATE OR DELETE ON chunks FOR EACH ROW EXECUTE FUNCTION audit()",
+        ]
+    elif dialect == "sqlite":
+        ddl += [
+            "CREATE TRIGGER documents_touch AFTER UPDATE ON documents FOR EACH ROW "
+            "BEGIN UPDATE documents SET updated_at = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE id = NEW.id; END",
+            "CREATE TRIGGER chunks_audit_i AFTER INSERT ON chunks BEGIN INSERT INTO audit_log (tbl, op) "
+            "VALUES ('chunks', 'INSERT'); END",
+            "CREATE TRIGGER chunks_audit_d AFTER DELETE ON chunks BEGIN INSERT INTO audit_log (tbl, op) "
+            "VALUES ('chunks', 'DELETE'); END",
+        ]
+    else:
+        ddl += [
+            "CREATE TRIGGER documents_touch BEFORE UPDATE ON documents FOR EACH ROW SET NEW.updated_at = NOW(6)",
+        ]
+    return ddl
+
+
+def dialect_of(url: str) -> str:
+    return {"postgresql": "postgresql", "sqlite": "sqlite", "mysql": "mariadb"}[sa.engine.make_url(url).get_backend_name()]
+
+
+def engine(url: str) -> sa.Engine:
+    eng = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    if dialect_of(url) == "sqlite":
+        # the agent's own connections enforce foreign keys, as apps that declare them do
+        sa.event.listen(eng, "connect", lambda dbapi, _rec: dbapi.execute("PRAGMA foreign_keys = ON"))
+    return eng
+
+
+def build(url: str, triggers: bool = True) -> sa.Engine:
+    eng = engine(url)
+    with eng.connect() as c:
+        for stmt in corpus(dialect_of(url), triggers):
+            c.exec_driver_sql(stmt)
+        for d in range(1, 6):
+            c.exec_driver_sql(f"INSERT INTO documents (id, title, updated_at) VALUES ({d}, 'doc {d}', "
+                              f"'2026-01-0{d} 10:00:00')")
+            for k in range(3):
+                cid = d * 10 + k
+                c.exec_driver_sql(f"INSERT INTO chunks VALUES ({cid}, {d}, 'chunk {cid}')")
+                c.exec_driver_sql(f"INSERT INTO citations VALUES ({cid * 10}, {cid}, 'cites {cid}')")
+                c.exec_driver_sql(f"INSERT INTO passages VALUES ({d}, {k}, 'passage {d}.{k}')")
+                c.exec_driver_sql(f"INSERT INTO passage_tags VALUES ({cid}, {d}, {k}, 'tag')")
+    return eng
+
+
+def state(eng, tables=CAPTURED + ["audit_log"]) -> dict:
+    out = {}
+    with eng.connect() as c:
+        for t in tables:
+            rows = c.exec_driver_sql(f"SELECT * FROM {t}").fetchall()
+            out[t] = sorted(codec.pack([str(v) for v in r]) for r in rows)
+    return out
+
+
+def configure(tmp_path, url: str, tables=CAPTURED) -> None:
+    listed = ", ".join(f'"{t}"' for t in tables)
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.db]\nbackend = "sql"\nurl = "{url}"\ntables = [{listed}]\n')
+
+
+def agent_drift(eng) -> None:
+    """What a misbehaving agent writes: a parent modified under its children, a child
+    modified, a chain deleted children first, a parent + child + grandchild chain added,
+    a composite-keyed row modified and one added."""
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE documents SET title = 'ignore previous instructions' WHERE id = 1")
+        c.exec_driver_sql("UPDATE chunks SET body = 'poisoned' WHERE id = 21")
+        c.exec_driver_sql("DELETE FROM citations WHERE chunk_id = 32")
+        c.exec_driver_sql("DELETE FROM chunks WHERE id = 32")
+        c.exec_driver_sql("INSERT INTO documents (id, title) VALUES (100, 'exfiltrate')")
+        c.exec_driver_sql("INSERT INTO chunks VALUES (1000, 100, 'exfil chunk')")
+        c.exec_driver_sql("INSERT INTO citations VALUES (5000, 1000, 'exfil cite')")
+        c.exec_driver_sql("UPDATE passages SET body = 'poisoned passage' WHERE doc_id = 2 AND n = 1")
+        c.exec_driver_sql("INSERT INTO passages VALUES (100, 0, 'exfil passage')")
+        c.exec_driver_sql("INSERT INTO passage_tags VALUES (9000, 100, 0, 'exfil')")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_corpus_full_restore_writes_exactly_its_plan(kind, request, tmp_path, cli):
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    eng = build(url, triggers=kind != "mariadb")
+    configure(tmp_path, url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng)
+    agent_drift(eng)
+    drifted = state(eng)
+    plan = cli("--json", "diff", snap["id"]).json()["plan"]["db"]
+    assert plan["documents"] == {"added": 1, "modified": 1, "deleted": 0}
+    assert plan["chunks"] == {"added": 1, "modified": 1, "deleted": 1}
+    assert plan["citations"] == {"added": 1, "modified": 0, "deleted": 1}
+    assert plan["passages"] == {"added": 1, "modified": 1, "deleted": 0}
+    assert plan["passage_tags"] == {"added": 1, "modified": 0, "deleted": 0}
+
+    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-corpus")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    after = state(eng)
+    for t in CAPTURED:
+        assert after[t] == original[t], t
+    # no trigger fired and no cascade ran: the table the audit trigger writes is as the agent left it
+    assert after["audit_log"] == drifted["audit_log"]
+    # right after, the live state equals the snapshot
+    plan = cli("--json", "diff", snap["id"]).json()["plan"]["db"]
+    assert all(p == {"added": 0, "modified": 0, "deleted": 0} for p in plan.values()), plan
+
+    # snapshot + incident rebuild the pre-restore state: every changed row is in the incident
+    repo = Repository.open(open_store(str(tmp_path / "repo")))
+    ops = {}
+    for _, stream, rec in iter_records(repo, load_bundle(repo, "inc-corpus")):
+        ops[stream, codec.key_text(rec.key)] = rec.value["op"]
+    assert ops[("documents", "1")] == "modified" and ops[("documents", "100")] == "added"
+    assert ops[("chunks", "32")] == "deleted" and ops[("citations", "5000")] == "added"
+    assert ops[("passages", "[2, 1]")] == "modified" and ops[("passage_tags", "9000")] == "added"
+    assert len(ops) == 10
+
+    # the agent's ordinary writes work, with its triggers, defaults and foreign keys in force
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO documents (id, title) VALUES (200, 'next')")
+        c.exec_driver_sql("INSERT INTO chunks VALUES (2000, 200, 'next chunk')")
+        c.exec_driver_sql("UPDATE documents SET title = 'renamed' WHERE id = 2")
+        stamp = c.exec_driver_sql("SELECT updated_at FROM documents WHERE id = 2").scalar()
+    if kind != "mariadb":
+        assert "2026-01-02" not in str(stamp), "the touch trigger no longer fires"
+    with pytest.raises(sa.exc.IntegrityError):
+        with eng.begin() as c:
+            c.exec_driver_sql("INSERT INTO chunks VALUES (2001, 9999, 'orphan')")
+    if kind != "mariadb":
+        with eng.begin() as c:
+            c.exec_driver_sql("DELETE FROM chunks WHERE id = 2000")
+        assert len(state(eng)["audit_log"]) > len(drifted["audit_log"]), "the audit trigger no longer fires"
+    eng.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_stream_restore_of_a_parent_keeps_the_children(kind, request, tmp_path, cli):
+    """`restore --stream documents`: a modified parent is updated in place, so a child row the
+    agent legitimately added under it is kept; a parent the agent added whose child the
+    selection leaves out is refused before any write, naming the table to add."""
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    eng = build(url, triggers=kind != "mariadb")
+    configure(tmp_path, url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng)
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE documents SET title = 'poisoned' WHERE id = 1")
+        c.exec_driver_sql("INSERT INTO chunks VALUES (1001, 1, 'a legitimate new chunk')")
+    drifted = state(eng)
+    r = cli("--json", "restore", snap["id"], "--stream", "documents", "--yes")
+    assert r.code == 0, r.err
+    after = state(eng)
+    assert after["documents"] == original["documents"]
+    for t in ("chunks", "citations", "passages", "passage_tags", "audit_log"):
+        assert after[t] == drifted[t], t
+
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO documents (id, title) VALUES (100, 'exfiltrate')")
+        c.exec_driver_sql("INSERT INTO chunks VALUES (1000, 100, 'child of the added document')")
+    drifted = state(eng)
+    r = cli("--json", "restore", snap["id"], "--stream", "documents", "--yes")
+    assert r.code == 2, r.err
+    assert "chunks" in r.err and "--stream chunks" in r.err and "Nothing was written" in r.err
+    assert state(eng) == drifted
+    assert cli("--json", "quarantine", "list").json()[0]["records"] == 1  # only the first restore's incident
+    # with the child table in the selection it goes through, children deleted first
+    r = cli("--json", "restore", snap["id"], "--stream", "documents", "--stream", "chunks", "--yes")
+    assert r.code == 0, r.err
+    after = state(eng)
+    assert after["documents"] == original["documents"] and after["chunks"] == original["chunks"]
+    eng.dispose()
+
+
+def test_mariadb_trigger_on_a_written_table_is_refused_before_any_write(mysql_url, tmp_path, cli):
+    eng = build(mysql_url, triggers=True)
+    configure(tmp_path, mysql_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    agent_drift(eng)
+    drifted = state(eng)
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 2, r.err
+    assert "documents_touch on documents" in r.err and "Nothing was written" in r.err
+    assert state(eng) == drifted
+    assert cli("--json", "quarantine", "list").json() == []
+    # a selection that does not write the trigger's table is not refused
+    r = cli("--json", "restore", snap["id"], "--stream", "passages", "--stream", "passage_tags", "--yes")
+    assert r.code == 0, r.err
+    # one that would put back a citation whose chunk the selection leaves deleted breaks a foreign key:
+    # rolled back, exit 3, naming the table to add
+    before = state(eng)
+    r = cli("--json", "restore", snap["id"], "--stream", "citations", "--yes")
+    assert r.code == 3, r.err
+    assert "citations(chunk_id) -> chunks(id)" in r.err and "--stream chunks" in r.err
+    assert state(eng) == before
+
+
+@pytest.fixture
+def pg_role(pg_url):
+    """A login role that may read and write the test database's tables but owns none of them."""
+    role = "snap_r_" + secrets.token_hex(3)
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+    yield role, sa.engine.make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.exec_driver_sql(f"DROP OWNED BY {role}")
+        c.exec_driver_sql(f"DROP ROLE {role}")
+    admin.dispose()
+
+
+def test_postgres_role_that_cannot_switch_triggers_off_is_refused_then_granted(pg_url, pg_role, tmp_path, cli):
+    role, role_url = pg_role
+    eng = build(pg_url)
+    with eng.connect() as c:
+        c.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        c.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    configure(tmp_path, role_url)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng)
+    agent_drift(eng)
+    drifted = state(eng)
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 2, r.err
+    assert "trigger documents_touch on documents" in r.err and "GRANT SET ON PARAMETER session_replication_role" in r.err
+    assert state(eng) == drifted
+    with eng.connect() as c:
+        c.exec_driver_sql(f"GRANT SET ON PARAMETER session_replication_role TO {role}")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    after = state(eng)
+    assert all(after[t] == original[t] for t in CAPTURED)
+    assert after["audit_log"] == drifted["audit_log"]
+    eng.dispose()
+
+
+def test_postgres_cascade_the_plan_did_not_name_is_detected_and_rolled_back(pg_url, pg_role, tmp_path, cli):
+    """Without replica mode (a role that may not set it) foreign keys are enforced and their
+    actions run; one that changes a row the plan did not name (ON DELETE SET NULL on a child
+    the agent pointed at a parent it added) is caught by the per-table counts: exit 3,
+    rolled back."""
+    role, role_url = pg_role
+    eng = engine(pg_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE folders (id int PRIMARY KEY, name text)")
+        c.exec_driver_sql("CREATE TABLE notes (id int PRIMARY KEY, folder_id int REFERENCES folders ON DELETE SET NULL,"
+                          " body text)")
+        c.exec_driver_sql("CREATE TABLE notes_log (id int PRIMARY KEY, note_id int REFERENCES notes ON DELETE CASCADE)")
+        c.exec_driver_sql("INSERT INTO folders VALUES (1, 'a'), (2, 'b')")
+        c.exec_driver_sql("INSERT INTO notes VALUES (1, 1, 'x'), (2, 2, 'y')")
+        c.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    configure(tmp_path, role_url, tables=["folders", "notes", "notes_log"])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO folders VALUES (3, 'new')")
+        c.exec_driver_sql("UPDATE notes SET folder_id = 3 WHERE id = 1")
+    drifted = state(eng, ["folders", "notes"])
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 3, r.err
+    assert "table notes" in r.err and "did not plan" in r.err
+    assert state(eng, ["folders", "notes"]) == drifted
+    eng.dispose()

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from . import codec
-from .backend import ABSENT, StreamSpec
+from .backend import ABSENT, PlannedStream, StreamSpec
 from .config import Config
-from .errors import NotFound, Refused, UsageError
+from .errors import IntegrityError, NotFound, Refused, UsageError
 from .quarantine import OPS, record_json, stream_entry
 from .repository import Repository
 from .streams import StoredRecord, read_stream
@@ -616,6 +616,10 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                                       f"({shown}{more}): reapply would overwrite them; take a snapshot to keep "
                                       "them, then pass --force; nothing was written")
         for source, streams in by_source.items():
+            # a SQL database's own refusals (a trigger that cannot be kept from firing, a delete
+            # cascading into rows outside what is reapplied), before anything is written
+            writers[source].preflight([_reapply_plan(specs[source, stream], locs) for stream, locs in streams.items()])
+        for source, streams in by_source.items():
             w = writers[source]
             for stream, locs in streams.items():
                 entry = stream_entry(bundle, source, stream)
@@ -633,7 +637,25 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                     continue
                 w.upsert(spec, [(loc.record.key, loc.record.value["value"]) for loc in kept])
             done.extend(loc.ref() for locs in streams.values() for loc in locs)
+        problems = [p for w in writers.values() for p in w.check_writes()]
+        if problems:
+            raise IntegrityError(f"reapply would change what it did not name: {'; '.join(problems[:3])}; rolled back, "
+                                 f"nothing was written")
     return done
+
+
+def _reapply_plan(spec: StreamSpec, locs: list[Located]) -> PlannedStream:
+    """Reapply's writes in a restore plan's terms: a record the agent had deleted is deleted
+    again ("added" to the live store since the restore put it back); the others are written
+    over what the restore left (the snapshot's value, or nothing)."""
+    ops = {"deleted": "added", "modified": "modified", "added": "deleted"}
+
+    def records():
+        for loc in locs:
+            q = loc.record.value
+            yield loc.record.key, ops[loc.op], q.get("snapshot_value"), q.get("value")
+    counts = {op: sum(1 for loc in locs if ops[loc.op] == op) for op in ("added", "modified", "deleted")}
+    return PlannedStream(spec, counts["added"], counts["modified"], counts["deleted"], False, records)
 
 
 def changed_since_restore(backend, writer, spec: StreamSpec, entry: dict, locs: list[Located]) -> list[Located]:

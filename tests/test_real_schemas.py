@@ -170,6 +170,22 @@ def test_corpus_full_restore_writes_exactly_its_plan(kind, request, tmp_path, cl
     assert ops[("passages", "[2, 1]")] == "modified" and ops[("passage_tags", "9000")] == "added"
     assert len(ops) == 10
 
+    # reapply is held to the same rules: a chunk without its document breaks a foreign key (exit 3,
+    # nothing written); the document and then its chunk go back
+    before = state(eng)
+    r = cli("--json", "quarantine", "reapply", "inc-corpus", "1000", "--stream", "chunks", "--yes")
+    assert r.code == 3, r.err
+    assert "chunks(doc_id) -> documents(id)" in r.err and state(eng) == before
+    r = cli("--json", "quarantine", "reapply", "inc-corpus", "100", "--stream", "documents", "--yes")
+    assert r.code == 0, r.err
+    r = cli("--json", "quarantine", "reapply", "inc-corpus", "1000", "--stream", "chunks", "--yes")
+    assert r.code == 0, r.err
+    assert state(eng)["audit_log"] == before["audit_log"]
+    with eng.begin() as c:
+        assert c.exec_driver_sql("SELECT title FROM documents WHERE id = 100").scalar() == "exfiltrate"
+        c.exec_driver_sql("DELETE FROM documents WHERE id = 100")  # the agent's cascade, not the restore's
+        assert c.exec_driver_sql("SELECT count(*) FROM chunks WHERE id = 1000").scalar() == 0
+
     # the agent's ordinary writes work, with its triggers, defaults and foreign keys in force
     with eng.begin() as c:
         c.exec_driver_sql("INSERT INTO documents (id, title) VALUES (200, 'next')")

@@ -305,11 +305,31 @@ def keyed(spec: StreamSpec) -> StreamSpec:
 
 
 def in_sessions(t: sa.TableClause, spec: StreamSpec, sessions) -> sa.ColumnElement:
-    """``session_column IN sessions``; session ids are text, so a numeric column is compared as text."""
+    """``session_column IN sessions``, compared exactly; session ids are text, so a numeric
+    column is compared as text.
+
+    Exactly, whatever the column's collation: under a case-insensitive one (MariaDB's
+    ``_ci``, PostgreSQL ``citext``, SQLite ``NOCASE``) ``alice`` would also take ``Alice``'s
+    messages, which the plan (comparing the snapshot's session ids as they are) does not
+    count as the session's, so a restore of ``alice`` deleted them as "added".  The plain
+    ``IN`` is kept beside the exact test so that an index on the column is used."""
     name = spec.schema["conversation"]["session_column"]
     col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
-    col = t.c[name] if sqlbase.is_text_type(col_type) else sa.cast(t.c[name], sa.String)
-    return col.in_(sorted(sessions))
+    if not sqlbase.is_text_type(col_type):
+        return sa.cast(t.c[name], sa.String).in_(sorted(sessions))
+    col, wanted = t.c[name], sorted(sessions)
+    d = spec.schema.get("dialect")
+    if d == "postgresql":
+        exact = sa.cast(col, sa.Text).collate("C").in_(wanted)
+    elif d in ("mysql", "mariadb"):
+        as_bytes = sa.cast(sa.func.convert(col, sa.literal_column("CHAR CHARACTER SET utf8mb4")), sa.LargeBinary)
+        exact = as_bytes.in_(sa.bindparam(None, [s.encode("utf-8") for s in wanted], expanding=True,
+                                          type_=sa.LargeBinary()))
+    elif d == "sqlite":
+        exact = col.collate("BINARY").in_(wanted)
+    else:
+        return col.in_(wanted)
+    return sa.and_(col.in_(wanted), exact)
 
 
 def as_utc_datetime(v: Any) -> _dt.datetime | None:

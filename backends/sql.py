@@ -13,6 +13,7 @@ import logging
 from typing import Any, Sequence
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter import codec
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
 
 from . import lazy_module, sqlbase
@@ -138,13 +139,31 @@ class SQLReader(SourceReader):
     def read_keys(self, spec: StreamSpec, keys: list):
         """The rows with these keys (a reapply's check of what it would overwrite), locked
         like the restore's own reads when inside the writer's transaction."""
+        def rows(part: list):
+            return [rec for batch in sqlbase.read_rows(
+                self.conn, spec.schema, for_update=not self._owns,
+                where=lambda t: sqlbase.key_condition(t, spec.schema, part, sqlbase.dialect(self.conn)))
+                for rec in batch]
+
         def batches():
             with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
                 for i in range(0, len(keys), 500):
                     part = keys[i:i + 500]
-                    yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns,
-                                                 where=lambda t, part=part: sqlbase.key_condition(
-                                                     t, spec.schema, part, sqlbase.dialect(self.conn)))
+                    got = rows(part)
+                    asked = {codec.pack(k) for k in part}
+                    if all(codec.pack(k) in asked for k, _ in got):
+                        yield got
+                        continue
+                    # a row the database counts equal to an asked key under its collation ('abc' for
+                    # 'ABC', case-insensitive): it is that key's live record, so its value says
+                    # whether the record is what was expected (an agent's write to 'abc' is a change)
+                    found = {codec.pack(k) for k, _ in got}
+                    out = [(k, v) for k, v in got if codec.pack(k) in asked]
+                    for key in part:
+                        if codec.pack(key) not in found:
+                            out += [(key, v) for _, v in rows([key])]
+                    out.sort(key=lambda r: r[0])
+                    yield out
         return batches()
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):

@@ -566,7 +566,11 @@ def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list
             guard.before_write(schema_doc)
         match = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)
         generated, identity = write_rules(conn, schema_doc)
-        settable = [c for c in encoding["columns"] if c not in keys and c not in generated and c not in identity]
+        # text keys are set too: a live key equal under the column's collation ('abc' = 'ABC' in citext)
+        # is matched by the join and must take the snapshot's exact bytes
+        text_keys = {c["name"] for c in schema_doc["columns"] if c["name"] in keys and is_text_type(c["type"])}
+        settable = [c for c in encoding["columns"] if (c not in keys or c in text_keys)
+                    and c not in generated and c not in identity]
         updated = 0
         if settable:
             updated = conn.exec_driver_sql(
@@ -742,6 +746,14 @@ class SQLWriterMixin:
             rows = [(k, {c: v for c, v in row.items() if c not in generated}) for k, row in rows]
         existing = [(k, row) for k, row in rows if codec.pack(k) in live]
         new = [row for k, row in rows if codec.pack(k) not in live]
+        if len(existing) < len(live):
+            # a live row equal to a written key only under the column's collation ('abc' for 'ABC'): it is
+            # replaced by the exact key (an UPDATE by key would keep the live key's bytes)
+            n = 0
+            absent = [k for k, _ in rows if codec.pack(k) not in live]
+            for i in range(0, len(absent), 500):
+                n += self.conn.execute(sa.delete(t).where(key_condition(t, spec.schema, absent[i:i + 500], d))).rowcount
+            self.txn.guard.wrote(spec.schema, deleted=n)
         if existing:
             settable = [c for c in existing[0][1] if c not in pk and c not in identity]
             if settable:

@@ -334,3 +334,74 @@ def test_postgres_cascade_the_plan_did_not_name_is_detected_and_rolled_back(pg_u
     assert "table notes" in r.err and "did not plan" in r.err
     assert state(eng, ["folders", "notes"]) == drifted
     eng.dispose()
+
+
+# -- keys and sessions under case-insensitive collations ------------------------------------
+
+CI_KEY = {
+    "sqlite": "CREATE TABLE kb (k TEXT COLLATE NOCASE PRIMARY KEY, v TEXT)",
+    "postgresql": "CREATE TABLE kb (k citext PRIMARY KEY, v text)",
+    "mariadb": "CREATE TABLE kb (k VARCHAR(50) PRIMARY KEY, v TEXT) COLLATE utf8mb4_general_ci",
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_collation_equal_keys_restore_and_reapply_as_the_database_compares(kind, request, tmp_path, cli):
+    """The agent replaced key 'abc' by 'ABC' (equal under the column's collation); after the
+    restore it updates 'abc'.  Reapplying 'ABC' would overwrite that update: refused (exit 6)
+    without --force; with --force the row takes the exact key written."""
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    eng = engine(url)
+    with eng.connect() as c:
+        if kind == "postgresql":
+            c.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS citext")
+        c.exec_driver_sql(CI_KEY[kind])
+        c.exec_driver_sql("INSERT INTO kb VALUES ('abc', 'original'), ('xyz', 'kept')")
+    configure(tmp_path, url, tables=["kb"])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng, ["kb"])
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM kb WHERE k = 'abc'")
+        c.exec_driver_sql("INSERT INTO kb VALUES ('ABC', 'poisoned')")
+    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-ci")
+    assert r.code == 0, r.err
+    assert r.json()["plan"]["db"]["kb"] == {"added": 1, "modified": 0, "deleted": 1}
+    assert state(eng, ["kb"]) == original
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE kb SET v = 'fixed by the agent' WHERE k = 'abc'")
+    fixed = state(eng, ["kb"])
+    r = cli("--json", "quarantine", "reapply", "inc-ci", "ABC", "--yes")
+    assert r.code == 6, r.err
+    assert state(eng, ["kb"]) == fixed
+    r = cli("--json", "quarantine", "reapply", "inc-ci", "ABC", "--yes", "--force")
+    assert r.code == 0, r.err
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT k, v FROM kb ORDER BY v").fetchall() == [("xyz", "kept"), ("ABC", "poisoned")]
+    eng.dispose()
+
+
+def test_mariadb_session_restore_takes_only_the_exact_session(mysql_url, tmp_path, cli):
+    """Under MariaDB's default _ci collation 'alice' and 'Alice' are equal; `restore --session
+    alice` restores exactly 'alice' and leaves 'Alice''s messages alone (it deleted them as
+    "added" and reported verified)."""
+    eng = engine(mysql_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE message_store (id INT AUTO_INCREMENT PRIMARY KEY, "
+                          "session_id VARCHAR(100) NOT NULL, message TEXT) COLLATE utf8mb4_general_ci")
+        c.exec_driver_sql("INSERT INTO message_store (session_id, message) VALUES ('alice', 'a1'), ('Alice', 'A1'), "
+                          "('Alice', 'A2'), ('alice', 'a2')")
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{mysql_url}"\n')
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng, ["message_store"])
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE message_store SET message = 'poisoned' WHERE id = 1")
+    r = cli("--json", "restore", snap["id"], "--session", "alice", "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["plan"]["history"]["message_store"] == {"added": 0, "modified": 1, "deleted": 0}
+    assert state(eng, ["message_store"]) == original
+    plan = cli("--json", "diff", snap["id"]).json()["plan"]["history"]["message_store"]
+    assert plan == {"added": 0, "modified": 0, "deleted": 0}
+    eng.dispose()

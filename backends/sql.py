@@ -16,7 +16,7 @@ from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWrite
 from snapshotter import codec
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
 
-from . import lazy_module, sqlbase
+from . import lazy_module, sqlbase, sqlintegrity
 
 sa = lazy_module("sqlalchemy")
 
@@ -172,6 +172,16 @@ class SQLReader(SourceReader):
     def fast_or_generic(self, spec: StreamSpec):
         # a reader inside a writer's transaction reads what it is about to overwrite
         yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns)
+
+    def outside_references(self, streams: list[str]) -> dict[str, list[str]]:
+        schema = self.b.config.get("schema")
+        with sqlbase.translate_errors(f"{self.b.where}: cannot list foreign keys"):
+            fks = sqlintegrity.foreign_keys(self.conn, schema)
+        out: dict[str, set] = {}
+        for fk in fks:
+            if fk.parent[1] in streams and fk.child[1] not in streams:
+                out.setdefault(fk.parent[1], set()).add(fk.child[1])
+        return {k: sorted(v) for k, v in out.items()}
 
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")

@@ -138,6 +138,12 @@ class SourceReader(ABC):
         None (the default)."""
         return None
 
+    def outside_references(self, streams: list[str]) -> dict[str, list[str]]:
+        """For each of these streams, the store's other streams outside the list that hold
+        references to its records (SQL: tables with a foreign key into it): a restore of the
+        list that deletes referenced records is refused.  Default: none."""
+        return {}
+
     def __enter__(self):
         return self
 

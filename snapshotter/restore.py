@@ -496,6 +496,8 @@ class RestoreResult:
     problems: list[str] = field(default_factory=list)
     #: sources of the snapshot that the config file no longer has: not restored
     not_configured: list[str] = field(default_factory=list)
+    #: source -> stream with deletes -> streams outside the selection referencing it (dry runs)
+    dependencies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -508,6 +510,7 @@ class RestoreResult:
             "verified": self.verified,
             "continues": self.continues,
             "not_configured": self.not_configured,
+            "dependencies": self.dependencies,
             "duration_seconds": round(self.duration, 3),
         }
 
@@ -567,6 +570,14 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
             with backend.reader() as reader:
                 result.plans[source] = {t.stream: plan_stream(repo, t, reader, sel, writer=None, failure_at=failure_at)
                                         for t in ts}
+                removing = [t.stream for t in ts if result.plans[source][t.stream].added]
+                if removing:
+                    # tables outside the selection that reference rows the restore deletes: the restore
+                    # itself refuses if one of them still holds such a reference
+                    deps = reader.outside_references([t.stream for t in ts])
+                    deps = {st: deps[st] for st in removing if deps.get(st)}
+                    if deps:
+                        result.dependencies[source] = deps
         result.duration = time.monotonic() - started
         return result
 

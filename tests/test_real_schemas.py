@@ -230,6 +230,10 @@ def test_stream_restore_of_a_parent_keeps_the_children(kind, request, tmp_path, 
         c.exec_driver_sql("INSERT INTO documents (id, title) VALUES (100, 'exfiltrate')")
         c.exec_driver_sql("INSERT INTO chunks VALUES (1000, 100, 'child of the added document')")
     drifted = state(eng)
+    r = cli("--json", "diff", snap["id"], "--stream", "documents")
+    assert r.json()["dependencies"] == {"db": {"documents": ["chunks", "passages"]}}
+    r = cli("diff", snap["id"], "--stream", "documents")
+    assert "db/documents is referenced by chunks, passages (not selected)" in r.out
     r = cli("--json", "restore", snap["id"], "--stream", "documents", "--yes")
     assert r.code == 2, r.err
     assert "chunks" in r.err and "--stream chunks" in r.err and "Nothing was written" in r.err

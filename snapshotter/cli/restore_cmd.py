@@ -36,6 +36,10 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
             mark = "  (missing: will be recreated)" if p.live_missing else \
                 f"  ({', '.join(p.settings)} differs)" if p.settings else ""
             click.echo(f"  {source + '/' + stream:<40} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
+    for source, deps in result.dependencies.items():
+        for stream, others in deps.items():
+            click.echo(f"  note: {source}/{stream} is referenced by {', '.join(others)} (not selected): a restore "
+                       f"deleting rows they still reference is refused; add --stream {' --stream '.join(others)}")
     total = result.changes
     settings = result.settings
     if settings:

@@ -75,9 +75,16 @@ def _warn_not_configured(app: App, manifest: dict, sel) -> None:
 @click.option("--failure-at", metavar="TIME", help="When the agent went wrong: later writes are flagged post_failure.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--create-missing", is_flag=True,
+              help="Recreate a SQLite database file that is gone (and its tables); without it a SQLite url "
+                   "naming a missing file is refused.")
 @pass_app
-def restore(app: App, snapshot, release, before, sources, streams, sessions, incident, failure_at, dry_run, yes):
-    """Put the live stores back to a snapshot, quarantining every later write first."""
+def restore(app: App, snapshot, release, before, sources, streams, sessions, incident, failure_at, dry_run, yes,
+            create_missing):
+    """Put the live stores back to a snapshot, quarantining every later write first.
+
+    A SQLite database file that no longer exists is refused (exit 2), unless
+    --create-missing is given: the restore then creates it and recreates its tables."""
     if release:
         check_name("release", release)
     if incident:
@@ -90,6 +97,8 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
     interactive = sys.stdin.isatty() and not app.json
     if not dry_run and not yes and not interactive:
         raise Refused("restore changes live stores: pass --yes (no terminal to confirm on)")
+    if create_missing:
+        app.config.create_missing = True
     repo = app.repo
     manifest = resolve_snapshot(repo, snapshot, release, before_t, warn=app.warn)
     _warn_not_configured(app, manifest, sel)

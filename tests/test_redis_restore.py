@@ -117,3 +117,21 @@ def test_a_refused_redis_restore_writes_no_session_and_says_so(redis_client, tmp
     assert r.code == 0 and r.json()["verified"] is True, r.err
     assert contents(redis_client, prefix + "a") == ["a1", "a0"]
     assert contents(redis_client, prefix + "b") == ["b1", "b0"]
+
+
+def test_reapply_puts_back_the_pre_restore_ttl(redis_client, tmp_path, cli):
+    prefix = redis_client.test_prefix + "message_store:"
+    key = prefix + "s"
+    redis_client.lpush(key, msg("m0"), msg("m1"))
+    redis_client.expire(key, 3600)
+    configure(tmp_path, cli, prefix)
+    snap_id = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    redis_client.lpush(key, msg("later"))
+    redis_client.expire(key, 300)
+    r = cli("--json", "restore", snap_id, "--yes")
+    assert r.code == 0, r.err
+    assert redis_client.ttl(key) > 3000
+    r = cli("quarantine", "reapply", r.json()["incident"], '["s", 2]', "--yes")
+    assert r.code == 0, r.err
+    assert contents(redis_client, key) == ["later", "m1", "m0"]
+    assert 0 < redis_client.ttl(key) <= 300

@@ -38,12 +38,16 @@ elements compared with what was read: unchanged, the manifest records
 consistent, but sessions were captured at slightly different moments).  What
 agents do to their history - push, trim to a window (``LTRIM``), clear, start a
 session - is always detected; an in-place ``LSET`` in the middle of a list is
-not.  TTLs are not captured.
+not.  Each session's remaining TTL (``PTTL``, read with its ``LRANGE``) goes into the
+stream's schema as ``ttl_ms`` (session -> milliseconds; sessions without a TTL are left
+out), not into the records: a TTL counts down, so in a record it would make every
+session look modified to the next plan, and it would change the records' digests.
 
 Restoring.  SQL: everything happens in one transaction.  Redis: the writer
 collects the core's upserts and deletes per session and, on commit, applies
-each session in one ``WATCH``/``MULTI``/``EXEC`` transaction, so a session is
-restored entirely or not at all and a re-run converges.  Because a list is
+them in one ``WATCH``/``MULTI``/``EXEC`` transaction over every session it
+changes: all lists are checked against the plan before anything is written, so
+the sessions are restored all or none, and a re-run converges.  Because a list is
 positional, the changes for one session must describe a list whose positions
 are contiguous from 0 (they do when they are the difference between a live
 read and a snapshot):
@@ -55,8 +59,10 @@ read and a snapshot):
   and must leave no gap.
 
 Anything else (deleting a message from the middle, a position past the end)
-is refused before that session is touched.  A list that is recreated gets no
-TTL; an existing list keeps its own.
+is refused before any session is touched.  A rewritten session gets the TTL the
+snapshot's ``ttl_ms`` gives it (``PEXPIRE``), or none (``PERSIST``) when the snapshot
+has the map but not the session; a snapshot without the map (taken before TTLs were
+kept) leaves each list's TTL as it is.
 
 A restore of some sessions must not overwrite anything outside them: only
 their records were planned and quarantined.  ``writer(sessions=[...])`` scopes
@@ -629,12 +635,12 @@ class RedisListReader(SourceReader):
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         with translate_redis_errors(f"{self.b.where}: cannot read {self.b.location()}"):
-            yield from self._read(sessions)
+            yield from self._read(spec, sessions)
 
     def _scan(self) -> set[bytes]:
         return set(self.client.scan_iter(match=glob_escape(self.prefix) + b"*", count=1000, _type="list"))
 
-    def _read(self, sessions: Sequence[str] | None):
+    def _read(self, spec: StreamSpec, sessions: Sequence[str] | None):
         if sessions is None:
             # the listing streams() made just before, once (a retry lists again)
             listed, self._listed = self._listed, None
@@ -648,18 +654,26 @@ class RedisListReader(SourceReader):
         # plan that follows this read is the one the writer checks against
         lengths: dict[str, int] = {}
         self.b.read_lengths = lengths
+        # each session's remaining time to live, in the stream's schema (the manifest keeps it;
+        # a restore sets it again on the sessions it rewrites); sessions without one are left out
+        ttls: dict[str, int] = {}
+        spec.schema[TTL_FIELD] = ttls
         for i in range(0, len(keys), SESSIONS_PER_ROUND_TRIP):
             group = keys[i:i + SESSIONS_PER_ROUND_TRIP]
             pipe = self.client.pipeline(transaction=False)
             for k in group:
-                pipe.lrange(k, 0, -1)
+                pipe.lrange(k, 0, -1).pttl(k)
+            replies = pipe.execute(raise_on_error=False)
             batch = []
-            for k, items in zip(group, pipe.execute(raise_on_error=False)):
+            for j, k in enumerate(group):
+                items, ttl = replies[2 * j], replies[2 * j + 1]
                 if isinstance(items, Exception):
                     raise SourceError(f"{self.b.where}: key {k.decode('utf-8', 'replace')!r}: {items}")
                 session = self._session(k)
                 seen[k] = list_state(items)
                 lengths[session] = len(items)
+                if items and isinstance(ttl, int) and ttl > 0:
+                    ttls[session] = ttl
                 if newest_first:
                     items.reverse()
                 batch.extend(([session, pos], message_value(raw)) for pos, raw in enumerate(items))
@@ -696,6 +710,10 @@ class RedisListReader(SourceReader):
 
 EMPTY_LIST = (0, hash(None), hash(None))
 
+#: the stream schema's map of session -> remaining time to live in milliseconds, as read
+#: (sessions without a TTL are absent; a snapshot made before TTLs were kept has no map)
+TTL_FIELD = "ttl_ms"
+
 
 def list_state(items: list[bytes]) -> tuple:
     """What the after-read check compares: length and (hashes of) both end elements."""
@@ -718,6 +736,8 @@ class RedisListWriter(SourceWriter):
         self.client = backend.redis()
         self.prefix = backend.key_prefix.encode("utf-8")
         self.pending: dict[str, SessionChanges] = {}
+        #: session -> remaining TTL in ms at the snapshot (prepare); None: the snapshot did not keep TTLs
+        self.ttls: dict[str, int] | None = None
         with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}"):
             self.client.ping()
 
@@ -725,6 +745,9 @@ class RedisListWriter(SourceWriter):
         if spec.schema.get("kind") != REDIS_KIND:
             raise SchemaMismatch(f"{self.b.where}: stream {spec.name} was captured from a SQL table; "
                                  f"this source is Redis lists")
+        ttls = spec.schema.get(TTL_FIELD)
+        # a snapshot taken before TTLs were kept says nothing about them: each list keeps its own
+        self.ttls = ttls if isinstance(ttls, dict) else None
 
     def _changes(self, key: Any) -> tuple[SessionChanges, int]:
         if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)
@@ -767,30 +790,46 @@ class RedisListWriter(SourceWriter):
         return True
 
     def commit(self) -> None:
-        for session in sorted(self.pending):
-            with translate_redis_errors(f"{self.b.where}: cannot restore session {session!r}"):
-                self._apply(session, self.pending[session])
-            del self.pending[session]
+        """Every session of the restore in one ``WATCH``/``MULTI``/``EXEC`` transaction: each
+        list is checked against what was planned (and quarantined) before anything is
+        written, so a session the agent changed meanwhile stops the restore of this source
+        with nothing written to any of its sessions, and otherwise all are rewritten at once."""
+        if not self.pending:
+            return
+        sessions = sorted(self.pending)
+        keys = [self.prefix + s.encode("utf-8") for s in sessions]
+        with translate_redis_errors(f"{self.b.where}: cannot restore sessions "
+                                    f"{', '.join(map(repr, sessions[:5]))}{', ...' if len(sessions) > 5 else ''}"):
+            # WATCH makes the checks and the edits one atomic step; redis-py retries on a race
+            self.client.transaction(lambda pipe: self._rewrite(pipe, sessions, keys), *keys)
+        self.pending.clear()
 
-    def _apply(self, session: str, changes: SessionChanges) -> None:
-        key = self.prefix + session.encode("utf-8")
+    def _rewrite(self, pipe, sessions: list[str], keys: list[bytes]) -> None:
         newest_first = self.b.list_order == NEWEST_FIRST
-
-        def rewrite(pipe) -> None:
-            if changes.expected or changes.planned_len is not None:
-                items = pipe.lrange(key, 0, -1)
-                if newest_first:
-                    items.reverse()
-                why = changes.changed(items)
-                if why is not None:
-                    raise Refused(f"{self.b.where}: session {session!r} changed after the restore planned it "
-                                  f"({why}); nothing was written to it: run the restore again")
-            live_len = pipe.llen(key)
-            final, in_place, appended = changes.edits(live_len, session)
-            pipe.multi()
+        edits = []
+        # the lists are read on another connection, many per round trip: a write after the
+        # WATCH (on ``pipe``'s connection) fails the EXEC and the whole check runs again
+        for i in range(0, len(keys), SESSIONS_PER_ROUND_TRIP):
+            group = list(zip(sessions[i:i + SESSIONS_PER_ROUND_TRIP], keys[i:i + SESSIONS_PER_ROUND_TRIP]))
+            reader = self.client.pipeline(transaction=False)
+            for _, key in group:
+                reader.lrange(key, 0, -1)
+            for (session, key), items in zip(group, reader.execute()):
+                changes = self.pending[session]
+                if changes.expected or changes.planned_len is not None:
+                    if newest_first:
+                        items.reverse()
+                    why = changes.changed(items)
+                    if why is not None:
+                        raise Refused(f"{self.b.where}: session {session!r} changed after the restore planned it "
+                                      f"({why}); nothing was written to any session of this source: run the "
+                                      f"restore again")
+                edits.append((session, key, len(items), *changes.edits(len(items), session)))
+        pipe.multi()
+        for session, key, live_len, final, in_place, appended in edits:
             if final == 0:
                 pipe.delete(key)
-                return
+                continue
             if final < live_len:
                 if newest_first:  # the newest messages are at the head
                     pipe.ltrim(key, live_len - final, -1)
@@ -802,9 +841,13 @@ class RedisListWriter(SourceWriter):
             if appended:
                 # LPUSH a b c leaves c at the head: the last pushed is the newest, as it should be
                 (pipe.lpush if newest_first else pipe.rpush)(key, *appended)
-
-        # WATCH makes the length read and the edits one atomic step; redis-py retries on a race
-        self.client.transaction(rewrite, key)
+            if self.ttls is not None:
+                # the time to live the session had when the snapshot was taken (none: none)
+                ttl = self.ttls.get(session)
+                if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > 0:
+                    pipe.pexpire(key, ttl)
+                else:
+                    pipe.persist(key)
 
     def rollback(self) -> None:
         self.pending.clear()

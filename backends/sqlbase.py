@@ -42,6 +42,45 @@ def resolve_url(url: str, base_dir: str | None, where: str) -> sa.URL:
     return u
 
 
+def sqlite_file(url: sa.URL) -> str | None:
+    """The file a SQLite URL opens, or None when it opens an in-memory database
+    (``sqlite://``, ``:memory:``, a ``file:`` URI with ``mode=memory``)."""
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    db = url.database
+    uri = str(url.query.get("uri", "")).lower() in ("true", "1", "yes")
+    if not (uri and db.startswith("file:")):
+        return db
+    from urllib.parse import parse_qs, unquote
+    path, _, query = db[len("file:"):].partition("?")
+    mode = parse_qs(query).get("mode", [None])[-1] or url.query.get("mode")
+    if path.startswith("//"):  # file://HOST/path: SQLite accepts an empty host or localhost
+        path = "/" + path[2:].partition("/")[2]
+    path = unquote(path)
+    return None if mode == "memory" or path in ("", ":memory:") else path
+
+
+def check_sqlite_file(url: sa.URL, where: str, *, create: bool) -> None:
+    """A SQLite URL must name an existing file: SQLite would create an empty database
+    in its place, and a typo in a path would snapshot nothing and restore into that
+    empty file.  ``create`` (``restore --create-missing``) makes the missing folders
+    and lets SQLite create the file, for a database that is really gone."""
+    path = sqlite_file(url)
+    if path is None or os.path.exists(path):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if create:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot create the folder of SQLite database {path}: "
+                              f"{exc.strerror or exc}") from None
+        return
+    what = "neither the file nor its folder exists" if not os.path.isdir(folder) else "the file does not exist"
+    raise ConfigError(f"{where}: no SQLite database at {path} ({what}); check the url "
+                      f"(restore --create-missing recreates a database that is gone)")
+
+
 def redact(url: sa.URL) -> str:
     return url.render_as_string(hide_password=True)
 
@@ -134,6 +173,10 @@ class SQLConnection:
 
     _url: sa.URL | None = None
     _engine: Engine | None = None
+    _empty_engine: Engine | None = None
+    #: ``restore --create-missing``: a SQLite file that is gone is created by the restore's
+    #: writer; a read (the plan, a dry run) sees an empty database in its place
+    create_missing: bool = False
 
     @property
     def url(self) -> sa.URL:
@@ -147,7 +190,17 @@ class SQLConnection:
             self._engine = make_engine(self.url, self.where)
         return self._engine
 
-    def connect(self) -> Connection:
+    def connect(self, *, write: bool = False) -> Connection:
+        """A connection; ``write``: for the restore's write transaction (which alone
+        may create a missing SQLite file, with :attr:`create_missing`)."""
+        path = sqlite_file(self.url)
+        if path is not None and not os.path.exists(path):
+            if self.create_missing and not write:
+                # nothing is created before the restore writes: plan against an empty database
+                if self._empty_engine is None:
+                    self._empty_engine = make_engine(sa.engine.make_url("sqlite://"), self.where)
+                return self._empty_engine.connect()
+            check_sqlite_file(self.url, self.where, create=self.create_missing)
         with translate_errors(f"{self.where}: cannot connect to {redact(self.url)}"):
             return self.engine.connect()
 
@@ -180,7 +233,7 @@ class WriteTransaction:
         with cls._guard:
             txn = cls._open.get(key)
             if txn is None:
-                conn = backend.connect()
+                conn = backend.connect(write=True)
                 try:
                     with translate_errors(f"{backend.where}: cannot start a write transaction"):
                         begin_write(conn)

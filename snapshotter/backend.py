@@ -275,6 +275,9 @@ class SourceBackend(ABC):
     options: ClassVar[Sequence[Option]] = ()
     #: ``--session`` selection is meaningful (conversation stores)
     supports_sessions: ClassVar[bool] = False
+    #: set by ``restore --create-missing``: a store that is gone (a SQLite database file) may
+    #: be created by the restore's writer instead of being refused
+    create_missing: bool = False
 
     def __init__(self, source_name: str, options: dict[str, Any]):
         self.source_name = source_name

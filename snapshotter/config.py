@@ -44,6 +44,9 @@ class Config:
     hash: str = "blake3"
     hash_set: bool = False
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    #: ``restore --create-missing``: sources open with ``create_missing`` set (a SQLite
+    #: database file that is gone is created by the restore's writer)
+    create_missing: bool = False
 
     @property
     def base_dir(self) -> str:
@@ -57,7 +60,10 @@ class Config:
         return self.sources[name]
 
     def open_source(self, name: str) -> SourceBackend:
-        return self.source(name).open(self.base_dir)
+        inst = self.source(name).open(self.base_dir)
+        if self.create_missing:
+            inst.create_missing = True
+        return inst
 
 
 def _expand(value: Any, where: str, path: str) -> Any:

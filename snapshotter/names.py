@@ -87,11 +87,17 @@ def parse_duration(text: str) -> _dt.timedelta:
 
 
 def parse_time(text: str, *, now: _dt.datetime | None = None) -> _dt.datetime:
-    """ISO 8601 (``2026-11-29T10:15:00Z``) or relative to now (``2h`` = two hours ago)."""
+    """A TIME given on the command line: ISO 8601 (``2026-11-29T10:15:00Z``,
+    ``2026-11-29T11:15:00+01:00``) or relative to now (``2h`` = two hours ago).
+    An ISO time without a zone is local time (``TZ``), as a person at a terminal means
+    it; the result is always aware, in UTC."""
     text = text.strip()
     if _REL.match(text):
         return (now or _dt.datetime.now(_dt.timezone.utc)) - parse_duration(text)
     try:
-        return parse_iso(text)
-    except ValueError:
-        raise UsageError(f"invalid time {text!r}: expected ISO 8601 (2026-11-29T10:15:00Z) or relative (2h)") from None
+        ts = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # a naive time is read as local time; astimezone() raises for years it cannot place
+        return ts.astimezone(_dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"invalid time {text!r}: expected ISO 8601 (2026-11-29T10:15:00Z; without a zone: "
+                         f"local time) or relative (2h)") from None

@@ -699,6 +699,11 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
             rolled = [s for s in writers]
             mark_applied(repo, incident, {"incident": incident, "applied_at": None, "verified": False,
                                           "rolled_back": rolled, "problems": result.problems})
+            raced = _changed_under_restore(repo, targets, result, sel, writers)
+            if raced:
+                raise Refused(f"the store changed under the restore: {raced}; run it again"
+                              f"{' (rolled back: ' + ', '.join(rolled) + ')' if rolled else ''}; "
+                              f"incident {incident} holds the pre-restore values")
             raise IntegrityError(f"restore verification failed: {'; '.join(result.problems[:3])}"
                                  f"{' (rolled back: ' + ', '.join(rolled) + ')' if rolled else ''}; "
                                  f"incident {incident} holds the pre-restore values")
@@ -985,3 +990,79 @@ def _compare_records(repo: Repository, t: Target, reader, spec, sel: Selection) 
     return None
 
 
+
+
+def _changed_under_restore(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult,
+                           sel: Selection, transactional: dict[str, Any]) -> str | None:
+    """After a failed verification: which stream another writer changed while the restore
+    ran (exit 6, run it again), or None when the failure is the restore's own (exit 3).
+
+    Only a store without transactions can be changed under a restore: a SQL stream is
+    planned, written and verified in one transaction that sees no other writer, so its
+    failure is always the restore's.  In a stream of another store every record that
+    differs from the snapshot is looked at:
+
+    * one the restore did not write (not in the incident): the plan saw it equal to the
+      snapshot, or absent from both, so someone else wrote it;
+    * one the restore wrote that holds a third value (neither the snapshot's nor the one
+      the incident kept), or is absent where the restore wrote it: someone else wrote it;
+    * one the restore wrote that still holds its pre-restore value (or is still absent, or
+      still present, as before): the restore's own write did not take, an integrity
+      failure, whatever else is seen.
+
+    Every failed stream must show another writer's change for the failure to be one."""
+    failed = [t for ts in targets.values() for t in ts
+              if any(p.startswith(f"{t.source}/{t.stream}: ") for p in result.problems)]
+    if not failed or any(t.source in transactional for t in failed):
+        return None
+    raced = []
+    for t in failed:
+        plan = result.plans[t.source][t.stream]
+        if plan.quarantine is None:
+            return None
+        why = _other_writer(repo, t, plan, sel)
+        if why is None:
+            return None
+        raced.append(f"source {t.source!r} stream {t.stream!r}: {why}")
+    return "; ".join(raced)
+
+
+def _other_writer(repo: Repository, t: Target, plan: StreamPlan, sel: Selection) -> str | None:
+    """:func:`_changed_under_restore` for one stream: the first record another writer
+    changed, or None when no record shows it, or one shows the restore's write missing."""
+    touched = {}
+    for rec in read_stream(repo, plan.quarantine):
+        q = rec.fields("op", "value")
+        touched[codec.pack(rec.key)] = (q["op"], q.get("value"))
+    sessions = set(sel.sessions) if sel.sessions else None
+    evidence = None
+    with t.backend.reader() as reader:
+        spec = reader.live_spec(t.stream)
+        if spec is None:
+            return "it was removed after the restore wrote it"
+        live = _live_records(reader, spec, sel.sessions)
+        snap = _snapshot_records(repo, t, sessions)
+        lv, sv = next(live, None), next(snap, None)
+        while lv is not None or sv is not None:
+            if sv is None or (lv is not None and lv[0] < sv.key):
+                key, now = lv[0], lv[2]  # live only
+                lv = next(live, None)
+            elif lv is None or sv.key < lv[0]:
+                key, now = sv.key, ABSENT  # snapshot only
+                sv = next(snap, None)
+            else:
+                key, now = sv.key, lv[2]
+                same = t.backend.same_value(t.spec, now, sv.value)
+                lv, sv = next(live, None), next(snap, None)
+                if same:
+                    continue
+            entry = touched.get(codec.pack(key))
+            if entry is None:
+                evidence = evidence or f"record {codec.key_text(key)}, which the restore did not write, changed"
+                continue
+            op, before = entry
+            before = ABSENT if op == "deleted" else before
+            if t.backend.same_value(t.spec, now, before):
+                return None  # as before the restore: its write did not take
+            evidence = evidence or f"record {codec.key_text(key)} changed again after the restore wrote it"
+    return evidence

@@ -21,7 +21,7 @@ import pytest
 from snapshotter import codec
 from snapshotter.backend import StreamSpec
 from snapshotter.config import load_config
-from snapshotter.errors import IntegrityError, SchemaMismatch, SourceError
+from snapshotter.errors import Refused, SchemaMismatch, SourceError
 from snapshotter.objectstore import open_store
 from snapshotter.repository import Repository
 from snapshotter.streams import read_stream, stream_digest_of
@@ -424,7 +424,8 @@ def test_restore_verifies_by_key_and_notices_writes_it_did_not_make(store, tmp_p
     """A Chroma restore re-reads only what it wrote plus the collection's ids (its cost
     grows with the drift): it is verified when the store ends as the snapshot; another
     writer adding or removing a record between the plan and the verification, or a
-    restored record changed afterwards, fails the verification."""
+    restored record changed afterwards, fails the verification: the store changed under
+    the restore (Refused, exit 6, run it again), not an integrity failure."""
     from snapshotter import restore as R
 
     name = store.name("memory-l2")
@@ -459,10 +460,11 @@ def test_restore_verifies_by_key_and_notices_writes_it_did_not_make(store, tmp_p
     live = chroma_view(col)
     assert list(live) == list(original) and all(same_value(live[k], original[k]) for k in ids)
 
-    for meanwhile, expected in [(lambda: col.add(ids=["m-zzz"], embeddings=[[0.5] * DIM]), "live keys"),
-                                (lambda: col.delete(ids=[ids[100]]), "live keys")]:
+    for meanwhile, expected in [(lambda: col.add(ids=["m-zzz"], embeddings=[[0.5] * DIM]), '"m-zzz"'),
+                                (lambda: col.delete(ids=[ids[100]]), f'"{ids[100]}"')]:
         drift()
-        with pytest.raises(IntegrityError, match=f"verification failed: memory/{name}: the {expected}"):
+        with pytest.raises(Refused, match=f"the store changed under the restore: source 'memory' stream "
+                                          f"'{name}': record {expected}, which the restore did not write"):
             restore_with(meanwhile)
         col.delete(ids=["m-zzz"])
         drift()

@@ -217,6 +217,7 @@ def test_sql_numeric_session_ids_and_schema_changes(any_db_url):
 def test_sql_missing_table_and_bad_columns_are_one_line_errors(sqlite_url, tmp_path, cli):
     write_config(tmp_path, url=sqlite_url)
     assert cli("init").code == 0
+    sa.create_engine(sqlite_url).connect().close()  # an empty database (a missing file is refused: exit 2)
     res = cli("--json", "snapshot", "--release", "r1")
     assert res.code == 5
     assert "no table message_store" in json.loads(res.err)["error"]["message"]

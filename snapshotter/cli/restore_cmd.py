@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..errors import Refused, UsageError
-from ..names import check_name, parse_time
+from ..names import check_name, iso, parse_time, utcnow
 from ..quarantine import bundle_object
 from ..restore import RestoreResult, Selection, not_configured, resolve_snapshot, restore as run_restore
 from . import App, cli, pass_app
@@ -73,15 +73,25 @@ def _warn_not_configured(app: App, manifest: dict, sel) -> None:
 @cli.command()
 @click.argument("snapshot", required=False)
 @click.option("--release", help="Restore this release's newest known-good snapshot (else its newest).")
-@click.option("--before", metavar="TIME", help="With --release: only snapshots taken before TIME (ISO 8601 or 2h).")
+@click.option("--before", metavar="TIME",
+              help="With --release: only snapshots taken before TIME (ISO 8601, local time without a zone; or 2h).")
 @selection_options
 @click.option("--incident", metavar="ID", help="Name the incident (default: generated).")
-@click.option("--failure-at", metavar="TIME", help="When the agent went wrong: later writes are flagged post_failure.")
+@click.option("--failure-at", metavar="TIME",
+              help="When the agent went wrong (ISO 8601, local time without a zone; or 2h): later writes are "
+                   "flagged post_failure.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--create-missing", is_flag=True,
+              help="Recreate a SQLite database file that is gone (and its tables); without it a SQLite url "
+                   "naming a missing file is refused.")
 @pass_app
-def restore(app: App, snapshot, release, before, sources, streams, sessions, incident, failure_at, dry_run, yes):
-    """Put the live stores back to a snapshot, quarantining every later write first."""
+def restore(app: App, snapshot, release, before, sources, streams, sessions, incident, failure_at, dry_run, yes,
+            create_missing):
+    """Put the live stores back to a snapshot, quarantining every later write first.
+
+    A SQLite database file that no longer exists is refused (exit 2), unless
+    --create-missing is given: the restore then creates it and recreates its tables."""
     if release:
         check_name("release", release)
     if incident:
@@ -91,9 +101,14 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
     failure_t = parse_time(failure_at) if failure_at else None
     if before and not release:
         raise click.UsageError("--before goes with --release")
+    if failure_t is not None and failure_t > utcnow():
+        app.warn(f"warning: --failure-at {failure_at} ({iso(failure_t)}) is in the future (now {iso(utcnow())}), so "
+                 f"no write is flagged post_failure; a time without a zone is local time")
     interactive = sys.stdin.isatty() and not app.json
     if not dry_run and not yes and not interactive:
         raise Refused("restore changes live stores: pass --yes (no terminal to confirm on)")
+    if create_missing:
+        app.config.create_missing = True
     repo = app.repo
     manifest = resolve_snapshot(repo, snapshot, release, before_t, warn=app.warn)
     _warn_not_configured(app, manifest, sel)
@@ -123,7 +138,7 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         with app.lock({source_resource(s): EXCLUSIVE for s in written}, command="restore"):
             audit = app.audited({"snapshot": manifest["id"], "release": manifest["release"], "sources": list(sel.sources),
                                  "streams": list(sel.streams), "sessions": list(sel.sessions), "incident": incident,
-                                 "failure_at": failure_at}, command="restore")
+                                 "failure_at": iso(failure_t) if failure_t else None}, command="restore")
             if not yes:
                 if incident and repo.store.stat(bundle_object(incident)) is not None:
                     raise UsageError(f"incident {incident!r} already exists; choose another --incident")

@@ -398,6 +398,10 @@ def omissions(schema_doc: dict, trusted: bool) -> list[str]:
             if part:
                 out.append(f"partitioning {part.get('key')} with {len(part.get('partitions', []))} partition(s) "
                            f"(recreated as one plain table)")
+    elif kind == "mysql" and trusted:
+        # every DDL statement commits on MariaDB/MySQL: no trigger is made inside the restore
+        out += [f"trigger {tg['name']} (MariaDB/MySQL would commit the restore's transaction)"
+                for tg in ddl.get("triggers", [])]
     elif kind == "mysql" and not trusted:
         out += [f"default of column {c['name']}" for c in ddl.get("columns", []) if c.get("default") is not None]
         out += [f"generated expression of column {c['name']}" for c in ddl.get("columns", []) if c.get("generated")]

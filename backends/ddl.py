@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from snapshotter.errors import IntegrityError, SourceError
+from snapshotter.errors import IntegrityError
 
 from . import lazy_module
 
@@ -428,6 +428,8 @@ def create_table(conn: Connection, schema_doc: dict, *, trusted: bool, where: st
     types = check_types(conn, schema_doc, where)
     ddl = schema_doc.get("ddl")
     d = dialect(conn)
+    if isinstance(ddl, dict) and ddl.get("dialect") != ("mysql" if d == "mariadb" else d):
+        ddl = None  # captured from another kind of database: its columns and keys only
     if not isinstance(ddl, dict):
         _create_structured(conn, schema_doc, types)
         for idx in schema_doc.get("indexes", []):
@@ -439,8 +441,6 @@ def create_table(conn: Connection, schema_doc: dict, *, trusted: bool, where: st
         _my_create(conn, schema_doc, ddl, types, trusted)
     elif d == "sqlite" and ddl.get("dialect") == "sqlite":
         _sqlite_create(conn, schema_doc, ddl, types, trusted)
-    else:
-        raise IntegrityError(f"{where}: the stored definition is for {ddl.get('dialect')!r}, not this database")
 
 
 def _name(conn: Connection, schema_doc: dict) -> str:
@@ -604,9 +604,9 @@ def _sqlite_create(conn: Connection, schema_doc: dict, ddl: dict, types: dict[st
 
 def finish(conn: Connection, schema_doc: dict, *, trusted: bool, where: str) -> None:
     ddl = schema_doc.get("ddl")
-    if not isinstance(ddl, dict):
-        return
     d = dialect(conn)
+    if not isinstance(ddl, dict) or ddl.get("dialect") != ("mysql" if d == "mariadb" else d):
+        return
     name = _name(conn, schema_doc)
     if d == "postgresql":
         for con in ddl.get("constraints", []):
@@ -738,5 +738,3 @@ def _short(v: Any) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
-def raise_source(where: str, exc: Exception) -> None:
-    raise SourceError(f"{where}: {exc}")

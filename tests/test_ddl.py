@@ -354,3 +354,31 @@ def test_recreated_table_that_differs_from_its_definition_is_rolled_back(pg_url,
     assert r.code == 3 and "ix_meta" in r.err and "Traceback" not in r.err, r.err
     assert not sa.inspect(eng).has_table("docs")
     eng.dispose()
+
+
+def test_pg_foreign_keys_come_back_after_the_rows_without_trust(pg_url, tmp_path, cli):
+    """A foreign key is structured (columns, referenced table, actions): it is added after the
+    rows, from quoted identifiers and fixed keywords, without --trust-repository-sql."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    fks = ("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'chunks'::regclass "
+           "AND contype = 'f' ORDER BY 1")
+    with eng.connect() as c:
+        c.exec_driver_sql("""CREATE TABLE documents (id int PRIMARY KEY, k int, v int, UNIQUE (k, v));
+                             CREATE TABLE chunks (id int PRIMARY KEY, doc int REFERENCES documents ON DELETE CASCADE,
+                                                  k int, v int, CONSTRAINT kv FOREIGN KEY (k, v)
+                                                  REFERENCES documents (k, v) MATCH FULL ON UPDATE SET NULL
+                                                  DEFERRABLE INITIALLY DEFERRED);
+                             INSERT INTO documents SELECT g, g, g FROM generate_series(1, 5) g;
+                             INSERT INTO chunks SELECT g, 1 + mod(g, 5), 1 + mod(g, 5), 1 + mod(g, 5) FROM generate_series(1, 20) g;""")
+        before = c.exec_driver_sql(fks).fetchall()
+    snap = snapshot(cli, tmp_path, pg_url)
+    original = rows(eng, "chunks")
+    with eng.connect() as c:
+        c.exec_driver_sql("DROP TABLE chunks")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0 and r.json()["verified"], r.err
+    assert "not_recreated" not in r.json()["plan"]["db"]["chunks"]
+    assert rows(eng, "chunks") == original
+    with eng.connect() as c:
+        assert c.exec_driver_sql(fks).fetchall() == before
+    eng.dispose()

@@ -243,6 +243,12 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
                 return when
         return None
 
+    def recreate_omissions(self, spec: StreamSpec, reader) -> list[str]:
+        if "columns" not in spec.schema:
+            return []
+        from .sql import recreate_omissions
+        return recreate_omissions(self, spec, reader)
+
     def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
         kinds = ["Redis lists" if s.schema.get("kind") == REDIS_KIND else "a SQL table" for s in (snapshot, live)]
         if kinds[0] != kinds[1]:
@@ -441,12 +447,17 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
             schema = spec.schema.get("db_schema")
             if spec.name not in insp.get_table_names(schema=schema):
                 # a table without a primary key is recreated with its key column as one
-                sqlbase.create_table(self.conn, spec.schema if spec.schema["primary_key"] else keyed(spec).schema)
+                from .sql import recreate
+                recreate(self, spec, spec.schema if spec.schema["primary_key"] else keyed(spec).schema)
                 return
             live = self.b.table_stream(self.conn, spec.name)
         diffs = self.b.schema_differences(spec, live)
         if diffs:
             raise SchemaMismatch(f"{self.b.where}: table {spec.name} changed since the snapshot: " + "; ".join(diffs))
+
+    def finish(self, spec: StreamSpec) -> None:
+        from .sql import finish_recreated
+        finish_recreated(self, spec, spec.schema if spec.schema.get("primary_key") else keyed(spec).schema)
 
     def upsert(self, spec: StreamSpec, records: list) -> None:
         spec = keyed(spec)

@@ -69,6 +69,9 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
     def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
         return sqlbase.schema_differences(snapshot.schema, live.schema)
 
+    def recreate_omissions(self, spec: StreamSpec, reader) -> list[str]:
+        return recreate_omissions(self, spec, reader)
+
     # -- table selection ----------------------------------------------------
 
     def select_tables(self, conn) -> list[dict]:
@@ -90,10 +93,16 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         wanted = self.config.get("tables")
         exclude = set(self.config.get("exclude") or [])
         out = []
+        roots = partition_roots(conn, schema)
         if wanted:
             missing = [t for t in wanted if t not in all_tables]
             if missing:
                 raise NotFound(f"{self.where}: no table {', '.join(missing)} in {self.location()}")
+            both = [t for t in wanted if roots.get(t) in wanted]
+            if both:
+                # the partitioned table's stream already holds every row of its partitions
+                raise ConfigError(f"{self.where}: tables: {', '.join(both)} is a partition of "
+                                  f"{roots[both[0]]}, which is also listed and holds its rows; list one of them")
             for t in wanted:
                 doc = sqlbase.table_schema(conn, t, schema)
                 if not doc["primary_key"]:
@@ -101,13 +110,22 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
                                       f"to key its rows (add one, or leave the table out)")
                 out.append(doc)
             return out
+        captured = set()
         for t in all_tables:
-            if t in exclude or t.startswith("sqlite_"):
+            if t in exclude or t.startswith("sqlite_") or t in roots:
                 continue
             doc = sqlbase.table_schema(conn, t, schema)
             if doc["primary_key"]:
                 out.append(doc)
-        return out
+                captured.add(t)
+        for t in all_tables:
+            # a partition is part of its partitioned table: read with it (one stream, every row
+            # once), left out with it; on its own only when that table is not captured (no key)
+            if t in roots and roots[t] not in captured and roots[t] not in exclude and t not in exclude:
+                doc = sqlbase.table_schema(conn, t, schema)
+                if doc["primary_key"]:
+                    out.append(doc)
+        return sorted(out, key=lambda d: d["table"])
 
 
 class SQLReader(SourceReader):
@@ -212,12 +230,15 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
             insp = sa.inspect(self.conn)
             schema = spec.schema.get("db_schema")
             if spec.name not in insp.get_table_names(schema=schema):
-                sqlbase.create_table(self.conn, spec.schema)
+                recreate(self, spec)
                 return
             live = sqlbase.table_schema(self.conn, spec.name, schema)
         diffs = sqlbase.schema_differences(spec.schema, live)
         if diffs:
             raise SchemaMismatch(f"{self.b.where}: table {spec.name} changed since the snapshot: " + "; ".join(diffs))
+
+    def finish(self, spec: StreamSpec) -> None:
+        finish_recreated(self, spec)
 
     def upsert(self, spec: StreamSpec, records: list) -> None:
         with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
@@ -236,3 +257,50 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
 
     def rollback(self) -> None:
         self.txn.leave(False, self.b.where)
+
+
+def partition_roots(conn, schema: str | None) -> dict[str, str]:
+    """PostgreSQL: each partition of the schema, with the partitioned table at its root."""
+    if sqlbase.dialect(conn) != "postgresql":
+        return {}
+    rows = conn.exec_driver_sql("""
+        SELECT c.relname, r.relname FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_class r ON r.oid = pg_partition_root(c.oid)
+        WHERE c.relispartition AND n.nspname = COALESCE(%(s)s, current_schema())""", {"s": schema}).fetchall()
+    return {a: b for a, b in rows}
+
+
+# -- a dropped table recreated (shared with the conversation backend) -------------------
+
+def recreate_omissions(backend, spec: StreamSpec, reader) -> list[str]:
+    """A dropped table's plan: its stored column types must be type names of this
+    database (else the repository was tampered with: exit 3, before any write), and what
+    recreating it leaves out without ``--trust-repository-sql``."""
+    from . import ddl
+    conn = getattr(reader, "conn", None)
+    if conn is not None and "columns" in spec.schema:
+        with sqlbase.translate_errors(f"{backend.where}: cannot check the types of table {spec.name}"):
+            ddl.check_types(conn, spec.schema, f"{backend.where}: table {spec.name}")
+    return ddl.omissions(spec.schema, bool(getattr(backend, "trust_repository_sql", False)))
+
+
+def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
+    """Create a dropped table (without its foreign keys and triggers: :func:`finish_recreated`)."""
+    where = f"{writer.b.where}: table {spec.name}"
+    with sqlbase.translate_errors(f"{where}: cannot recreate the table"):
+        sqlbase.create_table(writer.conn, schema_doc or spec.schema,
+                             trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+    writer.recreated = getattr(writer, "recreated", set()) | {spec.name}
+
+
+def finish_recreated(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
+    """A table this writer recreated, after its rows: foreign keys and triggers, sequences
+    past the restored maximum, and the check that it is what the repository says it was."""
+    if spec.name not in getattr(writer, "recreated", ()):
+        return
+    from . import ddl
+    where = f"{writer.b.where}: table {spec.name}"
+    with sqlbase.translate_errors(f"{where}: cannot finish recreating the table"):
+        ddl.finish(writer.conn, schema_doc or spec.schema,
+                   trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)

@@ -192,6 +192,14 @@ class SourceWriter(ABC):
     def delete(self, spec: StreamSpec, keys: list[Key]) -> None:
         """Remove records by key (one batch); missing keys are not an error."""
 
+    def finish(self, spec: StreamSpec) -> None:
+        """Called for every prepared stream of the source after all its records are
+        written and before the commit: a writer that recreated the stream adds what
+        must come after the records (a SQL table's foreign keys and triggers, its
+        sequences set past the restored maximum) and checks the recreated definition
+        (:class:`~snapshotter.errors.IntegrityError` rolls the restore back).  Default:
+        nothing."""
+
     def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
         """Insert or replace records given in the stream's own encoding (one batch);
         False (the default) when the writer cannot, and the core then calls
@@ -279,6 +287,10 @@ class SourceBackend(ABC):
     #: be created by the restore's writer instead of being refused
     create_missing: bool = False
 
+    #: set by a restore whose operator trusts the repository (``--trust-repository-sql``):
+    #: SQL text stored in it may then be executed (docs/design.md, threat model)
+    trust_repository_sql: bool = False
+
     def __init__(self, source_name: str, options: dict[str, Any]):
         self.source_name = source_name
         self.config = options
@@ -323,6 +335,13 @@ class SourceBackend(ABC):
     def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
         """Why the live stream cannot take the snapshot's records as they are
         (empty when it can). Restore refuses, exit 2, before any write."""
+        return []
+
+    def recreate_omissions(self, spec: StreamSpec, reader: SourceReader) -> list[str]:
+        """The stream is missing and a restore will recreate it from ``spec``: what the
+        recreated stream will lack (shown in the plan), after checking what the
+        repository says where a recreate depends on it (raise
+        :class:`~snapshotter.errors.IntegrityError` for what cannot be used).  Default: []."""
         return []
 
     def written_at(self, spec: StreamSpec, key: Key, value: Any) -> _dt.datetime | None:

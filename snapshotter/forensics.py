@@ -636,6 +636,8 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                 if encoding and all(raw is not None for raw in raws) and w.upsert_encoded(spec, encoding, raws):
                     continue
                 w.upsert(spec, [(loc.record.key, loc.record.value["value"]) for loc in kept])
+            for stream in streams:  # a table prepare recreated gets its keys, triggers, sequences
+                w.finish(specs[source, stream])
             done.extend(loc.ref() for locs in streams.values() for loc in locs)
         problems = [p for w in writers.values() for p in w.check_writes()]
         if problems:

@@ -23,7 +23,10 @@ from .objectstore import ObjectMissing, ObjectStore, open_store
 #: does not know, blake3); a SHA-256 repository is created as format 1, which
 #: every snapshotter reads
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+#: the format of a new snapshot manifest: 3 (a SQL stream's schema may hold the table's stored
+#: definition, ``ddl``, that a restore of an older reader would leave out of a recreated table)
+MANIFEST_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 
 
 def format_for(hash_name: str) -> int:

@@ -195,11 +195,15 @@ class StreamPlan:
     lines: bool = False
     #: stream settings that differ from the snapshot's and are put back (Chroma: collection metadata)
     settings: list[str] = field(default_factory=list)
+    #: a missing stream is recreated without these parts of its stored definition
+    not_recreated: list[str] = field(default_factory=list)
 
     def counts(self) -> dict:
         out = {"added": self.added, "modified": self.modified, "deleted": self.deleted}
         if self.settings:
             out["settings"] = list(self.settings)
+        if self.not_recreated:
+            out["not_recreated"] = list(self.not_recreated)
         return out
 
 
@@ -384,6 +388,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     live_spec = reader.live_spec(t.stream)
     if live_spec is None:
         plan.live_missing = True
+        plan.not_recreated = list(t.backend.recreate_omissions(t.spec, reader))
     else:
         plan.live_schema = live_spec.schema
         diffs = t.backend.schema_differences(t.spec, live_spec)
@@ -558,10 +563,16 @@ def check_objects(repo: Repository, targets: dict[str, list[Target]]) -> None:
 
 def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dry_run: bool = False,
             incident: str | None = None, failure_at: _dt.datetime | None = None,
-            confirm: Callable[[RestoreResult], bool] | None = None, command: str = "restore") -> RestoreResult:
-    """Plan (and unless ``dry_run``: quarantine, apply, verify) a restore of ``manifest``."""
+            confirm: Callable[[RestoreResult], bool] | None = None, command: str = "restore",
+            trust_repository_sql: bool = False) -> RestoreResult:
+    """Plan (and unless ``dry_run``: quarantine, apply, verify) a restore of ``manifest``.
+    ``trust_repository_sql``: SQL text stored in the repository may be executed (a dropped
+    table is recreated with its defaults, checks, index definitions, triggers)."""
     started = time.monotonic()
     targets = select_targets(manifest, cfg, sel)
+    for ts in targets.values():
+        for t in ts:
+            t.backend.trust_repository_sql = trust_repository_sql
     check_objects(repo, targets)
     result = RestoreResult(manifest, None, dry_run, {}, not_configured=not_configured(manifest, cfg, sel))
     if dry_run:

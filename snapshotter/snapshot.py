@@ -12,7 +12,7 @@ from .backend import StreamChanged
 from .config import Config
 from .errors import IntegrityError, SnapshotterError, SourceError, UsageError
 from .names import iso, new_snapshot_id, utcnow, current_user
-from .repository import Repository
+from .repository import MANIFEST_FORMAT, Repository
 from .streams import ChunkUploader, StreamWriter
 
 
@@ -54,7 +54,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
     params, known = parent_streams(repo, release)
     uploader = ChunkUploader(repo, known=known)
     manifest = {
-        "format": repo.format,
+        "format": MANIFEST_FORMAT,
         "id": snapshot_id,
         "release": release,
         "taken_at": None,

@@ -36,6 +36,9 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
             mark = "  (missing: will be recreated)" if p.live_missing else \
                 f"  ({', '.join(p.settings)} differs)" if p.settings else ""
             click.echo(f"  {source + '/' + stream:<40} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
+            if p.not_recreated:
+                click.echo(f"    not recreated (stored as SQL text; --trust-repository-sql replays it): "
+                           f"{', '.join(p.not_recreated)}")
     for source, deps in result.dependencies.items():
         for stream, others in deps.items():
             click.echo(f"  note: {source}/{stream} is referenced by {', '.join(others)} (not selected): a restore "
@@ -85,9 +88,12 @@ def _warn_not_configured(app: App, manifest: dict, sel) -> None:
 @click.option("--create-missing", is_flag=True,
               help="Recreate a SQLite database file that is gone (and its tables); without it a SQLite url "
                    "naming a missing file is refused.")
+@click.option("--trust-repository-sql", "trust_sql", is_flag=True,
+              help="A dropped table is recreated with the SQL text the repository stores (defaults, checks, "
+                   "index definitions, triggers): only for a repository nobody else can write.")
 @pass_app
 def restore(app: App, snapshot, release, before, sources, streams, sessions, incident, failure_at, dry_run, yes,
-            create_missing):
+            create_missing, trust_sql):
     """Put the live stores back to a snapshot, quarantining every later write first.
 
     A SQLite database file that no longer exists is refused (exit 2), unless
@@ -131,7 +137,8 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
 
     if dry_run:
         with app.lock():
-            result = run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t)
+            result = run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t,
+                                 trust_repository_sql=trust_sql)
     else:
         from ..locks import EXCLUSIVE, source_resource
         written = sel.sources or [s for s in manifest.get("sources", {}) if s in app.config.sources]
@@ -142,7 +149,8 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
             if not yes:
                 if incident and repo.store.stat(bundle_object(incident)) is not None:
                     raise UsageError(f"incident {incident!r} already exists; choose another --incident")
-                preview.append(run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t))
+                preview.append(run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t,
+                                 trust_repository_sql=trust_sql))
                 if preview[0].changes or preview[0].settings:
                     print_plan(preview[0], title="restore to")
                     also = " (and put back the settings above)" if preview[0].settings else ""
@@ -150,7 +158,7 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
                                          default=False, err=True):
                         raise Refused("restore not confirmed; nothing was written")
             result = run_restore(repo, app.config, manifest, sel, incident=incident, failure_at=failure_t,
-                                 confirm=confirm)
+                                 confirm=confirm, trust_repository_sql=trust_sql)
             audit.update(summary=(f"restored {manifest['id']}: {result.quarantined} record(s) quarantined as "
                                   f"incident {result.incident}" if result.incident else
                                   f"restored {manifest['id']}: live state already equal, nothing quarantined"),

@@ -759,6 +759,13 @@ class SQLWriterMixin:
         fks = self.txn.guard._foreign_keys(specs[0].schema.get("db_schema"))
         return [specs[i] for i in sqlintegrity.write_order(names, fks)]
 
+    def write_mode(self) -> str:
+        """"replace" when nothing fires during the writes (replica mode, foreign-key checks off): a
+        modified row is deleted with the others and inserted again, so values that move between rows
+        (a unique name two rows swapped) never collide; else "update-in-place", so that no
+        ``ON DELETE`` action fires."""
+        return "update-in-place" if self.txn.guard.will_enforce() else "replace"
+
     def preflight(self, streams: list) -> None:
         tables = [sqlintegrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
                   for p in streams if "table" in p.spec.schema]

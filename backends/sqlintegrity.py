@@ -52,6 +52,8 @@ class ForeignKey:
     child_columns: tuple[str, ...]
     parent: Name
     parent_columns: tuple[str, ...]
+    on_update: str = "NO ACTION"
+    on_delete: str = "NO ACTION"
 
     def describe(self) -> str:
         return (f"{_show(self.child)}({', '.join(self.child_columns)}) -> "
@@ -71,8 +73,38 @@ def _quoted(conn: Connection, name: Name) -> str:
     return q(name[1]) if not name[0] else f"{q(name[0])}.{q(name[1])}"
 
 
+_PG_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+
+
+def _pg_foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
+    """Every foreign key of the database, whatever schema its tables are in (a table of another
+    schema referencing a restored one is as much a dependant); tables of ``schema`` (the current
+    schema when None) are named as the source names them."""
+    home = schema or conn.exec_driver_sql("SELECT current_schema()").scalar()
+    rows = conn.exec_driver_sql("""
+        SELECT c.conname, cn.nspname, cl.relname, pn.nspname, pl.relname,
+               ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
+                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.i),
+               ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
+                     JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.i),
+               c.confupdtype::text, c.confdeltype::text
+        FROM pg_constraint c
+        JOIN pg_class cl ON cl.oid = c.conrelid JOIN pg_namespace cn ON cn.oid = cl.relnamespace
+        JOIN pg_class pl ON pl.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pl.relnamespace
+        WHERE c.contype = 'f' AND c.conparentid = 0 AND cl.relkind IN ('r', 'p') AND pl.relkind IN ('r', 'p')
+        ORDER BY 2, 3, 1""").fetchall()
+
+    def named(nsp: str, rel: str) -> Name:
+        return (None if nsp == home and schema is None else nsp, rel)
+    return [ForeignKey(r[0], named(r[1], r[2]), tuple(r[5]), named(r[3], r[4]), tuple(r[6]),
+                       _PG_ACTIONS.get(r[7], "NO ACTION"), _PG_ACTIONS.get(r[8], "NO ACTION")) for r in rows]
+
+
 def foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
-    """Every foreign key of the tables of ``schema`` (the database's default when None)."""
+    """Every foreign key of the tables of ``schema`` (the database's default when None); on
+    PostgreSQL, of every schema."""
+    if conn.dialect.name == "postgresql":
+        return _pg_foreign_keys(conn, schema)
     insp = sa.inspect(conn)
     out = []
     import warnings
@@ -86,9 +118,12 @@ def foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
             parent_schema = fk.get("referred_schema")
             if parent_schema == sch:
                 parent_schema = sch
+            options = fk.get("options") or {}
             out.append(ForeignKey(fk.get("name"), (sch, table), tuple(fk["constrained_columns"]),
                                   (parent_schema if parent_schema is not None else sch, fk["referred_table"]),
-                                  tuple(fk["referred_columns"])))
+                                  tuple(fk["referred_columns"]),
+                                  str(options.get("onupdate") or "NO ACTION").upper(),
+                                  str(options.get("ondelete") or "NO ACTION").upper()))
     return out
 
 
@@ -148,7 +183,7 @@ class Guard:
     replica: bool | None = None
     counts: dict = field(default_factory=dict)  # Name -> [inserted, updated, deleted]
     oids: dict = field(default_factory=dict)  # PostgreSQL: Name -> oid
-    switched_off: list = field(default_factory=list)  # (Name, kind, name, how to switch it on again)
+    switched_off: list = field(default_factory=list)  # statements that switch back on what the writes switched off
     baseline: dict = field(default_factory=dict)  # ForeignKey -> violations before the writes
     changes_before: int = 0
     fks: list | None = None
@@ -172,6 +207,18 @@ class Guard:
         if firing:
             raise UsageError(firing)
         self._check_closure(schema, where)
+
+    def will_enforce(self) -> bool:
+        """Whether the database will enforce foreign keys (and run their actions) during the writes."""
+        if self.started:
+            return self.enforcing
+        if self.dialect == "postgresql":
+            if self.replica is None:
+                self.replica = self._try_replica(keep=False)
+            return not self.replica
+        if self.dialect == "sqlite":
+            return bool(self.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
+        return self.dialect not in ("mysql", "mariadb")
 
     def _try_replica(self, keep: bool) -> bool:
         c = self.conn
@@ -206,7 +253,12 @@ class Guard:
             return None
         if self.dialect != "postgresql":
             return None
-        stuck = [f"{kind} {name} on {_show(table)}" for table, kind, name, _, owner in self._pg_firing(live) if not owner]
+        stuck = [f"{kind} {name} on {rel}" for rel, kind, name, _, owner in self._pg_firing(live) if not owner]
+        if stuck and self.replica:
+            return (f"{where}: the restore would write tables whose {', '.join(stuck)} fire even in replica mode "
+                    f"(ENABLE ALWAYS or ENABLE REPLICA) and would change what the restore did not plan; the "
+                    f"connecting role cannot switch them off (it does not own the table). Nothing was written: "
+                    f"restore as a superuser or the tables' owner")
         if stuck:
             return (f"{where}: the restore would write tables whose {', '.join(stuck)} would fire and change what the "
                     f"restore did not plan, and the connecting role can neither set session_replication_role nor "
@@ -215,24 +267,28 @@ class Guard:
         return None
 
     def _pg_firing(self, names: list[Name]) -> list[tuple]:
-        """(table, "trigger"|"rule", name, enable statement, role owns the table) for each user
-        trigger and rule of these tables that fires in the mode the writes will run in."""
+        """(relation, "trigger"|"rule", name, enable statement, role owns the relation) for each
+        user trigger and rule of these tables, and of their partitions (rows written through a
+        partitioned table fire the partition's triggers), that fires in the mode the writes
+        will run in."""
         modes = ("A", "R") if self.replica else ("O", "A")
         out = []
         for name in names:
             oid = self._oid(name)
             rows = self.conn.exec_driver_sql("""
-                SELECT 'trigger', tgname, tgenabled::text, pg_has_role(c.relowner, 'USAGE')
+                WITH rels AS (SELECT relid FROM pg_partition_tree(%(o)s) UNION SELECT %(o)s::oid)
+                SELECT c.oid::regclass::text, 'trigger', tgname, tgenabled::text, pg_has_role(c.relowner, 'USAGE')
                 FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
-                WHERE g.tgrelid = %(o)s AND NOT g.tgisinternal
+                WHERE g.tgrelid IN (SELECT relid FROM rels) AND NOT g.tgisinternal
                 UNION ALL
-                SELECT 'rule', rulename, ev_enabled::text, pg_has_role(c.relowner, 'USAGE')
+                SELECT c.oid::regclass::text, 'rule', rulename, ev_enabled::text, pg_has_role(c.relowner, 'USAGE')
                 FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
-                WHERE r.ev_class = %(o)s AND r.rulename <> '_RETURN'""", {"o": oid}).fetchall()
-            for kind, tname, enabled, owner in rows:
+                WHERE r.ev_class IN (SELECT relid FROM rels) AND r.rulename <> '_RETURN'
+                ORDER BY 1, 3""", {"o": oid}).fetchall()
+            for rel, kind, tname, enabled, owner in rows:
                 if enabled in modes:
                     how = {"O": "ENABLE", "A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}[enabled]
-                    out.append((name, kind, tname, how, bool(owner)))
+                    out.append((rel, kind, tname, how, bool(owner)))
         return out
 
     def _oid(self, name: Name) -> int:
@@ -250,20 +306,34 @@ class Guard:
         """A row the restore deletes (or whose referenced columns it changes) that a table outside
         the restore references: the write would cascade into that table or break its key."""
         blocked: dict[Name, str] = {}
+        enforcing = self.will_enforce()
         for fk in self._foreign_keys(schema):
             t = self.planned.get(fk.parent)
-            if t is None or t.recreate or fk.child in self.selected or not (t.added or t.modified):
+            if t is None or t.recreate or not (t.added or t.modified):
                 continue
-            gone = set()
+            fires = enforcing and fk.on_update not in ("NO ACTION", "RESTRICT")
+            if fk.child in self.selected and not fires:
+                continue
+            gone, changed = set(), set()
             for _, op, live, snap in t.records():
                 if not isinstance(live, dict):
                     continue
                 old = tuple(live.get(c) for c in fk.parent_columns)
                 if any(v is None for v in old):
                     continue
-                if op == "added" or (op == "modified" and isinstance(snap, dict)
-                                     and old != tuple(snap.get(c) for c in fk.parent_columns)):
+                if op == "added":
                     gone.add(old)
+                elif op == "modified" and isinstance(snap, dict) and old != tuple(snap.get(c) for c in fk.parent_columns):
+                    changed.add(old)
+            if fires and changed and self._referenced(fk, sorted(changed, key=codec.pack)):
+                raise UsageError(f"{where}: the restore would change referenced values of {_show(fk.parent)} and "
+                                 f"foreign key {fk.describe()} ON UPDATE {fk.on_update} would change rows of "
+                                 f"{_show(fk.child)} the restore did not plan; the connecting role cannot keep "
+                                 f"foreign-key actions from firing. Nothing was written: restore as a superuser, or "
+                                 f"GRANT SET ON PARAMETER session_replication_role TO the role (PostgreSQL 15+)")
+            if fk.child in self.selected:
+                continue
+            gone |= changed
             if gone and self._referenced(fk, sorted(gone, key=codec.pack)):
                 blocked[fk.child] = fk.describe()
         if blocked:
@@ -299,18 +369,19 @@ class Guard:
         self.counts.setdefault(name, [0, 0, 0])
         if self.dialect == "postgresql":
             self._oid(name)
-            for table, kind, tname, how, _owner in self._pg_firing([name]):
-                q = self.conn.dialect.identifier_preparer.quote
+            q = self.conn.dialect.identifier_preparer.quote
+            for rel, kind, tname, how, _owner in self._pg_firing([name]):
                 verb = "TRIGGER" if kind == "trigger" else "RULE"
-                self.conn.exec_driver_sql(f"ALTER TABLE {_quoted(self.conn, table)} DISABLE {verb} {q(tname)}")
-                self.switched_off.append((table, f"{how} {verb} {q(tname)}"))
+                self.conn.exec_driver_sql(f"ALTER TABLE {rel} DISABLE {verb} {q(tname)}")
+                self.switched_off.append(f"ALTER TABLE {rel} {how} {verb} {q(tname)}")
         elif self.dialect == "sqlite":
             rows = self.conn.exec_driver_sql(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (name[1],)).fetchall()
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? ORDER BY rowid",
+                (name[1],)).fetchall()
             q = self.conn.dialect.identifier_preparer.quote
             for tname, sql in rows:
                 self.conn.exec_driver_sql(f"DROP TRIGGER {q(tname)}")
-                self.switched_off.append((name, sql))
+                self.switched_off.append(sql)
 
     def _start(self) -> None:
         self.started = True
@@ -345,11 +416,9 @@ class Guard:
         if not self.started:
             self.result = problems
             return problems
-        for entry in reversed(self.switched_off):
-            if self.dialect == "sqlite":
-                self.conn.exec_driver_sql(entry[1])
-            else:
-                self.conn.exec_driver_sql(f"ALTER TABLE {_quoted(self.conn, entry[0])} {entry[1]}")
+        # in the order they were made: SQLite fires the triggers of one event in reverse creation order
+        for statement in self.switched_off:
+            self.conn.exec_driver_sql(statement)
         self.switched_off = []
         problems += self._side_effects()
         if not self.enforcing:

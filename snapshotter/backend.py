@@ -235,9 +235,14 @@ class SourceWriter(ABC):
         deletes run in the reverse order.  Default: as given."""
         return list(specs)
 
-    def finish(self, spec: StreamSpec) -> None:
-        """Called for every written stream of the source after all its records are written
-        and before the commit (a recreated table's foreign keys, triggers, sequences)."""
+    def write_mode(self) -> str:
+        """How the core orders a source's writes: "delete-first" (the default: every ``added``
+        record deleted, children first, then modified and deleted ones written back, parents
+        first); "replace" (modified records are deleted with the added ones and written back
+        with the deleted ones: nothing in the store reacts to a delete); "update-in-place"
+        (modified records written first, then added ones deleted, then deleted ones inserted:
+        a delete of a live row would make the store act on rows that reference it)."""
+        return "delete-first"
 
     def check_writes(self) -> list[str]:
         """Transactional stores, before the commit: what the store changed besides the

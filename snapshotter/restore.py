@@ -754,9 +754,10 @@ def _planned(repo: Repository, t: Target, plan: StreamPlan) -> PlannedStream:
 
 
 def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, StreamPlan]) -> None:
-    """Write one source's planned streams: created parents first, every delete (children
-    first) before any insert or update (parents first), so foreign keys hold at each
-    step and a case-insensitive key deleted later cannot take a record just written."""
+    """Write one source's planned streams: created parents first; deletes children first and
+    writes parents first, in the order the writer's mode asks (:meth:`SourceWriter.write_mode`),
+    so foreign keys hold at each step and a case-insensitive key deleted later cannot take a
+    record just written."""
     by_name = {t.spec.name: t for t in ts}
     ordered = [by_name[spec.name] for spec in w.write_order([t.spec for t in ts])]
     for t in ordered:
@@ -771,16 +772,22 @@ def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, Stream
             # after the records' check, so a refused restore has not touched the settings either;
             # the writer checks the live settings are still the ones the plan saw (and quarantined)
             w.restore_settings(t.spec, plan.live_schema or {})
-    for t in reversed(ordered):
-        _apply_records(repo, w, t, plans[t.stream], deletes=True)
-    for t in ordered:
-        _apply_records(repo, w, t, plans[t.stream], deletes=False)
+    mode = w.write_mode()
+    if mode == "replace":
+        steps = [(True, ("added", "modified")), (False, ("modified", "deleted"))]
+    elif mode == "update-in-place":
+        steps = [(False, ("modified",)), (True, ("added",)), (False, ("deleted",))]
+    else:
+        steps = [(True, ("added",)), (False, ("modified", "deleted"))]
+    for deletes, ops in steps:
+        for t in (reversed(ordered) if deletes else ordered):
+            _apply_records(repo, w, t, plans[t.stream], deletes=deletes, ops=ops)
     for t in ordered:
         w.finish(t.spec)
 
 
-def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes: bool) -> None:
-    """The stream's ``added`` records deleted, or its modified and deleted ones written back."""
+def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes: bool, ops: tuple) -> None:
+    """The stream's records of these ops deleted, or written back with their snapshot values."""
     if plan.quarantine is None:
         return
     encoding = t.entry.get("encoding")
@@ -796,7 +803,7 @@ def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes:
     batch: list = []
     for rec in read_stream(repo, plan.quarantine):
         q = rec.fields("op", "snapshot_raw")  # values are decoded only if the writer needs them
-        if (q["op"] == "added") != deletes:
+        if q["op"] not in ops:
             continue
         batch.append(rec.key if deletes else (rec, q.get("snapshot_raw")))
         if len(batch) >= APPLY_BATCH:

@@ -311,32 +311,141 @@ def test_postgres_role_that_cannot_switch_triggers_off_is_refused_then_granted(p
     eng.dispose()
 
 
-def test_postgres_cascade_the_plan_did_not_name_is_detected_and_rolled_back(pg_url, pg_role, tmp_path, cli):
-    """Without replica mode (a role that may not set it) foreign keys are enforced and their
-    actions run; one that changes a row the plan did not name (ON DELETE SET NULL on a child
-    the agent pointed at a parent it added) is caught by the per-table counts: exit 3,
-    rolled back."""
+def test_postgres_role_without_replica_mode_restores_a_moved_child_and_refuses_an_update_cascade(
+        pg_url, pg_role, tmp_path, cli):
+    """A role that may not set session_replication_role restores with foreign keys enforced: a
+    child the agent moved to a parent it added is written back before that parent is deleted
+    (no ON DELETE action fires); a referenced value the restore would change under an ON UPDATE
+    CASCADE key is refused before any write (exit 2), and restored by a role that may."""
     role, role_url = pg_role
     eng = engine(pg_url)
     with eng.connect() as c:
-        c.exec_driver_sql("CREATE TABLE folders (id int PRIMARY KEY, name text)")
+        c.exec_driver_sql("CREATE TABLE folders (id int PRIMARY KEY, slug text UNIQUE NOT NULL)")
         c.exec_driver_sql("CREATE TABLE notes (id int PRIMARY KEY, folder_id int REFERENCES folders ON DELETE SET NULL,"
                           " body text)")
-        c.exec_driver_sql("CREATE TABLE notes_log (id int PRIMARY KEY, note_id int REFERENCES notes ON DELETE CASCADE)")
+        c.exec_driver_sql("CREATE TABLE links (id int PRIMARY KEY, slug text REFERENCES folders (slug) "
+                          "ON UPDATE CASCADE)")
         c.exec_driver_sql("INSERT INTO folders VALUES (1, 'a'), (2, 'b')")
         c.exec_driver_sql("INSERT INTO notes VALUES (1, 1, 'x'), (2, 2, 'y')")
+        c.exec_driver_sql("INSERT INTO links VALUES (1, 'a')")
         c.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
-    configure(tmp_path, role_url, tables=["folders", "notes", "notes_log"])
+    tables = ["folders", "notes", "links"]
+    configure(tmp_path, role_url, tables=tables)
     cli("init")
     snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng, tables)
     with eng.begin() as c:
         c.exec_driver_sql("INSERT INTO folders VALUES (3, 'new')")
         c.exec_driver_sql("UPDATE notes SET folder_id = 3 WHERE id = 1")
-    drifted = state(eng, ["folders", "notes"])
     r = cli("--json", "restore", snap["id"], "--yes")
-    assert r.code == 3, r.err
-    assert "table notes" in r.err and "did not plan" in r.err
-    assert state(eng, ["folders", "notes"]) == drifted
+    assert r.code == 0, r.err
+    assert state(eng, tables) == original
+
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE folders SET slug = 'a-evil' WHERE id = 1")  # the cascade changes links too
+    drifted = state(eng, tables)
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 2, r.err
+    assert "links(slug) -> folders(slug) ON UPDATE CASCADE" in r.err and "Nothing was written" in r.err
+    assert state(eng, tables) == drifted
+    configure(tmp_path, pg_url, tables=tables)
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    assert state(eng, tables) == original
+    eng.dispose()
+
+
+def test_postgres_child_table_in_another_schema_is_a_dependant_too(pg_url, tmp_path, cli):
+    """A table of another schema that references a restored table: deleting the parent row it
+    uses is refused before any write (in replica mode nothing would cascade, and the key would
+    be left broken)."""
+    eng = engine(pg_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE folders (id int PRIMARY KEY, name text)")
+        c.exec_driver_sql("CREATE SCHEMA other")
+        c.exec_driver_sql("CREATE TABLE other.notes (id int PRIMARY KEY, folder_id int REFERENCES public.folders "
+                          "ON DELETE CASCADE)")
+        c.exec_driver_sql("INSERT INTO folders VALUES (1, 'a')")
+    configure(tmp_path, pg_url, tables=["folders"])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO folders VALUES (2, 'new')")
+        c.exec_driver_sql("INSERT INTO other.notes VALUES (1, 2)")
+    drifted = state(eng, ["folders", "other.notes"])
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 2, r.err
+    assert "other.notes" in r.err and state(eng, ["folders", "other.notes"]) == drifted
+    eng.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_write_the_restore_did_not_make_is_counted(kind, request):
+    """The proof before commit: a row changed in the write transaction by anything but the
+    restore's own counted statements (what a trigger, rule or cascade would do) is reported."""
+    from backends import sqlbase, sqlintegrity
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url"}[kind])
+    eng = engine(url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, v text)")
+        c.exec_driver_sql("CREATE TABLE side (id int PRIMARY KEY)")
+        c.exec_driver_sql("INSERT INTO kb VALUES (1, 'a')")
+    conn = sqlbase.make_engine(sa.engine.make_url(url), "test").connect()
+    sqlbase.begin_write(conn)
+    guard = sqlintegrity.Guard(conn, conn.dialect.name)
+    doc = {"table": "kb", "db_schema": None}
+    guard.before_write(doc)
+    conn.exec_driver_sql("UPDATE kb SET v = 'b' WHERE id = 1")
+    guard.wrote(doc, updated=1)
+    assert guard.finish() == []
+    guard.result = None
+    conn.exec_driver_sql("INSERT INTO side VALUES (1)")
+    problems = guard.finish()
+    assert len(problems) == 1 and ("side" in problems[0] or kind == "sqlite") and "did not plan" in problems[0]
+    sqlbase.end_transaction(conn, commit=False)
+    conn.close()
+    eng.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_unique_values_two_rows_swapped_are_restored(kind, request, tmp_path, cli):
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    eng = engine(url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE coll (id int PRIMARY KEY, name VARCHAR(50) NOT NULL UNIQUE)")
+        c.exec_driver_sql("INSERT INTO coll VALUES (1, 'kb'), (2, 'faq')")
+    configure(tmp_path, url, tables=["coll"])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng, ["coll"])
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE coll SET name = 'tmp' WHERE id = 1")
+        c.exec_driver_sql("UPDATE coll SET name = 'kb' WHERE id = 2")
+        c.exec_driver_sql("UPDATE coll SET name = 'faq' WHERE id = 1")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    assert state(eng, ["coll"]) == original
+    eng.dispose()
+
+
+def test_sqlite_triggers_keep_their_firing_order(sqlite_url, tmp_path, cli):
+    eng = engine(sqlite_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        c.exec_driver_sql("CREATE TABLE log (id INTEGER PRIMARY KEY, s TEXT)")
+        for n in ("a1", "a2", "a3"):
+            c.exec_driver_sql(f"CREATE TRIGGER {n} AFTER INSERT ON t BEGIN INSERT INTO log (s) VALUES ('{n}'); END")
+        c.exec_driver_sql("INSERT INTO t VALUES (1, 'x')")
+    configure(tmp_path, sqlite_url, tables=["t"])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM t")
+    assert cli("--json", "restore", snap["id"], "--yes").code == 0
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM log")
+        c.exec_driver_sql("INSERT INTO t VALUES (2, 'y')")
+        assert [r[0] for r in c.exec_driver_sql("SELECT s FROM log ORDER BY id")] == ["a3", "a2", "a1"]
     eng.dispose()
 
 

@@ -84,7 +84,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
 from snapshotter.codec import key_text
-from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SourceError
+from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SourceError, UsageError
 
 from . import lazy_module, sqlbase
 
@@ -330,18 +330,33 @@ def in_sessions(t: sa.TableClause, spec: StreamSpec, sessions) -> sa.ColumnEleme
     if not sqlbase.is_text_type(col_type):
         return sa.cast(t.c[name], sa.String).in_(sorted(sessions))
     col, wanted = t.c[name], sorted(sessions)
-    d = spec.schema.get("dialect")
-    if d == "postgresql":
-        exact = sa.cast(col, sa.Text).collate("C").in_(wanted)
-    elif d in ("mysql", "mariadb"):
-        as_bytes = sa.cast(sa.func.convert(col, sa.literal_column("CHAR CHARACTER SET utf8mb4")), sa.LargeBinary)
-        exact = as_bytes.in_(sa.bindparam(None, [s.encode("utf-8") for s in wanted], expanding=True,
-                                          type_=sa.LargeBinary()))
-    elif d == "sqlite":
-        exact = col.collate("BINARY").in_(wanted)
-    else:
+    exact = exact_text(col, spec.schema.get("dialect"))
+    if exact is None:
         return col.in_(wanted)
-    return sa.and_(col.in_(wanted), exact)
+    if spec.schema.get("dialect") in ("mysql", "mariadb"):
+        test = exact.in_(sa.bindparam(None, [s.encode("utf-8") for s in wanted], expanding=True,
+                                      type_=sa.LargeBinary()))
+    else:
+        test = exact.in_(wanted)
+    return sa.and_(col.in_(_untyped(wanted)), test)
+
+
+def _untyped(values) -> sa.BindParameter:
+    """An IN list the database reads by the column's own type (a str bind would be sent as VARCHAR, and
+    ``citext = varchar`` compares as text, case-sensitively)."""
+    return sa.bindparam(None, sorted(values), expanding=True, type_=sa.types.NullType())
+
+
+def exact_text(col, dialect_name: str | None):
+    """A text column compared byte for byte whatever its collation (MariaDB: as UTF-8 bytes),
+    or None where the dialect's plain comparison is exact."""
+    if dialect_name == "postgresql":
+        return sa.cast(col, sa.Text).collate("C")
+    if dialect_name in ("mysql", "mariadb"):
+        return sa.cast(sa.func.convert(col, sa.literal_column("CHAR CHARACTER SET utf8mb4")), sa.LargeBinary)
+    if dialect_name == "sqlite":
+        return col.collate("BINARY")
+    return None
 
 
 def as_utc_datetime(v: Any) -> _dt.datetime | None:
@@ -386,8 +401,34 @@ class MessageTableReader(SourceReader):
         with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
             return self.b.table_stream(self.conn, name)
 
+    def _check_session_variants(self, spec: StreamSpec, sessions: Sequence[str]) -> None:
+        """Sessions are selected exactly (:func:`in_sessions`); a live session id the database
+        counts equal to a selected one under the column's collation ('Alice' for 'alice') is
+        the same conversation to the agent, so selecting only some of them is refused."""
+        name = spec.schema["conversation"]["session_column"]
+        col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
+        if not sqlbase.is_text_type(col_type):
+            return
+        t = sqlbase.lightweight_table(spec.schema)
+        exact = exact_text(t.c[name], spec.schema.get("dialect"))
+        if exact is None:
+            return
+        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            # DISTINCT of the exact text: a plain DISTINCT would fold 'Alice' into 'alice' as the collation does
+            found = {r[0].decode("utf-8", "replace") if isinstance(r[0], bytes) else r[0] for r in self.conn.execute(
+                sa.select(exact.label("s")).where(t.c[name].in_(_untyped(sessions))).distinct())}
+        others = sorted(str(v) for v in found if v not in sessions)
+        if others:
+            every = sorted(set(sessions) | set(others))
+            raise UsageError(f"{self.b.where}: session(s) {', '.join(map(repr, others))} of table {spec.name} are "
+                             f"the same session(s) as {', '.join(map(repr, sorted(sessions)))} under the column's "
+                             f"collation (the agent reads them as one conversation); name every one of them: "
+                             f"{' '.join('--session ' + v for v in every)}")
+
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         where = None if sessions is None else (lambda t: in_sessions(t, spec, sessions))
+        if sessions is not None:
+            self._check_session_variants(spec, sessions)
         if self.writer is not None:
             self.writer.planned_with(sessions)
         with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
@@ -396,6 +437,8 @@ class MessageTableReader(SourceReader):
     def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         if not sqlbase.reads_lines(self.conn):
             return None
+        if sessions is not None:
+            self._check_session_variants(spec, sessions)
         where = None if sessions is None else (lambda t: in_sessions(t, spec, sessions))
         if self.writer is not None:
             self.writer.planned_with(sessions)

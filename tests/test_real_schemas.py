@@ -494,27 +494,51 @@ def test_collation_equal_keys_restore_and_reapply_as_the_database_compares(kind,
     eng.dispose()
 
 
-def test_mariadb_session_restore_takes_only_the_exact_session(mysql_url, tmp_path, cli):
-    """Under MariaDB's default _ci collation 'alice' and 'Alice' are equal; `restore --session
-    alice` restores exactly 'alice' and leaves 'Alice''s messages alone (it deleted them as
-    "added" and reported verified)."""
-    eng = engine(mysql_url)
+CI_SESSIONS = {
+    "sqlite": "CREATE TABLE message_store (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT COLLATE NOCASE "
+              "NOT NULL, message TEXT)",
+    "postgresql": "CREATE TABLE message_store (id serial PRIMARY KEY, session_id citext NOT NULL, message text)",
+    "mariadb": "CREATE TABLE message_store (id INT AUTO_INCREMENT PRIMARY KEY, session_id VARCHAR(100) NOT NULL, "
+               "message TEXT) COLLATE utf8mb4_general_ci",
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_session_ids_equal_under_the_collation_are_one_session(kind, request, tmp_path, cli):
+    """Under a case-insensitive collation 'alice' and 'Alice' are one conversation to the agent
+    (LangChain's history of 'alice' reads both). `restore --session alice` alone is refused,
+    naming 'Alice' (it deleted 'Alice''s messages as "added", or left poisoned ones the agent
+    reads, while reporting verified); naming both restores both, and nothing else."""
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    eng = engine(url)
     with eng.connect() as c:
-        c.exec_driver_sql("CREATE TABLE message_store (id INT AUTO_INCREMENT PRIMARY KEY, "
-                          "session_id VARCHAR(100) NOT NULL, message TEXT) COLLATE utf8mb4_general_ci")
+        if kind == "postgresql":
+            c.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS citext")
+        c.exec_driver_sql(CI_SESSIONS[kind])
         c.exec_driver_sql("INSERT INTO message_store (session_id, message) VALUES ('alice', 'a1'), ('Alice', 'A1'), "
-                          "('Alice', 'A2'), ('alice', 'a2')")
+                          "('bob', 'b1'), ('alice', 'a2')")
     (tmp_path / "snapshotter.toml").write_text(
-        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{mysql_url}"\n')
+        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{url}"\n')
     cli("init")
     snap = cli("--json", "snapshot", "--release", "v1").json()
     original = state(eng, ["message_store"])
     with eng.begin() as c:
         c.exec_driver_sql("UPDATE message_store SET message = 'poisoned' WHERE id = 1")
-    r = cli("--json", "restore", snap["id"], "--session", "alice", "--yes")
+        c.exec_driver_sql("INSERT INTO message_store (session_id, message) VALUES ('ALICE', 'evil'), ('bob', 'b2')")
+    drifted = state(eng, ["message_store"])
+    for command in ("diff", "restore"):
+        r = cli("--json", command, snap["id"], "--session", "alice", "--yes")[:0] if False else \
+            cli("--json", command, snap["id"], "--session", "alice", *(["--yes"] if command == "restore" else []))
+        assert r.code == 2, r.err
+        assert "'ALICE', 'Alice'" in r.err and "--session ALICE --session Alice --session alice" in r.err
+    assert state(eng, ["message_store"]) == drifted
+    r = cli("--json", "restore", snap["id"], "--session", "alice", "--session", "Alice", "--session", "ALICE", "--yes")
     assert r.code == 0, r.err
-    assert r.json()["plan"]["history"]["message_store"] == {"added": 0, "modified": 1, "deleted": 0}
-    assert state(eng, ["message_store"]) == original
-    plan = cli("--json", "diff", snap["id"]).json()["plan"]["history"]["message_store"]
-    assert plan == {"added": 0, "modified": 0, "deleted": 0}
+    assert r.json()["plan"]["history"]["message_store"] == {"added": 1, "modified": 1, "deleted": 0}
+    after = state(eng, ["message_store"])
+    with eng.connect() as c:
+        rows = c.exec_driver_sql("SELECT session_id, message FROM message_store ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [("alice", "a1"), ("Alice", "A1"), ("bob", "b1"), ("alice", "a2"),
+                                        ("bob", "b2")]
+    assert after != original  # bob's new message is outside the selection and stays
     eng.dispose()

@@ -19,7 +19,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from snapshotter import codec
-from snapshotter.errors import ConfigError, SourceError
+from snapshotter.errors import ConfigError, Refused, SourceError
 
 from . import lazy_module, pgcopy, sqlintegrity
 
@@ -108,9 +108,22 @@ def translate_errors(what: str) -> Iterator[None]:
     except sa.exc.DBAPIError as exc:
         orig = getattr(exc, "orig", None)
         msg = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else type(exc).__name__
+        if _conflict(orig):
+            # a serialization failure or deadlock: another transaction wrote the same rows meanwhile
+            raise Refused(f"{what}: {msg}: the store changed under the command; its transaction was rolled "
+                          f"back: run it again") from exc
         raise SourceError(f"{what}: {msg}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise SourceError(f"{what}: {str(exc).splitlines()[0]}") from exc
+
+
+def _conflict(orig: Any) -> bool:
+    """A driver error that says another transaction got in the way (PostgreSQL 40001/40P01,
+    MariaDB/MySQL deadlock 1213)."""
+    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1213 and type(orig).__module__.startswith("pymysql")
 
 
 def translating(it: Iterator, what: str) -> Iterator:

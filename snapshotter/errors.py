@@ -15,8 +15,10 @@ class SnapshotterError(Exception):
     exit_code = 1
     kind = "error"
 
-    def __init__(self, message: str | None = None):
+    def __init__(self, message: str | None = None, *, details: dict | None = None):
         super().__init__(message or (self.__doc__ or self.kind).strip())
+        #: more for scripts: added to the ``{"error": {...}}`` object that ``--json`` prints
+        self.details = dict(details or {})
 
     @property
     def message(self) -> str:

@@ -131,12 +131,41 @@ def not_configured(manifest: dict, cfg: Config, sel: Selection) -> list[str]:
     return [] if sel.sources else sorted(s for s in manifest.get("sources", {}) if s not in cfg.sources)
 
 
+def missing_sources(manifest: dict, cfg: Config, sel: Selection) -> list[str]:
+    """Configured sources a restore of ``manifest`` would cover that the snapshot does not hold
+    (taken with ``--source``, or before the source was configured): restoring the others alone
+    would leave these as they are, poisoned or not.  Named sources are checked by
+    :func:`select_targets`."""
+    if sel.sources:
+        return []
+    held = manifest.get("sources", {})
+    out = []
+    for name in sorted(cfg.sources):
+        if name in held:
+            continue
+        if sel.sessions and not cfg.open_source(name).supports_sessions:
+            continue  # --session restores only sources with sessions
+        out.append(name)
+    return out
+
+
+def refuse_missing_sources(manifest: dict, names: list[str]) -> None:
+    """A restore refuses (exit 2) a snapshot that lacks configured sources it would cover."""
+    if names:
+        held = sorted(manifest.get("sources", {}))
+        raise UsageError(f"snapshot {manifest['id']} does not hold source(s) {', '.join(map(repr, names))} of the "
+                         f"config file: restoring it would leave them as they are. Nothing was written: restore the "
+                         f"sources it holds by name ({' '.join('--source ' + n for n in held)}), or a snapshot that "
+                         f"holds every source", details={"missing_sources": names})
+
+
 def select_targets(manifest: dict, cfg: Config, sel: Selection) -> dict[str, list[Target]]:
     snap_sources = manifest.get("sources", {})
     names = sel.sources or sorted(snap_sources)
-    for n in sel.sources:
-        if n not in snap_sources:
-            raise NotFound(f"snapshot {manifest['id']} has no source {n!r} (it has: {', '.join(sorted(snap_sources))})")
+    gone = [n for n in sel.sources if n not in snap_sources]
+    if gone:
+        raise UsageError(f"snapshot {manifest['id']} has no source {', '.join(map(repr, gone))} (it has: "
+                         f"{', '.join(sorted(snap_sources))}); nothing was written", details={"missing_sources": gone})
     out: dict[str, list[Target]] = {}
     seen_streams: set[str] = set()
     for name in names:
@@ -503,6 +532,8 @@ class RestoreResult:
     not_configured: list[str] = field(default_factory=list)
     #: source -> stream with deletes -> streams outside the selection referencing it (dry runs)
     dependencies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: configured sources the snapshot does not hold (a restore refuses them; a dry run names them)
+    missing_sources: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -516,6 +547,7 @@ class RestoreResult:
             "continues": self.continues,
             "not_configured": self.not_configured,
             "dependencies": self.dependencies,
+            "missing_sources": self.missing_sources,
             "duration_seconds": round(self.duration, 3),
         }
 
@@ -574,7 +606,10 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         for t in ts:
             t.backend.trust_repository_sql = trust_repository_sql
     check_objects(repo, targets)
-    result = RestoreResult(manifest, None, dry_run, {}, not_configured=not_configured(manifest, cfg, sel))
+    result = RestoreResult(manifest, None, dry_run, {}, not_configured=not_configured(manifest, cfg, sel),
+                           missing_sources=missing_sources(manifest, cfg, sel))
+    if not dry_run:
+        refuse_missing_sources(manifest, result.missing_sources)
     if dry_run:
         for source, ts in targets.items():
             backend = ts[0].backend
@@ -681,15 +716,19 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
 
         write_bundle(repo, bundle)  # the quarantine is committed before the first live write
         outside = False  # whether a store outside the write transactions may have been written
+        status = {source: "not_started" for source in targets}
         try:
             for source, ts in targets.items():
                 backend = ts[0].backend
                 todo = [t for t in ts if _writes(result.plans[source][t.stream])]
                 if not todo:
+                    status[source] = "restored"
                     continue
+                status[source] = "partial"
                 with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
                     outside = outside or source not in writers
                     _apply_source(repo, w, todo, result.plans[source])
+                status[source] = "restored"  # a SQL source's only once its transaction commits, below
             # before any commit: what the databases changed besides the restore's own writes
             side_effects = [p for w in writers.values() for p in w.check_writes()]
             if side_effects:
@@ -697,14 +736,32 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                                      f"rolled back: {', '.join(writers)}; incident {incident} holds the pre-restore "
                                      f"values")
         except Exception as exc:
+            problem = exc.message if isinstance(exc, SnapshotterError) else f"{type(exc).__name__}: {exc}"
+            for source in writers:
+                status[source] = "rolled_back"  # the exception rolls every write transaction back
+            for source, st in status.items():
+                if st == "partial" and isinstance(exc, Refused):
+                    # a store's own check before its first write (the records are not what was planned)
+                    status[source] = "not_started"
+            outside = any(st in ("restored", "partial") and s not in writers and
+                          any(_writes(p) for p in result.plans[s].values()) for s, st in status.items())
+            details = {"incident": incident, "sources": {s: {"status": st} for s, st in status.items()}}
             if not outside:
                 # only transactional sources were written, and the exception rolls them back:
                 # the incident is not left looking half-applied ("interrupted")
-                problem = exc.message if isinstance(exc, SnapshotterError) else f"{type(exc).__name__}: {exc}"
                 with contextlib.suppress(Exception):
                     mark_applied(repo, incident, {"incident": incident, "applied_at": None, "verified": False,
                                                   "rolled_back": list(writers), "problems": [problem]})
-            raise
+                if isinstance(exc, SnapshotterError):
+                    exc.details = {**details, **exc.details}
+                raise
+            # stores without transactions were written: say exactly which, and how to finish
+            shown = ", ".join(f"{s} {st.replace('_', ' ')}" for s, st in status.items())
+            raise SnapshotterError(
+                f"restore failed after writing: {problem}; sources: {shown}; incident {incident} holds the "
+                f"pre-restore values of every record: run `snapshotter restore {manifest['id']} --yes` again to "
+                f"finish (it converges on the snapshot and lists {incident} under continues)",
+                details=details) from exc
         result.verified = _verify(repo, targets, result, sel, readers)
         if not result.verified:
             rolled = [s for s in writers]

@@ -225,8 +225,9 @@ def cli(ctx: click.Context, config_path, repo_url, as_json, verbose, quiet, no_p
 
 
 def _error_json(exc: SnapshotterError) -> str:
-    return json.dumps({"error": {"type": exc.kind, "message": exc.message, "exit_code": exc.exit_code}},
-                      ensure_ascii=False)
+    details = getattr(exc, "details", None) or {}
+    return json.dumps({"error": {"type": exc.kind, "message": exc.message, "exit_code": exc.exit_code, **details}},
+                      ensure_ascii=False, default=str)
 
 
 def _on_sigterm(signum, frame):

@@ -8,7 +8,8 @@ import click
 from ..errors import Refused, UsageError
 from ..names import check_name, iso, parse_time, utcnow
 from ..quarantine import bundle_object
-from ..restore import RestoreResult, Selection, not_configured, resolve_snapshot, restore as run_restore
+from ..restore import (RestoreResult, Selection, missing_sources, not_configured, refuse_missing_sources,
+                       resolve_snapshot, restore as run_restore)
 from . import App, cli, pass_app
 
 
@@ -63,7 +64,15 @@ def diff(app: App, snapshot, sources, streams, sessions):
         manifest = resolve_snapshot(repo, snapshot, None, None)
         _warn_not_configured(app, manifest, sel)
         result = run_restore(repo, app.config, manifest, sel, dry_run=True)
+    _warn_missing(app, result)
     app.out(result.to_json(), lambda: print_plan(result, title="live state against"))
+
+
+def _warn_missing(app: App, result: RestoreResult) -> None:
+    if result.missing_sources:
+        app.warn(f"warning: snapshot {result.snapshot['id']} does not hold source(s) "
+                 f"{', '.join(map(repr, result.missing_sources))} of the config file: not compared; a restore of it "
+                 f"is refused unless --source leaves them out")
 
 
 def _warn_not_configured(app: App, manifest: dict, sel) -> None:
@@ -139,7 +148,9 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         with app.lock():
             result = run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t,
                                  trust_repository_sql=trust_sql)
+        _warn_missing(app, result)
     else:
+        refuse_missing_sources(manifest, missing_sources(manifest, app.config, sel))
         from ..locks import EXCLUSIVE, source_resource
         written = sel.sources or [s for s in manifest.get("sources", {}) if s in app.config.sources]
         with app.lock({source_resource(s): EXCLUSIVE for s in written}, command="restore"):

@@ -144,7 +144,7 @@ def audit(ctx: click.Context, limit):
                 continue
             # a record's fields are shown one line each, whatever an editor of the log put in them
             res = r.get("result") if isinstance(r.get("result"), dict) else {}
-            click.echo(f"{printable(r.get('seq'), 12):>6}  {printable(r.get('time', '?'), 19)}Z  {printable(r.get('user'), 64)}@"
+            click.echo(f"{printable(r.get('seq'), 12):>6}  {printable(r.get('time', '?'))[:19]}Z  {printable(r.get('user'), 64)}@"
                        f"{printable(r.get('host'), 128)}  {printable(r.get('command'), 64)}  "
                        f"exit {printable(res.get('exit_code'), 8)}  {printable(res.get('summary', ''), 500)}")
     app.out(records, human)

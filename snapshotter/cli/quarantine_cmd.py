@@ -90,7 +90,7 @@ def list_cmd(app: App, limit):
             status = r["status"] + (" (unverified)" if r["status"] == "applied" and r["verified"] is False else "")
             click.echo(f"{_clip(r['incident'], 30):<30} {_clip(r['snapshot'] or '-', 24):<24} "
                        f"{_clip(r['release'] or '-', 14):<14} "
-                       f"{_clip(r['created_at'] or '-', 19) + 'Z':<20} {_clip(r['records'], 8):>8} {c['added']:>6} "
+                       f"{_clip(r['created_at'] or '-', 40)[:19] + 'Z':<20} {_clip(r['records'], 8):>8} {c['added']:>6} "
                        f"{c['modified']:>6} {c['deleted']:>6} {post:>6}  {_clip(r['failure_at'] or '-', 32):<20} "
                        f"{status}")
     app.out(rows, human)

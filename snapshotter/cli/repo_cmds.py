@@ -80,7 +80,7 @@ def list_cmd(app: App, release, source, limit):
             return
         click.echo(f"{'ID':<24} {'RELEASE':<20} {'TAKEN':<21} {'GOOD':<4} {'RECORDS':>9} {'SIZE':>10}  SOURCES")
         for r in rows:
-            click.echo(f"{r['id']:<24} {p(r['release'], 20):<20} {p(r['taken_at'], 19) + 'Z':<21} "
+            click.echo(f"{r['id']:<24} {p(r['release'])[:20]:<20} {p(r['taken_at'])[:19] + 'Z':<21} "
                        f"{'yes' if r['good'] else '':<4} {r['records']:>9} {human_bytes(r['bytes']):>10}  "
                        f"{p(','.join(r['sources']))}")
     app.out(rows, human)
@@ -113,7 +113,7 @@ def show(app: App, snapshot):
             for stname, st in src["streams"].items():
                 click.echo(f"  {p(stname):<30} {st['records']:>9} records {human_bytes(st['bytes']):>10} "
                            f"({human_bytes(st['stored_bytes'])} stored, {st['chunks']} chunks)  "
-                           f"{p(st['digest'], 19)}…")
+                           f"{p(st['digest'])[:19]}…")
     app.out(s, human)
 
 

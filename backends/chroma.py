@@ -60,6 +60,7 @@ from urllib.parse import urlsplit, urlunsplit
 from snapshotter import codec
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec
 from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError
+from snapshotter.redaction import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def translate_errors(what: str) -> Iterator[None]:
     except SnapshotterError:
         raise
     except (ChromaError, httpx.HTTPError, OSError, ValueError, TypeError) as exc:
-        raise SourceError(f"{what}: {_one_line(exc)}") from exc
+        raise SourceError(redact_text(f"{what}: {_one_line(exc)}")) from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -166,7 +167,7 @@ class ChromaBackend(SourceBackend):
         if self.config.get("tenant") not in (None, "default_tenant") or \
                 self.config.get("database") not in (None, "default_database"):
             tail = f" (tenant {self.config.get('tenant')}, database {self.config.get('database')})"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + tail
+        return redact_url(urlunsplit((parts.scheme, netloc, parts.path, "", ""))) + tail
 
     @property
     def retries(self) -> int:

@@ -80,11 +80,12 @@ import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
 from snapshotter.codec import key_text
 from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SourceError, UsageError
+from snapshotter.redaction import redact_text, redact_url
 
 from . import lazy_module, sqlbase
 
@@ -186,16 +187,12 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
         try:
             return redis.Redis.from_url(self.config["url"], socket_connect_timeout=10, socket_timeout=60)
         except ValueError as exc:
-            raise ConfigError(f"{self.where}: invalid Redis URL: {exc}") from None
+            raise ConfigError(redact_text(f"{self.where}: invalid Redis URL: {exc}")) from None
 
     def location(self) -> str:
         if self.kind == "sql":
             return sqlbase.redact(self.url)
-        parts = urlsplit(self.config["url"])
-        if parts.password is None:
-            return self.config["url"]
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+        return redact_url(self.config["url"])
 
     def reader(self) -> SourceReader:
         return RedisListReader(self) if self.kind == "redis" else MessageTableReader(self)
@@ -581,13 +578,26 @@ def translate_redis_errors(what: str) -> Iterator[None]:
         yield
     except redis.exceptions.RedisError as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"{what}: {msg}") from exc
+        raise SourceError(redact_text(f"{what}: {msg}")) from exc
 
 
 def glob_escape(text: bytes) -> bytes:
     for ch in (b"\\", b"*", b"?", b"[", b"]"):
         text = text.replace(ch, b"\\" + ch)
     return text
+
+
+def session_text(raw: bytes) -> str:
+    """A Redis list's session id (its key after the prefix) as text.  Keys are bytes and
+    need not be UTF-8: a byte that is not part of UTF-8 text becomes U+DC80-U+DCFF
+    (Python's ``surrogateescape``), which the record encoding keeps and
+    :func:`session_bytes` turns back into the same byte, so such a session is captured
+    and restored exactly (shown as base64 where text is needed)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def session_bytes(session: str) -> bytes:
+    return session.encode("utf-8", "surrogateescape")
 
 
 def message_value(raw: bytes) -> dict:
@@ -698,10 +708,10 @@ class RedisListReader(SourceReader):
         if sessions is None:
             # the listing streams() made just before, once (a retry lists again)
             listed, self._listed = self._listed, None
-            keys = sorted(listed if listed is not None else self._scan())
+            keys = sorted(listed if listed is not None else self._scan(), key=self._session)
         else:
-            keys = sorted({self.prefix + s.encode("utf-8") for s in sessions})
-        # UTF-8 byte order is code point order, so sorted keys give sessions in key order
+            keys = sorted({self.prefix + session_bytes(s) for s in sessions}, key=self._session)
+        # in the order of their sessions (key order); for UTF-8 keys that is their byte order
         newest_first = self.b.list_order == NEWEST_FIRST
         seen: dict[bytes, tuple] = {}
         # each session's length as read, for a restore's writer (RedisListWriter.expect): the
@@ -737,10 +747,7 @@ class RedisListReader(SourceReader):
             self.consistency = "best-effort"
 
     def _session(self, key: bytes) -> str:
-        try:
-            return key[len(self.prefix):].decode("utf-8")
-        except UnicodeDecodeError:
-            raise SourceError(f"{self.b.where}: key {key!r} is not UTF-8 text; session ids must be") from None
+        return session_text(key[len(self.prefix):])
 
     def _unchanged(self, seen: dict[bytes, tuple], rescan: bool) -> bool:
         """Whether every list still has the length and end elements it was read with
@@ -851,7 +858,7 @@ class RedisListWriter(SourceWriter):
         if not self.pending:
             return
         sessions = sorted(self.pending)
-        keys = [self.prefix + s.encode("utf-8") for s in sessions]
+        keys = [self.prefix + session_bytes(s) for s in sessions]
         with translate_redis_errors(f"{self.b.where}: cannot restore sessions "
                                     f"{', '.join(map(repr, sessions[:5]))}{', ...' if len(sessions) > 5 else ''}"):
             # WATCH makes the checks and the edits one atomic step; redis-py retries on a race

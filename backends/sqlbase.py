@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from snapshotter import codec
 from snapshotter.errors import ConfigError, Refused, SourceError
+from snapshotter.redaction import redact_text, redact_url
 
 from . import lazy_module, pgcopy, sqlintegrity
 
@@ -35,7 +36,7 @@ def resolve_url(url: str, base_dir: str | None, where: str) -> sa.URL:
     try:
         u = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError) as exc:
-        raise ConfigError(f"{where}: invalid database URL: {exc}") from None
+        raise ConfigError(redact_text(f"{where}: invalid database URL: {exc}")) from None
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
             and not u.database.startswith("file:") and not os.path.isabs(u.database) and base_dir:
         u = u.set(database=os.path.normpath(os.path.join(base_dir, u.database)))
@@ -82,7 +83,8 @@ def check_sqlite_file(url: sa.URL, where: str, *, create: bool) -> None:
 
 
 def redact(url: sa.URL) -> str:
-    return url.render_as_string(hide_password=True)
+    """The URL for manifests and messages: no password, in its userinfo or its query."""
+    return redact_url(url.render_as_string(hide_password=False))
 
 
 def make_engine(url: sa.URL, where: str) -> Engine:
@@ -97,7 +99,7 @@ def make_engine(url: sa.URL, where: str) -> Engine:
         raise ConfigError(f"{where}: the database driver is not installed ({exc.name}); "
                           f"install the matching extra, e.g. snapshotter[postgres]") from None
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(redact_text(f"{where}: {exc}")) from None
 
 
 @contextlib.contextmanager
@@ -110,11 +112,11 @@ def translate_errors(what: str) -> Iterator[None]:
         msg = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else type(exc).__name__
         if _conflict(orig):
             # a serialization failure or deadlock: another transaction wrote the same rows meanwhile
-            raise Refused(f"{what}: {msg}: the store changed under the command; its transaction was rolled "
-                          f"back: run it again") from exc
-        raise SourceError(f"{what}: {msg}") from exc
+            raise Refused(redact_text(f"{what}: {msg}: the store changed under the command; its transaction was "
+                                      f"rolled back: run it again")) from exc
+        raise SourceError(redact_text(f"{what}: {msg}")) from exc
     except sa.exc.SQLAlchemyError as exc:
-        raise SourceError(f"{what}: {str(exc).splitlines()[0]}") from exc
+        raise SourceError(redact_text(f"{what}: {str(exc).splitlines()[0]}")) from exc
 
 
 def _conflict(orig: Any) -> bool:

@@ -26,24 +26,17 @@ import socket
 import time
 from typing import Any
 
-from .errors import StoreError
+from .errors import IntegrityError, StoreError
 from .names import iso, utcnow, current_user
 from .objectstore import ObjectMissing, ObjectStore
+from .redaction import redact_text
+from .repository import load_json
 
 AUDIT_PREFIX = "audit/"
 SEQ_DIGITS = 12
 _RECORD_NAME = re.compile(r"^audit/(\d{%d})\.json$" % SEQ_DIGITS)
 
 REDACTED = "***"
-# scheme://user:password@host -> scheme://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
-# ?password=...&  and the signature parts of presigned URLs
-_QUERY_SECRET = re.compile(
-    r"(?i)(?P<head>[?&;](?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|"
-    r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&;#\s]*")
-# password=..., secret: ... in free text (error messages, notes)
-_TEXT_SECRET = re.compile(r"(?i)\b(?P<head>(?:password|passwd|secret|token|aws_secret_access_key)\s*[=:]\s*)[^\s,;&]+")
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "private")
 
 
@@ -57,13 +50,6 @@ def _is_secret_name(name: str) -> bool:
         # record keys (SPEC's KEY argument): what an audit of reapply must show
         return False
     return any(w in n for w in _SECRET_WORDS) or n in ("pwd", "auth") or n.endswith("key") or n.endswith("key_id")
-
-
-def redact_text(text: str) -> str:
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
-    text = _QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
-    text = _TEXT_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
-    return _AWS_KEY_ID.sub(REDACTED, text)
 
 
 def redact(value: Any, name: str | None = None) -> Any:
@@ -180,8 +166,11 @@ def read_audit(repo, limit: int | None = None) -> list[dict]:
     out = []
     for seq in wanted:
         try:
-            out.append(json.loads(store.get(record_object(seq))))
-        except (ObjectMissing, ValueError):
+            record = load_json(store.get(record_object(seq)), record_object(seq))
+            if not isinstance(record, dict):
+                raise IntegrityError("not an object")
+            out.append(record)
+        except (ObjectMissing, IntegrityError):
             out.append({"seq": seq, "error": "record missing or not JSON (run `snapshotter audit verify`)"})
     return out
 
@@ -213,11 +202,11 @@ def verify_audit(repo) -> dict:
             expected, prev_bytes = seq + 1, None
             continue
         try:
-            record = json.loads(raw)
+            record = load_json(raw, obj)
             if not isinstance(record, dict):
-                raise ValueError
-        except ValueError:
-            problem(seq, obj, "not a JSON record")
+                raise IntegrityError("not an object")
+        except IntegrityError:
+            problem(seq, obj, "not a JSON record (or nested deeper than any record)")
             expected, prev_bytes, prev_seq = seq + 1, raw, seq
             continue
         if record.get("seq") != seq:

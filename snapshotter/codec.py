@@ -108,11 +108,35 @@ def _ext_hook(code: int, data: bytes):
 
 _local = threading.local()
 
+#: how stored text that is not UTF-8 is read (see :func:`_packer`)
+UNICODE_ERRORS = "surrogateescape"
+
+
+def is_text(value: str) -> bool:
+    """Whether a str is text that can be written as UTF-8 (not bytes kept by surrogateescape)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_text(value: str) -> str:
+    """A str for output: itself, or when it holds bytes that are not UTF-8 (a Redis session
+    key), the base64 of those bytes."""
+    import base64
+    return value if is_text(value) else base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
+
 
 def _packer() -> msgpack.Packer:
     p = getattr(_local, "packer", None)
     if p is None:
-        p = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=False)
+        # surrogateescape: text holding bytes that were not UTF-8 (a Redis key, as
+        # ``surrogateescape`` decoded it) is stored as those very bytes and read back the same
+        p = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=False,
+                                           unicode_errors="surrogateescape")
     return p
 
 
@@ -126,13 +150,14 @@ def packer() -> msgpack.Packer:
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True,
+                           unicode_errors=UNICODE_ERRORS)
 
 
 def unpacker(data: bytes) -> msgpack.Unpacker:
     """Iterates over the objects packed one after another in ``data``."""
     u = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True,
-                         max_buffer_size=max(len(data), 1024 * 1024))
+                         max_buffer_size=max(len(data), 1024 * 1024), unicode_errors=UNICODE_ERRORS)
     u.feed(data)
     return u
 
@@ -162,10 +187,12 @@ def to_json(value: Any) -> Any:
     import base64
     t = type(value)
     if t is dict:
-        return {str(k): to_json(v) for k, v in value.items()}
+        return {shown_text(str(k)): to_json(v) for k, v in value.items()}
     if t is list or t is tuple:
         return [to_json(v) for v in value]
-    if t in (str, int, bool) or value is None:
+    if t is str:
+        return shown_text(value)
+    if t in (int, bool) or value is None:
         return value
     if t is float:
         return value if value == value and value not in (float("inf"), float("-inf")) else str(value)

@@ -411,7 +411,7 @@ def record_diff(bundle: dict, source: str, stream: str, rec: StoredRecord) -> di
         "op": q["op"],
         "post_failure": q.get("post_failure"),
         "written_at": codec.to_json(q.get("written_at")),
-        "session": q.get("session"),
+        "session": codec.to_json(q.get("session")),
         "changes": diff_values(q.get("snapshot_value"), q.get("value")),
     }
 
@@ -490,10 +490,27 @@ class _JSONLWriter:
         self.f.close()
 
 
+#: a spreadsheet takes a cell starting with one of these for a formula (OWASP, "CSV injection")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+
+
+def csv_cell(value: Any, *, raw: bool = False) -> str:
+    """A CSV cell: text starting like a formula gets a leading ``'`` (a spreadsheet then
+    shows it as text and runs nothing), unless it is a number (``-0.5`` stays) or ``raw``."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    if not raw and text.startswith(FORMULA_STARTS) and not _NUMBER.match(text):
+        return "'" + text
+    return text
+
+
 class _CSVWriter:
-    def __init__(self, path: str, bundle: dict):
+    def __init__(self, path: str, bundle: dict, *, raw: bool = False):
         self.f = open(path, "w", encoding="utf-8", newline="")
         self.w = csv.writer(self.f)
+        self.raw = raw
         self.w.writerow(EXPORT_COLUMNS)
 
     def write(self, rows: list[dict]) -> None:
@@ -501,7 +518,7 @@ class _CSVWriter:
             flat = _flat(r)
             pf = flat["post_failure"]
             flat["post_failure"] = "" if pf is None else ("true" if pf else "false")
-            self.w.writerow(["" if flat[c] is None else flat[c] for c in EXPORT_COLUMNS])
+            self.w.writerow([csv_cell(flat[c], raw=self.raw) for c in EXPORT_COLUMNS])
 
     def close(self) -> None:
         self.f.close()
@@ -543,7 +560,8 @@ def _utc(text: str | None) -> _dt.datetime | None:
 _WRITERS = {"jsonl": _JSONLWriter, "csv": _CSVWriter, "parquet": _ParquetWriter}
 
 
-def export_records(repo: Repository, bundle: dict, flt: RecordFilter, fmt: str, path: str) -> int:
+def export_records(repo: Repository, bundle: dict, flt: RecordFilter, fmt: str, path: str, *,
+                   csv_raw: bool = False) -> int:
     """Write the selected records to ``path`` (atomically); returns how many.
 
     JSONL lines are the export row with values as JSON; CSV and Parquet carry
@@ -555,7 +573,7 @@ def export_records(repo: Repository, bundle: dict, flt: RecordFilter, fmt: str, 
     flt.check(bundle)
     n = 0
     with atomic_output(path) as tmp:
-        writer = _WRITERS[fmt](tmp, bundle)
+        writer = _CSVWriter(tmp, bundle, raw=csv_raw) if fmt == "csv" else _WRITERS[fmt](tmp, bundle)
         try:
             batch: list[dict] = []
             for source, stream, rec in select_records(repo, bundle, flt):

@@ -46,8 +46,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .errors import LockedError, StoreError
-from .names import iso, parse_iso, utcnow, current_user
+from .errors import IntegrityError, LockedError, StoreError
+from .names import iso, parse_iso, printable, utcnow, current_user
+from .repository import load_json
 from .objectstore import ObjectMissing, ObjectStore
 
 LOCKS_PREFIX = "locks/"
@@ -82,8 +83,14 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
+#: no system hands out process ids beyond this (Linux's pid_max is at most 2^22)
+MAX_PID = 2 ** 31 - 1
+
+
 def _process_alive(pid: int, start: int | None) -> bool:
-    if pid <= 0:
+    # a lock is anyone's to write: a pid no process can have (negative, 10^20, not a number)
+    # names no living process, and must not reach os.kill (OverflowError)
+    if type(pid) is not int or not 0 < pid <= MAX_PID:
         return False
     try:
         os.kill(pid, 0)
@@ -91,6 +98,8 @@ def _process_alive(pid: int, start: int | None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
+    except (OverflowError, ValueError):
+        return False
     except OSError:
         return True
     try:
@@ -154,14 +163,19 @@ class LockInfo:
     @classmethod
     def parse(cls, name: str, raw: bytes, mtime: float) -> "LockInfo":
         try:
-            doc = json.loads(raw)
+            doc = load_json(raw, name)
             claims = {str(k): str(v) for k, v in doc["claims"].items()}
+            if any(v not in (SHARED, EXCLUSIVE) for v in claims.values()):
+                raise ValueError("unknown claim")
+            pid = doc.get("pid", 0)
+            if type(pid) is not int:  # "4242", 1e300, null: no process of ours
+                pid = int(pid) if isinstance(pid, str) and pid.isdigit() else -1
             return cls(name=name, claims=claims, state=str(doc.get("state", "held")),
-                       user=str(doc.get("user", "?")), host=str(doc.get("host", "?")), pid=int(doc.get("pid", 0)),
-                       pid_start=doc["pid_start"] if isinstance(doc.get("pid_start"), int) else None,
+                       user=str(doc.get("user", "?")), host=str(doc.get("host", "?")), pid=pid,
+                       pid_start=doc["pid_start"] if type(doc.get("pid_start")) is int else None,
                        command=str(doc.get("command", "?")),
                        created=parse_iso(doc["created"]), expires=parse_iso(doc["expires"]), mtime=mtime)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, IntegrityError):
             # an unreadable lock claims everything: nobody can tell what it protects
             return cls(name=name, claims={"*": EXCLUSIVE}, readable=False, mtime=mtime)
 
@@ -204,7 +218,9 @@ class LockInfo:
         kind = EXCLUSIVE if self.exclusive else SHARED
         age = format_age((now - self.created).total_seconds()) if self.created else "?"
         pending = ", still being acquired" if self.state == "pending" else ""
-        return f"{kind} lock by {self.user}@{self.host} pid {self.pid} ({self.command}), created {age} ago{pending}"
+        # the lock's fields are anyone's to write: one line each, whatever they hold
+        return (f"{kind} lock by {printable(self.user, 64)}@{printable(self.host, 128)} pid {self.pid} "
+                f"({printable(self.command, 64)}), created {age} ago{pending}")
 
     def to_json(self, now: _dt.datetime | None = None) -> dict:
         now = now or utcnow()

@@ -101,3 +101,27 @@ def parse_time(text: str, *, now: _dt.datetime | None = None) -> _dt.datetime:
     except (ValueError, OverflowError, OSError):
         raise UsageError(f"invalid time {text!r}: expected ISO 8601 (2026-11-29T10:15:00Z; without a zone: "
                          f"local time) or relative (2h)") from None
+
+
+def printable(value, limit: int | None = 200) -> str:
+    """``value`` as text safe to show on one line of a terminal or a log: control and
+    format characters (newlines, escapes, NUL, bidirectional overrides) become visible
+    escapes (``\\n``, ``\\x1b``, ``\\u202e``), and text longer than ``limit`` is cut,
+    saying how much was left out.  For every field shown from a repository object (a
+    lock, a manifest, a bundle, an audit record): those are anyone's to write."""
+    import unicodedata
+    text = value if isinstance(value, str) else str(value)
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}…(+{len(text) - limit} characters)"
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or (ch == " "):
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Zs",):
+            out.append(" ")
+        else:
+            esc = ch.encode("unicode_escape").decode("ascii")
+            out.append(esc if esc != ch else f"\\u{ord(ch):04x}")
+    return "".join(out)

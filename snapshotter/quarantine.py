@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from .errors import IntegrityError, NotFound, UsageError
 from .names import NAME_RE, check_name
 from .objectstore import ObjectMissing
-from .repository import Repository, dumps
+from .repository import Repository, dumps, load_json, manifest_problem
 from .streams import StoredRecord, read_stream
 
 OPS = ("added", "modified", "deleted")
@@ -45,25 +45,28 @@ def load_bundle(repo: Repository, incident: str) -> dict:
         raw = repo.store.get(bundle_object(incident))
     except ObjectMissing:
         raise NotFound(f"no incident {incident!r} in {repo.store.url}") from None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise IntegrityError(f"{bundle_object(incident)} is corrupt (not JSON)") from None
+    doc = load_json(raw, bundle_object(incident))
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{bundle_object(incident)} is corrupt (not a JSON object)")
     if doc.get("format", 1) != 1:
         raise UsageError(f"{bundle_object(incident)} has format {doc.get('format')!r}, which this snapshotter "
                          f"does not read (it reads format 1)")
     if doc.get("incident") != incident:
         raise IntegrityError(f"{bundle_object(incident)} is corrupt (incident id does not match its name)")
+    problem = manifest_problem({"sources": doc.get("sources", {})}, repo.hash_digits)
+    if problem is not None:
+        raise IntegrityError(f"{bundle_object(incident)} is corrupt ({problem})")
     return doc
 
 
 def applied_status(repo: Repository, incident: str) -> dict | None:
     try:
-        return json.loads(repo.store.get(applied_object(incident)))
+        doc = load_json(repo.store.get(applied_object(incident)), applied_object(incident))
     except ObjectMissing:
         return None
-    except ValueError:
+    except IntegrityError:
         return {"status": "unknown"}
+    return doc if isinstance(doc, dict) else {"status": "unknown"}
 
 
 def write_bundle(repo: Repository, bundle: dict) -> None:
@@ -109,7 +112,7 @@ def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
         "snapshot_value": to_json(v.get("snapshot_value")),
         "post_failure": v.get("post_failure"),
         "written_at": to_json(v.get("written_at")),
-        "session": v.get("session"),
+        "session": to_json(v.get("session")),
     }
 
 

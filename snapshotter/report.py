@@ -137,8 +137,35 @@ footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 """
 
 
-def _e(v: Any) -> str:
-    return escape("" if v is None else str(v), quote=True)
+#: characters of one field on the page (a name, a key, a session; a value cell gets VALUE_CHARS):
+#: a quarantined record is what a compromised agent wrote, a bundle anyone with write access
+FIELD_CHARS = 300
+VALUE_CHARS = 4000
+
+
+def _clean(text: str) -> str:
+    """Control and format characters (NUL, escapes, bidirectional overrides) and lone
+    surrogates made visible as escapes; newlines and tabs stay."""
+    if text.isprintable():
+        return text
+    import unicodedata
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch in "\n\t":
+            out.append(ch)
+        elif unicodedata.category(ch) == "Zs":
+            out.append(" ")
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def _e(v: Any, limit: int = FIELD_CHARS) -> str:
+    """A value from the bundle, as HTML text: cleaned, bounded, escaped."""
+    text = "" if v is None else (v if isinstance(v, str) else str(v))
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit} more characters; see quarantine export)"
+    return escape(_clean(text), quote=True)
 
 
 def _json_text(v: Any) -> str:
@@ -305,7 +332,7 @@ def _sessions(bundle: dict, t: _Tally) -> str:
 def _value_cell(v: Any, present: bool) -> str:
     if not present:
         return '<td class="val"><span class="absent">absent</span></td>'
-    return f'<td class="val"><pre>{_e(_json_text(v))}</pre></td>'
+    return f'<td class="val"><pre>{_e(_json_text(v), VALUE_CHARS)}</pre></td>'
 
 
 def _path_cell(c: dict, note: str = "") -> str:

@@ -43,8 +43,96 @@ def manifest_object(release: str, snapshot_id: str) -> str:
     return f"snapshots/{release}/{snapshot_id}.json"
 
 
+#: how deep a repository's JSON object may nest (a manifest nests about 8 deep); deeper is
+#: damage or an attack on every reader's recursion, and counts as corrupt
+MAX_JSON_DEPTH = 64
+
+
+def load_json(raw: bytes, name: str) -> Any:
+    """A JSON object of the repository, parsed: IntegrityError (exit 3, naming it) when it
+    is not JSON, not UTF-8, or nested deeper than any object snapshotter writes."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise IntegrityError(f"{name} is corrupt (nested deeper than any object snapshotter writes)") from None
+    except ValueError:  # UnicodeDecodeError included
+        raise IntegrityError(f"{name} is corrupt (not JSON)") from None
+    # iteratively, so the check itself cannot exhaust the stack
+    stack = [(doc, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise IntegrityError(f"{name} is corrupt (nested deeper than any object snapshotter writes)")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return doc
+
+
+def chunk_id_ok(chunk_id: Any, hex_digits: int = 64) -> bool:
+    """A chunk id is the lowercase hex of the repository's hash, nothing else (so no
+    reference can name an object outside ``chunks/``)."""
+    return isinstance(chunk_id, str) and len(chunk_id) == hex_digits and \
+        all(c in "0123456789abcdef" for c in chunk_id)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def manifest_problem(doc: Any, hash_digits: int = 64) -> str | None:
+    """What makes a snapshot manifest (or an incident bundle's streams) unusable, or None.
+
+    Checked when a manifest is loaded, so a manifest with a field no command can use
+    (a ``taken_at`` that is not a time, a chunk row that is not
+    ``[hex id, records, plaintext bytes, stored bytes]``) counts as corrupt everywhere:
+    listed with a warning, left out of forget, reported by verify, refused by restore."""
+    from .names import parse_iso
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    for field in ("id", "release"):
+        if field in doc and not isinstance(doc[field], str):
+            return f"{field} is not text"
+    if "taken_at" in doc:
+        try:
+            parse_iso(doc["taken_at"])
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            return f"taken_at {str(doc['taken_at'])[:40]!r} is not a time"
+    if not isinstance(doc.get("labels", {}), dict) and doc.get("labels") is not None:
+        return "labels is not an object"
+    sources = doc.get("sources", {})
+    if not isinstance(sources, dict):
+        return "sources is not an object"
+    for sname, src in sources.items():
+        if not isinstance(src, dict) or not isinstance(src.get("streams", {}), dict):
+            return f"source {sname} is not an object with streams"
+        for stname, st in src.get("streams", {}).items():
+            where = f"stream {sname}/{stname}"
+            if not isinstance(st, dict):
+                return f"{where} is not an object"
+            for field in ("records", "bytes"):
+                if field in st and not _count(st[field]):
+                    return f"{where}: {field} is not a count"
+            chunks = st.get("chunks", [])
+            if not isinstance(chunks, list):
+                return f"{where}: chunks is not a list"
+            for i, row in enumerate(chunks):
+                if not (isinstance(row, list) and len(row) == 4 and all(_count(v) for v in row[1:])):
+                    return f"{where}: chunk row {i} is not [id, records, bytes, stored bytes]"
+                if not chunk_id_ok(row[0], hash_digits):
+                    return f"{where}: chunk row {i} names {str(row[0])[:80]!r}, not a chunk id"
+    return None
+
+
 def dumps(doc: Any) -> bytes:
-    return json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=False).encode() + b"\n"
+    text = json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=False)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        # text holding bytes that were not UTF-8 (a Redis session key in a stream schema's
+        # TTL map): as \udcXX escapes, which JSON reads back to the same text
+        return json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=True).encode() + b"\n"
 
 
 @dataclass(frozen=True)
@@ -71,6 +159,8 @@ class Repository:
         self.hash = config.get("hash", "sha256")
         self.format = config.get("format", 1)
         self._hash_new = hashing.constructor(self.hash)
+        #: hex digits of a chunk id
+        self.hash_digits = 64
         self._local = threading.local()
         self._manifest_cache: dict[str, dict] = {}
 
@@ -114,9 +204,9 @@ class Repository:
         except ObjectMissing:
             raise NotFound(f"no repository at {store.url} (run `snapshotter init`)") from None
         try:
-            config = json.loads(raw)
+            config = load_json(raw, f"{store.url}/config.json")
             version = config["format"]
-        except (ValueError, KeyError, TypeError):
+        except (IntegrityError, KeyError, TypeError):
             raise IntegrityError(f"{store.url}/config.json is not a snapshotter repository config") from None
         if version not in READABLE_FORMATS:
             raise UsageError(f"repository format {version!r} at {store.url} is not supported by this "
@@ -148,11 +238,43 @@ class Repository:
     def compress(self, raw: bytes) -> bytes:
         return self._cctx().compress(raw)
 
-    def decompress(self, data: bytes, name: str) -> bytes:
+    #: a chunk read without its manifest row (none today) may hold at most this much plaintext
+    UNSIZED_LIMIT = 1 << 28
+
+    def decompress(self, data: bytes, name: str, size: int | None = None) -> bytes:
+        """The plaintext of a chunk object whose manifest row says it holds ``size`` bytes.
+
+        The frame must declare exactly that size (every chunk is written with its size in
+        the header), and nothing beyond it is ever inflated: a small object declaring or
+        expanding to gigabytes (a decompression bomb) is a corrupt chunk, found before
+        any memory is spent on it."""
+        limit = self.UNSIZED_LIMIT if size is None else size
         try:
-            return self._dctx().decompress(data, max_output_size=max(CHUNK_MAX_BYTES * 64, 1 << 28))
+            declared = zstandard.frame_content_size(data)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"object {name} is corrupt: {exc}") from None
+        if declared >= 0 and (declared != size if size is not None else declared > limit):
+            raise IntegrityError(f"object {name} is corrupt: its frame declares {declared} bytes, "
+                                 f"{'its manifest row says ' + str(size) if size is not None else 'more than allowed'}")
+        try:
+            if declared >= 0:
+                raw = self._dctx().decompress(data)
+            else:
+                # no size in the header: inflate in steps, stopping one byte past the bound
+                reader = self._dctx().stream_reader(data, read_across_frames=False)
+                raw = reader.read(limit + 1)
+                while len(raw) <= limit:
+                    more = reader.read(limit + 1 - len(raw))
+                    if not more:
+                        break
+                    raw += more
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"object {name} is corrupt: {exc}") from None
+        if len(raw) > limit or (size is not None and len(raw) != size):
+            raise IntegrityError(f"object {name} is corrupt: it inflates to "
+                                 f"{'more than ' + str(limit) if len(raw) > limit else len(raw)} bytes, "
+                                 f"its manifest row says {size if size is not None else limit}")
+        return raw
 
     def chunk_id(self, raw: bytes) -> str:
         return self._hash_new(raw).hexdigest()
@@ -175,14 +297,18 @@ class Repository:
                 self.store.put(name, data, overwrite=True, durable=False)
         return chunk_id, len(data), created
 
-    def get_chunk(self, chunk_id: str) -> bytes:
+    def get_chunk(self, chunk_id: str, size: int | None = None) -> bytes:
+        """A chunk's plaintext, checked against its name; ``size``: the plaintext bytes its
+        manifest row records (the bound on what is inflated)."""
+        if not chunk_id_ok(chunk_id, self.hash_digits):
+            raise IntegrityError(f"chunk reference {str(chunk_id)[:80]!r} is not a chunk id")
         name = chunk_object(chunk_id)
         try:
             data = self.store.get(name)
         except ObjectMissing:
             # a chunk is only ever read because a manifest references it: missing is an integrity failure
             raise IntegrityError(f"object {name} is missing from {self.store.url}") from None
-        raw = self.decompress(data, name)
+        raw = self.decompress(data, name, size)
         if self._hash_new(raw).hexdigest() != chunk_id:
             raise IntegrityError(f"object {name} is corrupt: its content does not match its name")
         return raw
@@ -210,16 +336,16 @@ class Repository:
         if cached is not None:
             return cached
         raw = self.store.get(ref.object)
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise IntegrityError(f"manifest {ref.object} is corrupt (not JSON)") from None
+        doc = load_json(raw, f"manifest {ref.object}")
         if not isinstance(doc, dict) or doc.get("id") != ref.id or doc.get("release") != ref.release:
             raise IntegrityError(f"manifest {ref.object} is corrupt (id or release does not match its name)")
         if doc.get("format") not in READABLE_FORMATS:
             # a newer format may mean something this reader would get wrong (docs/design.md)
-            raise UsageError(f"manifest {ref.object} has format {doc.get('format')!r}; this snapshotter reads "
-                             f"formats {', '.join(map(str, READABLE_FORMATS))}")
+            raise UsageError(f"manifest {ref.object} has format {repr(doc.get('format'))[:40]}; this snapshotter "
+                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}")
+        problem = manifest_problem(doc, self.hash_digits)
+        if problem is not None:
+            raise IntegrityError(f"manifest {ref.object} is corrupt ({problem})")
         self._manifest_cache[ref.id] = doc
         return doc
 

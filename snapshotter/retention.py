@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 from .errors import IntegrityError, SnapshotterError
 from .names import parse_iso, snapshot_id_time
 from .objectstore import ObjectMissing
-from .repository import Repository, manifest_object
+from .repository import Repository, load_json, manifest_object
 
 QUARANTINE_PREFIX = "quarantine/"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -126,10 +126,10 @@ def incident_documents(repo: Repository) -> Iterator[tuple[str, Any]]:
         except ObjectMissing:
             continue
         try:
-            yield info.name, json.loads(raw)
-        except ValueError:
-            raise IntegrityError(f"quarantine object {info.name} is not valid JSON; "
-                                 f"nothing was deleted (repair or remove it first)") from None
+            doc = load_json(raw, f"quarantine object {info.name}")
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc.message}; nothing was deleted (repair or remove it first)") from None
+        yield info.name, doc
 
 
 def incident_snapshots(repo: Repository) -> dict[str, str]:

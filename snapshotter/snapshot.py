@@ -12,6 +12,7 @@ from .backend import StreamChanged
 from .config import Config
 from .errors import IntegrityError, SnapshotterError, SourceError, UsageError
 from .names import iso, new_snapshot_id, utcnow, current_user
+from .redaction import redact_url
 from .repository import MANIFEST_FORMAT, Repository
 from .streams import ChunkUploader, StreamWriter
 
@@ -134,7 +135,10 @@ def summary(manifest: dict, *, good: bool = False, with_schema: bool = False, wi
         "bytes": 0,
     }
     for sname, src in manifest.get("sources", {}).items():
-        s = {"backend": src["backend"], "location": src.get("location"), "consistency": src.get("consistency"),
+        location = src.get("location")
+        # a manifest written before every secret-bearing part of a URL was redacted, or by someone else
+        s = {"backend": src["backend"], "location": redact_url(location) if isinstance(location, str) else location,
+             "consistency": src.get("consistency"),
              "streams": {}}
         for stname, st in src.get("streams", {}).items():
             e = {"records": st["records"], "bytes": st["bytes"], "stored_bytes": st.get("stored_bytes"),

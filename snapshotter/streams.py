@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import codec, hashing, pgtext
-from .errors import SourceError
+from .errors import IntegrityError, SourceError
 from .repository import Repository
 
 _ESTIMATE_RECORDS = 512
@@ -359,7 +359,7 @@ class StoredRecord:
         """Only the named entries of a msgpack record whose value is a map (the others
         are skipped undecoded: a quarantine record's op and lines without its values)."""
         import msgpack
-        u = msgpack.Unpacker(None, raw=False, strict_map_key=False, use_list=True,
+        u = msgpack.Unpacker(None, raw=False, strict_map_key=False, unicode_errors=codec.UNICODE_ERRORS, use_list=True,
                              max_buffer_size=max(len(self.raw), 1 << 20))
         u.feed(self.raw)
         u.read_array_header()
@@ -394,7 +394,7 @@ def count_records(raw: bytes, entry: dict) -> int:
     if entry.get("encoding"):
         return pgtext.count_lines(raw)
     import msgpack
-    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, max_buffer_size=max(len(raw), 1 << 20))
+    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, unicode_errors=codec.UNICODE_ERRORS, max_buffer_size=max(len(raw), 1 << 20))
     u.feed(raw)
     n = 0
     try:
@@ -408,7 +408,7 @@ def count_records(raw: bytes, entry: dict) -> int:
 def iter_chunk_records(raw: bytes) -> Iterator[StoredRecord]:
     """Records of one chunk, each with its exact encoded bytes (values decoded lazily)."""
     import msgpack
-    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, use_list=True,
+    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, unicode_errors=codec.UNICODE_ERRORS, use_list=True,
                          max_buffer_size=max(len(raw), 1 << 20))
     u.feed(raw)
     start = 0
@@ -474,19 +474,22 @@ class BackgroundHash:
 
 def iter_chunks(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[bytes]:
     """A stream's chunks, uncompressed and hash-checked, fetched ahead in a small pool."""
-    chunks = [ChunkRef.from_json(c) for c in entry.get("chunks", [])]
+    try:
+        chunks = [ChunkRef.from_json(c) for c in entry.get("chunks", [])]
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise IntegrityError("a stream's chunk list is malformed (not [id, records, bytes, stored bytes] rows)") from None
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="chunk-get") as pool:
         futures: deque[tuple[ChunkRef, Future]] = deque()
         it = iter(chunks)
         for ref in it:
-            futures.append((ref, pool.submit(repo.get_chunk, ref.id)))
+            futures.append((ref, pool.submit(repo.get_chunk, ref.id, ref.raw_bytes)))
             if len(futures) >= prefetch:
                 break
         while futures:
             ref, fut = futures.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                futures.append((nxt, pool.submit(repo.get_chunk, nxt.id)))
+                futures.append((nxt, pool.submit(repo.get_chunk, nxt.id, nxt.raw_bytes)))
             yield fut.result()

@@ -26,6 +26,13 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
     stat_cache: dict[str, int | None] = {}
     verified_lists: set[tuple] = set()
 
+    def stat_size(c: ChunkRef) -> "int | None | IntegrityError":
+        try:
+            info = repo.store.stat(chunk_object(c.id))
+        except IntegrityError as exc:
+            return exc
+        return None if info is None else info.size
+
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="verify") as pool:
         def check_streams(owner: dict, obj: str, sources: dict) -> None:
             def problem(o: str, text: str) -> None:
@@ -46,11 +53,13 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
                         problem(obj, f"{where}: chunk sizes add up to "
                                 f"{sum(c.raw_bytes for c in chunks)}, manifest says {st.get('bytes')}")
                     todo = [c for c in chunks if c.id not in stat_cache]
-                    for c, info in zip(todo, pool.map(lambda c: repo.store.stat(chunk_object(c.id)), todo)):
-                        stat_cache[c.id] = None if info is None else info.size
+                    for c, size in zip(todo, pool.map(stat_size, todo)):
+                        stat_cache[c.id] = size
                     for c in chunks:
                         size = stat_cache[c.id]
-                        if size is None:
+                        if isinstance(size, IntegrityError):  # a link in place of the chunk or its folder
+                            problem(chunk_object(c.id), f"{where}: {size.message}")
+                        elif size is None:
                             problem(chunk_object(c.id), f"{where}: missing")
                         elif size != c.stored_bytes:
                             problem(chunk_object(c.id), f"{where}: size {size}, manifest says {c.stored_bytes}")
@@ -92,7 +101,7 @@ def _read_stream_data(repo, pool, where, chunks, st, problem, progress) -> bool:
     it = iter(chunks)
 
     def fetch(c: ChunkRef):
-        return repo.get_chunk(c.id)
+        return repo.get_chunk(c.id, c.raw_bytes)
 
     for c in it:
         futures.append((c, pool.submit(fetch, c)))

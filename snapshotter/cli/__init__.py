@@ -95,8 +95,9 @@ class App:
                     append_audit(self.repo, self.audit["command"], self.audit["arguments"],
                                  {"exit_code": code, "summary": summary or "ok", **details})
                 except Exception as exc:
-                    self._late_error(f"the audit record could not be written: {exc}", code)
-                    code = code or 1
+                    text = exc.message if isinstance(exc, SnapshotterError) else str(exc)
+                    self._late_error(f"the audit record could not be written: {text}", code)
+                    code = code or getattr(exc, "exit_code", 1)
             if self.metrics_file:
                 from ..metrics import run_from_results, write_metrics
                 try:
@@ -114,14 +115,18 @@ class App:
         if self.json and code == 0:
             click.echo(_error_json(SnapshotterError(text)), err=True)
         else:
-            click.echo(f"snapshotter: {text}", err=True)
+            click.echo(f"snapshotter: {one_line(text)}", err=True)
 
     # -- output --------------------------------------------------------------
 
     def out(self, data: Any, human: Callable[[], None] | None = None) -> None:
         """The command's result: one JSON document with --json, else human text."""
         if self.json:
-            click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+            text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
+            from ..codec import is_text
+            if not is_text(text):  # text holding bytes that are not UTF-8: as \udcXX escapes
+                text = json.dumps(data, indent=2, ensure_ascii=True, default=str)
+            click.echo(text)
         elif human is not None:
             human()
 
@@ -131,7 +136,7 @@ class App:
 
     def warn(self, text: str) -> None:
         """Something the user should know that does not stop the command: stderr, always."""
-        click.echo(f"snapshotter: {text}", err=True)
+        click.echo(f"snapshotter: {one_line(text)}", err=True)
 
     def log(self, text: str) -> None:
         """Diagnostics: stderr, shown with -v."""
@@ -224,10 +229,18 @@ def cli(ctx: click.Context, config_path, repo_url, as_json, verbose, quiet, no_p
     app.command = ctx.invoked_subcommand or ""
 
 
+def one_line(text: str) -> str:
+    """A message as printed: one line (control characters escaped, since a message may
+    quote names and values read from the repository) and no secret."""
+    from ..names import printable
+    from ..redaction import redact_text
+    return printable(redact_text(text), limit=4000)
+
+
 def _error_json(exc: SnapshotterError) -> str:
     details = getattr(exc, "details", None) or {}
-    return json.dumps({"error": {"type": exc.kind, "message": exc.message, "exit_code": exc.exit_code, **details}},
-                      ensure_ascii=False, default=str)
+    return json.dumps({"error": {"type": exc.kind, "message": one_line(exc.message), "exit_code": exc.exit_code,
+                                 **details}}, ensure_ascii=False, default=str)
 
 
 def _on_sigterm(signum, frame):
@@ -283,7 +296,7 @@ def report(exc: SnapshotterError, as_json: bool, app: App | None = None) -> int:
     if as_json:
         click.echo(_error_json(exc), err=True)
     else:
-        click.echo(f"snapshotter: {exc.message}", err=True)
+        click.echo(f"snapshotter: {one_line(exc.message)}", err=True)
     return exc.exit_code
 
 

@@ -9,7 +9,7 @@ from .. import audit as audit_log
 from .. import locks
 from .. import retention
 from ..errors import IntegrityError, UsageError
-from ..names import check_name, parse_duration
+from ..names import check_name, parse_duration, printable
 from . import App, cli, pass_app
 from .repo_cmds import human_bytes
 
@@ -62,10 +62,10 @@ def forget(app: App, keep_last, keep_hourly, keep_daily, keep_weekly, keep_month
     def human():
         verb = "would forget" if dry_run else "forgot"
         for d in plan.remove:
-            app.info(f"{verb} {d.id}  {d.release}  {d.taken_at}")
+            app.info(f"{verb} {d.id}  {d.release}  {printable(d.taken_at, 40)}")
         if app.verbose:
             for d in plan.keep:
-                app.info(f"keep   {d.id}  {d.release}  {d.taken_at}  ({', '.join(d.reasons)})")
+                app.info(f"keep   {d.id}  {d.release}  {printable(d.taken_at, 40)}  ({', '.join(d.reasons)})")
         app.info(f"{verb} {len(plan.remove)} snapshot(s), kept {len(plan.keep)}")
     app.out(doc, human)
 
@@ -142,9 +142,11 @@ def audit(ctx: click.Context, limit):
             if "error" in r:
                 click.echo(f"{r['seq']:>6}  {r['error']}")
                 continue
-            res = r.get("result", {})
-            click.echo(f"{r['seq']:>6}  {r.get('time', '?')[:19]}Z  {r.get('user')}@{r.get('host')}  "
-                       f"{r.get('command')}  exit {res.get('exit_code')}  {res.get('summary', '')}")
+            # a record's fields are shown one line each, whatever an editor of the log put in them
+            res = r.get("result") if isinstance(r.get("result"), dict) else {}
+            click.echo(f"{printable(r.get('seq'), 12):>6}  {printable(r.get('time', '?'))[:19]}Z  {printable(r.get('user'), 64)}@"
+                       f"{printable(r.get('host'), 128)}  {printable(r.get('command'), 64)}  "
+                       f"exit {printable(res.get('exit_code'), 8)}  {printable(res.get('summary', ''), 500)}")
     app.out(records, human)
 
 
@@ -158,10 +160,10 @@ def audit_verify(app: App):
         if report["ok"]:
             head = report["head"]
             app.info(f"ok: {report['records']} record(s), chain intact"
-                     + (f"; head {head['seq']} {head['hash']}" if head else ""))
+                     + (f"; head {head['seq']} {printable(head['hash'], 80)}" if head else ""))
         else:
             for p in report["problems"]:
-                click.echo(f"{p['object']}: {p['problem']}", err=True)
+                click.echo(f"{printable(p['object'])}: {printable(p['problem'], 500)}", err=True)
     app.out(report, human)
     if not report["ok"]:
         raise IntegrityError(f"audit log: {len(report['problems'])} problem(s); first: "

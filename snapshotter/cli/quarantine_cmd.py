@@ -12,7 +12,7 @@ from ..errors import Refused, UsageError
 from ..forensics import (EXPORT_FORMATS, RecordFilter, changed_fields, count_post_failure, export_records, locate,
                          reapply as run_reapply, record_diff, select_records)
 from ..locks import EXCLUSIVE, source_resource
-from ..names import check_name
+from ..names import check_name, printable
 from ..quarantine import OPS, bundles, incident_status, load_bundle, op_counts, record_json, replaced_settings
 from ..report import MAX_RECORDS, write_report
 from . import App, cli, pass_app
@@ -48,6 +48,9 @@ def _post_label(post) -> str:
 
 
 def _clip(text: str, n: int) -> str:
+    """A field of a bundle or a record on one line: control characters escaped (a bundle is
+    anyone's to write, a record is what the agent wrote), cut to ``n`` characters."""
+    text = printable(text if isinstance(text, str) else str(text), limit=max(n * 4, 64))
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
@@ -85,10 +88,11 @@ def list_cmd(app: App, limit):
             c = r["counts"]
             post = "-" if r["post_failure"] is None else str(r["post_failure"])
             status = r["status"] + (" (unverified)" if r["status"] == "applied" and r["verified"] is False else "")
-            click.echo(f"{_clip(r['incident'], 30):<30} {r['snapshot'] or '-':<24} "
+            click.echo(f"{_clip(r['incident'], 30):<30} {_clip(r['snapshot'] or '-', 24):<24} "
                        f"{_clip(r['release'] or '-', 14):<14} "
-                       f"{(r['created_at'] or '-')[:19] + 'Z':<20} {r['records']:>8} {c['added']:>6} "
-                       f"{c['modified']:>6} {c['deleted']:>6} {post:>6}  {(r['failure_at'] or '-'):<20} {status}")
+                       f"{_clip(r['created_at'] or '-', 40)[:19] + 'Z':<20} {_clip(r['records'], 8):>8} {c['added']:>6} "
+                       f"{c['modified']:>6} {c['deleted']:>6} {post:>6}  {_clip(r['failure_at'] or '-', 32):<20} "
+                       f"{status}")
     app.out(rows, human)
 
 
@@ -120,14 +124,15 @@ def show(app: App, incident, source, stream, ops, post_failure, sessions, limit)
         for r, changed in zip(records, fields):
             what = ", ".join(changed) if r["op"] == "modified" else ""
             click.echo(f"{_clip(r['source'] + '/' + r['stream'], 28):<28} {_clip(key_text(r['key']), 24):<24} "
-                       f"{r['op']:<9} {_post_label(r['post_failure']):<4} {_clip(r['written_at'] or '-', 26):<26} "
+                       f"{_clip(r['op'], 9):<9} {_post_label(r['post_failure']):<4} "
+                       f"{_clip(r['written_at'] or '-', 26):<26} "
                        f"{_clip(str(r['session']) if r['session'] is not None else '-', 16):<16} {_clip(what, 60)}")
         app.info(f"{len(records)} record(s)" + (" (limit reached)" if limit and len(records) >= limit else ""))
     app.out(records, human)
 
 
 def _print_change(c: dict) -> None:
-    path = c["path"]
+    path = printable(c["path"], limit=500)
     kind = c.get("kind")
     if kind == "text":
         pre = ("…" if c["more_before"] else "") + c["context_before"]
@@ -181,7 +186,8 @@ def diff(app: App, incident, key, source, stream):
         post = {True: ", post-failure", False: ", before failure"}.get(d["post_failure"], "")
         when = f", written {d['written_at']}" if d["written_at"] else ""
         session = f", session {d['session']}" if d["session"] is not None else ""
-        click.echo(f"{d['source']}/{d['stream']} key {key_text(d['key'])}: {d['op']}{post}{when}{session}")
+        click.echo(printable(f"{d['source']}/{d['stream']} key {key_text(d['key'])}: {d['op']}{post}{when}{session}",
+                             limit=2000))
         if not d["changes"]:
             click.echo("  no field-level difference (the stored encodings differ only in key order)")
         for c in d["changes"]:
@@ -194,9 +200,12 @@ def diff(app: App, incident, key, source, stream):
 @click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS), help="File format.")
 @click.option("-o", "--output", required=True, metavar="PATH",
               help="File to write (replaced atomically); - for standard output.")
+@click.option("--csv-raw", is_flag=True,
+              help="CSV: write text cells as they are (by default a cell starting with = + - @ tab or CR "
+                   "gets a leading ' so a spreadsheet does not run it as a formula).")
 @filter_options
 @pass_app
-def export(app: App, incident, fmt, output, source, stream, ops, post_failure, sessions, limit):
+def export(app: App, incident, fmt, output, csv_raw, source, stream, ops, post_failure, sessions, limit):
     """Write quarantined records with their provenance to a file for DuckDB, pandas, spreadsheets.
 
     One row per record: incident, snapshot, release, source, stream, key, op,
@@ -209,16 +218,16 @@ def export(app: App, incident, fmt, output, source, stream, ops, post_failure, s
     if output == "-":
         if app.json:
             raise UsageError("-o - writes the export to standard output, which --json needs for its result")
-        n = _export_to_stdout(app, bundle, flt, fmt)
+        n = _export_to_stdout(app, bundle, flt, fmt, csv_raw=csv_raw)
         if not app.quiet:
             click.echo(f"exported {n} record(s) of incident {incident} to standard output ({fmt})", err=True)
         return
-    n = export_records(app.repo, bundle, flt, fmt, output)
+    n = export_records(app.repo, bundle, flt, fmt, output, csv_raw=csv_raw)
     app.out({"incident": incident, "format": fmt, "path": output, "records": n},
             lambda: app.info(f"exported {n} record(s) of incident {incident} to {output} ({fmt})"))
 
 
-def _export_to_stdout(app: App, bundle: dict, flt, fmt: str) -> int:
+def _export_to_stdout(app: App, bundle: dict, flt, fmt: str, *, csv_raw: bool = False) -> int:
     """The export, written to a private temporary file first (whole, or not at all), then
     copied to standard output."""
     import shutil
@@ -226,7 +235,7 @@ def _export_to_stdout(app: App, bundle: dict, flt, fmt: str) -> int:
 
     with tempfile.TemporaryDirectory(prefix="snapshotter-export-") as folder:
         path = os.path.join(folder, "export")
-        n = export_records(app.repo, bundle, flt, fmt, path)
+        n = export_records(app.repo, bundle, flt, fmt, path, csv_raw=csv_raw)
         out = getattr(sys.stdout, "buffer", None)
         with open(path, "rb") as fh:
             if out is not None:
@@ -279,7 +288,8 @@ def reapply(app: App, incident, keys, source, stream, yes, force):
     found = locate(app.repo, bundle, keys, source=source, stream=stream)
     if not yes:
         for loc in found:
-            click.echo(f"  {loc.op:<9} {loc.source}/{loc.stream} key {key_text(loc.record.key)}", err=True)
+            click.echo(printable(f"  {loc.op:<9} {loc.source}/{loc.stream} key {key_text(loc.record.key)}",
+                                 limit=2000), err=True)
         verb = {"deleted": "delete again"}
         what = ", ".join(sorted({verb.get(loc.op, "write back") for loc in found}))
         if not click.confirm(f"{what} {len(found)} record(s) from incident {incident} in the live store?",
@@ -298,5 +308,6 @@ def reapply(app: App, incident, keys, source, stream, yes, force):
     def human():
         for r in done:
             action = "deleted again" if r["op"] == "deleted" else "written back"
-            app.info(f"{r['source']}/{r['stream']} key {key_text(r['key'])}: {action} ({r['op']} in the incident)")
+            app.info(printable(f"{r['source']}/{r['stream']} key {key_text(r['key'])}: {action} "
+                               f"({r['op']} in the incident)", limit=2000))
     app.out(result, human)

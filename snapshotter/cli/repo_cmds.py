@@ -6,7 +6,8 @@ import click
 from .. import hashing
 from ..errors import UsageError
 from ..locks import MARKS, SHARED
-from ..names import check_name
+from ..names import check_name, printable
+from ..names import printable as p
 from ..repository import Repository
 from ..snapshot import summary
 from ..verify import verify as run_verify
@@ -79,9 +80,9 @@ def list_cmd(app: App, release, source, limit):
             return
         click.echo(f"{'ID':<24} {'RELEASE':<20} {'TAKEN':<21} {'GOOD':<4} {'RECORDS':>9} {'SIZE':>10}  SOURCES")
         for r in rows:
-            click.echo(f"{r['id']:<24} {r['release'][:20]:<20} {r['taken_at'][:19] + 'Z':<21} "
+            click.echo(f"{r['id']:<24} {p(r['release'])[:20]:<20} {p(r['taken_at'])[:19] + 'Z':<21} "
                        f"{'yes' if r['good'] else '':<4} {r['records']:>9} {human_bytes(r['bytes']):>10}  "
-                       f"{','.join(r['sources'])}")
+                       f"{p(','.join(r['sources']))}")
     app.out(rows, human)
 
 
@@ -97,18 +98,22 @@ def show(app: App, snapshot):
     s = summary(m, good=ref.id in repo.good_ids(), with_schema=True)
 
     def human():
-        click.echo(f"snapshot   {s['id']}{'  (known good)' if s['good'] else ''}")
-        click.echo(f"release    {s['release']}")
-        click.echo(f"taken at   {s['taken_at']}  on {s['host']} by {s['user']} (snapshotter {s['tool_version']})")
+        # every field is the manifest's: shown on one line each, whatever it holds
+        click.echo(f"snapshot   {p(s['id'])}{'  (known good)' if s['good'] else ''}")
+        click.echo(f"release    {p(s['release'])}")
+        click.echo(f"taken at   {p(s['taken_at'])}  on {p(s['host'])} by {p(s['user'])} "
+                   f"(snapshotter {p(s['tool_version'])})")
         if s["labels"]:
-            click.echo("labels     " + ", ".join(f"{k}={v}" for k, v in s["labels"].items()))
+            click.echo("labels     " + ", ".join(f"{p(k)}={p(v)}" for k, v in s["labels"].items()))
         if s["note"]:
-            click.echo(f"note       {s['note']}")
+            click.echo(f"note       {p(s['note'], 2000)}")
         for sname, src in s["sources"].items():
-            click.echo(f"\nsource {sname}: {src['backend']} at {src['location']} ({src['consistency']})")
+            click.echo(f"\nsource {p(sname)}: {p(src['backend'])} at {p(src['location'], 500)} "
+                       f"({p(src['consistency'])})")
             for stname, st in src["streams"].items():
-                click.echo(f"  {stname:<30} {st['records']:>9} records {human_bytes(st['bytes']):>10} "
-                           f"({human_bytes(st['stored_bytes'])} stored, {st['chunks']} chunks)  {st['digest'][:19]}…")
+                click.echo(f"  {p(stname):<30} {st['records']:>9} records {human_bytes(st['bytes']):>10} "
+                           f"({human_bytes(st['stored_bytes'])} stored, {st['chunks']} chunks)  "
+                           f"{p(st['digest'])[:19]}…")
     app.out(s, human)
 
 
@@ -138,7 +143,8 @@ def verify(app: App, snapshots, all_, read_data):
         else:
             for p in report["problems"]:
                 owner = p["snapshot"] if p.get("snapshot") else f"incident {p.get('incident')}"
-                click.echo(f"{owner}: {p['object'] or '-'}: {p['problem']}", err=True)
+                click.echo(f"{printable(owner)}: {printable(p['object'] or '-')}: {printable(p['problem'], 2000)}",
+                           err=True)
     app.out(report, human)
     if not report["ok"]:
         from ..errors import IntegrityError

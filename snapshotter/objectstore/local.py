@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from typing import Iterator
 
-from ..errors import StoreError, UsageError
+from ..errors import IntegrityError, StoreError, UsageError
 from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
 
 
@@ -37,6 +38,8 @@ class LocalStore(ObjectStore):
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root
         self._made_dirs: set[str] = set()
+        #: folders under the root seen to be real folders, not links
+        self._real_dirs: set[str] = set()
 
     def _path(self, name: str) -> str:
         check_name(name)
@@ -44,7 +47,51 @@ class LocalStore(ObjectStore):
         # check_name already forbids '..' and absolute parts; this is the belt to its braces
         if os.path.commonpath([self.root, path]) != self.root:
             raise UsageError(f"object name {name!r} escapes the repository")
+        self._no_links(name.split("/")[:-1])
         return path
+
+    # -- symbolic links ----------------------------------------------------------
+    #
+    # Nothing inside the root is followed: a link in place of a folder (quarantine/,
+    # audit/, locks/, snapshots/, chunks/...) or of an object would send writes (and
+    # deletes) outside the repository and take reads from there.  The root itself may
+    # be a link; it is the operator's choice, made in the config file.
+
+    def _refuse_link(self, rel: str) -> None:
+        raise IntegrityError(f"{rel} in {self.url} is a symbolic link: snapshotter does not follow links "
+                             f"inside a repository (they could send its writes elsewhere); replace it with "
+                             f"the folder or file itself")
+
+    def _no_links(self, folders: list[str]) -> None:
+        """Every existing folder on the way from the root to an object is a real folder."""
+        path, rel = self.root, ""
+        for part in folders:
+            path = os.path.join(path, part)
+            rel = f"{rel}{part}/"
+            if path in self._real_dirs:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return  # made below by _ensure_dir, which checks again
+            except OSError as exc:
+                raise StoreError(f"cannot read {rel}: {exc.strerror}") from exc
+            if stat.S_ISLNK(st.st_mode):
+                self._refuse_link(rel)
+            if stat.S_ISDIR(st.st_mode):
+                self._real_dirs.add(path)
+
+    def _not_a_link(self, path: str, name: str) -> bool:
+        """Whether the object exists (as a real file); a link in its place is refused."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot stat {name}: {exc.strerror}") from exc
+        if stat.S_ISLNK(st.st_mode):
+            self._refuse_link(name)
+        return True
 
     def _ensure_dir(self, folder: str) -> None:
         if folder in self._made_dirs:
@@ -53,13 +100,17 @@ class LocalStore(ObjectStore):
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create folder {folder}: {exc.strerror}") from exc
+        # a link put in place of a folder between the check and the makedirs
+        rel = os.path.relpath(folder, self.root)
+        if rel != ".":
+            self._no_links(rel.split(os.sep))
         self._made_dirs.add(folder)
 
     def put(self, name: str, data: bytes, *, overwrite: bool = False, durable: bool = True) -> bool:
         path = self._path(name)
         folder = os.path.dirname(path)
         self._ensure_dir(folder)
-        if not overwrite and os.path.exists(path):
+        if self._not_a_link(path, name) and not overwrite:
             return False
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
@@ -135,24 +186,29 @@ class LocalStore(ObjectStore):
     def get(self, name: str) -> bytes:
         path = self._path(name)
         try:
-            with open(path, "rb") as fh:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as fh:
                 return fh.read()
         except FileNotFoundError:
             raise ObjectMissing(f"object {name} is missing from {self.url}") from None
         except IsADirectoryError:
             raise ObjectMissing(f"object {name} is a folder in {self.url}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._refuse_link(name)
             raise StoreError(f"cannot read {name}: {exc.strerror}") from exc
 
     def stat(self, name: str) -> ObjectInfo | None:
         path = self._path(name)
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"cannot stat {name}: {exc.strerror}") from exc
-        if not os.path.isfile(path):
+        if stat.S_ISLNK(st.st_mode):
+            self._refuse_link(name)
+        if not stat.S_ISREG(st.st_mode):
             return None
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
@@ -160,12 +216,19 @@ class LocalStore(ObjectStore):
         # walk only the folder the prefix names, then filter by the rest
         folder_part, _, _ = prefix.rpartition("/")
         start = os.path.join(self.root, *folder_part.split("/")) if folder_part else self.root
+        if folder_part:
+            self._no_links(folder_part.split("/"))
         if not os.path.isdir(start):
             return
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+            for d in dirnames:
+                # os.walk lists a link to a folder among the folders (and does not enter it)
+                if (rel_dir + d).startswith(prefix[:len(rel_dir + d)]) and \
+                        os.path.islink(os.path.join(dirpath, d)):
+                    self._refuse_link(rel_dir + d + "/")
             for fn in sorted(filenames):
                 if fn.startswith(".tmp-"):
                     continue
@@ -173,14 +236,18 @@ class LocalStore(ObjectStore):
                 if not name.startswith(prefix):
                     continue
                 try:
-                    st = os.stat(os.path.join(dirpath, fn))
+                    st = os.lstat(os.path.join(dirpath, fn))
                 except FileNotFoundError:
                     continue
+                if stat.S_ISLNK(st.st_mode):
+                    self._refuse_link(name)
                 yield ObjectInfo(name, st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
+        path = self._path(name)
         try:
-            os.unlink(self._path(name))
+            self._not_a_link(path, name)
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:

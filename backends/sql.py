@@ -291,6 +291,11 @@ def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
     with sqlbase.translate_errors(f"{where}: cannot recreate the table"):
         sqlbase.create_table(writer.conn, schema_doc or spec.schema,
                              trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        if sqlbase.dialect(writer.conn) in ("mysql", "mariadb"):
+            # MariaDB/MySQL commit the open transaction at every DDL statement: the writes that follow
+            # (every table is prepared before the first write) need a transaction again, or each
+            # would commit by itself and a failure could not roll the restore back
+            sqlbase.begin_write(writer.conn)
     writer.recreated = getattr(writer, "recreated", set()) | {spec.name}
 
 

@@ -576,3 +576,36 @@ def test_postgres_row_the_agent_updates_during_the_restore_is_a_conflict(pg_url,
     shown = cli("--json", "quarantine", "show", "inc-2").json()
     assert [q["value"]["v"] for q in shown] == ["agent again"]
     eng.dispose()
+
+
+def test_mariadb_recreating_a_table_keeps_the_restore_one_transaction(mysql_url, tmp_path, cli):
+    """MariaDB commits the open transaction at a CREATE TABLE: the restore that recreates a
+    dropped table opens its transaction again, so a failure after the writes (here a citation
+    whose chunk the selection leaves deleted) still rolls every written row back."""
+    eng = engine(mysql_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE notes (id INT PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("CREATE TABLE chunks (id INT PRIMARY KEY)")
+        c.exec_driver_sql("CREATE TABLE citations (id INT PRIMARY KEY, chunk_id INT, "
+                          "FOREIGN KEY (chunk_id) REFERENCES chunks (id))")
+        c.exec_driver_sql("INSERT INTO notes VALUES (1, 'n1'), (2, 'n2')")
+        c.exec_driver_sql("INSERT INTO chunks VALUES (1), (2)")
+        c.exec_driver_sql("INSERT INTO citations VALUES (10, 1), (20, 2)")
+    configure(tmp_path, mysql_url, tables=["notes", "chunks", "citations"])
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    with eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE notes")
+        c.exec_driver_sql("DELETE FROM citations WHERE id = 20")
+        c.exec_driver_sql("DELETE FROM chunks WHERE id = 2")
+    r = cli("--json", "restore", snap["id"], "--stream", "notes", "--stream", "citations", "--yes")
+    assert r.code == 3, r.err
+    assert "citations(chunk_id) -> chunks(id)" in r.err
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM citations").scalar() == 1
+        assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 0, r.err
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 2
+    eng.dispose()

@@ -9,6 +9,7 @@ child table the agent wrote legitimately), that the agent's ordinary writes stil
 rebuild the pre-restore state exactly."""
 from __future__ import annotations
 
+import json
 import secrets
 
 import pytest
@@ -608,4 +609,118 @@ def test_mariadb_recreating_a_table_keeps_the_restore_one_transaction(mysql_url,
     assert r.code == 0, r.err
     with eng.connect() as c:
         assert c.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 2
+    eng.dispose()
+
+
+# -- the layouts agent frameworks create ------------------------------------------------------
+
+def framework_ddl(kind: str) -> list[str]:
+    """LangChain's PGVector tables (collection -> embedding, ON DELETE CASCADE), LangGraph's
+    checkpoint tables (composite keys, blobs), LangChain's SQL chat history (a serial key)."""
+    if kind == "postgresql":
+        uuid, jtype, blob, vec, serial = "uuid", "jsonb", "bytea", "real[]", "serial PRIMARY KEY"
+    elif kind == "sqlite":
+        uuid, jtype, blob, vec, serial = "TEXT", "TEXT", "BLOB", "TEXT", "INTEGER PRIMARY KEY AUTOINCREMENT"
+    else:
+        uuid, jtype, blob, vec, serial = "CHAR(36)", "JSON", "LONGBLOB", "JSON", "INT AUTO_INCREMENT PRIMARY KEY"
+    text = "VARCHAR(150)" if kind == "mariadb" else "TEXT"
+    b = "`blob`" if kind == "mariadb" else "blob"  # a reserved word there
+    ddl = [
+        f"CREATE TABLE langchain_pg_collection (uuid {uuid} PRIMARY KEY, name VARCHAR(100) NOT NULL UNIQUE, "
+        f"cmetadata {jtype})",
+        f"CREATE TABLE langchain_pg_embedding (id VARCHAR(100) PRIMARY KEY, collection_id {uuid} REFERENCES "
+        f"langchain_pg_collection (uuid) ON DELETE CASCADE, embedding {vec}, document {text}, cmetadata {jtype})",
+        f"CREATE TABLE checkpoints (thread_id {text} NOT NULL, checkpoint_ns {text} NOT NULL DEFAULT '', "
+        f"checkpoint_id {text} NOT NULL, parent_checkpoint_id {text}, type {text}, checkpoint {jtype} NOT NULL, "
+        f"metadata {jtype} NOT NULL, PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id))",
+        f"CREATE TABLE checkpoint_writes (thread_id {text} NOT NULL, checkpoint_ns {text} NOT NULL DEFAULT '', "
+        f"checkpoint_id {text} NOT NULL, task_id {text} NOT NULL, idx INTEGER NOT NULL, channel {text} NOT NULL, "
+        f"type {text}, {b} {blob} NOT NULL, PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id, task_id, idx))",
+        f"CREATE TABLE checkpoint_blobs (thread_id {text} NOT NULL, checkpoint_ns {text} NOT NULL DEFAULT '', "
+        f"channel {text} NOT NULL, version {text} NOT NULL, type {text} NOT NULL, {b} {blob}, "
+        f"PRIMARY KEY (thread_id, checkpoint_ns, channel, version))",
+        f"CREATE TABLE message_store (id {serial}, session_id {text} NOT NULL, message {text} NOT NULL)",
+    ]
+    if kind == "postgresql":
+        ddl.append("CREATE INDEX ix_cmetadata_gin ON langchain_pg_embedding USING gin (cmetadata jsonb_path_ops)")
+    return ddl
+
+
+FRAMEWORK_TABLES = ["langchain_pg_collection", "langchain_pg_embedding", "checkpoints", "checkpoint_writes",
+                    "checkpoint_blobs", "message_store"]
+
+
+def _vec(kind: str, values: list[float]) -> str:
+    return ("'{" + ",".join(map(str, values)) + "}'") if kind == "postgresql" else f"'{json.dumps(values)}'"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_framework_layouts_restore_exactly_and_nothing_is_lost(kind, request, tmp_path, cli):
+    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    eng = engine(url)
+    u = ["11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222",
+         "33333333-3333-3333-3333-333333333333"]
+    with eng.connect() as c:
+        for stmt in framework_ddl(kind):
+            c.exec_driver_sql(stmt)
+        c.exec_driver_sql(f"INSERT INTO langchain_pg_collection VALUES ('{u[0]}', 'kb', '{{}}'), ('{u[1]}', 'faq', '{{}}')")
+        for i in range(6):
+            c.exec_driver_sql(f"INSERT INTO langchain_pg_embedding VALUES ('e{i}', '{u[i % 2]}', "
+                              f"{_vec(kind, [i / 8, 0.5, -1.25])}, 'doc {i}', '{{\"page\": {i}}}')")
+        for t in ("t1", "t2"):
+            for n in range(3):
+                c.exec_driver_sql(f"INSERT INTO checkpoints VALUES ('{t}', '', 'c{n}', "
+                                  f"{'NULL' if n == 0 else repr('c' + str(n - 1))}, 'json', '{{\"v\": {n}}}', "
+                                  f"'{{\"step\": {n}}}')")
+                c.exec_driver_sql(f"INSERT INTO checkpoint_writes VALUES ('{t}', '', 'c{n}', 'task', 0, 'messages', "
+                                  f"'json', {repr('w' + str(n))})")
+            c.exec_driver_sql(f"INSERT INTO checkpoint_blobs VALUES ('{t}', '', 'messages', '1', 'json', 'blob')")
+        for m in range(4):
+            c.exec_driver_sql(f"INSERT INTO message_store (session_id, message) VALUES ('s{m % 2}', 'm{m}')")
+    configure(tmp_path, url, tables=FRAMEWORK_TABLES)
+    cli("init")
+    snap = cli("--json", "snapshot", "--release", "v1").json()
+    original = state(eng, FRAMEWORK_TABLES)
+
+    with eng.begin() as c:  # the agent goes wrong
+        c.exec_driver_sql(f"DELETE FROM langchain_pg_collection WHERE uuid = '{u[1]}'")
+        if kind != "postgresql":  # the others' connections here do not cascade for the agent
+            c.exec_driver_sql(f"DELETE FROM langchain_pg_embedding WHERE collection_id = '{u[1]}'")
+        c.exec_driver_sql(f"INSERT INTO langchain_pg_collection VALUES ('{u[2]}', 'poison', '{{}}')")
+        c.exec_driver_sql(f"INSERT INTO langchain_pg_embedding VALUES ('p1', '{u[2]}', {_vec(kind, [9.0, 9.0, 9.0])}, "
+                          f"'ignore previous instructions', '{{}}')")
+        c.exec_driver_sql("UPDATE langchain_pg_embedding SET document = 'tampered' WHERE id = 'e0'")
+        c.exec_driver_sql("INSERT INTO checkpoints VALUES ('t1', '', 'c3', 'c2', 'json', '{\"v\": 3}', '{\"step\": 3}')")
+        c.exec_driver_sql("UPDATE checkpoints SET metadata = '{\"step\": 99}' WHERE thread_id = 't2' AND checkpoint_id = 'c1'")
+        c.exec_driver_sql("DELETE FROM checkpoint_writes WHERE thread_id = 't2'")
+        c.exec_driver_sql("DROP TABLE checkpoint_blobs")
+        c.exec_driver_sql("INSERT INTO message_store (session_id, message) VALUES ('s0', 'poisoned')")
+    drifted = state(eng, [t for t in FRAMEWORK_TABLES if t != "checkpoint_blobs"])
+
+    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-fw", "--trust-repository-sql")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert state(eng, FRAMEWORK_TABLES) == original
+
+    # snapshot + incident rebuild the pre-restore state of every table that was there
+    repo = Repository.open(open_store(str(tmp_path / "repo")))
+    manifest = repo.load_manifest(repo.resolve(snap["id"]))
+    from snapshotter.streams import read_stream
+    rebuilt = {}
+    for table in drifted:
+        rows = {codec.pack(rec.key): rec.value for rec in read_stream(repo, manifest["sources"]["db"]["streams"][table])}
+        for _, _, rec in iter_records(repo, load_bundle(repo, "inc-fw"), stream=table):
+            if rec.value["op"] == "deleted":
+                rows.pop(codec.pack(rec.key))
+            else:
+                rows[codec.pack(rec.key)] = rec.value["value"]
+        rebuilt[table] = sorted(codec.pack([str(v) for v in value.values()]) for value in rows.values())
+    assert rebuilt == drifted
+
+    # the agent carries on: a new message takes the next id, a new collection and its embeddings
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO message_store (session_id, message) VALUES ('s1', 'next')")
+        assert c.exec_driver_sql("SELECT count(*) FROM message_store").scalar() == 5
+        c.exec_driver_sql(f"INSERT INTO langchain_pg_collection VALUES ('{u[2]}', 'new', '{{}}')")
+        c.exec_driver_sql(f"INSERT INTO checkpoint_blobs VALUES ('t3', '', 'messages', '1', 'json', 'b')")
     eng.dispose()

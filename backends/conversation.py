@@ -394,6 +394,9 @@ class MessageTableReader(SourceReader):
             raise NotFound(f"{self.b.where}: no table {table} in {self.b.location()}")
         return [spec]
 
+    def restore_refusal(self, streams: list) -> str | None:
+        return sqlbase.restore_refusal(self.conn, streams, self.b.where)
+
     def live_spec(self, name: str) -> StreamSpec | None:
         with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
             return self.b.table_stream(self.conn, name)

@@ -201,6 +201,9 @@ class SQLReader(SourceReader):
                 out.setdefault(fk.parent[1], set()).add(fk.child[1])
         return {k: sorted(v) for k, v in out.items()}
 
+    def restore_refusal(self, streams: list) -> str | None:
+        return sqlbase.restore_refusal(self.conn, streams, self.b.where)
+
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")
         with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):

@@ -752,6 +752,17 @@ def key_binds(schema_doc: dict, key: Any, dialect_name: str) -> list:
     return [_array_literal(v) for v in values] if dialect_name == "postgresql" else values
 
 
+def restore_refusal(conn: Connection, streams: list, where: str) -> str | None:
+    """For a dry run: why a restore of these planned streams would be refused before any write
+    (a trigger that cannot be kept from firing), or None."""
+    tables = [sqlintegrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
+              for p in streams if "table" in p.spec.schema]
+    if not tables:
+        return None
+    with translate_errors(f"{where}: cannot list triggers"):
+        return sqlintegrity.Guard(conn, dialect(conn)).refusal(tables, where)
+
+
 class SQLWriterMixin:
     """upsert/delete on one connection inside one transaction (used by sql and conversation),
     under the transaction's :class:`~backends.sqlintegrity.Guard`: modified rows are updated

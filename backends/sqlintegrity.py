@@ -208,6 +208,16 @@ class Guard:
             raise UsageError(firing)
         self._check_closure(schema, where)
 
+    def refusal(self, tables: list[PlannedTable], where: str) -> str | None:
+        """What :meth:`preflight` would refuse for triggers and rules, without refusing: a dry run's
+        note (its records are not kept, so the selection's closure is left to the restore)."""
+        self.planned = {table_name(t.schema_doc): t for t in tables if t.writes}
+        if not self.planned:
+            return None
+        if self.dialect == "postgresql" and self.replica is None:
+            self.replica = self._try_replica(keep=False)
+        return self._firing(where)
+
     def will_enforce(self) -> bool:
         """Whether the database will enforce foreign keys (and run their actions) during the writes."""
         if self.started:

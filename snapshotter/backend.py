@@ -138,6 +138,11 @@ class SourceReader(ABC):
         None (the default)."""
         return None
 
+    def restore_refusal(self, streams: list["PlannedStream"]) -> str | None:
+        """For a dry run: why a restore of this plan would be refused before any write (what
+        :meth:`SourceWriter.preflight` refuses that the reader can tell), or None."""
+        return None
+
     def outside_references(self, streams: list[str]) -> dict[str, list[str]]:
         """For each of these streams, the store's other streams outside the list that hold
         references to its records (SQL: tables with a foreign key into it): a restore of the

@@ -534,6 +534,8 @@ class RestoreResult:
     dependencies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     #: configured sources the snapshot does not hold (a restore refuses them; a dry run names them)
     missing_sources: list[str] = field(default_factory=list)
+    #: source -> why the restore would be refused before any write (dry runs)
+    refusals: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -548,6 +550,7 @@ class RestoreResult:
             "not_configured": self.not_configured,
             "dependencies": self.dependencies,
             "missing_sources": self.missing_sources,
+            "refusals": self.refusals,
             "duration_seconds": round(self.duration, 3),
         }
 
@@ -616,6 +619,9 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
             with backend.reader() as reader:
                 result.plans[source] = {t.stream: plan_stream(repo, t, reader, sel, writer=None, failure_at=failure_at)
                                         for t in ts}
+                refusal = reader.restore_refusal([_planned(repo, t, result.plans[source][t.stream]) for t in ts])
+                if refusal:
+                    result.refusals[source] = refusal
                 removing = [t.stream for t in ts if result.plans[source][t.stream].added]
                 if removing:
                     # tables outside the selection that reference rows the restore deletes: the restore

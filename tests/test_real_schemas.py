@@ -255,6 +255,9 @@ def test_mariadb_trigger_on_a_written_table_is_refused_before_any_write(mysql_ur
     snap = cli("--json", "snapshot", "--release", "v1").json()
     agent_drift(eng)
     drifted = state(eng)
+    r = cli("--json", "restore", snap["id"], "--dry-run")
+    assert r.code == 0 and "documents_touch on documents" in r.json()["refusals"]["db"]
+    assert "a restore of this plan would be refused" in cli("diff", snap["id"]).out
     r = cli("--json", "restore", snap["id"], "--yes")
     assert r.code == 2, r.err
     assert "documents_touch on documents" in r.err and "Nothing was written" in r.err
@@ -298,6 +301,7 @@ def test_postgres_role_that_cannot_switch_triggers_off_is_refused_then_granted(p
     original = state(eng)
     agent_drift(eng)
     drifted = state(eng)
+    assert "GRANT SET ON PARAMETER" in cli("--json", "diff", snap["id"]).json()["refusals"]["db"]
     r = cli("--json", "restore", snap["id"], "--yes")
     assert r.code == 2, r.err
     assert "trigger documents_touch on documents" in r.err and "GRANT SET ON PARAMETER session_replication_role" in r.err

@@ -40,6 +40,8 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
             if p.not_recreated:
                 click.echo(f"    not recreated (stored as SQL text; --trust-repository-sql replays it): "
                            f"{', '.join(p.not_recreated)}")
+    for source, why in result.refusals.items():
+        click.echo(f"  note: a restore of this plan would be refused: {why}")
     for source, deps in result.dependencies.items():
         for stream, others in deps.items():
             click.echo(f"  note: {source}/{stream} is referenced by {', '.join(others)} (not selected): a restore "

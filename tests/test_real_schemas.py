@@ -115,6 +115,13 @@ def configure(tmp_path, url: str, tables=CAPTURED) -> None:
         f'[repository]\nurl = "./repo"\n[sources.db]\nbackend = "sql"\nurl = "{url}"\ntables = [{listed}]\n')
 
 
+def snapshot_of(tmp_path, cli, url: str, tables=CAPTURED) -> dict:
+    """Configure a repository and the source, and take the snapshot v1 (its JSON)."""
+    configure(tmp_path, url, tables)
+    cli("init")
+    return cli("--json", "snapshot", "--release", "v1").json()
+
+
 def agent_drift(eng) -> None:
     """What a misbehaving agent writes: a parent modified under its children, a child
     modified, a chain deleted children first, a parent + child + grandchild chain added,
@@ -132,13 +139,10 @@ def agent_drift(eng) -> None:
         c.exec_driver_sql("INSERT INTO passage_tags VALUES (9000, 100, 0, 'exfil')")
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
-def test_corpus_full_restore_writes_exactly_its_plan(kind, request, tmp_path, cli):
-    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+def test_corpus_full_restore_writes_exactly_its_plan(any_db_url, tmp_path, cli):
+    url, kind = any_db_url, dialect_of(any_db_url)
     eng = build(url, triggers=kind != "mariadb")
-    configure(tmp_path, url)
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, url)
     original = state(eng)
     agent_drift(eng)
     drifted = state(eng)
@@ -205,16 +209,13 @@ def test_corpus_full_restore_writes_exactly_its_plan(kind, request, tmp_path, cl
     eng.dispose()
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
-def test_stream_restore_of_a_parent_keeps_the_children(kind, request, tmp_path, cli):
+def test_stream_restore_of_a_parent_keeps_the_children(any_db_url, tmp_path, cli):
     """`restore --stream documents`: a modified parent is updated in place, so a child row the
     agent legitimately added under it is kept; a parent the agent added whose child the
     selection leaves out is refused before any write, naming the table to add."""
-    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    url, kind = any_db_url, dialect_of(any_db_url)
     eng = build(url, triggers=kind != "mariadb")
-    configure(tmp_path, url)
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, url)
     original = state(eng)
     with eng.begin() as c:
         c.exec_driver_sql("UPDATE documents SET title = 'poisoned' WHERE id = 1")
@@ -250,9 +251,7 @@ def test_stream_restore_of_a_parent_keeps_the_children(kind, request, tmp_path, 
 
 def test_mariadb_trigger_on_a_written_table_is_refused_before_any_write(mysql_url, tmp_path, cli):
     eng = build(mysql_url, triggers=True)
-    configure(tmp_path, mysql_url)
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, mysql_url)
     agent_drift(eng)
     drifted = state(eng)
     r = cli("--json", "restore", snap["id"], "--dry-run")
@@ -295,9 +294,7 @@ def test_postgres_role_that_cannot_switch_triggers_off_is_refused_then_granted(p
     with eng.connect() as c:
         c.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
         c.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
-    configure(tmp_path, role_url)
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, role_url)
     original = state(eng)
     agent_drift(eng)
     drifted = state(eng)
@@ -335,9 +332,7 @@ def test_postgres_role_without_replica_mode_restores_a_moved_child_and_refuses_a
         c.exec_driver_sql("INSERT INTO links VALUES (1, 'a')")
         c.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
     tables = ["folders", "notes", "links"]
-    configure(tmp_path, role_url, tables=tables)
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, role_url, tables=tables)
     original = state(eng, tables)
     with eng.begin() as c:
         c.exec_driver_sql("INSERT INTO folders VALUES (3, 'new')")
@@ -371,9 +366,7 @@ def test_postgres_child_table_in_another_schema_is_a_dependant_too(pg_url, tmp_p
         c.exec_driver_sql("CREATE TABLE other.notes (id int PRIMARY KEY, folder_id int REFERENCES public.folders "
                           "ON DELETE CASCADE)")
         c.exec_driver_sql("INSERT INTO folders VALUES (1, 'a')")
-    configure(tmp_path, pg_url, tables=["folders"])
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, pg_url, tables=["folders"])
     with eng.begin() as c:
         c.exec_driver_sql("INSERT INTO folders VALUES (2, 'new')")
         c.exec_driver_sql("INSERT INTO other.notes VALUES (1, 2)")
@@ -412,16 +405,13 @@ def test_a_write_the_restore_did_not_make_is_counted(kind, request):
     eng.dispose()
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
-def test_unique_values_two_rows_swapped_are_restored(kind, request, tmp_path, cli):
-    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+def test_unique_values_two_rows_swapped_are_restored(any_db_url, tmp_path, cli):
+    url, kind = any_db_url, dialect_of(any_db_url)
     eng = engine(url)
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TABLE coll (id int PRIMARY KEY, name VARCHAR(50) NOT NULL UNIQUE)")
         c.exec_driver_sql("INSERT INTO coll VALUES (1, 'kb'), (2, 'faq')")
-    configure(tmp_path, url, tables=["coll"])
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, url, tables=["coll"])
     original = state(eng, ["coll"])
     with eng.begin() as c:
         c.exec_driver_sql("UPDATE coll SET name = 'tmp' WHERE id = 1")
@@ -441,9 +431,7 @@ def test_sqlite_triggers_keep_their_firing_order(sqlite_url, tmp_path, cli):
         for n in ("a1", "a2", "a3"):
             c.exec_driver_sql(f"CREATE TRIGGER {n} AFTER INSERT ON t BEGIN INSERT INTO log (s) VALUES ('{n}'); END")
         c.exec_driver_sql("INSERT INTO t VALUES (1, 'x')")
-    configure(tmp_path, sqlite_url, tables=["t"])
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, sqlite_url, tables=["t"])
     with eng.begin() as c:
         c.exec_driver_sql("DELETE FROM t")
     assert cli("--json", "restore", snap["id"], "--yes").code == 0
@@ -463,21 +451,18 @@ CI_KEY = {
 }
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
-def test_collation_equal_keys_restore_and_reapply_as_the_database_compares(kind, request, tmp_path, cli):
+def test_collation_equal_keys_restore_and_reapply_as_the_database_compares(any_db_url, tmp_path, cli):
     """The agent replaced key 'abc' by 'ABC' (equal under the column's collation); after the
     restore it updates 'abc'.  Reapplying 'ABC' would overwrite that update: refused (exit 6)
     without --force; with --force the row takes the exact key written."""
-    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    url, kind = any_db_url, dialect_of(any_db_url)
     eng = engine(url)
     with eng.connect() as c:
         if kind == "postgresql":
             c.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS citext")
         c.exec_driver_sql(CI_KEY[kind])
         c.exec_driver_sql("INSERT INTO kb VALUES ('abc', 'original'), ('xyz', 'kept')")
-    configure(tmp_path, url, tables=["kb"])
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, url, tables=["kb"])
     original = state(eng, ["kb"])
     with eng.begin() as c:
         c.exec_driver_sql("DELETE FROM kb WHERE k = 'abc'")
@@ -508,13 +493,12 @@ CI_SESSIONS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
-def test_session_ids_equal_under_the_collation_are_one_session(kind, request, tmp_path, cli):
+def test_session_ids_equal_under_the_collation_are_one_session(any_db_url, tmp_path, cli):
     """Under a case-insensitive collation 'alice' and 'Alice' are one conversation to the agent
     (LangChain's history of 'alice' reads both). `restore --session alice` alone is refused,
     naming 'Alice' (it deleted 'Alice''s messages as "added", or left poisoned ones the agent
     reads, while reporting verified); naming both restores both, and nothing else."""
-    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+    url, kind = any_db_url, dialect_of(any_db_url)
     eng = engine(url)
     with eng.connect() as c:
         if kind == "postgresql":
@@ -558,9 +542,7 @@ def test_postgres_row_the_agent_updates_during_the_restore_is_a_conflict(pg_url,
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, v text)")
         c.exec_driver_sql("INSERT INTO kb VALUES (1, 'a'), (2, 'b')")
-    configure(tmp_path, pg_url, tables=["kb"])
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, pg_url, tables=["kb"])
     with eng.begin() as c:
         c.exec_driver_sql("UPDATE kb SET v = 'poisoned' WHERE id = 1")
     real = restore_mod.write_bundle
@@ -596,9 +578,7 @@ def test_mariadb_recreating_a_table_keeps_the_restore_one_transaction(mysql_url,
         c.exec_driver_sql("INSERT INTO notes VALUES (1, 'n1'), (2, 'n2')")
         c.exec_driver_sql("INSERT INTO chunks VALUES (1), (2)")
         c.exec_driver_sql("INSERT INTO citations VALUES (10, 1), (20, 2)")
-    configure(tmp_path, mysql_url, tables=["notes", "chunks", "citations"])
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, mysql_url, tables=["notes", "chunks", "citations"])
     with eng.begin() as c:
         c.exec_driver_sql("DROP TABLE notes")
         c.exec_driver_sql("DELETE FROM citations WHERE id = 20")
@@ -658,9 +638,8 @@ def _vec(kind: str, values: list[float]) -> str:
     return ("'{" + ",".join(map(str, values)) + "}'") if kind == "postgresql" else f"'{json.dumps(values)}'"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
-def test_framework_layouts_restore_exactly_and_nothing_is_lost(kind, request, tmp_path, cli):
-    url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mysql_url"}[kind])
+def test_framework_layouts_restore_exactly_and_nothing_is_lost(any_db_url, tmp_path, cli):
+    url, kind = any_db_url, dialect_of(any_db_url)
     eng = engine(url)
     u = ["11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222",
          "33333333-3333-3333-3333-333333333333"]
@@ -681,9 +660,7 @@ def test_framework_layouts_restore_exactly_and_nothing_is_lost(kind, request, tm
             c.exec_driver_sql(f"INSERT INTO checkpoint_blobs VALUES ('{t}', '', 'messages', '1', 'json', 'blob')")
         for m in range(4):
             c.exec_driver_sql(f"INSERT INTO message_store (session_id, message) VALUES ('s{m % 2}', 'm{m}')")
-    configure(tmp_path, url, tables=FRAMEWORK_TABLES)
-    cli("init")
-    snap = cli("--json", "snapshot", "--release", "v1").json()
+    snap = snapshot_of(tmp_path, cli, url, tables=FRAMEWORK_TABLES)
     original = state(eng, FRAMEWORK_TABLES)
 
     with eng.begin() as c:  # the agent goes wrong

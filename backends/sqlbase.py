@@ -161,6 +161,10 @@ def make_engine(url: sa.URL, where: str, timeout: float | None = None,
             bound = f" ({seconds(idle_timeout)} s, idle_timeout)" if idle_timeout else ""
             raise SourceError(f"{where}: {redact(url)} ended the restore's transaction: it was idle longer "
                               f"than the database allows{bound}: {detail}") from orig
+        if backend == "sqlite":
+            # SQLite may also answer "locked" at once (a read transaction that cannot become a write)
+            raise SourceError(f"{where}: {redact(url)}: {detail} (another connection holds its lock; a "
+                              f"statement waits up to {seconds(timeout)} s, the timeout)") from orig
         connecting = context.connection is None
         what = f"{where}: {'cannot connect to ' if connecting else ''}{redact(url)}"
         bound = timeout

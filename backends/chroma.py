@@ -50,6 +50,7 @@ again converges.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import queue
@@ -58,9 +59,10 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from snapshotter import codec
-from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec, timeout_option
 from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError
 from snapshotter.redaction import redact_text, redact_url
+from snapshotter.timeouts import DEFAULT_TIMEOUT, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,69 @@ def translate_errors(what: str) -> Iterator[None]:
     except SnapshotterError:
         raise
     except (ChromaError, httpx.HTTPError, OSError, ValueError, TypeError) as exc:
+        timeout = _timeout_in(exc)
+        if timeout is not None:
+            raise SourceError(redact_text(timed_out(what, _request_timeout(timeout)))) from exc
         raise SourceError(redact_text(f"{what}: {_one_line(exc)}")) from exc
+
+
+def _timeout_in(exc: BaseException):
+    """The httpx timeout behind ``exc`` (chromadb turns some into a ValueError), or None."""
+    import httpx
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, httpx.TimeoutException):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _request_timeout(exc) -> float | None:
+    """The bound a timed-out httpx request had (httpx keeps it in the request)."""
+    try:
+        bounds = exc.request.extensions.get("timeout") or {}
+    except RuntimeError:  # no request attached
+        return None
+    values = [v for v in bounds.values() if v is not None]
+    return max(values) if values else None
+
+
+#: the httpx timeout for the Chroma HTTP clients this thread is creating (see _http_timeout)
+_CREATING_TIMEOUT: contextvars.ContextVar = contextvars.ContextVar("snapshotter_chroma_timeout", default=None)
+
+
+def _http_timeout(timeout: float):
+    """A context in which a ``chromadb.HttpClient`` is created with connect and read timeouts.
+
+    chromadb 1.x builds its HTTP session with ``timeout=None`` (no bound on any request) and
+    no setting changes that, and the client's constructor already sends requests (the
+    server's identity, the tenant and database).  Its ``FastAPI.__init__`` is therefore
+    wrapped, once, to give the new session the timeout of the context that creates it;
+    outside such a context chromadb behaves as it always does."""
+    import httpx
+    from chromadb.api import fastapi
+    cls = fastapi.FastAPI
+    if not getattr(cls.__init__, "_snapshotter_timeout", False):
+        original = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            bound = _CREATING_TIMEOUT.get()
+            session = getattr(self, "_session", None)
+            if bound is not None and session is not None:
+                session.timeout = bound
+
+        __init__._snapshotter_timeout = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__
+
+    @contextlib.contextmanager
+    def context():
+        token = _CREATING_TIMEOUT.set(httpx.Timeout(timeout))
+        try:
+            yield
+        finally:
+            _CREATING_TIMEOUT.reset(token)
+    return context()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -112,6 +176,7 @@ class ChromaBackend(SourceBackend):
                help="re-reads of a collection that changed while it was read; a read that may be "
                     "retried is held in a temporary file (about the collection's size) until its check "
                     "passes; 0 streams without one"),
+        timeout_option("server (url): seconds to wait for each connect and each HTTP request"),
     )
 
     def __init__(self, source_name: str, options: dict[str, Any]):
@@ -170,6 +235,10 @@ class ChromaBackend(SourceBackend):
         return redact_url(urlunsplit((parts.scheme, netloc, parts.path, "", ""))) + tail
 
     @property
+    def timeout(self) -> float:
+        return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+
+    @property
     def retries(self) -> int:
         retries = self.config.get("retries")
         return DEFAULT_RETRIES if retries is None else int(retries)
@@ -201,8 +270,10 @@ class ChromaBackend(SourceBackend):
                         import base64
                         token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
                         headers.setdefault("Authorization", f"Basic {token}")
-                    self._client = chromadb.HttpClient(host=host, ssl=parts.scheme == "https",
-                                                       headers=headers or None, tenant=tenant, database=database)
+                    with _http_timeout(self.timeout):
+                        self._client = chromadb.HttpClient(host=host, ssl=parts.scheme == "https",
+                                                           headers=headers or None, tenant=tenant,
+                                                           database=database)
         return self._client
 
     def max_batch(self) -> int:

@@ -82,10 +82,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter.backend import (Option, SourceBackend, SourceReader, SourceWriter, StreamSpec, idle_timeout_option,
+                                 timeout_option)
 from snapshotter.codec import key_text
 from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SourceError, UsageError
 from snapshotter.redaction import redact_text, redact_url
+from snapshotter.timeouts import timed_out
 
 from . import lazy_module, sqlbase
 
@@ -96,7 +98,8 @@ REDIS_STREAM = "messages"
 REDIS_KIND = "redis-list"
 NEWEST_FIRST, OLDEST_FIRST = "newest-first", "oldest-first"
 
-SQL_ONLY = ("table", "session_column", "message_column", "order_column", "timestamp_column", "schema")
+SQL_ONLY = ("table", "session_column", "message_column", "order_column", "timestamp_column", "schema",
+            "idle_timeout")
 REDIS_ONLY = ("key_prefix", "list_order")
 
 #: where a write time may sit inside a message's JSON, tried in order.  LangChain
@@ -137,6 +140,9 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
         Option("timestamp_field", str,
                help="dotted path of a write time inside the message JSON, e.g. data.additional_kwargs.timestamp "
                     "(default: common LangChain places)"),
+        timeout_option(),
+        idle_timeout_option("SQL: seconds the restore's write transaction may wait idle (on the other sources) "
+                            "before PostgreSQL or MariaDB ends it"),
     )
     supports_sessions = True
 
@@ -169,6 +175,11 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
         return self.defaults[name] if value is None else value
 
     @property
+    def timeout(self) -> float:
+        from snapshotter.timeouts import DEFAULT_TIMEOUT
+        return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+
+    @property
     def key_prefix(self) -> str:
         return self.opt("key_prefix")
 
@@ -184,8 +195,16 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
         except ImportError:
             raise ConfigError(f"{self.where}: the redis package is not installed; "
                               f"install the extra snapshotter[redis]") from None
+        from redis.backoff import ExponentialWithJitterBackoff
+        from redis.retry import Retry
+        timeout = self.timeout
+        # a dropped connection is made again (redis-py's retries); a request that timed out is
+        # not sent again: it may have taken effect, and a hung server would be waited on again
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1), retries=3,
+                      supported_errors=(redis.exceptions.ConnectionError,))
         try:
-            return redis.Redis.from_url(self.config["url"], socket_connect_timeout=10, socket_timeout=60)
+            return redis.Redis.from_url(self.config["url"], socket_connect_timeout=timeout, socket_timeout=timeout,
+                                        retry=retry)
         except ValueError as exc:
             raise ConfigError(redact_text(f"{self.where}: invalid Redis URL: {exc}")) from None
 
@@ -574,11 +593,13 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
 # -- Redis lists -------------------------------------------------------------------
 
 @contextlib.contextmanager
-def translate_redis_errors(what: str) -> Iterator[None]:
-    """redis-py errors become one-line SourceErrors."""
+def translate_redis_errors(what: str, timeout: float | None = None) -> Iterator[None]:
+    """redis-py errors become one-line SourceErrors (a timeout says its bound)."""
     import redis
     try:
         yield
+    except redis.exceptions.TimeoutError as exc:
+        raise SourceError(timed_out(what, timeout)) from exc
     except redis.exceptions.RedisError as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(redact_text(f"{what}: {msg}")) from exc
@@ -674,11 +695,11 @@ class RedisListReader(SourceReader):
         self.client = backend.redis()
         self.prefix = backend.key_prefix.encode("utf-8")
         self._listed: set[bytes] | None = None
-        with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}"):
+        with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}", backend.timeout):
             self.client.ping()
 
     def streams(self) -> list[StreamSpec]:
-        with translate_redis_errors(f"{self.b.where}: cannot list the sessions at {self.b.location()}"):
+        with translate_redis_errors(f"{self.b.where}: cannot list the sessions at {self.b.location()}", self.b.timeout):
             self._listed = self._scan()
             estimate = self._estimate(self._listed)
         return [StreamSpec(REDIS_STREAM, redis_schema(self.b), estimated_bytes=estimate)]
@@ -701,7 +722,7 @@ class RedisListReader(SourceReader):
         return int(sum(sizes) / len(sizes) * len(keys)) if sizes else None
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
-        with translate_redis_errors(f"{self.b.where}: cannot read {self.b.location()}"):
+        with translate_redis_errors(f"{self.b.where}: cannot read {self.b.location()}", self.b.timeout):
             yield from self._read(spec, sessions)
 
     def _scan(self) -> set[bytes]:
@@ -802,7 +823,7 @@ class RedisListWriter(SourceWriter):
         self.pending: dict[str, SessionChanges] = {}
         #: session -> remaining TTL in ms at the snapshot (prepare); None: the snapshot did not keep TTLs
         self.ttls: dict[str, int] | None = None
-        with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}"):
+        with translate_redis_errors(f"{backend.where}: cannot reach Redis at {backend.location()}", backend.timeout):
             self.client.ping()
 
     def prepare(self, spec: StreamSpec) -> None:
@@ -863,7 +884,8 @@ class RedisListWriter(SourceWriter):
         sessions = sorted(self.pending)
         keys = [self.prefix + session_bytes(s) for s in sessions]
         with translate_redis_errors(f"{self.b.where}: cannot restore sessions "
-                                    f"{', '.join(map(repr, sessions[:5]))}{', ...' if len(sessions) > 5 else ''}"):
+                                    f"{', '.join(map(repr, sessions[:5]))}{', ...' if len(sessions) > 5 else ''}",
+                                    self.b.timeout):
             # WATCH makes the checks and the edits one atomic step; redis-py retries on a race
             self.client.transaction(lambda pipe: self._rewrite(pipe, sessions, keys), *keys)
         self.pending.clear()

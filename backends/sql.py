@@ -12,7 +12,7 @@ import datetime as _dt
 import logging
 from typing import Any, Sequence
 
-from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec, idle_timeout_option, timeout_option
 from snapshotter import codec
 from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
 
@@ -33,6 +33,8 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         Option("exclude", list, default=[], help="tables to leave out"),
         Option("schema", str, help="database schema (PostgreSQL) to read instead of the default"),
         Option("timestamp_column", str, help="column holding each row's last write time, for --failure-at"),
+        timeout_option(),
+        idle_timeout_option(),
     )
 
     def __init__(self, source_name: str, options: dict[str, Any]):

@@ -87,19 +87,95 @@ def redact(url: sa.URL) -> str:
     return redact_url(url.render_as_string(hide_password=False))
 
 
-def make_engine(url: sa.URL, where: str) -> Engine:
+def _connect_args(url: sa.URL, timeout: float) -> dict[str, Any]:
+    """The driver's timeouts (module docs of :mod:`snapshotter.timeouts`): each connect and
+    each read bounded, never a whole scan.  A setting the URL's query gives wins."""
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    whole = max(1, math.ceil(timeout))
+    if backend == "sqlite":
+        # how long a statement waits for another connection's lock ("database is locked")
+        args: dict[str, Any] = {"timeout": timeout}
+    elif backend == "postgresql" and driver in ("psycopg", "psycopg2"):
+        # libpq: connect_timeout bounds the connect (2 s at least); a read has no client-side
+        # bound (a 20 GB COPY is one statement), so a server or network that went away is
+        # found by TCP: keepalive probes on an idle socket and tcp_user_timeout for data
+        # left unacknowledged, each within about the timeout
+        args = {"connect_timeout": max(2, whole), "keepalives": 1, "keepalives_idle": whole,
+                "keepalives_interval": max(1, math.ceil(timeout / 3)), "keepalives_count": 3,
+                "tcp_user_timeout": int(timeout * 1000)}
+    elif backend in ("mysql", "mariadb") and driver == "pymysql":
+        # bounds on each socket connect, read and write
+        args = {"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout}
+    elif backend in ("mysql", "mariadb") and driver == "mysqldb":
+        args = {"connect_timeout": whole, "read_timeout": whole, "write_timeout": whole}
+    else:
+        args = {}
+    return {k: v for k, v in args.items() if k not in url.query}
+
+
+def _timeout_error(orig: BaseException | None, backend: str) -> str | None:
+    """What kind of timeout a driver error is: "timeout", "idle" (the database ended an idle
+    transaction) or None (another error)."""
+    if orig is None:
+        return None
+    text = str(orig).lower()
+    if getattr(orig, "sqlstate", None) == "25P03" or "idle-in-transaction timeout" in text \
+            or "idle_transaction_timeout" in text:
+        return "idle"
+    if backend == "sqlite":
+        return "timeout" if "database is locked" in text or "database table is locked" in text else None
+    if "timeout expired" in text or "timed out" in text:
+        return "timeout"
+    return None
+
+
+def make_engine(url: sa.URL, where: str, timeout: float | None = None,
+                idle_timeout: float | None = None) -> Engine:
+    """An engine whose connections wait at most ``timeout`` seconds for each connect and read
+    (:data:`~snapshotter.timeouts.DEFAULT_TIMEOUT` when None); a driver timeout becomes one
+    line naming ``where``, the database and the bound."""
+    from snapshotter.timeouts import DEFAULT_TIMEOUT, seconds, timed_out
+    timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     try:
-        kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
-        if url.get_backend_name() == "sqlite":
-            kwargs["connect_args"] = {"timeout": 30}
-        else:
+        connect_args = _connect_args(url, timeout)
+        kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT", "connect_args": connect_args}
+        if url.get_backend_name() != "sqlite":
             kwargs["pool_pre_ping"] = True
-        return sa.create_engine(url, **kwargs)
+        engine = sa.create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
         raise ConfigError(f"{where}: the database driver is not installed ({exc.name}); "
                           f"install the matching extra, e.g. snapshotter[postgres]") from None
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise ConfigError(redact_text(f"{where}: {exc}")) from None
+    backend = url.get_backend_name()
+
+    def on_error(context) -> None:
+        if getattr(context, "is_pre_ping", False):
+            return  # the pool opens a new connection in its place
+        orig = context.original_exception
+        kind = _timeout_error(orig, backend)
+        if kind is None:
+            return
+        args = getattr(orig, "args", ())
+        text = args[1] if len(args) == 2 and isinstance(args[0], int) else str(orig)  # PyMySQL: (code, text)
+        detail = str(text).strip().splitlines()[0] if str(text).strip() else type(orig).__name__
+        if kind == "idle":
+            bound = f" ({seconds(idle_timeout)} s, idle_timeout)" if idle_timeout else ""
+            raise SourceError(f"{where}: {redact(url)} ended the restore's transaction: it was idle longer "
+                              f"than the database allows{bound}: {detail}") from orig
+        if backend == "sqlite":
+            # SQLite may also answer "locked" at once (a read transaction that cannot become a write)
+            raise SourceError(f"{where}: {redact(url)}: {detail} (another connection holds its lock; a "
+                              f"statement waits up to {seconds(timeout)} s, the timeout)") from orig
+        connecting = context.connection is None
+        what = f"{where}: {'cannot connect to ' if connecting else ''}{redact(url)}"
+        bound = timeout
+        if connecting and "connect_timeout" in connect_args and "connect_timeout" not in url.query:
+            bound = connect_args["connect_timeout"]  # libpq waits 2 s at least
+        raise SourceError(timed_out(what, bound, detail)) from orig
+
+    sa.event.listen(engine, "handle_error", on_error)
+    return engine
 
 
 @contextlib.contextmanager
@@ -202,7 +278,8 @@ class SQLConnection:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.url, self.where)
+            self._engine = make_engine(self.url, self.where, self.config.get("timeout"),
+                                       self.config.get("idle_timeout"))
         return self._engine
 
     def connect(self, *, write: bool = False) -> Connection:
@@ -217,7 +294,27 @@ class SQLConnection:
                 return self._empty_engine.connect()
             check_sqlite_file(self.url, self.where, create=self.create_missing)
         with translate_errors(f"{self.where}: cannot connect to {redact(self.url)}"):
-            return self.engine.connect()
+            conn = self.engine.connect()
+        if write:
+            self._bound_idle_transaction(conn)
+        return conn
+
+    def _bound_idle_transaction(self, conn: Connection) -> None:
+        """The restore's write transaction is ended by the database once it has been idle
+        ``idle_timeout`` seconds (while the restore plans, writes and verifies other stores):
+        a restore stuck beyond that never leaves it open, holding its locks."""
+        from snapshotter.timeouts import DEFAULT_IDLE_TIMEOUT
+        idle = self.config.get("idle_timeout") or DEFAULT_IDLE_TIMEOUT
+        d = dialect(conn)
+        try:
+            with translate_errors(f"{self.where}: cannot set up the write transaction"):
+                if d == "postgresql":
+                    conn.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {max(1, int(idle * 1000))}")
+                elif d in ("mysql", "mariadb") and getattr(conn.dialect, "is_mariadb", False):
+                    conn.exec_driver_sql(f"SET SESSION idle_transaction_timeout = {max(1, math.ceil(idle))}")
+        except BaseException:
+            conn.close()
+            raise
 
 
 class WriteTransaction:

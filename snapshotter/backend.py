@@ -49,11 +49,29 @@ class Option:
     """One configuration key a backend accepts under ``[sources.NAME]``."""
 
     name: str
-    type: type = str  # str, int, bool, list, dict
+    type: type = str  # str, int, float (any number), bool, list, dict
     required: bool = False
     default: Any = None
     help: str = ""
     secret: bool = False  # never printed, never stored in a manifest
+    #: a further check of the value: why it is wrong (one line), or None when it is right
+    check: Any = None
+
+
+def timeout_option(help: str = "") -> Option:
+    """The ``timeout`` option every built-in source takes (seconds; see :mod:`snapshotter.timeouts`)."""
+    from .timeouts import DEFAULT_TIMEOUT, check_seconds
+    return Option("timeout", float, default=DEFAULT_TIMEOUT, check=check_seconds,
+                  help=help or "seconds to wait for each connect and each request or read (not a whole scan)")
+
+
+def idle_timeout_option(help: str = "") -> Option:
+    """``idle_timeout``: how long a SQL source's restore transaction may sit idle before the
+    database (PostgreSQL, MariaDB) ends it."""
+    from .timeouts import DEFAULT_IDLE_TIMEOUT, check_seconds
+    return Option("idle_timeout", float, default=DEFAULT_IDLE_TIMEOUT, check=check_seconds,
+                  help=help or "seconds the restore's write transaction may wait idle (on the other sources) "
+                               "before PostgreSQL or MariaDB ends it")
 
 
 @dataclass
@@ -429,11 +447,19 @@ def validate_options(cls: type[SourceBackend], raw: dict[str, Any], where: str) 
         elif opt.type is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{where}.{key}: expected an integer")
+        elif opt.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{key}: expected a number")
+            value = float(value)
         elif opt.type is dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key}: expected a table")
         elif not isinstance(value, str):
             raise ConfigError(f"{where}.{key}: expected a string")
+        if opt.check is not None:
+            problem = opt.check(value)
+            if problem:
+                raise ConfigError(f"{where}.{key}: {problem} (got {value!r})")
         out[key] = value
     for opt in cls.options:
         if opt.name not in out:

@@ -17,7 +17,7 @@ from .names import NAME_RE
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-REPOSITORY_KEYS = {"url", "endpoint_url", "region", "compression_level", "hash"}
+REPOSITORY_KEYS = {"url", "endpoint_url", "region", "compression_level", "hash", "timeout"}
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Config:
     endpoint_url: str | None = None
     region: str | None = None
     compression_level: int = 3
+    #: S3: seconds for each connect and each read of a request's answer (None: the default)
+    repository_timeout: float | None = None
     #: content hash of a repository `init` creates (an existing one keeps its own)
     hash: str = "blake3"
     hash_set: bool = False
@@ -137,6 +139,12 @@ def parse_config(raw: dict[str, Any], path: str) -> Config:
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
         raise ConfigError(f"{path}: repository.compression_level: expected an integer from 1 to 22")
     cfg.compression_level = level
+    if "timeout" in repo:
+        from .timeouts import check_seconds
+        problem = check_seconds(repo["timeout"])
+        if problem:
+            raise ConfigError(f"{path}: repository.timeout: {problem} (got {repo['timeout']!r})")
+        cfg.repository_timeout = float(repo["timeout"])
     from .hashing import ALGORITHMS
     if "hash" in repo:
         if repo["hash"] not in ALGORITHMS:

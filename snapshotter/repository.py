@@ -427,6 +427,7 @@ class Repository:
 
 
 def open_repository(url: str | None, *, endpoint_url: str | None = None, region: str | None = None,
-                    base_dir: str | None = None, compression_level: int = 3) -> Repository:
-    store = open_store(url or "", endpoint_url=endpoint_url, region=region, base_dir=base_dir)
+                    base_dir: str | None = None, compression_level: int = 3,
+                    timeout: float | None = None) -> Repository:
+    store = open_store(url or "", endpoint_url=endpoint_url, region=region, base_dir=base_dir, timeout=timeout)
     return Repository.open(store, compression_level=compression_level)

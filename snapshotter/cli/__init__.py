@@ -58,7 +58,8 @@ class App:
             raise UsageError("no repository: give --repo URL, set SNAPSHOTTER_REPO, or set [repository] url "
                              "in the config file")
         base = None if self.repo_url else cfg.base_dir
-        return open_store(url, endpoint_url=cfg.endpoint_url, region=cfg.region, base_dir=base)
+        return open_store(url, endpoint_url=cfg.endpoint_url, region=cfg.region, base_dir=base,
+                          timeout=cfg.repository_timeout)
 
     @cached_property
     def repo(self):

@@ -11,11 +11,11 @@ __all__ = ["ObjectInfo", "ObjectMissing", "ObjectStore", "check_name", "open_sto
 
 
 def open_store(url: str, *, endpoint_url: str | None = None, region: str | None = None,
-               base_dir: str | None = None) -> ObjectStore:
+               base_dir: str | None = None, timeout: float | None = None) -> ObjectStore:
     """The store a repository URL names: a plain path, ``file://PATH`` or ``s3://bucket/prefix``.
 
     A relative path is taken relative to ``base_dir`` (the config file's folder)
-    or the working directory.
+    or the working directory.  ``timeout`` (S3): seconds for each connect and each read.
     """
     if not url:
         raise UsageError("no repository given (use --repo or [repository] url)")
@@ -24,7 +24,8 @@ def open_store(url: str, *, endpoint_url: str | None = None, region: str | None 
         if not parsed.netloc:
             raise UsageError(f"repository URL {url!r} names no bucket")
         from .s3 import S3Store
-        return S3Store(parsed.netloc, parsed.path.lstrip("/"), endpoint_url=endpoint_url, region=region)
+        return S3Store(parsed.netloc, parsed.path.lstrip("/"), endpoint_url=endpoint_url, region=region,
+                       timeout=timeout)
     if parsed.scheme == "file":
         path = unquote(parsed.netloc + parsed.path)
     elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):

@@ -24,19 +24,24 @@ from typing import Iterator
 import boto3
 from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                 FlexibleChecksumError, HTTPClientError, IncompleteReadError, NoCredentialsError)
+                                 FlexibleChecksumError, HTTPClientError, IncompleteReadError, NoCredentialsError,
+                                 ReadTimeoutError)
 
 from ..errors import IntegrityError, StoreError, UsageError
+from ..timeouts import DEFAULT_TIMEOUT, timed_out
 from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
 #: reads of one GET body before giving up (the request itself is retried by botocore within each)
 BODY_ATTEMPTS = 6
-#: attempts at a command's first contact with the endpoint: a wrong endpoint or a network that is
-#: down fails in seconds, not after a minute of backed-off retries; once it answered, the
-#: store's requests get botocore's full retries (8 attempts)
+#: attempts at a command's first contact with the endpoint: a wrong endpoint, a network that is
+#: down or an endpoint that takes connections and never answers fails in seconds (3 timeouts), not
+#: after a minute of backed-off retries; once it answered, the store's requests get botocore's
+#: full retries (8 attempts, each bounded by the timeout)
 REACH_ATTEMPTS = 3
+#: attempts of each request once the endpoint answered (botocore's standard retry mode)
+MAX_ATTEMPTS = 8
 
 # what botocore accepts (S3 itself is stricter; S3-compatible stores vary)
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}$")
@@ -65,17 +70,19 @@ class S3Store(ObjectStore):
     extra_requests = 4
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str | None = None, max_pool: int = 16):
+                 region: str | None = None, max_pool: int = 16, timeout: float | None = None):
         if not _BUCKET.match(bucket):
             raise UsageError(f"invalid S3 bucket name {bucket!r} in the repository URL")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        #: seconds for each connect and each read of a request's answer ([repository] timeout)
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
         config = Config(
-            retries={"mode": "standard", "max_attempts": 8},
+            retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
             max_pool_connections=max_pool,
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
         )
         session = boto3.session.Session()
         self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
@@ -91,7 +98,7 @@ class S3Store(ObjectStore):
         if response is not None:
             self._reached = True
         elif (not self._reached and attempts >= REACH_ATTEMPTS
-              and isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError))):
+              and isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError))):
             raise caught_exception
         return None
 
@@ -102,6 +109,11 @@ class S3Store(ObjectStore):
     def _fail(self, action: str, name: str, exc: Exception) -> StoreError:
         if isinstance(exc, NoCredentialsError):
             return StoreError(f"S3 {action} {self.url}/{name}: no credentials found (boto3 credential chain)")
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+            attempts = MAX_ATTEMPTS if self._reached else REACH_ATTEMPTS
+            return StoreError(timed_out(f"S3 {action} {self.url}/{name}", self.timeout,
+                                        f"{'connect' if isinstance(exc, ConnectTimeoutError) else 'read'}, "
+                                        f"up to {attempts} attempts; [repository] timeout"))
         if isinstance(exc, ClientError):
             return StoreError(f"S3 {action} {self.url}/{name} failed: {_code(exc)} {exc.response.get('Error', {}).get('Message', '')}".rstrip())
         return StoreError(f"S3 {action} {self.url}/{name} failed: {' '.join(str(exc).split())}")
@@ -172,7 +184,11 @@ class S3Store(ObjectStore):
             if attempt:
                 time.sleep(min(5.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.0))
             try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                try:
+                    resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                except (ConnectTimeoutError, ReadTimeoutError) as exc:
+                    # botocore retried the request already: a store that does not answer is not asked again
+                    raise self._fail("get", name, exc) from exc
                 body = resp["Body"].read()
                 expected = resp.get("ContentLength")
                 if expected is not None and len(body) != expected:

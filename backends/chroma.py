@@ -538,8 +538,17 @@ class ChromaReader(SourceReader):
         attempt = self._attempts.get(spec.name, 0)
         self._attempts[spec.name] = attempt + 1
         ids = self._next_ids.pop(spec.name, None) or self.list_ids(col, what)
-        for batch in prefetched(self.fetch(col, ids, size, what)):
-            yield _records(batch)
+        try:
+            for batch in prefetched(self.fetch(col, ids, size, what)):
+                yield _records(batch)
+        except SourceError as exc:
+            # embedded Chroma fails a get by ids that a concurrent delete removed mid-request
+            # ("Error finding id"): the collection changed while it was read
+            if "Error finding id" not in exc.message or not self.restartable or attempt >= self.b.retries:
+                raise
+            log.info("%s: collection %s changed while it was read (%s); reading it again",
+                     self.b.where, spec.name, exc.message)
+            raise StreamChanged(f"collection {spec.name} changed while it was read") from exc
         after = self.list_ids(col, what)
         if after == ids:
             return

@@ -189,3 +189,76 @@ def test_a_record_deleted_to_be_rewritten_is_put_back_when_its_add_fails(tmp_pat
     r = cli("--json", "restore", snap, "--yes")
     assert r.code == 0, r.err
     assert view(col) == snapshot
+
+
+# -- memory ------------------------------------------------------------------------
+
+CHILD = """
+import gc, json, sys
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+if sys.argv[1] == "bare":
+    import chromadb
+    col = chromadb.HttpClient(host=sys.argv[2]).get_collection("big", embedding_function=None)
+    offset = 0
+    while True:
+        got = col.get(include=["embeddings", "documents", "metadatas"], limit=int(sys.argv[3]), offset=offset)
+        offset += len(got["ids"])
+        if len(got["ids"]) < int(sys.argv[3]):
+            break
+    print(json.dumps({"records": offset, "peak_mb": peak_mb()}))
+else:
+    import contextlib, io
+    from snapshotter.cli import GC_THRESHOLDS, main
+    gc.set_threshold(*GC_THRESHOLDS)  # as the program's entry point does
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["--no-progress", "snapshot", "--release", "r1"])
+    print(json.dumps({"code": code, "peak_mb": peak_mb()}))
+"""
+
+
+def test_snapshot_memory_does_not_grow_with_the_collection(tmp_path, cli, chroma_server):
+    """A snapshot over HTTP, run as the program runs (its garbage-collector thresholds),
+    peaks near a bare client paging through the same collection: each batch's response
+    (its embeddings as JSON) is freed before the next arrives, instead of piling up."""
+    import json
+    import os
+    import secrets
+    import sys
+    name_suffix = secrets.token_hex(3)
+    client = chromadb.HttpClient(host=chroma_server)
+    name = f"big-{name_suffix}"
+    col = client.create_collection(name, embedding_function=None)
+    try:
+        rng = np.random.default_rng(5)
+        n, dim, batch = 5000, 768, 250
+        for start in range(0, n, 1000):
+            col.add(ids=[f"doc-{i:06d}" for i in range(start, start + 1000)],
+                    embeddings=rng.random((1000, dim), dtype=np.float32),
+                    documents=[f"chunk {i} of the handbook" for i in range(start, start + 1000)],
+                    metadatas=[{"page": i % 400} for i in range(start, start + 1000)])
+        (tmp_path / "snapshotter.toml").write_text(
+            f'[repository]\nurl = "./repo"\n\n[sources.memory]\nbackend = "chroma"\nurl = "{chroma_server}"\n'
+            f'collections = ["{name}"]\nbatch_size = {batch}\nretries = 0\n')
+        assert cli("init").code == 0
+        env = dict(os.environ)
+        project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))
+
+        def child(*args: str) -> dict:
+            p = subprocess.run([sys.executable, "-c", CHILD.replace('"big"', repr(name)), *args],
+                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+            assert p.returncode == 0, p.stderr[-2000:]
+            return json.loads(p.stdout.strip().splitlines()[-1])
+
+        bare = child("bare", chroma_server, str(batch))
+        assert bare["records"] == n
+        snap = child("snapshot")
+        assert snap["code"] == 0
+        # the snapshot holds a few batches at a time (prefetch, the repository's chunks);
+        # before, every response stayed until the collector ran: +77 MB here, +2 MB below the bare client after
+        assert snap["peak_mb"] < bare["peak_mb"] + 25, (snap, bare)
+    finally:
+        client.delete_collection(name)

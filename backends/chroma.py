@@ -733,7 +733,8 @@ class ChromaWriter(SourceWriter):
             if stale:
                 self._replace(col, what, [ids[i] for i in stale], embeddings[stale], [documents[i] for i in stale],
                               [metadatas[i] for i in stale], [uris[i] for i in stale])
-                kept = [i for i in range(len(ids)) if i not in set(stale)]
+                replaced = set(stale)
+                kept = [i for i in range(len(ids)) if i not in replaced]
                 if kept:
                     # upsert, not delete + add: each record keeps its live value until this
                     # one request replaces it, so a failure part-way never leaves one missing

@@ -39,22 +39,31 @@ which is what post-restore verification relies on.
 
 Restore.  Chroma's ``upsert`` merges into an existing record: metadata keys
 absent from the new value survive, and a None document or uri keeps the old
-one.  A restored record must be exactly the snapshot's, so the writer deletes
-each batch's ids and adds them back with their full values, then reads the
-batch's metadata back and removes keys Chroma 1.5 attached on its own (it
-leaves the list-valued metadata of deleted records behind and hands it to new
-records that reuse their internal row ids).  There is no transaction: a crash
-between delete and add leaves those records missing, and running the restore
-again converges.
+one.  A restored record must be exactly the snapshot's, so the writer upserts
+each batch with its full values (a record is never absent: it holds its old
+value until one request replaces it), then reads the batch back and removes
+the metadata keys the snapshot's record lacks (those Chroma 1.5 attached on
+its own included: it leaves the list-valued metadata of deleted records
+behind and hands it to new records that reuse their internal row ids).  Only
+a record whose snapshot has no document or uri where the live one has one is
+deleted and added back (Chroma cannot clear those fields); if the add fails,
+the record is put back as it was.  Every request that fails transiently
+(connection refused or dropped, timeout, HTTP 5xx or 429) is tried again a
+bounded number of times with a growing pause.  There is no transaction: a
+restore that stops part-way leaves each record with its old or its restored
+value (or, if the server goes away between the delete and the add of such a
+record, without it), and running the restore again converges.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -71,6 +80,9 @@ DEFAULT_RETRIES = 3
 ID_PAGE = 20_000  # ids per listing request: Chroma materialises a whole page at once
 COSINE_ULPS = 2  # the most a cosine-space write/read round trip moved a component on Chroma 1.5
 INCLUDE = ["embeddings", "documents", "metadatas", "uris"]
+
+#: pauses before each new try of a request that failed transiently (so 4 tries in all, ~3.5 s)
+WRITE_BACKOFF = (0.5, 1.0, 2.0)
 
 # HNSW/SPANN parameters Chroma lets a live collection change (``modify``) or that
 # only steer queries; a difference in them does not stop a restore
@@ -150,6 +162,53 @@ def _http_timeout(timeout: float):
         finally:
             _CREATING_TIMEOUT.reset(token)
     return context()
+
+
+def transient(exc: BaseException | None) -> bool:
+    """Whether a failed request may succeed when sent again: the connection was refused,
+    dropped or timed out, or the server answered 5xx or 429."""
+    import httpx
+    from chromadb.errors import ChromaError
+    if isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.ProxyError)):
+        return False
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    if isinstance(exc, ChromaError):
+        try:
+            code = int(exc.code())
+        except Exception:  # noqa: BLE001 - an error class without a usable code is not transient
+            return False
+        return code >= 500 or code == 429
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _http_errors_as_status(response) -> None:
+    """An httpx response hook: an HTTP error whose body is not one of Chroma's JSON errors
+    (a proxy's 502, an HTML page) raises :class:`httpx.HTTPStatusError`, which carries its
+    status, instead of the bare ``Exception(body)`` chromadb would raise for it."""
+    import httpx
+    if response.status_code < 400:
+        return
+    response.read()
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "error" in body:
+            return  # chromadb turns it into its own error class, with the server's message
+    except ValueError:
+        pass
+    raise httpx.HTTPStatusError(f"HTTP {response.status_code} {response.reason_phrase}".strip(),
+                                request=response.request, response=response)
+
+
+def _hook_http_errors(client) -> None:
+    import httpx
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if isinstance(session, httpx.Client):
+        hooks = session.event_hooks
+        hooks.setdefault("response", []).append(_http_errors_as_status)
+        session.event_hooks = hooks
 
 
 def _one_line(exc: BaseException) -> str:
@@ -274,6 +333,7 @@ class ChromaBackend(SourceBackend):
                         self._client = chromadb.HttpClient(host=host, ssl=parts.scheme == "https",
                                                            headers=headers or None, tenant=tenant,
                                                            database=database)
+                    _hook_http_errors(self._client)
         return self._client
 
     def max_batch(self) -> int:
@@ -294,6 +354,19 @@ class ChromaBackend(SourceBackend):
                 return self.client().get_collection(name, embedding_function=None)
             except NotFoundError:
                 return None
+
+    def collect_responses(self) -> None:
+        """Free the HTTP responses of the requests just made.
+
+        httpx keeps each response in a reference cycle (with its stream), so the body
+        and its decoded text, a batch's embeddings as JSON (tens of MB), wait for the
+        garbage collector.  A program that collects seldom (the ``snapshotter`` program
+        collects its young generation every 100,000 allocations) would hold dozens of
+        them: peak RSS would grow with the collection.  Collecting the two young
+        generations after each request costs well under a millisecond.
+        """
+        if self._client is not None and self.path is None:
+            gc.collect(1)
 
     def reader(self) -> "ChromaReader":
         self._check_settings()
@@ -584,6 +657,7 @@ class ChromaReader(SourceReader):
         with translate_errors(what):
             while True:
                 page = col.get(include=[], limit=ID_PAGE, offset=offset)["ids"]
+                self.b.collect_responses()
                 found.update(page)
                 offset += len(page)
                 if len(page) < ID_PAGE:
@@ -597,6 +671,7 @@ class ChromaReader(SourceReader):
             wanted = ids[start:start + size]
             with translate_errors(what):
                 got = col.get(ids=wanted, include=INCLUDE)
+            self.b.collect_responses()
             at = {k: i for i, k in enumerate(got["ids"])}
             order = [at[k] for k in wanted if k in at]
             keys = wanted if len(order) == len(wanted) else [k for k in wanted if k in at]
@@ -700,6 +775,22 @@ class ChromaWriter(SourceWriter):
             self._cols[spec.name] = col
         return self._cols[spec.name]
 
+    def _request(self, what: str, call, **kwargs):
+        """``call(**kwargs)``, sent again after a pause when it fails transiently
+        (:data:`WRITE_BACKOFF`); every request of the writer is idempotent."""
+        for pause in (*WRITE_BACKOFF, None):
+            try:
+                with translate_errors(what):
+                    try:
+                        return call(**kwargs)
+                    finally:
+                        self.b.collect_responses()
+            except SourceError as exc:
+                if pause is None or not transient(exc.__cause__):
+                    raise
+                log.warning("%s (trying again in %.1f s)", exc.message, pause)
+                time.sleep(pause)
+
     def upsert(self, spec: StreamSpec, records: list) -> None:
         col = self._collection(spec)
         what = f"{self.b.where}: cannot write collection {spec.name}"
@@ -712,26 +803,70 @@ class ChromaWriter(SourceWriter):
             documents = [v.get("document") for v in values]
             metadatas = [v.get("metadata") or None for v in values]
             uris = [v.get("uri") for v in values]
-            with translate_errors(what):
-                # delete + add, not upsert: upsert would keep metadata keys and a document
-                # or uri that the snapshot's record does not have
-                col.delete(ids=ids)
-                col.add(ids=ids, embeddings=embeddings,
-                        documents=documents if any(d is not None for d in documents) else None,
-                        metadatas=metadatas if any(m is not None for m in metadatas) else None,
-                        uris=uris if any(u is not None for u in uris) else None)
-                self._repair_metadata(col, ids, metadatas, what)
+            # a document or uri the snapshot's record lacks cannot be taken out of a live
+            # record by upsert or update: those few records are deleted and added back
+            got = self._request(what, col.get, ids=ids, include=["documents", "uris"])
+            n = len(got["ids"])
+            live = dict(zip(got["ids"], zip(got.get("documents") or [None] * n, got.get("uris") or [None] * n)))
+            stale = [i for i, k in enumerate(ids) if k in live and
+                     ((documents[i] is None and live[k][0] is not None) or (uris[i] is None and live[k][1] is not None))]
+            if stale:
+                self._replace(col, what, [ids[i] for i in stale], embeddings[stale], [documents[i] for i in stale],
+                              [metadatas[i] for i in stale], [uris[i] for i in stale])
+                replaced = set(stale)
+                kept = [i for i in range(len(ids)) if i not in replaced]
+                if kept:
+                    # upsert, not delete + add: each record keeps its live value until this
+                    # one request replaces it, so a failure part-way never leaves one missing
+                    self._write(col, what, [ids[i] for i in kept], embeddings[kept], [documents[i] for i in kept],
+                                [metadatas[i] for i in kept], [uris[i] for i in kept])
+            else:
+                self._write(col, what, ids, embeddings, documents, metadatas, uris)
+            self._repair_metadata(col, what, ids, metadatas)
 
-    def _repair_metadata(self, col, ids: list[str], intended: list[dict | None], what: str) -> None:
+    def _write(self, col, what: str, ids, embeddings, documents, metadatas, uris) -> None:
+        self._request(what, col.upsert, ids=ids, embeddings=embeddings,
+                      documents=documents if any(d is not None for d in documents) else None,
+                      metadatas=metadatas if any(m is not None for m in metadatas) else None,
+                      uris=uris if any(u is not None for u in uris) else None)
+
+    def _replace(self, col, what: str, ids: list[str], embeddings, documents, metadatas, uris) -> None:
+        """Delete these records and add them with exactly the snapshot's values; if the add
+        fails, put them back as they were."""
+        got = self._request(what, col.get, ids=ids, include=INCLUDE)
+        n = len(got["ids"])
+        old = _records((got["ids"], _embedding_rows(got.get("embeddings"), list(range(n))),
+                        got.get("documents") or [None] * n,
+                        [_metadata(m) for m in got.get("metadatas") or [None] * n], got.get("uris") or [None] * n))
+        self._request(what, col.delete, ids=ids)
+        try:
+            self._write(col, what, ids, embeddings, documents, metadatas, uris)
+        except SourceError as exc:
+            import numpy as np
+            try:
+                if old:
+                    self._write(col, what, [k for k, _ in old],
+                                np.stack([np.asarray(v["embedding"], dtype=np.float32) for _, v in old]),
+                                [v["document"] for _, v in old], [v["metadata"] for _, v in old],
+                                [v["uri"] for _, v in old])
+            except SourceError:
+                shown = ", ".join(map(repr, ids[:3])) + (", ..." if len(ids) > 3 else "")
+                raise SourceError(f"{exc.message}; {len(ids)} record(s) deleted to be rewritten could not be "
+                                  f"added back ({shown}): run the restore again") from exc
+            raise SourceError(f"{exc.message}; the {len(old)} record(s) it deleted to rewrite were put back "
+                              f"as they were") from exc
+
+    def _repair_metadata(self, col, what: str, ids: list[str], intended: list[dict | None]) -> None:
         """Make the written records' metadata exactly ``intended``.
 
-        Chroma 1.5 leaves the list-valued metadata of deleted records (and of dropped
-        collections) behind and attaches it to new records that reuse their internal
-        row ids, so a freshly added record can come back with keys it was never given.
-        An update setting those keys to None removes them.
+        ``upsert`` keeps the metadata keys the new value lacks, and Chroma 1.5 leaves the
+        list-valued metadata of deleted records (and of dropped collections) behind and
+        attaches it to new records that reuse their internal row ids, so a written record
+        can come back with keys it was never given.  An update setting those keys to None
+        removes them.
         """
         for _ in range(3):
-            got = col.get(ids=ids, include=["metadatas"])
+            got = self._request(what, col.get, ids=ids, include=["metadatas"])
             have = dict(zip(got["ids"], got["metadatas"] or [None] * len(got["ids"])))
             fix_ids, fixes = [], []
             for key, want in zip(ids, intended):
@@ -747,7 +882,7 @@ class ChromaWriter(SourceWriter):
                 fixes.append(fix)
             if not fix_ids:
                 return
-            col.update(ids=fix_ids, metadatas=fixes)
+            self._request(what, col.update, ids=fix_ids, metadatas=fixes)
         raise SourceError(f"{what}: the metadata of record {fix_ids[0]!r} does not stay as written")
 
     def _embeddings(self, spec: StreamSpec, ids: list[str], values: list[dict]):
@@ -773,9 +908,9 @@ class ChromaWriter(SourceWriter):
     def delete(self, spec: StreamSpec, keys: list) -> None:
         col = self._collection(spec)
         size = self.b.max_batch()
-        with translate_errors(f"{self.b.where}: cannot delete from collection {spec.name}"):
-            for start in range(0, len(keys), size):
-                col.delete(ids=[str(k) for k in keys[start:start + size]])
+        what = f"{self.b.where}: cannot delete from collection {spec.name}"
+        for start in range(0, len(keys), size):
+            self._request(what, col.delete, ids=[str(k) for k in keys[start:start + size]])
 
 
 # -- embedding functions -------------------------------------------------------------

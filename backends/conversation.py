@@ -78,6 +78,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -601,8 +602,28 @@ def translate_redis_errors(what: str, timeout: float | None = None) -> Iterator[
     except redis.exceptions.TimeoutError as exc:
         raise SourceError(timed_out(what, timeout)) from exc
     except redis.exceptions.RedisError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(redact_text(f"{what}: {msg}")) from exc
+        raise SourceError(redact_text(f"{what}: {redis_error_text(exc)}")) from exc
+
+
+# redis-py names the failing command of a pipeline with its arguments (a message's text
+# among them): "Command # 3 (LSET key 0 {...}) of pipeline caused error: OOM ..."
+_PIPELINE_ERROR = re.compile(r"Command # (\d+) \((.*)\) of pipeline caused error: ", re.S)
+# Redis itself echoes the arguments of a command it does not know
+_ARGS_ECHO = re.compile(r",? with args beginning with: .*$", re.S)
+
+
+def redis_error_text(exc: BaseException) -> str:
+    """The error's first line without the arguments of the command that failed: they can
+    hold a message's content, which must not reach an error message or a log."""
+    text = str(exc).strip()
+    found = None
+    for found in _PIPELINE_ERROR.finditer(text):
+        pass
+    if found is not None:
+        command = found.group(2).split(" ", 1)[0].upper()
+        text = f"command {found.group(1)} ({command}) of the pipeline failed: {text[found.end():]}"
+    text = _ARGS_ECHO.sub("", text)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def glob_escape(text: bytes) -> bytes:

@@ -135,3 +135,44 @@ def test_reapply_puts_back_the_pre_restore_ttl(redis_client, tmp_path, cli):
     assert r.code == 0, r.err
     assert contents(redis_client, key) == ["later", "m1", "m0"]
     assert 0 < redis_client.ttl(key) <= 300
+
+
+def test_a_redis_error_does_not_echo_message_content(tmp_path, cli):
+    """A restore whose writes Redis refuses (out of memory inside the MULTI: redis-py names
+    the failing command with its arguments, a message among them) fails with a one-line
+    error that names the command, not the message."""
+    import shutil
+    import subprocess
+
+    import pytest
+    import redis
+
+    from conftest import free_port, wait_port
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_port(port, 20, proc)
+        client = redis.Redis(port=port)
+        secret = "my card number is 4111 1111 1111 1111"
+        client.rpush("message_store:alice", msg("hello"), msg(secret))
+        (tmp_path / "snapshotter.toml").write_text(
+            f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\n'
+            f'url = "redis://127.0.0.1:{port}/0"\nlist_order = "oldest-first"\n')
+        assert cli("init").code == 0
+        snap = cli("--json", "snapshot", "--release", "r1")
+        assert snap.code == 0, snap.err
+        client.lset("message_store:alice", 1, msg("POISON"))
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", max(1, int(client.info("memory")["used_memory"]) - 1024))
+        r = cli("restore", snap.json()["id"], "--yes")
+        assert r.code == 1, r.err
+        assert "4111" not in r.err and "card number" not in r.err and "POISON" not in r.err
+        assert "command 1 (LSET) of the pipeline failed" in r.err
+        assert "Traceback" not in r.err
+    finally:
+        proc.terminate()
+        proc.wait(10)

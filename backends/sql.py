@@ -301,6 +301,7 @@ def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
             # (every table is prepared before the first write) need a transaction again, or each
             # would commit by itself and a failure could not roll the restore back
             sqlbase.begin_write(writer.conn)
+            writer.transaction_restarted = True
     writer.recreated = getattr(writer, "recreated", set()) | {spec.name}
 
 

@@ -876,10 +876,13 @@ class SQLWriterMixin:
     # -- the restore's view of the transaction (SourceWriter hooks) -----------------
 
     def write_order(self, specs: list) -> list:
-        names = [sqlintegrity.table_name(s.schema) for s in specs if "table" in s.schema]
-        if len(names) != len(specs) or len(specs) < 2:
+        guard = self.txn.guard
+        if len(specs) < 2 or not all("table" in s.schema for s in specs):
             return list(specs)
-        fks = self.txn.guard._foreign_keys(specs[0].schema.get("db_schema"))
+        with translate_errors(f"{self.b.where}: cannot list foreign keys"):
+            names = [guard.name(s.schema) for s in specs]
+            guard.selected.update(names)
+            fks = guard._foreign_keys()
         return [specs[i] for i in sqlintegrity.write_order(names, fks)]
 
     def write_mode(self) -> str:
@@ -893,10 +896,16 @@ class SQLWriterMixin:
         tables = [sqlintegrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
                   for p in streams if "table" in p.spec.schema]
         if tables:
-            self.txn.guard.preflight(tables, tables[0].schema_doc.get("db_schema"), self.b.where)
+            with translate_errors(f"{self.b.where}: cannot check the restore's plan"):
+                self.txn.guard.preflight(tables, self.b.where)
+
+    def check_selection(self) -> None:
+        with translate_errors(f"{self.b.where}: cannot check the restore's plan"):
+            self.txn.guard.check_selection(self.b.where)
 
     def check_writes(self) -> list[str]:
-        return [f"{self.b.where}: {p}" for p in self.txn.guard.finish()]
+        with translate_errors(f"{self.b.where}: cannot check the restore's writes"):
+            return [f"{self.b.where}: {p}" for p in self.txn.guard.finish()]
 
     # -- writes ---------------------------------------------------------------------
 

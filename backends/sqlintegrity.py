@@ -55,13 +55,14 @@ class ForeignKey:
     on_update: str = "NO ACTION"
     on_delete: str = "NO ACTION"
 
-    def describe(self) -> str:
-        return (f"{_show(self.child)}({', '.join(self.child_columns)}) -> "
-                f"{_show(self.parent)}({', '.join(self.parent_columns)})")
+    def describe(self, home: str | None = None) -> str:
+        return (f"{_show(self.child, home)}({', '.join(self.child_columns)}) -> "
+                f"{_show(self.parent, home)}({', '.join(self.parent_columns)})")
 
 
-def _show(name: Name) -> str:
-    return name[1] if not name[0] else f"{name[0]}.{name[1]}"
+def _show(name: Name, home: str | None = None) -> str:
+    """A table's name for a message: without its schema when that is the default one."""
+    return name[1] if not name[0] or name[0] == home else f"{name[0]}.{name[1]}"
 
 
 def table_name(schema_doc: dict) -> Name:
@@ -78,9 +79,7 @@ _PG_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL
 
 def _pg_foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
     """Every foreign key of the database, whatever schema its tables are in (a table of another
-    schema referencing a restored one is as much a dependant); tables of ``schema`` (the current
-    schema when None) are named as the source names them."""
-    home = schema or conn.exec_driver_sql("SELECT current_schema()").scalar()
+    schema referencing a restored one is as much a dependant), its tables named with their schema."""
     rows = conn.exec_driver_sql("""
         SELECT c.conname, cn.nspname, cl.relname, pn.nspname, pl.relname,
                ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
@@ -95,7 +94,7 @@ def _pg_foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
         ORDER BY 2, 3, 1""").fetchall()
 
     def named(nsp: str, rel: str) -> Name:
-        return (None if nsp == home and schema is None else nsp, rel)
+        return (nsp, rel)
     return [ForeignKey(r[0], named(r[1], r[2]), tuple(r[5]), named(r[3], r[4]), tuple(r[6]),
                        _PG_ACTIONS.get(r[7], "NO ACTION"), _PG_ACTIONS.get(r[8], "NO ACTION")) for r in rows]
 
@@ -184,39 +183,66 @@ class Guard:
     counts: dict = field(default_factory=dict)  # Name -> [inserted, updated, deleted]
     oids: dict = field(default_factory=dict)  # PostgreSQL: Name -> oid
     switched_off: list = field(default_factory=list)  # statements that switch back on what the writes switched off
-    baseline: dict = field(default_factory=dict)  # ForeignKey -> violations before the writes
+    #: (foreign key, packed child key) of rows the restore writes back that broke the key before it
+    orphans_before: set = field(default_factory=set)
     changes_before: int = 0
     fks: list | None = None
     prepared: set = field(default_factory=set)
     result: list | None = None
+    reported: bool = False
+    checked: bool = False
+    #: PostgreSQL: the schema unqualified names are in (tables are compared schema-qualified)
+    home: str | None = None
+    can_count: bool = True
 
     # -- before the quarantine is committed -------------------------------------
 
-    def preflight(self, tables: list[PlannedTable], schema: str | None, where: str) -> None:
-        """Refuse, before anything is written, a restore this database cannot do exactly."""
+    def name(self, schema_doc_or_name) -> Name:
+        """A table's name as the guard compares it (PostgreSQL: always with its schema)."""
+        name = table_name(schema_doc_or_name) if isinstance(schema_doc_or_name, dict) else schema_doc_or_name
+        if self.dialect == "postgresql" and name[0] is None:
+            if self.home is None:
+                self.home = str(self.conn.exec_driver_sql("SELECT current_schema()").scalar())
+            return (self.home, name[1])
+        return name
+
+    def preflight(self, tables: list[PlannedTable], where: str) -> None:
+        """One source's plan, before anything is written: refuse (exit 2) a trigger or rule that
+        would fire and cannot be switched off.  The selection's closure is checked once every
+        source sharing this transaction has been seen (:meth:`check_selection`)."""
         for t in tables:
-            name = table_name(t.schema_doc)
+            name = self.name(t.schema_doc)
             self.selected.add(name)
             if t.writes:
                 self.planned[name] = t
-        if not self.planned:
+        mine = {self.name(t.schema_doc) for t in tables if t.writes}
+        if not mine:
             return
         if self.dialect == "postgresql" and self.replica is None:
             self.replica = self._try_replica(keep=False)
-        firing = self._firing(where)
+        firing = self._firing(where, mine)
         if firing:
             raise UsageError(firing)
-        self._check_closure(schema, where)
+
+    def check_selection(self, where: str) -> None:
+        """After every source of the transaction: refuse (exit 2) writes that reach rows outside
+        the selection through a foreign key, in either direction, and keys it could not prove."""
+        if self.checked or not self.planned:
+            return
+        self.checked = True
+        self._check_readable(where)
+        self._check_closure(where)
+        self._check_parents(where)
 
     def refusal(self, tables: list[PlannedTable], where: str) -> str | None:
         """What :meth:`preflight` would refuse for triggers and rules, without refusing: a dry run's
         note (its records are not kept, so the selection's closure is left to the restore)."""
-        self.planned = {table_name(t.schema_doc): t for t in tables if t.writes}
+        self.planned = {self.name(t.schema_doc): t for t in tables if t.writes}
         if not self.planned:
             return None
         if self.dialect == "postgresql" and self.replica is None:
             self.replica = self._try_replica(keep=False)
-        return self._firing(where)
+        return self._firing(where, set(self.planned))
 
     def will_enforce(self) -> bool:
         """Whether the database will enforce foreign keys (and run their actions) during the writes."""
@@ -244,16 +270,22 @@ class Guard:
             c.exec_driver_sql("ROLLBACK TO SAVEPOINT snapshotter_role")
         return True
 
-    def _firing(self, where: str) -> str | None:
-        """Triggers and rules that would fire on the written tables and cannot be switched off."""
-        live = [n for n, t in self.planned.items() if not t.recreate]
+    def _firing(self, where: str, names: set) -> str | None:
+        """Triggers and rules that would fire on these written tables and cannot be switched off."""
+        live = [n for n in sorted(names, key=str) if not self.planned[n].recreate]
         if not live:
             return None
         if self.dialect in ("mysql", "mariadb"):
-            rows = self.conn.execute(sa.text(
-                "SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
+            # foreign-key checks are off, so a modified row is deleted and inserted again ("replace"):
+            # an UPDATE trigger never fires, an INSERT or DELETE one only where rows go in or out
+            events = {n: {e for e, on in (("INSERT", t.modified or t.deleted), ("DELETE", t.added or t.modified),
+                                          ("UPDATE", False)) if on}
+                      for n, t in ((n, self.planned[n]) for n in live)}
+            rows = [r for r in self.conn.execute(sa.text(
+                "SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE, EVENT_MANIPULATION FROM information_schema.TRIGGERS "
                 "WHERE EVENT_OBJECT_SCHEMA = COALESCE(:s, DATABASE()) AND EVENT_OBJECT_TABLE IN :t"
             ).bindparams(sa.bindparam("t", expanding=True)), {"s": live[0][0], "t": [n[1] for n in live]}).fetchall()
+                if str(r[2]).upper() in events.get((live[0][0], r[1]), {"INSERT", "DELETE", "UPDATE"})]
             if rows:
                 shown = ", ".join(f"{r[0]} on {r[1]}" for r in rows)
                 return (f"{where}: the restore would write tables with triggers ({shown}); MariaDB/MySQL cannot keep a "
@@ -307,17 +339,83 @@ class Guard:
                                                             {"t": _quoted(self.conn, name)}).scalar())
         return self.oids[name]
 
-    def _foreign_keys(self, schema: str | None) -> list[ForeignKey]:
+    def _foreign_keys(self) -> list[ForeignKey]:
         if self.fks is None:
-            self.fks = foreign_keys(self.conn, schema)
+            schemas = {n[0] for n in self.selected} or {None}
+            fks = foreign_keys(self.conn, next(iter(schemas))) if len(schemas) == 1 or self.dialect == "postgresql" \
+                else [fk for sch in sorted(schemas, key=str) for fk in foreign_keys(self.conn, sch)]
+            self.fks = [ForeignKey(fk.name, self.name(fk.child), fk.child_columns, self.name(fk.parent),
+                                   fk.parent_columns, fk.on_update, fk.on_delete) for fk in fks]
         return self.fks
 
-    def _check_closure(self, schema: str | None, where: str) -> None:
+    def _check_readable(self, where: str) -> None:
+        """PostgreSQL: the proof reads every table with a foreign key into or out of a written
+        table, and the transaction's own counters: a role that cannot is refused up front."""
+        if self.dialect != "postgresql":
+            return
+        others = sorted({n for fk in self._foreign_keys() if fk.child in self.planned or fk.parent in self.planned
+                         for n in (fk.child, fk.parent)} - set(self.planned), key=str)
+        unreadable = [n for n in others if not self.conn.exec_driver_sql(
+            "SELECT has_table_privilege(%(t)s::regclass, 'SELECT')", {"t": _quoted(self.conn, n)}).scalar()]
+        if unreadable:
+            shown = ", ".join(_show(n, self.home) for n in unreadable)
+            raise UsageError(f"{where}: the connecting role cannot read table(s) {shown}, which share a foreign key "
+                             f"with a table the restore writes: it could not prove the key still holds. Nothing was "
+                             f"written: GRANT SELECT ON {shown} TO the role, or restore as their owner")
+        self.conn.exec_driver_sql("SAVEPOINT snapshotter_stats")
+        try:
+            self.conn.exec_driver_sql("SELECT 1 FROM pg_stat_xact_user_tables LIMIT 1").fetchall()
+        except sa.exc.DBAPIError:
+            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT snapshotter_stats")
+            self.can_count = False
+            log.warning("snapshotter: warning: %s: the connecting role cannot read pg_stat_xact_user_tables: the "
+                        "restore cannot count what the database changed besides its own writes", where)
+        else:
+            self.conn.exec_driver_sql("RELEASE SAVEPOINT snapshotter_stats")
+
+    def _check_parents(self, where: str) -> None:
+        """Rows the restore writes back whose parent row is in a table outside the selection must
+        find it there (else the restore would leave them without it)."""
+        missing: dict[Name, str] = {}
+        for fk in self._foreign_keys():
+            t = self.planned.get(fk.child)
+            if t is None or fk.parent in self.selected or not (t.modified or t.deleted or t.recreate):
+                continue
+            wanted = set()
+            for _, op, _live, snap in t.records():
+                if op != "added" and isinstance(snap, dict):
+                    v = tuple(snap.get(c) for c in fk.child_columns)
+                    if all(x is not None for x in v):
+                        wanted.add(v)
+            if wanted and self._absent_parents(fk, sorted(wanted, key=codec.pack)):
+                missing[fk.parent] = fk.describe(self.home)
+        if missing:
+            names = ", ".join(_show(n, self.home) for n in missing)
+            raise UsageError(f"{where}: the restore would write back rows whose parent rows in {names}, outside the "
+                             f"selection, are gone ({'; '.join(missing.values())}). Nothing was written: add them to "
+                             f"the restore (--stream {' --stream '.join(n[1] for n in missing)})")
+
+    def _absent_parents(self, fk: ForeignKey, values: list[tuple]) -> bool:
+        parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0])
+        for i in range(0, len(values), 500):
+            part = values[i:i + 500]
+            if len(fk.parent_columns) == 1:
+                cond = parent.c[fk.parent_columns[0]].in_(
+                    sa.bindparam(None, [v[0] for v in part], expanding=True, type_=sa.types.NullType()))
+            else:
+                cond = sa.tuple_(*[parent.c[c] for c in fk.parent_columns]).in_(part)
+            found = self.conn.execute(sa.select(sa.func.count()).select_from(
+                sa.select(*[parent.c[c] for c in fk.parent_columns]).where(cond).distinct().subquery())).scalar()
+            if int(found or 0) < len(part):
+                return True
+        return False
+
+    def _check_closure(self, where: str) -> None:
         """A row the restore deletes (or whose referenced columns it changes) that a table outside
         the restore references: the write would cascade into that table or break its key."""
         blocked: dict[Name, str] = {}
         enforcing = self.will_enforce()
-        for fk in self._foreign_keys(schema):
+        for fk in self._foreign_keys():
             t = self.planned.get(fk.parent)
             if t is None or t.recreate or not (t.added or t.modified):
                 continue
@@ -336,25 +434,28 @@ class Guard:
                 elif op == "modified" and isinstance(snap, dict) and old != tuple(snap.get(c) for c in fk.parent_columns):
                     changed.add(old)
             if fires and changed and self._referenced(fk, sorted(changed, key=codec.pack)):
-                raise UsageError(f"{where}: the restore would change referenced values of {_show(fk.parent)} and "
-                                 f"foreign key {fk.describe()} ON UPDATE {fk.on_update} would change rows of "
-                                 f"{_show(fk.child)} the restore did not plan; the connecting role cannot keep "
+                raise UsageError(f"{where}: the restore would change referenced values of {_show(fk.parent, self.home)} and "
+                                 f"foreign key {fk.describe(self.home)} ON UPDATE {fk.on_update} would change rows of "
+                                 f"{_show(fk.child, self.home)} the restore did not plan; the connecting role cannot keep "
                                  f"foreign-key actions from firing. Nothing was written: restore as a superuser, or "
                                  f"GRANT SET ON PARAMETER session_replication_role TO the role (PostgreSQL 15+)")
             if fk.child in self.selected:
                 continue
             gone |= changed
             if gone and self._referenced(fk, sorted(gone, key=codec.pack)):
-                blocked[fk.child] = fk.describe()
+                blocked[fk.child] = fk.describe(self.home)
         if blocked:
-            names = ", ".join(_show(n) for n in blocked)
+            names = ", ".join(_show(n, self.home) for n in blocked)
             raise UsageError(f"{where}: the restore would delete or change rows that table(s) {names} outside the "
                              f"selection reference ({'; '.join(blocked.values())}): its writes would cascade into "
                              f"them or break their foreign keys. Nothing was written: add them to the restore "
                              f"(--stream {' --stream '.join(n[1] for n in blocked)}), or restore the whole source")
 
-    def _referenced(self, fk: ForeignKey, values: list[tuple]) -> bool:
-        child = sa.table(fk.child[1], *[sa.column(c) for c in fk.child_columns], schema=fk.child[0])
+    def _referenced(self, fk: ForeignKey, values: list[tuple], orphaned: bool = False) -> bool:
+        """Whether a row of the child table references one of these parent values (``orphaned``:
+        and has no parent row)."""
+        child = sa.table(fk.child[1], *[sa.column(c) for c in fk.child_columns], schema=fk.child[0]).alias("c")
+        parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0]).alias("p")
         for i in range(0, len(values), 500):
             part = values[i:i + 500]
             if len(fk.child_columns) == 1:
@@ -362,7 +463,11 @@ class Guard:
                     sa.bindparam(None, [v[0] for v in part], expanding=True, type_=sa.types.NullType()))
             else:
                 cond = sa.tuple_(*[child.c[c] for c in fk.child_columns]).in_(part)
-            if self.conn.execute(sa.select(sa.literal(1)).select_from(child).where(cond).limit(1)).first():
+            conds = [cond]
+            if orphaned:
+                conds.append(~sa.exists().where(*[parent.c[pc] == child.c[cc]
+                                                  for cc, pc in zip(fk.child_columns, fk.parent_columns)]))
+            if self.conn.execute(sa.select(sa.literal(1)).select_from(child).where(*conds).limit(1)).first():
                 return True
         return False
 
@@ -372,7 +477,7 @@ class Guard:
         """Called before each write statement to a table."""
         if not self.started:
             self._start()
-        name = table_name(schema_doc)
+        name = self.name(schema_doc)
         if name in self.prepared:
             return
         self.prepared.add(name)
@@ -386,7 +491,8 @@ class Guard:
                 self.switched_off.append(f"ALTER TABLE {rel} {how} {verb} {q(tname)}")
         elif self.dialect == "sqlite":
             rows = self.conn.exec_driver_sql(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? ORDER BY rowid",
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? COLLATE NOCASE "
+                "ORDER BY rowid",
                 (name[1],)).fetchall()
             q = self.conn.dialect.identifier_preparer.quote
             for tname, sql in rows:
@@ -405,12 +511,14 @@ class Guard:
             self.enforcing = bool(self.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
             self.changes_before = self._total_changes()
         if not self.enforcing:
-            schema = next(iter(self.planned))[0] if self.planned else None
-            for fk in self._relevant_fks(schema):
-                self.baseline[fk] = self._violations(fk)
+            # rows the restore will write back that already lack their parent (databases whose
+            # applications never enforced the key): not the restore's doing, so not held against it
+            for fk, t in self._child_fks():
+                for key in self._orphans(fk, t, ("modified",)):
+                    self.orphans_before.add((fk, key))
 
     def wrote(self, schema_doc: dict, inserted: int = 0, updated: int = 0, deleted: int = 0) -> None:
-        c = self.counts.setdefault(table_name(schema_doc), [0, 0, 0])
+        c = self.counts.setdefault(self.name(schema_doc), [0, 0, 0])
         c[0] += max(inserted, 0)
         c[1] += max(updated, 0)
         c[2] += max(deleted, 0)
@@ -419,12 +527,18 @@ class Guard:
 
     def finish(self) -> list[str]:
         """Switch back on what the writes switched off, and the problems found: changes the
-        restore's statements did not make, foreign keys that no longer hold.  Empty: commit."""
-        if self.result is not None:
-            return self.result
+        restore's statements did not make, foreign keys that no longer hold.  Empty: commit.
+        Reported once per transaction (every writer sharing it asks)."""
+        if self.result is None:
+            self.result = self._finish()
+        if self.reported:
+            return []
+        self.reported = True
+        return self.result
+
+    def _finish(self) -> list[str]:
         problems: list[str] = []
         if not self.started:
-            self.result = problems
             return problems
         # in the order they were made: SQLite fires the triggers of one event in reverse creation order
         for statement in self.switched_off:
@@ -432,15 +546,7 @@ class Guard:
         self.switched_off = []
         problems += self._side_effects()
         if not self.enforcing:
-            for fk, before in self.baseline.items():
-                after = self._violations(fk)
-                if after > before:
-                    outside = [n for n in (fk.parent, fk.child) if n not in self.selected]
-                    hint = f": add {', '.join(f'--stream {n[1]}' for n in outside)}" if outside else ""
-                    problems.append(f"foreign key {fk.describe()} would be broken by the restore "
-                                    f"({after - before} row(s) of {_show(fk.child)} without their "
-                                    f"{_show(fk.parent)} row){hint}")
-        self.result = problems
+            problems += self._broken_keys()
         return problems
 
     def end(self) -> None:
@@ -448,17 +554,74 @@ class Guard:
         if self.started and self.dialect in ("mysql", "mariadb"):
             self.conn.exec_driver_sql("SET SESSION foreign_key_checks = 1")
 
-    def _relevant_fks(self, schema: str | None) -> list[ForeignKey]:
-        written = set(self.planned)
-        return [fk for fk in self._foreign_keys(schema) if fk.child in written or fk.parent in written]
+    # -- the foreign-key proof, over what the restore wrote (not whole tables) ------------
 
-    def _violations(self, fk: ForeignKey) -> int:
-        c, p = _quoted(self.conn, fk.child), _quoted(self.conn, fk.parent)
-        q = self.conn.dialect.identifier_preparer.quote
-        not_null = " AND ".join(f"c.{q(col)} IS NOT NULL" for col in fk.child_columns)
-        match = " AND ".join(f"p.{q(pc)} = c.{q(cc)}" for cc, pc in zip(fk.child_columns, fk.parent_columns))
-        return int(self.conn.exec_driver_sql(
-            f"SELECT COUNT(*) FROM {c} c WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match})").scalar())
+    def _child_fks(self) -> list[tuple[ForeignKey, PlannedTable]]:
+        """Keys whose child table the restore writes rows back into."""
+        return [(fk, self.planned[fk.child]) for fk in self._foreign_keys()
+                if fk.child in self.planned and (self.planned[fk.child].modified or self.planned[fk.child].deleted
+                                                 or self.planned[fk.child].recreate)]
+
+    def _orphans(self, fk: ForeignKey, t: PlannedTable, ops: tuple) -> Iterable:
+        """Packed keys of the child rows of these ops that have no parent row now."""
+        from .sqlbase import key_condition, lightweight_table
+        # aliased: a self-referencing key has one table on both sides
+        child = lightweight_table(t.schema_doc).alias("c")
+        parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0]).alias("p")
+        pk = t.schema_doc["primary_key"]
+        has_parent = sa.exists().where(*[parent.c[pc] == child.c[cc]
+                                         for cc, pc in zip(fk.child_columns, fk.parent_columns)])
+        batch: list = []
+
+        def check(keys: list) -> Iterable:
+            stmt = sa.select(*[child.c[k] for k in pk]).where(
+                key_condition(child, t.schema_doc, keys, self.dialect),
+                *[child.c[c].isnot(None) for c in fk.child_columns], ~has_parent)
+            for row in self.conn.execute(stmt):
+                yield codec.pack(row[0] if len(pk) == 1 else list(row))
+
+        for key, op, _live, _snap in t.records():
+            if op in ops:
+                batch.append(key)
+                if len(batch) >= 500:
+                    yield from check(batch)
+                    batch = []
+        if batch:
+            yield from check(batch)
+
+    def _broken_keys(self) -> list[str]:
+        """Every key into or out of a written table, checked where the writes could break it: the
+        rows written back must have their parent (unless they lacked it before), and no row may
+        still reference a parent row the restore removed or whose referenced values it changed."""
+        problems = []
+        for fk, t in self._child_fks():
+            new = [k for k in self._orphans(fk, t, ("modified", "deleted")) if (fk, k) not in self.orphans_before]
+            if new:
+                problems.append(self._broken(fk, f"{len(new)} row(s) of {_show(fk.child, self.home)} the restore wrote back "
+                                                  f"without their {_show(fk.parent, self.home)} row"))
+        for fk in self._foreign_keys():
+            t = self.planned.get(fk.parent)
+            if t is None or not (t.added or t.modified):
+                continue
+            gone = set()
+            for _, op, live, snap in t.records():
+                if not isinstance(live, dict):
+                    continue
+                old = tuple(live.get(c) for c in fk.parent_columns)
+                if any(v is None for v in old):
+                    continue
+                if op == "added" or (op == "modified" and isinstance(snap, dict)
+                                     and old != tuple(snap.get(c) for c in fk.parent_columns)):
+                    gone.add(old)
+            if gone and self._referenced(fk, sorted(gone, key=codec.pack), orphaned=True):
+                problems.append(self._broken(fk, f"rows of {_show(fk.child, self.home)} still reference {_show(fk.parent, self.home)} "
+                                                 f"rows the restore removed or changed"))
+        return problems
+
+    def _broken(self, fk: ForeignKey, what: str) -> str:
+        outside = [n for n in (fk.parent, fk.child) if n not in self.selected]
+        hint = f": add {', '.join(f'--stream {n[1]}' for n in outside)}" if outside else ""
+        return f"foreign key {fk.describe(self.home)} would be broken by the restore ({what}){hint}"
 
     def _total_changes(self) -> int:
         return int(self.conn.connection.driver_connection.total_changes)
@@ -473,24 +636,32 @@ class Guard:
             return []
         if self.dialect != "postgresql":
             return []  # MariaDB: no triggers on written tables (refused), no cascades (checks off)
+        if not self.can_count:
+            return []
         if str(self.conn.exec_driver_sql("SHOW track_counts").scalar()).lower() != "on":
             log.warning("snapshotter: warning: track_counts is off: the restore cannot count what the database "
                         "changed besides its own writes")
             return []
+        # a row written through a partitioned table is counted on its partition: each counted
+        # relation is charged to itself or its nearest ancestor the restore wrote
         rows = self.conn.exec_driver_sql("""
-            SELECT COALESCE(pg_partition_root(s.relid)::oid, s.relid), sum(n_tup_ins), sum(n_tup_upd), sum(n_tup_del)
+            SELECT s.relid, ARRAY(SELECT a.relid::oid FROM pg_partition_ancestors(s.relid) a),
+                   n_tup_ins, n_tup_upd, n_tup_del
             FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
-            WHERE c.relpersistence <> 't' AND n_tup_ins + n_tup_upd + n_tup_del > 0
-            GROUP BY 1""").fetchall()
+            WHERE c.relpersistence <> 't' AND n_tup_ins + n_tup_upd + n_tup_del > 0""").fetchall()
         by_oid = {oid: name for name, oid in self.oids.items()}
-        seen = {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+        seen: dict[int, list[int]] = {}
+        for relid, ancestors, ins, upd, dele in rows:
+            owner = next((int(a) for a in (ancestors or [relid]) if int(a) in by_oid), int(relid))
+            c = seen.setdefault(owner, [0, 0, 0])
+            c[0], c[1], c[2] = c[0] + int(ins), c[1] + int(upd), c[2] + int(dele)
         problems = []
         for oid in sorted(set(seen) | {self.oids[n] for n in self.counts if n in self.oids}):
             name = by_oid.get(oid)
-            got = seen.get(oid, (0, 0, 0))
+            got = tuple(seen.get(oid, (0, 0, 0)))
             want = tuple(self.counts.get(name, (0, 0, 0))) if name else (0, 0, 0)
             if got != want:
-                shown = _show(name) if name else self.conn.exec_driver_sql(
+                shown = _show(name, self.home) if name else self.conn.exec_driver_sql(
                     "SELECT %(o)s::regclass::text", {"o": oid}).scalar()
                 problems.append(f"table {shown}: the database inserted/updated/deleted {got[0]}/{got[1]}/{got[2]} "
                                 f"row(s) where the restore wrote {want[0]}/{want[1]}/{want[2]} (a trigger, rule or "

@@ -258,6 +258,10 @@ class SourceWriter(ABC):
         deletes run in the reverse order.  Default: as given."""
         return list(specs)
 
+    def check_selection(self) -> None:
+        """Called once every source's :meth:`preflight` has run (sources sharing a database share
+        its transaction): refuse writes that would reach records outside the whole selection."""
+
     def write_mode(self) -> str:
         """How the core orders a source's writes: "delete-first" (the default: every ``added``
         record deleted, children first, then modified and deleted ones written back, parents

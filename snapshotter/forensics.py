@@ -637,6 +637,8 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
             # a SQL database's own refusals (a trigger that cannot be kept from firing, a delete
             # cascading into rows outside what is reapplied), before anything is written
             writers[source].preflight([_reapply_plan(specs[source, stream], locs) for stream, locs in streams.items()])
+        for w in writers.values():
+            w.check_selection()
         for source, streams in by_source.items():
             w = writers[source]
             for stream, locs in streams.items():
@@ -644,6 +646,10 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                 spec = specs[source, stream]
                 deletes = [loc.record.key for loc in locs if loc.op == "deleted"]
                 kept = [loc for loc in locs if loc.op != "deleted"]
+                if w.write_mode() == "replace":
+                    # as a restore writes where nothing fires: a row written back goes as a delete and an
+                    # insert (no UPDATE trigger fires; a MariaDB restore refuses INSERT/DELETE ones up front)
+                    deletes += [loc.record.key for loc in kept]
                 if deletes:
                     w.delete(spec, deletes)
                 if not kept:

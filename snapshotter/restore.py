@@ -136,8 +136,8 @@ def missing_sources(manifest: dict, cfg: Config, sel: Selection) -> list[str]:
     (taken with ``--source``, or before the source was configured): restoring the others alone
     would leave these as they are, poisoned or not.  Named sources are checked by
     :func:`select_targets`."""
-    if sel.sources:
-        return []
+    if sel.sources or sel.streams:
+        return []  # named sources are checked by select_targets; named streams narrow the restore already
     held = manifest.get("sources", {})
     out = []
     for name in sorted(cfg.sources):
@@ -626,7 +626,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                 if removing:
                     # tables outside the selection that reference rows the restore deletes: the restore
                     # itself refuses if one of them still holds such a reference
-                    deps = reader.outside_references([t.stream for t in ts])
+                    # every selected stream, of every source: sources on one database restore together
+                    deps = reader.outside_references(sorted({t.stream for tts in targets.values() for t in tts}))
                     deps = {st: deps[st] for st in removing if deps.get(st)}
                     if deps:
                         result.dependencies[source] = deps
@@ -710,6 +711,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
             # refusals a database can tell before anything is written (a trigger that cannot be kept
             # from firing, a write cascading outside the selection): before the person is asked
             w.preflight([_planned(repo, t, result.plans[source][t.stream]) for t in targets[source]])
+        for w in writers.values():
+            w.check_selection()
         if confirm is not None and not confirm(result):
             raise Refused("restore not confirmed; nothing was written")
         if result.changes == 0 and not any(p.live_missing or p.settings for ps in result.plans.values()
@@ -811,7 +814,7 @@ def _planned(repo: Repository, t: Target, plan: StreamPlan) -> PlannedStream:
         if plan.quarantine is None:
             return
         for rec in read_stream(repo, plan.quarantine):
-            q = rec.fields("op", "value", "snapshot_value")
+            q = rec.value  # decoded whole: values are compared with and sent to the database
             yield rec.key, q["op"], q.get("value"), q.get("snapshot_value")
     return PlannedStream(t.spec, plan.added, plan.modified, plan.deleted, plan.live_missing, records)
 
@@ -825,10 +828,17 @@ def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, Stream
     ordered = [by_name[spec.name] for spec in w.write_order([t.spec for t in ts])]
     for t in ordered:
         w.prepare(t.spec)
+    restarted = getattr(w, "transaction_restarted", False)
     for t in ordered:
         plan = plans[t.stream]
-        if not getattr(w, "transactional", False) and plan.quarantine is not None and plan.changes:
+        if plan.quarantine is None or not plan.changes:
+            continue
+        if not getattr(w, "transactional", False):
             _expect_planned(repo, w, t, plan)
+        elif restarted:
+            # the database committed the plan's transaction (MariaDB/MySQL at a CREATE TABLE), and with
+            # it the plan's row locks: what the plan saw is read again, locked, before the first write
+            _expect_planned(repo, w, t, plan, reader=w.reader())
     for t in ordered:
         plan = plans[t.stream]
         if plan.settings:
@@ -876,19 +886,20 @@ def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes:
         write(batch)
 
 
-def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan) -> None:
+def _expect_planned(repo: Repository, w, t: Target, plan: StreamPlan, reader=None) -> None:
     """A store without transactions: the records about to change must still be what the
     plan saw (and quarantined).  The writer checks as it writes where it can
     (:meth:`SourceWriter.expect`); otherwise they are re-read by key here, just before
-    the first write.  A record changed since is refused: it was not quarantined."""
+    the first write (through ``reader`` when given: a transaction's own, which locks
+    what it reads).  A record changed since is refused: it was not quarantined."""
     def expected() -> Iterator[tuple[Any, str, Any]]:
         for rec in read_stream(repo, plan.quarantine):
             q = rec.fields("op", "value")
             yield rec.key, q["op"], q.get("value")
 
-    if w.expect(t.spec, expected()):
+    if reader is None and w.expect(t.spec, expected()):
         return
-    with t.backend.reader() as reader:
+    with contextlib.nullcontext(reader) if reader is not None else t.backend.reader() as reader:
         records = expected()
         while batch := list(itertools.islice(records, APPLY_BATCH)):
             got = reader.read_keys(t.spec, [key for key, _, _ in batch])

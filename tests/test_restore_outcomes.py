@@ -61,30 +61,34 @@ def test_a_snapshot_without_a_configured_source_is_refused_not_half_restored(sql
 
 def test_a_restore_failing_after_a_store_without_transactions_was_written_says_which(sqlite_url, redis_client,
                                                                                     tmp_path, cli):
-    """Redis is rewritten, then the SQL source fails its foreign-key proof (a citation whose chunk
-    the source does not capture) and rolls back: exit 1, each source's status in text and JSON,
-    the incident and the command that finishes."""
+    """Redis is rewritten, then the SQL source fails as it writes (a unique index the agent added
+    refuses a row the snapshot holds twice) and rolls back: exit 1, each source's status in text
+    and JSON, the incident and the command that finishes."""
     prefix = redis_client.test_prefix
     eng = seed(sqlite_url, redis_client)
-    write_config(tmp_path, sqlite_url, prefix, 'tables = ["citations"]\n')
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+        c.exec_driver_sql("INSERT INTO items VALUES (1, 'x'), (2, 'x')")
+    write_config(tmp_path, sqlite_url, prefix, 'tables = ["items"]\n')
     cli("init")
     snap = cli("--json", "snapshot", "--release", "v1").json()["id"]
     redis_client.rpush(prefix + "s1", b'{"type": "ai", "data": {"content": "poisoned"}}')
     with eng.begin() as c:
-        c.exec_driver_sql("DELETE FROM citations WHERE id = 20")
-        c.exec_driver_sql("DELETE FROM chunks WHERE id = 2")
+        c.exec_driver_sql("DELETE FROM items WHERE id = 2")
+        c.exec_driver_sql("CREATE UNIQUE INDEX items_name ON items (name)")
     r = cli("--json", "restore", snap, "--yes", "--incident", "inc-x")
     assert r.code == 1, r.err
     err = json.loads(r.err)["error"]
     assert err["incident"] == "inc-x"
     assert err["sources"] == {"a_history": {"status": "restored"}, "b_db": {"status": "rolled_back"}}
-    assert "citations(chunk_id) -> chunks(id)" in err["message"] and "run `snapshotter restore" in err["message"]
+    assert "UNIQUE constraint failed" in err["message"] and "run `snapshotter restore" in err["message"]
     assert redis_client.llen(prefix + "s1") == 1  # restored
     with eng.connect() as c:
-        assert c.exec_driver_sql("SELECT count(*) FROM citations").scalar() == 1  # rolled back
+        assert c.exec_driver_sql("SELECT count(*) FROM items").scalar() == 1  # rolled back
     # with only the SQL source left to write, its own failure and exit code (rolled back, nothing else written)
     r = cli("--json", "restore", snap, "--yes")
-    assert r.code == 3 and json.loads(r.err)["error"]["sources"]["b_db"] == {"status": "rolled_back"}
+    assert r.code == 1 and json.loads(r.err)["error"]["sources"]["b_db"] == {"status": "rolled_back"}
+    assert "sources: " not in json.loads(r.err)["error"]["message"]
     redis_client.rpush(prefix + "s1", b'{"type": "ai", "data": {"content": "again"}}')
     r = cli("restore", snap, "--yes")
     assert r.code == 1

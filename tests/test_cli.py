@@ -219,3 +219,24 @@ def test_version_is_not_taken_from_the_environment(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("SNAPSHOTTER_VERSION", "1")
     r = cli("--repo", "r", "--json", "init")
     assert r.code == 0 and r.json()["created"] is True
+
+
+def test_global_options_are_accepted_after_the_subcommand(tmp_path, cli):
+    """`snapshotter list --json` (a responder's habit) works as `snapshotter --json list`; an option
+    value that looks like a global option stays the subcommand's (`--note --json`)."""
+    import sqlalchemy as sa
+    db = tmp_path / "a.db"
+    with sa.create_engine(f"sqlite:///{db}").begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    (tmp_path / "other.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.db]\nbackend = "sql"\nurl = "sqlite:///{db}"\n')
+    assert cli("init", "--config", "other.toml").code == 0
+    r = cli("snapshot", "--release", "v1", "--note", "--json", "--config", "other.toml", "-q")
+    assert r.code == 0, r.err
+    assert not r.out.lstrip().startswith("{")  # --json was the note, not the option
+    r = cli("list", "--json", "--config=other.toml")
+    assert r.code == 0, r.err
+    assert r.json()[0]["release"] == "v1"
+    r = cli("show", r.json()[0]["id"], "--config", "other.toml", "--json")
+    assert r.code == 0 and r.json()["note"] == "--json"
+    assert cli("quarantine", "list", "--json", "--config", "other.toml").json() == []

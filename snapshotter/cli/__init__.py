@@ -248,9 +248,63 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _option_arity(params) -> dict[str, bool]:
+    """Each option name of these parameters -> whether it takes a value."""
+    out = {}
+    for p in params:
+        if isinstance(p, click.Option):
+            for name in (*p.opts, *p.secondary_opts):
+                out[name] = not (p.is_flag or p.count)
+    return out
+
+
+def global_options_first(args: list[str]) -> list[str]:
+    """The arguments with the group's options moved before the subcommand, so that they are
+    accepted anywhere (``snapshotter list --json``).  An option the subcommand itself has (or
+    a value of one of its options) stays where it is; so does everything after ``--``."""
+    glob = _option_arity(cli.params)
+    ctx = click.Context(cli, info_name="snapshotter")
+    front: list[str] = []
+    rest: list[str] = []
+    own: dict[str, bool] = {}
+    group: click.Command | None = cli
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        name = a.split("=", 1)[0] if a.startswith("--") else a
+        short_count = len(a) > 2 and a[0] == "-" and a[1] != "-" and set(a[1:]) <= {"v"} | {"q"} and len(set(a[1:])) == 1
+        if name in own or (not a.startswith("-") and group is None):
+            rest.append(a)
+            if name in own and own[name] and "=" not in a and i + 1 < len(args):
+                rest.append(args[i + 1])  # the subcommand option's value, whatever it looks like
+                i += 1
+        elif name in glob or short_count:
+            takes = glob.get(name, False) and "=" not in a
+            front.append(a)
+            if takes and i + 1 < len(args):
+                front.append(args[i + 1])
+                i += 1
+        elif not a.startswith("-") and isinstance(group, click.Group):
+            sub = group.get_command(ctx, a)
+            rest.append(a)
+            if sub is None:
+                group = None
+            else:
+                own.update(_option_arity(sub.params))
+                group = sub if isinstance(sub, click.Group) else None
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (SPEC's table)."""
     args = sys.argv[1:] if argv is None else argv
+    args = global_options_first(list(args))
     as_json = "--json" in args or os.environ.get("SNAPSHOTTER_JSON", "").lower() in ("1", "true", "yes")
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamSpec, idle_timeout_option, timeout_option
 from snapshotter import codec
-from snapshotter.errors import ConfigError, NotFound, SchemaMismatch
+from snapshotter.errors import ConfigError, IntegrityError, NotFound, SchemaMismatch
 
 from . import lazy_module, sqlbase, sqlintegrity
 
@@ -294,8 +294,13 @@ def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
     """Create a dropped table (without its foreign keys and triggers: :func:`finish_recreated`)."""
     where = f"{writer.b.where}: table {spec.name}"
     with sqlbase.translate_errors(f"{where}: cannot recreate the table"):
-        sqlbase.create_table(writer.conn, schema_doc or spec.schema,
-                             trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        try:
+            sqlbase.create_table(writer.conn, schema_doc or spec.schema,
+                                 trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            # a stored definition missing a part, or of the wrong shape: a damaged or edited manifest
+            raise IntegrityError(f"{where}: the snapshot's stored definition of the table is damaged "
+                                 f"({type(exc).__name__}: {exc}); nothing was written to it") from None
         if sqlbase.dialect(writer.conn) in ("mysql", "mariadb"):
             # MariaDB/MySQL commit the open transaction at every DDL statement: the writes that follow
             # (every table is prepared before the first write) need a transaction again, or each
@@ -313,5 +318,9 @@ def finish_recreated(writer, spec: StreamSpec, schema_doc: dict | None = None) -
     from . import ddl
     where = f"{writer.b.where}: table {spec.name}"
     with sqlbase.translate_errors(f"{where}: cannot finish recreating the table"):
-        ddl.finish(writer.conn, schema_doc or spec.schema,
-                   trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        try:
+            ddl.finish(writer.conn, schema_doc or spec.schema,
+                       trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise IntegrityError(f"{where}: the snapshot's stored definition of the table is damaged "
+                                 f"({type(exc).__name__}: {exc}); the restore was rolled back") from None

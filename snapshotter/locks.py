@@ -264,6 +264,10 @@ def locked_message(blocker: LockInfo, resource: str, now: _dt.datetime | None = 
     if stale:
         return (f"{text}; the lock is stale ({stale}): if no snapshotter runs on {blocker.host} any more, "
                 f"remove it with `snapshotter unlock`")
+    if not blocker.readable:
+        # a lock object being written is unreadable for a moment; one that stays so is damaged
+        return (f"{text}; if it stays unreadable (a damaged lock object), remove it with `snapshotter unlock --all` "
+                f"(`unlock --stale` removes it once it has been unchanged for {format_age(DEFAULT_TTL)})")
     return f"{text}; try again later or wait for it with --lock-wait SECONDS"
 
 

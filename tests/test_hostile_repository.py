@@ -626,3 +626,47 @@ def test_a_redis_session_key_that_is_not_utf8_is_captured_and_restored_exactly(r
         r = cli(*args)
         assert r.code == 0 and "Traceback" not in r.err, (args, r.err)
     assert b64 in (tmp_path / "q.csv").read_text() and b64 in (tmp_path / "r.html").read_text()
+
+
+# -- found by a black-box try of the above ------------------------------------------------------------
+
+def test_a_fifo_in_place_of_a_chunk_is_a_missing_chunk_not_a_hang(world):
+    chunk = world.chunk()
+    chunk.unlink()
+    os.mkfifo(chunk)
+    started = time.monotonic()
+    r = world.cli("verify", "--read-data")
+    assert r.code == 3 and chunk.name in r.out + r.err and "Traceback" not in r.err, r.err
+    world.run("restore", world.snap, "--dry-run", code=3, names=chunk.name, both=False)
+    assert time.monotonic() - started < 60
+
+
+def test_a_foreign_folder_with_a_name_not_ours_is_ignored(world):
+    evil = world.repo / "snapshots" / "..evil"
+    evil.mkdir()
+    (evil / world.manifest.name).write_bytes(world.manifest.read_bytes())
+    r = world.run("list", code=0)
+    assert r.out.count(world.snap) == 1
+    world.run("verify", code=0)
+    world.run("show", world.snap[:12], code=0)
+
+
+def test_a_stored_table_definition_missing_a_part_is_damage(world):
+    """A recreate from a manifest whose stored foreign key lacks its references: exit 3, named."""
+    def change(doc):
+        ddl = doc["sources"]["db"]["streams"]["kb_chunks"]["schema"].setdefault("ddl", {})
+        ddl.setdefault("foreign_keys", []).append({"table": None})
+        ddl.setdefault("constraints", []).append({"name": "x", "type": "foreign key", "columns": ["id"]})
+    world.edit(world.manifest, change)
+    with world.eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE kb_chunks")
+    r = world.cli("restore", world.snap, "--yes", "--source", "db")
+    assert r.code == 3 and "Traceback" not in r.err, r.err
+    assert "damaged" in r.err or "does not match" in r.err or "digest" in r.err
+
+
+def test_an_unreadable_lock_says_how_to_remove_it(world):
+    (world.repo / "locks").mkdir(exist_ok=True)
+    (world.repo / "locks" / "x.json").write_text("{not json")
+    r = world.cli("restore", world.snap, "--yes")
+    assert r.code == 4 and "unlock --all" in r.err, r.err

@@ -28,6 +28,16 @@ class ObjectMissing(NotFound):
     """An object the repository needs is not in the store."""
 
 
+def valid_name(name: str) -> bool:
+    """Whether a listed name is one of ours: a foreign file with any other name (``..evil``,
+    control characters) is left out of listings, as foreign files are, never an error."""
+    try:
+        check_name(name)
+    except UsageError:
+        return False
+    return True
+
+
 def check_name(name: str) -> str:
     """Refuse any object name that could escape the store root or is not ours."""
     if not isinstance(name, str) or not name or len(name) > 1024:

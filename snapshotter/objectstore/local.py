@@ -14,7 +14,7 @@ import tempfile
 from typing import Iterator
 
 from ..errors import IntegrityError, StoreError, UsageError
-from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
+from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name, valid_name
 
 
 def _load_libc(name: str, argtypes: list | None = None):
@@ -186,7 +186,11 @@ class LocalStore(ObjectStore):
     def get(self, name: str) -> bytes:
         path = self._path(name)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # non-blocking: a FIFO planted in the repository would block the open (and the read)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ObjectMissing(f"object {name} is not a file in {self.url}")
             with os.fdopen(fd, "rb") as fh:
                 return fh.read()
         except FileNotFoundError:
@@ -233,7 +237,7 @@ class LocalStore(ObjectStore):
                 if fn.startswith(".tmp-"):
                     continue
                 name = rel_dir + fn
-                if not name.startswith(prefix):
+                if not name.startswith(prefix) or not valid_name(name):
                     continue
                 try:
                     st = os.lstat(os.path.join(dirpath, fn))

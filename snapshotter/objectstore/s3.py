@@ -29,7 +29,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
 
 from ..errors import IntegrityError, StoreError, UsageError
 from ..timeouts import DEFAULT_TIMEOUT, timed_out
-from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name
+from .base import ObjectInfo, ObjectMissing, ObjectStore, check_name, valid_name
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
@@ -227,7 +227,8 @@ class S3Store(ObjectStore):
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
+                    if valid_name(obj["Key"][strip:]):
+                        yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
         except ClientError as exc:
             if _code(exc) == "NoSuchBucket":
                 raise ObjectMissing(f"bucket {self.bucket} does not exist") from None

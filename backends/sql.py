@@ -8,6 +8,7 @@ table.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 from typing import Any, Sequence
@@ -290,17 +291,23 @@ def recreate_omissions(backend, spec: StreamSpec, reader) -> list[str]:
     return ddl.omissions(spec.schema, bool(getattr(backend, "trust_repository_sql", False)))
 
 
+@contextlib.contextmanager
+def _damaged_definition(where: str):
+    """A stored definition missing a part, or of the wrong shape: a damaged or edited manifest
+    (exit 3; the restore's transaction rolls back), not an unexpected failure."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise IntegrityError(f"{where}: the snapshot's stored definition of the table is damaged "
+                             f"({type(exc).__name__}: {exc}); nothing was written") from None
+
+
 def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
     """Create a dropped table (without its foreign keys and triggers: :func:`finish_recreated`)."""
     where = f"{writer.b.where}: table {spec.name}"
-    with sqlbase.translate_errors(f"{where}: cannot recreate the table"):
-        try:
-            sqlbase.create_table(writer.conn, schema_doc or spec.schema,
-                                 trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            # a stored definition missing a part, or of the wrong shape: a damaged or edited manifest
-            raise IntegrityError(f"{where}: the snapshot's stored definition of the table is damaged "
-                                 f"({type(exc).__name__}: {exc}); nothing was written to it") from None
+    with sqlbase.translate_errors(f"{where}: cannot recreate the table"), _damaged_definition(where):
+        sqlbase.create_table(writer.conn, schema_doc or spec.schema,
+                             trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
         if sqlbase.dialect(writer.conn) in ("mysql", "mariadb"):
             # MariaDB/MySQL commit the open transaction at every DDL statement: the writes that follow
             # (every table is prepared before the first write) need a transaction again, or each
@@ -317,10 +324,6 @@ def finish_recreated(writer, spec: StreamSpec, schema_doc: dict | None = None) -
         return
     from . import ddl
     where = f"{writer.b.where}: table {spec.name}"
-    with sqlbase.translate_errors(f"{where}: cannot finish recreating the table"):
-        try:
-            ddl.finish(writer.conn, schema_doc or spec.schema,
-                       trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise IntegrityError(f"{where}: the snapshot's stored definition of the table is damaged "
-                                 f"({type(exc).__name__}: {exc}); the restore was rolled back") from None
+    with sqlbase.translate_errors(f"{where}: cannot finish recreating the table"), _damaged_definition(where):
+        ddl.finish(writer.conn, schema_doc or spec.schema,
+                   trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)

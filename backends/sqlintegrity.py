@@ -126,6 +126,14 @@ def foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
     return out
 
 
+def _values_in(table, columns: Sequence[str], values: list[tuple]):
+    """``(columns) IN (values)``; one column's values go untyped, read by the column's own type."""
+    if len(columns) == 1:
+        return table.c[columns[0]].in_(
+            sa.bindparam(None, [v[0] for v in values], expanding=True, type_=sa.types.NullType()))
+    return sa.tuple_(*[table.c[c] for c in columns]).in_(values)
+
+
 def write_order(names: Sequence[Name], fks: Iterable[ForeignKey]) -> list[int]:
     """Indexes of ``names`` with every parent before its children (a cycle keeps the given order)."""
     index = {n: i for i, n in enumerate(names)}
@@ -399,11 +407,7 @@ class Guard:
         parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0])
         for i in range(0, len(values), 500):
             part = values[i:i + 500]
-            if len(fk.parent_columns) == 1:
-                cond = parent.c[fk.parent_columns[0]].in_(
-                    sa.bindparam(None, [v[0] for v in part], expanding=True, type_=sa.types.NullType()))
-            else:
-                cond = sa.tuple_(*[parent.c[c] for c in fk.parent_columns]).in_(part)
+            cond = _values_in(parent, fk.parent_columns, part)
             found = self.conn.execute(sa.select(sa.func.count()).select_from(
                 sa.select(*[parent.c[c] for c in fk.parent_columns]).where(cond).distinct().subquery())).scalar()
             if int(found or 0) < len(part):
@@ -458,12 +462,7 @@ class Guard:
         parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0]).alias("p")
         for i in range(0, len(values), 500):
             part = values[i:i + 500]
-            if len(fk.child_columns) == 1:
-                cond = child.c[fk.child_columns[0]].in_(
-                    sa.bindparam(None, [v[0] for v in part], expanding=True, type_=sa.types.NullType()))
-            else:
-                cond = sa.tuple_(*[child.c[c] for c in fk.child_columns]).in_(part)
-            conds = [cond]
+            conds = [_values_in(child, fk.child_columns, part)]
             if orphaned:
                 conds.append(~sa.exists().where(*[parent.c[pc] == child.c[cc]
                                                   for cc, pc in zip(fk.child_columns, fk.parent_columns)]))

@@ -44,6 +44,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -92,6 +93,10 @@ class FaultProxy:
         self.corrupt_pattern = corrupt_pattern
         self.corrupt_keeps_checksums = corrupt_keeps_checksums
         self.methods = methods  # None: faults hit every method
+        #: keys matching this pattern (every method) are answered only after ``stall_seconds``, with a
+        #: reset: a stalled endpoint that accepts requests and does not answer them
+        self.stall_pattern: str | None = None
+        self.stall_seconds = 30.0
         self.rules: list[Rule] = []
         self._rule_hits: set[tuple[str, str]] = set()
         self.rng = random.Random(seed)
@@ -282,6 +287,10 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.owner
         body = self._read_body()
         key = self._object_key()
+        if proxy.stall_pattern and re.search(proxy.stall_pattern, key):
+            time.sleep(proxy.stall_seconds)
+            self._reset()
+            return
         fault, corrupt = proxy.decide(self.command, key)
         if fault in _ERRORS:
             self._error(fault)

@@ -180,6 +180,29 @@ def test_a_hung_s3_endpoint_ends_snapshot_and_restore(tmp_path, cli, hole, s3_se
     assert_timed_out(r, elapsed, f"s3://{s3_bucket}/r", 12)
 
 
+def test_an_s3_endpoint_that_stalls_mid_command_ends_it_within_a_few_timeouts(tmp_path, cli, s3_server, s3_bucket,
+                                                                             sqlite_url):
+    """Once the endpoint has answered, a request that keeps timing out is given up after a few
+    timeouts, not after eight attempts with backoff (a stalled endpoint took minutes to fail a
+    snapshot at a timeout of seconds)."""
+    from tests.s3_fault_proxy import FaultProxy
+    eng = sa.create_engine(sqlite_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO notes VALUES (1, 'one')")
+    eng.dispose()
+    with FaultProxy(s3_server) as proxy:
+        src = f'[sources.db]\nbackend = "sql"\nurl = "{sqlite_url}"\n'
+        write_config(tmp_path, src, repository=f'url = "s3://{s3_bucket}/r"\nregion = "us-east-1"\ntimeout = 1\n'
+                                                f'endpoint_url = "{proxy.url}"\n')
+        assert cli("init").code == 0
+        proxy.configure(stall_pattern=r"(^|/)chunks/", stall_seconds=20.0)
+        r, elapsed = timed(cli, "snapshot", "--release", "r1")
+        assert r.code == 1 and "timed out after 1 s" in r.err and "Traceback" not in r.err, r.err
+        assert elapsed < 15, elapsed
+        proxy.configure(stall_pattern=None)
+
+
 # -- a restore's SQL transaction while another store hangs ---------------------------------
 
 def _idle_in_transaction(admin, database: str) -> list[float]:

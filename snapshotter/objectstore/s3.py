@@ -42,6 +42,8 @@ BODY_ATTEMPTS = 6
 REACH_ATTEMPTS = 3
 #: attempts of each request once the endpoint answered (botocore's standard retry mode)
 MAX_ATTEMPTS = 8
+#: a request still timing out this many timeouts after its first timeout is given up
+TIMED_OUT_FOR = 3
 
 # what botocore accepts (S3 itself is stricter; S3-compatible stores vary)
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}$")
@@ -92,14 +94,25 @@ class S3Store(ObjectStore):
         # REACH_ATTEMPTS times (the handler runs before botocore's own retry decision)
         self.client.meta.events.register_first("needs-retry.s3", self._until_reached)
 
-    def _until_reached(self, response=None, attempts: int = 0, caught_exception=None, **_):
+    def _until_reached(self, response=None, attempts: int = 0, caught_exception=None, request_dict=None, **_):
         """botocore's needs-retry hook: any answer (even an error) means the endpoint is
-        there; until one came, the REACH_ATTEMPTS-th failure to connect ends the request."""
+        there; until one came, the REACH_ATTEMPTS-th failure to connect ends the request.
+        Once it answered, a request whose attempts keep timing out ends after timing out for
+        TIMED_OUT_FOR timeouts' worth of time (a stalled endpoint: each attempt waits the
+        timeout, and eight of them with backoff took minutes at a timeout of seconds)."""
         if response is not None:
             self._reached = True
-        elif (not self._reached and attempts >= REACH_ATTEMPTS
-              and isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError))):
+            return None
+        timing_out = isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError))
+        if not timing_out:
+            return None
+        if not self._reached and attempts >= REACH_ATTEMPTS:
             raise caught_exception
+        context = (request_dict or {}).get("context")
+        if isinstance(context, dict):
+            first = context.setdefault("snapshotter_first_timeout", time.monotonic())
+            if time.monotonic() - first >= TIMED_OUT_FOR * self.timeout:
+                raise caught_exception
         return None
 
     def _key(self, name: str) -> str:

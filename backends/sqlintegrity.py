@@ -426,17 +426,7 @@ class Guard:
             fires = enforcing and fk.on_update not in ("NO ACTION", "RESTRICT")
             if fk.child in self.selected and not fires:
                 continue
-            gone, changed = set(), set()
-            for _, op, live, snap in t.records():
-                if not isinstance(live, dict):
-                    continue
-                old = tuple(live.get(c) for c in fk.parent_columns)
-                if any(v is None for v in old):
-                    continue
-                if op == "added":
-                    gone.add(old)
-                elif op == "modified" and isinstance(snap, dict) and old != tuple(snap.get(c) for c in fk.parent_columns):
-                    changed.add(old)
+            gone, changed = self._removed_values(fk, t)
             if fires and changed and self._referenced(fk, sorted(changed, key=codec.pack)):
                 raise UsageError(f"{where}: the restore would change referenced values of {_show(fk.parent, self.home)} and "
                                  f"foreign key {fk.describe(self.home)} ON UPDATE {fk.on_update} would change rows of "
@@ -454,6 +444,23 @@ class Guard:
                              f"selection reference ({'; '.join(blocked.values())}): its writes would cascade into "
                              f"them or break their foreign keys. Nothing was written: add them to the restore "
                              f"(--stream {' --stream '.join(n[1] for n in blocked)}), or restore the whole source")
+
+    @staticmethod
+    def _removed_values(fk: ForeignKey, t: PlannedTable) -> tuple[set, set]:
+        """The parent table's referenced values the plan removes: of ``added`` rows (deleted), and
+        the old values of ``modified`` rows whose referenced columns change."""
+        gone, changed = set(), set()
+        for _, op, live, snap in t.records():
+            if not isinstance(live, dict):
+                continue
+            old = tuple(live.get(c) for c in fk.parent_columns)
+            if any(v is None for v in old):
+                continue
+            if op == "added":
+                gone.add(old)
+            elif op == "modified" and isinstance(snap, dict) and old != tuple(snap.get(c) for c in fk.parent_columns):
+                changed.add(old)
+        return gone, changed
 
     def _referenced(self, fk: ForeignKey, values: list[tuple], orphaned: bool = False) -> bool:
         """Whether a row of the child table references one of these parent values (``orphaned``:
@@ -602,16 +609,8 @@ class Guard:
             t = self.planned.get(fk.parent)
             if t is None or not (t.added or t.modified):
                 continue
-            gone = set()
-            for _, op, live, snap in t.records():
-                if not isinstance(live, dict):
-                    continue
-                old = tuple(live.get(c) for c in fk.parent_columns)
-                if any(v is None for v in old):
-                    continue
-                if op == "added" or (op == "modified" and isinstance(snap, dict)
-                                     and old != tuple(snap.get(c) for c in fk.parent_columns)):
-                    gone.add(old)
+            gone, changed = self._removed_values(fk, t)
+            gone |= changed
             if gone and self._referenced(fk, sorted(gone, key=codec.pack), orphaned=True):
                 problems.append(self._broken(fk, f"rows of {_show(fk.child, self.home)} still reference {_show(fk.parent, self.home)} "
                                                  f"rows the restore removed or changed"))

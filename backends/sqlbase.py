@@ -606,7 +606,7 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
               fast: bool | str | None = None, for_update: bool = False) -> Iterator[list[Record]]:
     """Batches of ``(key, {column: value})`` in key order.
 
-    On PostgreSQL the rows come through COPY (:mod:`backends.pgcopy`) when it
+    On PostgreSQL the rows come through COPY (:mod:`snapshotter_backends.pgcopy`) when it
     can promise the same records as the cursor below.  ``fast`` forces a
     path: ``False`` the cursor, ``True`` COPY, ``"text"``/``"binary"`` COPY
     in that format; a forced COPY that cannot be exact is an error.
@@ -670,7 +670,7 @@ def schema_differences(snap: dict, live: dict) -> list[str]:
 
 
 def create_table(conn: Connection, schema_doc: dict, *, trusted: bool = False, where: str = "") -> None:
-    """Recreate a dropped table from its stored schema (see :mod:`backends.ddl`: nothing
+    """Recreate a dropped table from its stored schema (see :mod:`snapshotter_backends.ddl`: nothing
     from the repository runs as SQL unless ``trusted``)."""
     from . import ddl
     ddl.create_table(conn, schema_doc, trusted=trusted, where=where or f"table {schema_doc.get('table')!r}")
@@ -862,7 +862,7 @@ def restore_refusal(conn: Connection, streams: list, where: str) -> str | None:
 
 class SQLWriterMixin:
     """upsert/delete on one connection inside one transaction (used by sql and conversation),
-    under the transaction's :class:`~backends.sqlintegrity.Guard`: modified rows are updated
+    under the transaction's :class:`~snapshotter_backends.sqlintegrity.Guard`: modified rows are updated
     in place, every statement's rows are counted, and triggers and foreign-key actions are
     kept from firing."""
 

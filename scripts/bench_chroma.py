@@ -133,7 +133,7 @@ def child_read(path: str, retries: int) -> None:
     """The backend's reader alone, records dropped: what the snapshot costs beyond the core's work."""
     import chromadb  # noqa: F401
     as_the_console_program()
-    from backends.chroma import ChromaBackend
+    from snapshotter_backends.chroma import ChromaBackend
     started, cpu = time.monotonic(), cpu_seconds()
     backend = ChromaBackend("memory", {"path": path, "retries": retries})
     n = 0

@@ -11,7 +11,7 @@ def compile_project() -> None:
     install): run from a checkout where Python writes no bytecode (PYTHONDONTWRITEBYTECODE),
     every command would compile each module again, tens of milliseconds of start-up that
     no user pays."""
-    specs = {name: importlib.util.find_spec(name) for name in ("snapshotter", "backends")}
+    specs = {name: importlib.util.find_spec(name) for name in ("snapshotter", "snapshotter_backends")}
     missing = [name for name, spec in specs.items() if spec is None]
     if missing:
         sys.exit(f"benchmark: cannot import {', '.join(missing)}: install the project first "

@@ -283,8 +283,8 @@ class SQLKind(SourceKind):
 
     def __init__(self, dialect: str, url: str | None = None):
         self.name = dialect
-        self.preload = ("backends.sql", "sqlalchemy.dialects.postgresql", "psycopg") if dialect == "postgresql" \
-            else ("backends.sql", "sqlalchemy.dialects.sqlite")
+        self.preload = ("snapshotter_backends.sql", "sqlalchemy.dialects.postgresql", "psycopg") if dialect == "postgresql" \
+            else ("snapshotter_backends.sql", "sqlalchemy.dialects.sqlite")
         self.url = url
         self.own_db: str | None = None
         self.engine = None
@@ -400,7 +400,7 @@ class RedisKind(SourceKind):
     """LangChain RedisChatMessageHistory lists (newest first) under a private key prefix."""
 
     name = "redis"
-    preload = ("backends.conversation", "redis")
+    preload = ("snapshotter_backends.conversation", "redis")
 
     def __init__(self, url: str = REDIS_URL, prefix: str | None = None):
         self.url = url
@@ -475,7 +475,7 @@ class ChromaKind(SourceKind):
     the directory (``release``) before any child process opens it."""
 
     name = "chroma"
-    preload = ("backends.chroma", "chromadb")
+    preload = ("snapshotter_backends.chroma", "chromadb")
     DIM = 32
     COSINE = {"kb_docs"}
     ULPS = 2  # docs/design.md, "Equality after restore"

@@ -38,9 +38,9 @@ ENTRY_POINT_GROUP = "snapshotter.backends"
 #: every installed distribution's metadata, ~50 ms that each command would pay
 #: before its first byte of work.  A plugin's entry point cannot replace these.
 BUILTIN_BACKENDS = {
-    "sql": "backends.sql:SQLBackend",
-    "conversation": "backends.conversation:ConversationBackend",
-    "chroma": "backends.chroma:ChromaBackend",
+    "sql": "snapshotter_backends.sql:SQLBackend",
+    "conversation": "snapshotter_backends.conversation:ConversationBackend",
+    "chroma": "snapshotter_backends.chroma:ChromaBackend",
 }
 
 

@@ -576,7 +576,7 @@ def test_table_without_primary_key_is_left_out_by_default(world: World):
 
 
 def test_chroma_collection_recreated_with_another_dimension_is_refused(tmp_path, cli):
-    pytest.importorskip("backends.chroma")
+    pytest.importorskip("snapshotter_backends.chroma")
     import chromadb
     from chromadb.api.shared_system_client import SharedSystemClient
     path = tmp_path / "chroma"

@@ -318,7 +318,7 @@ def test_a_collection_changing_during_the_read_is_read_again(store, tmp_path, ca
 
     writer = threading.Thread(target=agent)
     writer.start()
-    caplog.set_level(logging.INFO, logger="backends.chroma")
+    caplog.set_level(logging.INFO, logger="snapshotter_backends.chroma")
     # through the core: a changed stream is dropped and read again from the start
     from snapshotter.objectstore import open_store
     from snapshotter.repository import Repository
@@ -357,7 +357,7 @@ def test_a_change_in_the_last_attempt_marks_the_read_best_effort(store, tmp_path
 
 
 def test_cosine_equality_rule():
-    from backends.chroma import ChromaBackend
+    from snapshotter_backends.chroma import ChromaBackend
     backend = ChromaBackend("memory", {})
     base = np.array([0.1, -0.0, 1.5, -3.25, 1e-30], dtype=np.float32)
 
@@ -517,7 +517,7 @@ def test_the_program_leaves_an_embedded_store_restored_for_the_next_process(tmp_
 def test_a_reader_with_only_one_of_the_by_key_hooks_is_verified_whole(store, tmp_path, monkeypatch):
     """By-key verification needs both hooks; a plugin reader offering only list_keys is
     verified by re-reading the whole stream, and a correct restore passes."""
-    from backends.chroma import ChromaReader
+    from snapshotter_backends.chroma import ChromaReader
     from snapshotter import restore as R
     from snapshotter.backend import SourceReader
 

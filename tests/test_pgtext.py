@@ -18,7 +18,7 @@ import pytest
 sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 
-from backends import sqlbase  # noqa: E402
+from snapshotter_backends import sqlbase  # noqa: E402
 from snapshotter import pgtext  # noqa: E402
 from snapshotter.repository import Repository  # noqa: E402
 from snapshotter.streams import read_stream  # noqa: E402
@@ -256,7 +256,7 @@ def test_values_python_cannot_hold_are_shown_as_text_and_restored(pg_url, tmp_pa
 
 def test_snapshots_in_the_msgpack_encoding_still_restore_onto_postgresql(db, pg_url, tmp_path, cli, monkeypatch):
     """Snapshots taken before PostgreSQL tables were stored as lines decode and restore as before."""
-    from backends.sql import SQLReader
+    from snapshotter_backends.sql import SQLReader
     write_config(tmp_path, pg_url, 'tables = ["turns"]\n')
     assert cli("init").code == 0
     with monkeypatch.context() as m:

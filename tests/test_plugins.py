@@ -17,7 +17,7 @@ from snapshotter.backend import BUILTIN_BACKENDS
 ROOT = Path(__file__).resolve().parent.parent
 
 PLUGIN = '''
-from backends.sql import SQLBackend
+from snapshotter_backends.sql import SQLBackend
 
 
 class LedgerBackend(SQLBackend):
@@ -68,7 +68,7 @@ def test_an_installed_plugin_is_listed_and_snapshots(tmp_path):
     assert found["ledger"]["module"] == "ledger_plugin:LedgerBackend"
     assert found["ledger"]["description"] == "SQL tables, as a third-party plugin"
     # a plugin cannot take over a built-in name
-    assert found["sql"]["module"] == "backends.sql:SQLBackend"
+    assert found["sql"]["module"] == "snapshotter_backends.sql:SQLBackend"
     assert {"conversation", "chroma"} <= set(found)
     # a plugin that cannot be imported is listed as such, and hides nothing else
     assert "RuntimeError: needs LEDGER_HOME" in found["broken"]["error"]

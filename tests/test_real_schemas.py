@@ -384,7 +384,7 @@ def test_postgres_child_table_in_another_schema_is_a_dependant_too(pg_url, tmp_p
 def test_a_write_the_restore_did_not_make_is_counted(kind, request):
     """The proof before commit: a row changed in the write transaction by anything but the
     restore's own counted statements (what a trigger, rule or cascade would do) is reported."""
-    from backends import sqlbase, sqlintegrity
+    from snapshotter_backends import sqlbase, sqlintegrity
     url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url"}[kind])
     eng = engine(url)
     with eng.connect() as c:
@@ -713,7 +713,7 @@ def test_mariadb_a_write_let_through_by_a_recreate_is_not_overwritten(mysql_url,
     """The CREATE TABLE of a recreated table commits the restore's transaction and frees the rows
     its plan locked; an agent write that gets in then is found by the re-read before the first
     write: refused (exit 6), nothing overwritten, and the next run quarantines it."""
-    import backends.sql as sql_backend
+    import snapshotter_backends.sql as sql_backend
     eng = engine(mysql_url)
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TABLE notes (id INT PRIMARY KEY, body TEXT)")

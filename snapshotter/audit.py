@@ -47,7 +47,7 @@ def record_object(seq: int) -> str:
 def _is_secret_name(name: str) -> bool:
     n = name.lower().replace("-", "_")
     if n in ("key", "keys"):
-        # record keys (SPEC's KEY argument): what an audit of reapply must show
+        # record keys (the KEY argument, docs/forensics.md): what an audit of reapply must show
         return False
     return any(w in n for w in _SECRET_WORDS) or n in ("pwd", "auth") or n.endswith("key") or n.endswith("key_id")
 

@@ -183,7 +183,7 @@ def key_text(key: Any) -> str:
 
 
 def to_json(value: Any) -> Any:
-    """A decoded value as JSON data (SPEC: embeddings as lists, bytes as base64, times ISO 8601)."""
+    """A decoded value as JSON data (docs/forensics.md: embeddings as lists, bytes as base64, times ISO 8601)."""
     import base64
     t = type(value)
     if t is dict:

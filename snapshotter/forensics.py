@@ -7,7 +7,7 @@ the records a command names (diff, reapply), never by the size of an incident.
 
 Diffs are for reading: values in them are previews (long text trimmed to the
 changed region, embeddings summarised as distances).  Exports are for
-machines and lossless: every value in the SPEC's JSON form.
+machines and lossless: every value in its JSON form (docs/forensics.md).
 """
 from __future__ import annotations
 
@@ -457,7 +457,7 @@ def atomic_output(path: str) -> Iterator[str]:
 
 
 def export_row(bundle: dict, source: str, stream: str, rec: StoredRecord) -> dict:
-    """One record with its provenance; values in the SPEC's JSON form."""
+    """One record with its provenance; values in their JSON form (docs/forensics.md)."""
     j = record_json(source, stream, rec)
     return {"incident": bundle["incident"], "snapshot": bundle.get("snapshot"), "release": bundle.get("release"),
             "source": source, "stream": stream, "key": j["key"], "op": j["op"], "post_failure": j["post_failure"],

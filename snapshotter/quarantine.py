@@ -100,7 +100,7 @@ def iter_records(repo: Repository, bundle: dict, *, source: str | None = None,
 
 
 def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
-    """One quarantined record in the SPEC's JSON shape."""
+    """One quarantined record in the JSON shape of `quarantine show` (docs/commands.md)."""
     from .codec import to_json
     v = rec.value
     return {

@@ -9,7 +9,7 @@ like any other), so applying reads them back and needs no plan in memory:
 ``added`` records are deleted, ``modified`` and ``deleted`` ones are written
 back with their snapshot values.  Writes are proportional to the drift.
 
-Order (SPEC, "Restore and quarantine semantics"): resolve, verify objects,
+Order (docs/restore.md, "Steps"): resolve, verify objects,
 plan, confirm, commit the quarantine bundle, apply (one transaction per SQL
 source; idempotent batches elsewhere), verify digests, record the outcome.
 """

@@ -117,7 +117,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
 
 
 def summary(manifest: dict, *, good: bool = False, with_schema: bool = False, with_chunks: bool = False) -> dict:
-    """The manifest as the JSON of `snapshot`/`show` (SPEC keys first)."""
+    """The manifest as the JSON of `snapshot`/`show` (the keys docs/commands.md names first)."""
     out = {
         "id": manifest["id"],
         "release": manifest["release"],

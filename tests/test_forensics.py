@@ -1,6 +1,6 @@
 """Forensics acceptance: after a restore with --failure-at, every `quarantine`
 command (list, show, diff, export, report, reapply) works on the real incident,
-with the SPEC's JSON shapes and exit codes; exports read back in DuckDB,
+with the documented JSON shapes and exit codes; exports read back in DuckDB,
 pandas, json and csv; the report is one safe self-contained page; reapply
 writes exactly the chosen records back into the live database."""
 from __future__ import annotations

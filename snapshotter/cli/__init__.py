@@ -302,7 +302,7 @@ def global_options_first(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (SPEC's table)."""
+    """Run the CLI; returns the exit code (the README's table)."""
     args = sys.argv[1:] if argv is None else argv
     args = global_options_first(list(args))
     as_json = "--json" in args or os.environ.get("SNAPSHOTTER_JSON", "").lower() in ("1", "true", "yes")

@@ -27,8 +27,10 @@ SOURCE = "agent"
 
 #: what the agent holds at the snapshot
 BASE = {f"r{i}": f"note {i}: refunds need a receipt" for i in range(5)}
-#: and what it writes after: one record added, one modified, one deleted
-ADDED, MODIFIED, DELETED = "r5", "r1", "r3"
+#: and what it writes after: one record added, one modified, one deleted; the modified one
+#: comes between the others in key order, so whichever order a writer works in, a check of it
+#: that comes too late finds the others already written
+ADDED, MODIFIED, DELETED = "r5", "r3", "r1"
 
 
 def _adapter_class(ref: str) -> type[Adapter]:

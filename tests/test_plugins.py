@@ -96,5 +96,5 @@ def test_the_conformance_suite_runs_on_the_adapter_a_plugin_author_names(tmp_pat
     assert p.returncode == 0, p.stdout + p.stderr
     ids = [line for line in p.stdout.splitlines() if "::" in line]
     assert len(ids) >= 7 and all(line.endswith("[jsonfile]") for line in ids), p.stdout
-    p = collect("--backend-adapter", "adapters:as_json")
+    p = collect("--backend-adapter", "adapters:BUILTIN")
     assert p.returncode != 0 and "not a subclass of adapters.Adapter" in p.stdout + p.stderr

@@ -35,7 +35,8 @@ class Adapter:
     backend = ""
     #: the stream the records live in
     stream = ""
-    #: what a payload may be besides text: "bytes" (binary values), "none" (no value)
+    #: what a payload may be: "text" always; "bytes" (binary values) and "none" (no value)
+    #: where the store holds them
     payloads: frozenset = frozenset({"text"})
     #: what an agent write racing a restore (after its plan, before its writes) meets:
     #: "refused" - the write lands and the restore stops (exit 6) having written nothing;
@@ -87,7 +88,11 @@ class Adapter:
     def empty(self) -> None:
         """Remove every record, keep the stream."""
         for key in list(self.records()):
-            self.remove(self._name_of(key))
+            self.remove(self.name_of(key))
+
+    def name_of(self, key_text: str) -> str:
+        """The name of the record whose key text :meth:`records` gives (here: the key is the name)."""
+        return json.loads(key_text)
 
     def drop(self) -> None:
         """Remove the stream itself (only called when ``droppable``)."""
@@ -104,14 +109,6 @@ class Adapter:
 
     def close(self) -> None:
         pass
-
-    def _name_of(self, key_text: str) -> str:
-        return json.loads(key_text)
-
-
-def as_json(payload: Any) -> Any:
-    """A payload as ``quarantine show --json`` prints it."""
-    return codec.to_json(payload)
 
 
 # -- sql: one table on SQLite, PostgreSQL, MariaDB ------------------------------------
@@ -342,7 +339,7 @@ class RedisAdapter(Adapter):
         return {codec.key_text([k[len(prefix):].decode(), 0]): self.client.lrange(k, 0, -1)
                 for k in self.client.scan_iter(match=self.prefix + "*")}
 
-    def _name_of(self, key_text: str) -> str:
+    def name_of(self, key_text: str) -> str:
         return json.loads(key_text)[0]
 
     def payload(self, value: dict) -> Any:

@@ -432,11 +432,11 @@ class ChromaServerAdapter(ChromaAdapter):
 REFERENCE = Path(__file__).with_name("reference_backend.py")
 
 
-def install_reference_plugin(site: Path, **more_entry_points: str) -> dict:
+def install_reference_plugin(site: Path) -> dict:
     """The reference backend as an installed plugin distribution in ``site`` (its module and a
     dist-info registering ``jsonfile``); returns a child process's environment."""
     return install_plugin(site, "jsonfile-plugin", {"reference_backend": REFERENCE.read_text()},
-                          {"jsonfile": "reference_backend:JsonFileBackend", **more_entry_points})
+                          {"jsonfile": "reference_backend:JsonFileBackend"})
 
 
 class ReferenceAdapter(Adapter):

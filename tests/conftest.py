@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,66 @@ def run_cli_subprocess(*args: str, env: dict | None = None, cwd=None, timeout: f
     p = subprocess.run([sys.executable, "-m", "snapshotter", *map(str, args)], capture_output=True, text=True,
                        env=e, cwd=cwd, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
+
+
+def on_terminal(args: list[str], cwd, answer: str | None, *, before_answer=None, env: dict | None = None
+                ) -> tuple[int, str]:
+    """The console program on a pseudo-terminal: read until it asks, run ``before_answer``,
+    then type ``answer``.  Returns the exit code and everything the program printed."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "snapshotter", *args], cwd=cwd, stdin=slave, stdout=slave,
+                         stderr=slave, close_fds=True, env={**os.environ, **(env or {})})
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 60
+    asked = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        if not asked and b"[y/N]" in out:
+            asked = True
+            if before_answer:
+                before_answer()
+            os.write(master, answer.encode() + b"\n")
+        if p.poll() is not None and not ready:
+            break
+    code = p.wait(timeout=30)
+    os.close(master)
+    return code, out.decode("utf-8", "replace")
+
+
+def install_plugin(site, dist: str, modules: dict[str, str], entry_points: dict[str, str]) -> dict:
+    """A plugin distribution in the folder ``site`` as pip leaves one: its modules (name ->
+    source text) and a dist-info registering ``entry_points`` (backend name -> object
+    reference) under ``snapshotter.backends``.  Returns the environment a child process
+    needs to find it (the folder on PYTHONPATH); in this process, put ``site`` on sys.path."""
+    site = Path(site)
+    site.mkdir(parents=True, exist_ok=True)
+    for name, text in modules.items():
+        path = site.joinpath(*name.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[snapshotter.backends]\n" + "".join(f"{name} = {ref}\n" for name, ref in entry_points.items()))
+    return {"PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend-adapter", action="append", default=[], metavar="MODULE:CLASS",
+                     help="run the source-backend conformance suite (tests/conformance) on this adapter "
+                          "instead of the built-in ones (docs/conformance.md); may be repeated")
 
 
 # -- databases -------------------------------------------------------------------

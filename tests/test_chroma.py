@@ -536,35 +536,6 @@ def test_a_reader_with_only_one_of_the_by_key_hooks_is_verified_whole(store, tmp
     assert col.count() == 30
 
 
-def test_a_record_changed_while_the_restore_runs_is_not_overwritten(tmp_path, cli, monkeypatch):
-    """Chroma has no transactions: a record the agent updates after the plan (here: while
-    the quarantine bundle is written) is re-read by key just before the first write; the
-    restore refuses (exit 6) instead of overwriting it unquarantined."""
-    from snapshotter import restore as restore_mod
-
-    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
-    col = client.create_collection("mem", embedding_function=None)
-    col.add(ids=["d0", "d1"], embeddings=[[0.1, 0.2], [0.3, 0.4]], documents=["a", "b"])
-    write_config(tmp_path, Store(client, 'path = "./chroma"\n', ""), ["mem"])
-    assert cli("init").code == 0
-    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
-    col.update(ids=["d0"], embeddings=[[0.5, 0.5]], documents=["poisoned"])
-    real = restore_mod.write_bundle
-
-    def bundle_then_agent_writes(repo, bundle):
-        real(repo, bundle)
-        col.update(ids=["d0"], embeddings=[[0.6, 0.6]], documents=["agent, during the restore"])
-
-    monkeypatch.setattr(restore_mod, "write_bundle", bundle_then_agent_writes)
-    r = cli("restore", snap, "--yes")
-    assert r.code == 6 and 'record "d0" changed after the restore planned it' in r.err, r.err
-    assert col.get(ids=["d0"])["documents"] == ["agent, during the restore"]
-    monkeypatch.setattr(restore_mod, "write_bundle", real)
-    r = cli("--json", "restore", snap, "--yes")
-    assert r.code == 0 and r.json()["verified"] is True, r.err
-    assert col.get(ids=["d0"])["documents"] == ["a"]
-
-
 def test_collection_metadata_is_put_back_and_the_live_one_kept(tmp_path, cli):
     """An attacker rewrote the collection's metadata (modify also drops its legacy hnsw:*
     keys): diff reports it, restore puts the snapshot's back (the index keeps its space)
@@ -625,11 +596,11 @@ def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path,
 
 def test_a_metadata_only_restore_on_a_terminal_shows_the_plan_and_asks(tmp_path, cli):
     """Zero records differ, the collection metadata does: the person is still asked."""
-    from test_restore import _on_terminal
+    from conftest import on_terminal
 
     client, col, snap = metadata_attacked(tmp_path, cli)
     del col, client  # the CLI runs in another process on the same folder
-    code, out = _on_terminal(["restore", snap], tmp_path, "n")
+    code, out = on_terminal(["restore", snap], tmp_path, "n")
     assert code == 6 and "settings differ: memory/mem: collection metadata" in out and "[y/N]" in out, out
     assert not (tmp_path / "repo" / "quarantine").exists() or not list((tmp_path / "repo" / "quarantine").iterdir())
     assert chromadb.PersistentClient(path=str(tmp_path / "chroma")).get_collection("mem").metadata == {"owner": "attacker"}

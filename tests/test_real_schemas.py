@@ -535,39 +535,6 @@ def test_session_ids_equal_under_the_collation_are_one_session(any_db_url, tmp_p
     eng.dispose()
 
 
-def test_postgres_row_the_agent_updates_during_the_restore_is_a_conflict(pg_url, tmp_path, cli, monkeypatch):
-    """The agent updates a row the restore planned to write, after the plan and before the write
-    (here: while the incident is uploaded): PostgreSQL fails the restore's write ('could not
-    serialize access'); that is the store changing under the restore, exit 6, rolled back, and
-    the next run quarantines the agent's value."""
-    import snapshotter.restore as restore_mod
-    eng = engine(pg_url)
-    with eng.connect() as c:
-        c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, v text)")
-        c.exec_driver_sql("INSERT INTO kb VALUES (1, 'a'), (2, 'b')")
-    snap = snapshot_of(tmp_path, cli, pg_url, tables=["kb"])
-    with eng.begin() as c:
-        c.exec_driver_sql("UPDATE kb SET v = 'poisoned' WHERE id = 1")
-    real = restore_mod.write_bundle
-
-    def agent_writes_meanwhile(repo, bundle):
-        real(repo, bundle)
-        with eng.begin() as c:
-            c.exec_driver_sql("UPDATE kb SET v = 'agent again' WHERE id = 1")
-    monkeypatch.setattr(restore_mod, "write_bundle", agent_writes_meanwhile)
-    r = cli("--json", "restore", snap["id"], "--yes")
-    assert r.code == 6, r.err
-    assert "run it again" in r.err
-    monkeypatch.setattr(restore_mod, "write_bundle", real)
-    with eng.connect() as c:
-        assert c.exec_driver_sql("SELECT v FROM kb WHERE id = 1").scalar() == "agent again"
-    r = cli("--json", "restore", snap["id"], "--yes", "--incident", "inc-2")
-    assert r.code == 0, r.err
-    shown = cli("--json", "quarantine", "show", "inc-2").json()
-    assert [q["value"]["v"] for q in shown] == ["agent again"]
-    eng.dispose()
-
-
 def test_mariadb_recreating_a_table_keeps_the_restore_one_transaction(mysql_url, tmp_path, cli):
     """MariaDB commits the open transaction at a CREATE TABLE: the restore that recreates a
     dropped table opens its transaction again, so a failure after the writes (here a row a CHECK

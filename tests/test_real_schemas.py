@@ -540,7 +540,7 @@ def test_postgres_row_the_agent_updates_during_the_restore_is_a_conflict(pg_url,
     (here: while the incident is uploaded): PostgreSQL fails the restore's write ('could not
     serialize access'); that is the store changing under the restore, exit 6, rolled back, and
     the next run quarantines the agent's value."""
-    import snapshotter.restore as restore_mod
+    import snapshotter.restore.apply as restore_mod
     eng = engine(pg_url)
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, v text)")

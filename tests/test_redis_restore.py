@@ -88,7 +88,7 @@ def test_a_refused_redis_restore_writes_no_session_and_says_so(redis_client, tmp
     """Two sessions to restore; the agent writes to the second after the plan. Before, the
     first was rewritten and the restore exited 6 saying nothing was written; now every
     session is checked before any is written: none is, and the message says so."""
-    from snapshotter import restore as restore_mod
+    from snapshotter.restore import apply as restore_mod
 
     prefix = redis_client.test_prefix + "message_store:"
     for s in ("a", "b"):

@@ -1,9 +1,10 @@
-"""Whether the live store holds what a restore expects: the one check of live
-records against expected ones (a value, or absence), :func:`unexpected` (and,
-for PostgreSQL lines, :func:`unexpected_lines`), which the restore's check
-before it writes, its verification and reapply ask; the verification of what a
-restore wrote; and, when it fails, whether another writer changed the store
-under the restore.
+"""Whether the live store holds what a restore expects:
+
+* :func:`unexpected` (its pgtext branch for PostgreSQL lines: :func:`unexpected_lines`),
+  the one check of live records against expected ones, a value or absence; the
+  restore asks it before it writes, its verification and reapply ask it too;
+* :func:`verify_streams`, the verification of what a restore wrote;
+* :func:`changed_under_restore`, when that fails: did another writer change the store?
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ overwrite, apply, verify; and reapply quarantined records.
   writing, and for reapply;
 * :mod:`.reapply`: writing chosen quarantined records back.
 
-The names below are the ones the CLI and the Python API (README) use.
+The names below are the ones the CLI and the Python API (docs/python-api.md) use.
 """
 from .apply import APPLY_BATCH, RestoreResult, restore
 from .plan import StreamPlan, plan_stream

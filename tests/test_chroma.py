@@ -427,6 +427,7 @@ def test_restore_verifies_by_key_and_notices_writes_it_did_not_make(store, tmp_p
     restored record changed afterwards, fails the verification: the store changed under
     the restore (Refused, exit 6, run it again), not an integrity failure."""
     from snapshotter import restore as R
+    from snapshotter.restore.verify import verify_streams
 
     name = store.name("memory-l2")
     col = store.client.create_collection(name, configuration={"hnsw": {"space": "l2"}}, embedding_function=None)
@@ -476,11 +477,11 @@ def test_restore_verifies_by_key_and_notices_writes_it_did_not_make(store, tmp_p
     targets = R.select_targets(manifest, cfg, R.Selection())
     col.update(ids=[ids[11]], metadatas=[{"changed": "after the restore"}])  # a record the restore wrote
     result.problems = []
-    assert not R._verify(repo, targets, result, R.Selection(), {})
+    assert not verify_streams(repo, targets, result, R.Selection(), {})
     assert result.problems == [f'memory/{name}: record "{ids[11]}" differs from the snapshot after restore']
     col.delete(ids=[ids[12]])
     result.problems = []
-    assert not R._verify(repo, targets, result, R.Selection(), {})
+    assert not verify_streams(repo, targets, result, R.Selection(), {})
     assert "live keys" in result.problems[0]
 
 
@@ -519,6 +520,7 @@ def test_a_reader_with_only_one_of_the_by_key_hooks_is_verified_whole(store, tmp
     verified by re-reading the whole stream, and a correct restore passes."""
     from snapshotter_backends.chroma import ChromaReader
     from snapshotter import restore as R
+    from snapshotter.restore.verify import verify_streams
     from snapshotter.backend import SourceReader
 
     name = store.name("memory-l2")
@@ -577,7 +579,7 @@ def metadata_attacked(tmp_path, cli):
 
 def test_collection_metadata_changed_after_the_plan_is_not_overwritten(tmp_path, cli, monkeypatch):
     """The metadata the restore puts back must still be the one it planned over (and kept)."""
-    from snapshotter import restore as restore_mod
+    from snapshotter.restore import apply as restore_mod
 
     client, col, snap = metadata_attacked(tmp_path, cli)
     real = restore_mod.write_bundle

@@ -516,7 +516,7 @@ def test_a_push_while_restoring_a_session_with_only_modified_messages_is_refused
     """When the plan only modifies messages, the list's length comes from what the plan's
     reader saw: a message pushed before the write is refused (exit 6), not left to fail
     verification after the write."""
-    from snapshotter import restore as restore_mod
+    from snapshotter.restore import apply as restore_mod
 
     prefix = redis_client.test_prefix + "message_store:"
     key = prefix + "s1"

@@ -598,7 +598,8 @@ def test_reapply_checks_every_source_before_writing_any(tmp_path, cli):
     # key 1 of both sources at once (the CLI takes one source per KEY, so through the library)
     from snapshotter.config import load_config
     from snapshotter.errors import Refused
-    from snapshotter.forensics import locate, reapply
+    from snapshotter.forensics import locate
+    from snapshotter.restore import reapply
     from snapshotter.objectstore import open_store
     from snapshotter.quarantine import load_bundle
     from snapshotter.repository import Repository

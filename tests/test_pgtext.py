@@ -368,7 +368,7 @@ def test_block_merge_finds_exactly_the_differing_lines_across_chunk_and_batch_ed
     digest and record count are those of all its lines, and quarantined lines are the
     exact live and snapshot lines."""
     import hashlib
-    from snapshotter.restore import StreamPlan, _merge_lines
+    from snapshotter.restore.plan import StreamPlan, _merge_lines
 
     rng = random.Random(seed)
     rc = pgtext.Codec({"format": "pgtext", "columns": ["id", "body"], "oids": [20, 25], "key": ["id"]})

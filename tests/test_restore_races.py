@@ -22,17 +22,17 @@ def msg(text: str) -> str:
 @pytest.fixture
 def before_verification(monkeypatch):
     """Runs a function after the restore's writes, just before it verifies them."""
-    from snapshotter import restore as restore_mod
+    from snapshotter.restore import apply as restore_mod
 
     def install(meanwhile):
-        real = restore_mod._verify
+        real = restore_mod.verify_streams
 
         def verify_after(*args, **kwargs):
             meanwhile()
-            monkeypatch.setattr(restore_mod, "_verify", real)  # once
+            monkeypatch.setattr(restore_mod, "verify_streams", real)  # once
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(restore_mod, "_verify", verify_after)
+        monkeypatch.setattr(restore_mod, "verify_streams", verify_after)
     return install
 
 

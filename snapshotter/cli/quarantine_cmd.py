@@ -10,11 +10,12 @@ import click
 from ..codec import key_text
 from ..errors import Refused, UsageError
 from ..forensics import (EXPORT_FORMATS, RecordFilter, changed_fields, count_post_failure, export_records, locate,
-                         reapply as run_reapply, record_diff, select_records)
+                         record_diff, select_records)
 from ..locks import EXCLUSIVE, source_resource
 from ..names import check_name, printable
 from ..quarantine import OPS, bundles, incident_status, load_bundle, op_counts, record_json, replaced_settings
 from ..report import MAX_RECORDS, write_report
+from ..restore import reapply as run_reapply
 from . import App, cli, pass_app
 
 

@@ -1,0 +1,401 @@
+"""The plan of a restore: how a live stream differs from the snapshot's, found by
+the restore's one merge of key-ordered streams (:func:`merge`; its fast path for
+whole streams of PostgreSQL lines is :func:`merge_chunked`), counted, and written
+to the quarantine as it goes.  Memory is bounded by a batch, not by the store.
+
+Applying reads the quarantine records back, so it needs no plan in memory: ``added``
+records are deleted, ``modified`` and ``deleted`` ones written back with their
+snapshot values; writes are proportional to the drift.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
+from typing import Any, Callable, Iterator
+
+from .. import codec, hashing, pgtext
+from ..backend import PlannedStream, StreamSpec
+from ..errors import IntegrityError, SchemaMismatch, SourceError
+from ..repository import Repository
+from ..streams import BackgroundHash, StoredRecord, StreamWriter, iter_chunks, read_stream
+from .resolve import Selection, Target
+
+# -- the merge --------------------------------------------------------------------
+
+#: where a key the merge reports is: only live, only in the snapshot, or in both
+LIVE, SNAPSHOT, BOTH = 1, 2, 3
+
+
+def _order(lv, sv, live_key: Callable, snap_key: Callable) -> int:
+    """Which of the two heads comes first by key (None: that side has ended)."""
+    if sv is None:
+        return LIVE
+    if lv is None:
+        return SNAPSHOT
+    lk, sk = live_key(lv), snap_key(sv)
+    return LIVE if lk < sk else SNAPSHOT if sk < lk else BOTH
+
+
+def merge(live: Iterator, snap: Iterator, live_key: Callable, snap_key: Callable,
+          same: Callable | None = None, *, same_bytes: bool = False) -> Iterator[tuple[int, Any, Any]]:
+    """The restore's merge: two streams in ascending key order joined by key, yielding
+    ``(side, lv, sv)`` for every key whose records differ: LIVE (the key is only live:
+    ``lv``), SNAPSHOT (only in the snapshot: ``sv``) or BOTH (in both, and not
+    ``same(lv, sv)``; without ``same``, two records of a key differ).  ``lv`` and ``sv``
+    are the two heads then (the other side's is its next record, or None at its end).
+    With ``same_bytes``, equal items (lines) pass without their keys being looked at.
+    Whole streams of lines take the fast path, :func:`merge_chunked`."""
+    lv, sv = next(live, None), next(snap, None)
+    while lv is not None or sv is not None:
+        if same_bytes and lv == sv:
+            lv, sv = next(live, None), next(snap, None)
+            continue
+        side = _order(lv, sv, live_key, snap_key)
+        if side != BOTH or same is None or not same(lv, sv):
+            yield side, lv, sv
+        if side & LIVE:
+            lv = next(live, None)
+        if side & SNAPSHOT:
+            sv = next(snap, None)
+
+
+def merge_records(live: Iterator[tuple[Any, bytes, Any]], snap: Iterator[StoredRecord],
+                  same: Callable[[Any, Any], bool]) -> Iterator[tuple[int, Any, Any]]:
+    """:func:`merge` of :func:`live_records` and a snapshot's stored records."""
+    return merge(live, snap, itemgetter(0), attrgetter("key"), same)
+
+
+#: lines compared at once by :func:`merge_chunked` (it adapts between these)
+_BLOCK_MIN, _BLOCK_MAX = 8, 1024
+
+
+def merge_chunked(live_batches: Iterator[list[bytes]], chunks: Iterator[bytes], key: Callable,
+                  on_chunk: Callable[[bytes], Any]) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+    """:func:`merge` of two whole streams of lines (``same_bytes``, no ``same``) without
+    splitting the snapshot into lines: the live lines are matched against the snapshot
+    chunk's bytes at a cursor, a block of lines at a time (one join and one
+    ``startswith``, both in C); a block that differs is halved until the differing
+    line is found, whose key alone is looked at.  A line ends with its only newline
+    (escaped newlines are ``\\n``), so bytes equal at a line start are equal lines.
+    ``on_chunk`` is given each snapshot chunk, in order."""
+    raw, p = b"", 0
+
+    def load() -> bool:
+        """Move to the next snapshot chunk (False: there is none)."""
+        nonlocal raw, p
+        for chunk in chunks:
+            if not chunk.endswith(b"\n"):
+                raise IntegrityError("a snapshot chunk does not end with a complete line")
+            on_chunk(chunk)
+            raw, p = chunk, 0
+            return True
+        raw, p = b"", 0
+        return False
+
+    more = load()
+    join = b"".join
+    k = 64
+    for batch in live_batches:
+        i, n = 0, len(batch)
+        while i < n:
+            m = k if k < n - i else n - i
+            if m > 1:
+                blk = join(batch[i:i + m])
+                if raw.startswith(blk, p):
+                    p += len(blk)
+                    i += m
+                    if k < _BLOCK_MAX:
+                        k *= 2
+                    continue
+                if m > _BLOCK_MIN:
+                    k = m // 2
+                    continue
+            lv = batch[i]
+            if raw.startswith(lv, p):
+                p += len(lv)
+                i += 1
+                continue
+            if p >= len(raw) and more:
+                more = load()
+                continue
+            sv = raw[p:raw.index(b"\n", p) + 1] if more else None
+            side = _order(lv, sv, key, key)
+            yield side, lv, sv
+            if side & LIVE:
+                i += 1
+            if side & SNAPSHOT:
+                p += len(sv)
+    while more:  # what is left of the snapshot is gone from the live store
+        while p < len(raw):
+            sv = raw[p:raw.index(b"\n", p) + 1]
+            yield SNAPSHOT, None, sv
+            p += len(sv)
+        more = load()
+
+
+# -- the streams it merges ----------------------------------------------------------
+
+def live_records(reader, spec: StreamSpec | None, sessions) -> Iterator[tuple[Any, bytes, Any]]:
+    """The live stream as ``(key, msgpack record, value)``, in key order."""
+    if spec is None:
+        return
+    for batch in reader.read(spec, sessions or None):
+        for key, value in batch:
+            yield key, b"\x92" + codec.pack(key) + codec.pack(value), value
+
+
+def snapshot_records(repo: Repository, t: Target, sessions) -> Iterator[StoredRecord]:
+    for rec in read_stream(repo, t.entry):
+        if sessions and t.backend.session_of(t.spec, rec.key, rec.value) not in sessions:
+            continue
+        yield rec
+
+
+def same_record(t: Target) -> Callable[[tuple, StoredRecord], bool]:
+    """Whether a live record is the snapshot's record of its key: the same bytes, or
+    equal by the backend's rule.  A store that perturbs values on a round trip (Chroma
+    cosine) would otherwise show its own restore as drift, and every later restore
+    would rewrite and quarantine it again."""
+    def same(lv: tuple, sv: StoredRecord) -> bool:
+        return lv[1] == sv.msgpack_raw() or t.backend.values_equal(t.spec, codec.unpack(lv[1])[1], sv.value)
+    return same
+
+
+# pgtext: a PostgreSQL stream is planned over its lines (snapshot and live in the same
+# encoding), decoding keys and values only where the two sides differ
+
+def live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator[list[bytes]] | None:
+    """The live stream as lines in the snapshot's own encoding, when the snapshot is a
+    ``pgtext`` one and the reader can give them (None otherwise)."""
+    enc = t.entry.get("encoding")
+    if not enc or spec is None:
+        return None
+    got = reader.read_encoded(spec, sessions or None)
+    if got is None:
+        return None
+    doc, batches = got
+    if not pgtext.same_encoding(doc, enc):
+        batches.close()
+        return None
+    return batches
+
+
+def _session_filter(t: Target, rc: pgtext.Codec, sessions: set[str] | None):
+    """A test of a snapshot line's session, reading one field where the schema names it."""
+    if not sessions:
+        return None
+    column = (t.spec.schema.get("conversation") or {}).get("session_column")
+    if column in rc.columns:
+        def keep(line: bytes) -> bool:
+            f = rc.field(line, column)
+            return f is not None and f.decode("utf-8", "replace") in sessions
+        return keep
+
+    def keep_decoded(line: bytes) -> bool:
+        key, value = rc.decode(line)
+        return t.backend.session_of(t.spec, key, value) in sessions
+    return keep_decoded
+
+
+def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]], plan: "StreamPlan",
+                sessions: set[str] | None, digest, quarantine) -> None:
+    """The plan of :func:`plan_stream` over ``pgtext`` lines: equal lines (almost all of
+    them after a small drift) are recognised by their bytes alone."""
+    rc = pgtext.Codec(t.entry["encoding"])
+    keep = _session_filter(t, rc, sessions)
+    if keep is None:
+        _merge_lines(iter_chunks(repo, t.entry), live_batches, rc, plan, digest, quarantine)
+        return
+    live = itertools.chain.from_iterable(live_batches)
+
+    def snapshot_lines() -> Iterator[bytes]:
+        for raw in iter_chunks(repo, t.entry):
+            lines = [line for line in pgtext.iter_lines(raw) if keep(line)]
+            digest.update(b"".join(lines))
+            plan.snapshot_records += len(lines)
+            yield from lines
+
+    for side, lv, sv in merge(live, snapshot_lines(), rc.key, rc.key, same_bytes=True):
+        _quarantine_line(rc, side, lv, sv, plan, quarantine)
+
+
+def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], rc: pgtext.Codec,
+                 plan: "StreamPlan", digest, quarantine) -> None:
+    """The plan of a whole stream of lines, through :func:`merge_chunked`."""
+    live_lines = 0
+
+    def counted() -> Iterator[list[bytes]]:
+        nonlocal live_lines
+        for batch in live_batches:
+            live_lines += len(batch)
+            yield batch
+
+    for side, lv, sv in merge_chunked(counted(), chunks, rc.key, digest.update):
+        _quarantine_line(rc, side, lv, sv, plan, quarantine)
+    # every line is matched, added (live only), deleted (snapshot only) or modified (both)
+    plan.snapshot_records += live_lines - plan.added + plan.deleted
+
+
+def _quarantine_line(rc: pgtext.Codec, side: int, lv: bytes | None, sv: bytes | None, plan: "StreamPlan",
+                     quarantine) -> None:
+    """A key where the lines differ, counted and quarantined: values are decoded only here."""
+    if side == LIVE:
+        plan.added += 1
+        k, value = rc.decode(lv)
+        quarantine(k, "added", value, None, lv, None)
+    elif side == SNAPSHOT:
+        plan.deleted += 1
+        k, value = rc.decode(sv)
+        quarantine(k, "deleted", None, value, None, sv)
+    else:
+        plan.modified += 1
+        k, value = rc.decode(lv)
+        quarantine(k, "modified", value, rc.decode(sv)[1], lv, sv)
+
+
+# -- planning ---------------------------------------------------------------------
+
+@dataclass
+class StreamPlan:
+    added: int = 0
+    modified: int = 0
+    deleted: int = 0
+    snapshot_records: int = 0
+    snapshot_digest: str = ""  # over the selected snapshot records
+    live_schema: dict | None = None
+    live_missing: bool = False
+    quarantine: dict | None = None  # the bundle's stream entry
+    #: sha256 of the snapshot's keys (packed, in order), for verifying by key (generic plans)
+    snapshot_keys_digest: str = ""
+    #: sha256 over the planned changes as (op, key), in order: what a person confirmed
+    changes_digest: Any = field(default_factory=hashlib.sha256, repr=False)
+
+    @property
+    def changes(self) -> int:
+        return self.added + self.modified + self.deleted
+
+    post_failure: int = 0
+    #: planned over pgtext lines inside the writer's transaction (see verify._verify_touched)
+    lines: bool = False
+    #: stream settings that differ from the snapshot's and are put back (Chroma: collection metadata)
+    settings: list[str] = field(default_factory=list)
+    #: a missing stream is recreated without these parts of its stored definition
+    not_recreated: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        out = {"added": self.added, "modified": self.modified, "deleted": self.deleted}
+        if self.settings:
+            out["settings"] = list(self.settings)
+        if self.not_recreated:
+            out["not_recreated"] = list(self.not_recreated)
+        return out
+
+
+def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: StreamWriter | None,
+                failure_at: _dt.datetime | None) -> StreamPlan:
+    """Merge live and snapshot by key; count, and quarantine into ``writer`` when given."""
+    plan = StreamPlan()
+    live_spec = reader.live_spec(t.stream)
+    if live_spec is None:
+        plan.live_missing = True
+        plan.not_recreated = list(t.backend.recreate_omissions(t.spec, reader))
+    else:
+        plan.live_schema = live_spec.schema
+        diffs = t.backend.schema_differences(t.spec, live_spec)
+        if diffs:
+            raise SchemaMismatch(f"source {t.source!r} stream {t.stream!r} changed since the snapshot: " + "; ".join(diffs))
+        plan.settings = list(t.backend.settings_differences(t.spec, live_spec))
+    sessions = set(sel.sessions) if sel.sessions else None
+
+    def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
+        plan.changes_digest.update(codec.pack([op, key]))
+        if writer is None:
+            return
+        written = t.backend.written_at(t.spec, key, live_value) if live_value is not None else None
+        post = None
+        if failure_at is not None and written is not None:
+            post = written >= failure_at
+            plan.post_failure += post
+        session = t.backend.session_of(t.spec, key, live_value if live_value is not None else snap_value)
+        rec = {"op": op, "value": live_value, "snapshot_value": snap_value,
+               "written_at": written, "post_failure": post, "session": session}
+        if live_raw is not None or snap_raw is not None:
+            # the records in the snapshot's encoding too: applied and re-applied as they are
+            rec["raw"] = live_raw
+            rec["snapshot_raw"] = snap_raw
+        try:
+            writer.add(key, rec)
+        except SourceError as exc:  # the quarantine stream's own order check: say whose records
+            raise SourceError(f"source {t.source!r} stream {t.stream!r}: {exc.message}") from None
+
+    # the snapshot's records are hashed as its manifest's digest was
+    alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
+    lines = live_lines(reader, t, live_spec, sel.sessions)
+    if lines is None and live_spec is None and pgtext.is_pgtext(t.entry.get("encoding")) \
+            and hasattr(reader, "read_encoded"):
+        # the table is gone: every stored line goes back as it is (through COPY, after the
+        # table is recreated), not as decoded values, which would round off intervals
+        lines = (batch for batch in ())
+    if lines is not None:
+        digest = BackgroundHash(alg)
+        try:
+            with contextlib.closing(lines):  # a COPY left open would hold its connection
+                _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+        finally:
+            hexdigest = digest.hexdigest()
+        plan.lines = True
+        plan.snapshot_digest = f"{alg}:{hexdigest}"
+        if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
+            raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
+        return plan
+
+    digest = hashing.new(alg)
+    keys_digest = hashlib.sha256()
+    pack = codec.packer().pack
+
+    def snapshot() -> Iterator[StoredRecord]:
+        for rec in snapshot_records(repo, t, sessions):
+            digest.update(rec.raw)
+            keys_digest.update(pack(rec.key))
+            plan.snapshot_records += 1
+            yield rec
+
+    def live() -> Iterator[tuple[Any, bytes, Any]]:
+        last_key = None
+        for rec in live_records(reader, live_spec, sel.sessions):
+            if last_key is not None and not rec[0] > last_key:
+                raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key order at "
+                                     f"{codec.key_text(rec[0])}")
+            last_key = rec[0]
+            yield rec
+
+    for side, lv, sv in merge_records(live(), snapshot(), same_record(t)):
+        if side == LIVE:
+            plan.added += 1
+            quarantine(lv[0], "added", lv[2], None)
+        elif side == SNAPSHOT:
+            plan.deleted += 1
+            quarantine(sv.key, "deleted", None, sv.value)
+        else:
+            plan.modified += 1
+            quarantine(sv.key, "modified", lv[2], sv.value)
+    plan.snapshot_digest = hashing.digest_string(alg, digest)
+    plan.snapshot_keys_digest = "sha256:" + keys_digest.hexdigest()
+    if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
+        raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
+    return plan
+
+
+def planned_stream(repo: Repository, t: Target, plan: StreamPlan) -> PlannedStream:
+    """A stream's plan as its backend sees it (preflight, dry-run refusals)."""
+    def records() -> Iterator[tuple[Any, str, Any, Any]]:
+        if plan.quarantine is None:
+            return
+        for rec in read_stream(repo, plan.quarantine):
+            q = rec.value  # decoded whole: values are compared with and sent to the database
+            yield rec.key, q["op"], q.get("value"), q.get("snapshot_value")
+    return PlannedStream(t.spec, plan.added, plan.modified, plan.deleted, plan.live_missing, records)

@@ -1,13 +1,15 @@
 """The Python API: one repository with its configuration, one method per job.
 
-:class:`Repository` does what the commands do, with the same safety: a method
-that reads snapshot data or changes the repository or a live store takes the
-lock the command takes (``snapshotter.locks``) and appends the audit record the
-command appends (``snapshotter.audit``), however it ends.  Two restores, one
-run from a notebook and one from a terminal, exclude each other as two
-terminals' would, and ``snapshotter audit`` and ``quarantine list`` show the one
-run from Python.  The CLI parses options, calls one method, prints what it
-returns and turns its errors into exit codes.
+:class:`Repository` does what the commands do, with the same safety: each
+method takes the lock its command takes (``snapshotter.locks``: shared to compare
+live state with a snapshot or to take one, exclusive on the sources a restore or
+a reapply writes, on the marks for forget, on everything for prune) and a method
+that changes the repository or a live store appends the audit record its
+command appends (``snapshotter.audit``), however it ends.  Two restores, one run
+from a notebook and one from a terminal, exclude each other as two terminals'
+would, and ``snapshotter audit`` and ``quarantine list`` show the one run from
+Python.  The CLI parses options, calls one method, prints what it returns and
+turns its errors into exit codes.
 
 Failures are the exceptions of :mod:`snapshotter.errors`, whose ``exit_code`` is
 the code the CLI exits with.  Modules that cost start-up time (the backends,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .streams import StoredRecord
 
 Warn = Callable[[str], None]
+
 
 def _log_warning(text: str) -> None:
     import logging

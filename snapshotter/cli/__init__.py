@@ -1,4 +1,6 @@
-"""The command-line interface: parsing and printing only; the work is in the core.
+"""The command-line interface: parsing and printing only; the work is in the
+Python API (:mod:`snapshotter.api`), which also takes the locks and writes the
+audit records, so a command and a Python caller share one behaviour.
 
 One module per group of commands; they register on :data:`cli` when imported
 at the bottom of this file.  :func:`main` is the only place that turns errors
@@ -22,7 +24,7 @@ import click
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import Interrupted, SnapshotterError, UsageError, from_exception
+from ..errors import AuditNotWritten, Interrupted, SnapshotterError, UsageError, from_exception
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "SNAPSHOTTER", "help_option_names": ["-h", "--help"],
                     "max_content_width": 100}
@@ -30,7 +32,7 @@ CONTEXT_SETTINGS = {"auto_envvar_prefix": "SNAPSHOTTER", "help_option_names": ["
 
 @dataclass
 class App:
-    """Global options and lazily opened configuration and repository."""
+    """Global options and the lazily loaded configuration and opened repository."""
 
     config_path: str | None = None
     repo_url: str | None = None
@@ -58,20 +60,15 @@ class App:
         return Repository.open(self.config, url=self.repo_url, **self.api_options())
 
     def api_options(self) -> dict:
+        """The global options, as the API takes them."""
         lock_message = lambda text: click.echo(f"snapshotter: {text}", err=True)  # noqa: E731
         return {"lock_wait": self.lock_wait, "warn": self.warn, "on_lock_lost": lock_message,
                 "on_lock_wait": (lambda text: None) if self.quiet else lock_message}
-
-    @property
-    def repo(self):
-        """The repository format underneath (snapshotter.repository.Repository)."""
-        return self.api.core
 
     def call(self, method: Callable, *args, **kwargs):
         """An API call that changes something: when only its audit record could not be
         appended, its result all the same (printed as usual; main() then reports the
         audit failure and exits with its code)."""
-        from ..errors import AuditNotWritten
         try:
             return method(*args, **kwargs)
         except AuditNotWritten as exc:

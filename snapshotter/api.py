@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .retention import ForgetPlan
     from .streams import StoredRecord
 
+__all__ = ["Repository", "Quarantine"]
+
 Warn = Callable[[str], None]
 
 
@@ -589,8 +591,9 @@ class Quarantine:
         return [record_json(s, st, rec) for s, st, rec in self.records(incident, **filters)]
 
     def diff(self, incident: str, key: Any, *, source: str | None = None, stream: str | None = None) -> dict:
-        """Field-level diff of one record, snapshot version against quarantined live version.
-        ``key``: the key's JSON text as on the command line (``44``, ``'["sess-2", 3]'``, ``kb-3``)."""
+        """Field-level diff of one record, snapshot version against quarantined live version
+        (``quarantine diff --json``).  ``key``: the key (``44``, ``["sess-2", 3]``), or text read
+        as the command line reads KEY (JSON text, else the text itself: ``"kb-3"``, ``"44"``)."""
         from .forensics import locate, record_diff
         if source:
             check_name("source", source)
@@ -599,16 +602,13 @@ class Quarantine:
         return record_diff(bundle, loc.source, loc.stream, loc.record)
 
     def export(self, incident: str, path: str | os.PathLike, *, format: str, csv_raw: bool = False,
-               **filters) -> int:
+               source: str | None = None, stream: str | None = None, ops: Sequence[str] = (),
+               post_failure: bool = False, sessions: Sequence[str] = (), limit: int | None = None) -> int:
         """Write the records to ``path`` (replaced atomically) as ``jsonl``, ``parquet`` or ``csv``;
         returns how many.  CSV text cells that a spreadsheet would run as a formula get a
         leading ``'`` unless ``csv_raw``."""
         from .forensics import export_records
-        flt = self._filter(filters.pop("source", None), filters.pop("stream", None), filters.pop("ops", ()),
-                           filters.pop("post_failure", False), filters.pop("sessions", ()),
-                           filters.pop("limit", None))
-        if filters:
-            raise TypeError(f"export() got unexpected keyword argument(s) {', '.join(filters)}")
+        flt = self._filter(source, stream, ops, post_failure, sessions, limit)
         return export_records(self.repo.core, self.bundle(incident), flt, format, os.fspath(path), csv_raw=csv_raw)
 
     def report(self, incident: str, path: str | os.PathLike, *, max_records: int | None = None) -> dict:

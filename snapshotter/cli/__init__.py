@@ -136,6 +136,18 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
+def checked(check: Callable[[], dict]) -> tuple[dict, SnapshotterError | None]:
+    """A check's report (verify, audit verify) and the error saying it found problems,
+    for the caller to raise once the report is printed."""
+    from ..errors import IntegrityError
+    try:
+        return check(), None
+    except IntegrityError as exc:
+        if getattr(exc, "report", None) is None:
+            raise
+        return exc.report, exc
+
+
 def ask(question: str) -> bool:
     """A yes/no question on the terminal (stderr); Ctrl-C or the end of input interrupts."""
     try:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..errors import IntegrityError, UsageError
+from ..errors import UsageError
 from ..names import check_name, parse_duration, printable
-from . import App, cli, pass_app
+from . import App, checked, cli, pass_app
 from .repo_cmds import human_bytes
 
 
@@ -119,14 +119,7 @@ def audit(ctx: click.Context, limit):
 @pass_app
 def audit_verify(app: App):
     """Check the hash chain: exit 3 when a record was edited, removed or reordered."""
-    try:
-        report = app.api.verify_audit()
-        failed = None
-    except IntegrityError as exc:
-        report = getattr(exc, "report", None)
-        if report is None:
-            raise
-        failed = exc
+    report, failed = checked(app.api.verify_audit)
 
     def human():
         if report["ok"]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import click
 
 from .. import hashing
-from ..errors import IntegrityError, UsageError
+from ..errors import UsageError
 from ..names import check_name, printable
 from ..names import printable as p
-from . import App, cli, pass_app
+from . import App, checked, cli, pass_app
 
 
 def human_bytes(n: int | None) -> str:
@@ -99,15 +99,8 @@ def verify(app: App, snapshots, all_, read_data):
     api = app.api
     everything = all_ or not snapshots
     with app.progress_bar("verifying chunks") as bar:
-        try:
-            report = api.verify(() if everything else snapshots, read_data=read_data, progress=bar.advance)
-        except IntegrityError as exc:
-            report = getattr(exc, "report", None)
-            if report is None:
-                raise
-            failed = exc
-        else:
-            failed = None
+        report, failed = checked(lambda: api.verify(() if everything else snapshots, read_data=read_data,
+                                                    progress=bar.advance))
 
     def human():
         if report["ok"]:

@@ -91,7 +91,36 @@ class ObjectExists(SnapshotterError):
     kind = "exists"
 
 
+class AuditNotWritten(SnapshotterError):
+    """The work is done, but its audit record could not be appended."""
+
+    kind = "audit"
+
+    def __init__(self, message: str, *, exit_code: int = 1, result=None):
+        super().__init__(message)
+        #: the code of what stopped the append (a store failing: 1)
+        self.exit_code = exit_code
+        #: what the call returned, for the caller to use all the same
+        self.result = result
+
+
 class SourceError(SnapshotterError):
     """A source (database, vector store) failed or could not be reached."""
 
     kind = "source"
+
+
+#: what an interrupted run says (and its audit record's summary)
+INTERRUPTED = "interrupted: nothing half-committed was left behind"
+
+
+def from_exception(exc: BaseException) -> SnapshotterError:
+    """What a user is told of any exception: ours as it is, Ctrl-C / SIGTERM as
+    Interrupted, anything else (a bug, a library error not translated at its boundary)
+    as an unexpected failure naming its type and the first line of its message."""
+    if isinstance(exc, SnapshotterError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(INTERRUPTED)
+    text = str(exc)
+    return SnapshotterError(f"unexpected {type(exc).__name__}: {text.splitlines()[0] if text else ''}")

@@ -1,4 +1,6 @@
-"""The command-line interface: parsing and printing only; the work is in the core.
+"""The command-line interface: parsing and printing only; the work is in the
+Python API (:mod:`snapshotter.api`), which also takes the locks and writes the
+audit records, so a command and a Python caller share one behaviour.
 
 One module per group of commands; they register on :data:`cli` when imported
 at the bottom of this file.  :func:`main` is the only place that turns errors
@@ -22,7 +24,7 @@ import click
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import SnapshotterError, UsageError, Interrupted
+from ..errors import AuditNotWritten, Interrupted, SnapshotterError, UsageError, from_exception
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "SNAPSHOTTER", "help_option_names": ["-h", "--help"],
                     "max_content_width": 100}
@@ -30,7 +32,7 @@ CONTEXT_SETTINGS = {"auto_envvar_prefix": "SNAPSHOTTER", "help_option_names": ["
 
 @dataclass
 class App:
-    """Global options and lazily opened configuration and repository."""
+    """Global options and the lazily loaded configuration and opened repository."""
 
     config_path: str | None = None
     repo_url: str | None = None
@@ -42,63 +44,44 @@ class App:
     metrics_file: str | None = None
     command: str = ""
     results: dict = field(default_factory=dict)
-    error: str | None = None
-    audit: dict | None = None  # set by audited(): main() appends the record when the command ends
+    #: an audit record that could not be appended (main() reports it when the command ends)
+    audit_failure: SnapshotterError | None = None
     started: float = field(default_factory=time.time)
 
     @cached_property
     def config(self) -> Config:
         return load_config(self.config_path)
 
-    def store(self):
-        from ..objectstore import open_store
-        cfg = self.config
-        url = self.repo_url or cfg.repository_url
-        if not url:
-            raise UsageError("no repository: give --repo URL, set SNAPSHOTTER_REPO, or set [repository] url "
-                             "in the config file")
-        base = None if self.repo_url else cfg.base_dir
-        return open_store(url, endpoint_url=cfg.endpoint_url, region=cfg.region, base_dir=base,
-                          timeout=cfg.repository_timeout)
-
     @cached_property
-    def repo(self):
-        from ..repository import Repository
-        return Repository.open(self.store(), compression_level=self.config.compression_level)
+    def api(self):
+        """The repository, opened through the Python API, which takes the locks and
+        writes the audit records."""
+        from ..api import Repository
+        return Repository.open(self.config, url=self.repo_url, **self.api_options())
 
-    # -- locks, audit, metrics -----------------------------------------------
+    def api_options(self) -> dict:
+        """The global options, as the API takes them."""
+        lock_message = lambda text: click.echo(f"snapshotter: {text}", err=True)  # noqa: E731
+        return {"lock_wait": self.lock_wait, "warn": self.warn, "on_lock_lost": lock_message,
+                "on_lock_wait": (lambda text: None) if self.quiet else lock_message}
 
-    def lock(self, claims: dict[str, str] | None = None, *, exclusive: bool = False, command: str | None = None):
-        """Lock the repository (shared unless ``exclusive``) plus any extra ``claims``
-        (see :mod:`snapshotter.locks`), honouring --lock-wait; a context manager."""
-        from ..locks import acquire, repository_claims
-        warn = lambda text: click.echo(f"snapshotter: {text}", err=True)  # noqa: E731
-        return acquire(self.repo.store, {**repository_claims(exclusive=exclusive), **(claims or {})},
-                       command=command or self.command, wait=self.lock_wait,
-                       on_wait=None if self.quiet else warn, on_lost=warn)
-
-    def audited(self, arguments: dict, *, command: str | None = None) -> dict:
-        """Mark this run as a change: when it ends, however it ends, main() appends an
-        audit record.  Returns the result details to fill in (``summary`` and more)."""
-        self.audit = {"command": command or self.command, "arguments": arguments, "result": {}}
-        return self.audit["result"]
+    def call(self, method: Callable, *args, **kwargs):
+        """An API call that changes something: when only its audit record could not be
+        appended, its result all the same (printed as usual; main() then reports the
+        audit failure and exits with its code)."""
+        try:
+            return method(*args, **kwargs)
+        except AuditNotWritten as exc:
+            self.audit_failure = exc
+            return exc.result
 
     def finish(self, code: int) -> int:
-        """After the command: its audit record and metrics file; returns the exit code."""
+        """After the command: what kept its audit record from being written, and the
+        metrics file; returns the exit code."""
         try:
-            if self.audit is not None:
-                from ..audit import append_audit
-                details = dict(self.audit["result"])
-                summary = details.pop("summary", None)
-                if code != 0:
-                    summary = self.error or f"failed with exit code {code}"
-                try:
-                    append_audit(self.repo, self.audit["command"], self.audit["arguments"],
-                                 {"exit_code": code, "summary": summary or "ok", **details})
-                except Exception as exc:
-                    text = exc.message if isinstance(exc, SnapshotterError) else str(exc)
-                    self._late_error(f"the audit record could not be written: {text}", code)
-                    code = code or getattr(exc, "exit_code", 1)
+            if self.audit_failure is not None:
+                self._late_error(self.audit_failure.message, code)
+                code = code or self.audit_failure.exit_code
             if self.metrics_file:
                 from ..metrics import run_from_results, write_metrics
                 try:
@@ -151,6 +134,26 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def checked(check: Callable[[], dict]) -> tuple[dict, SnapshotterError | None]:
+    """A check's report (verify, audit verify) and the error saying it found problems,
+    for the caller to raise once the report is printed."""
+    from ..errors import IntegrityError
+    try:
+        return check(), None
+    except IntegrityError as exc:
+        if getattr(exc, "report", None) is None:
+            raise
+        return exc.report, exc
+
+
+def ask(question: str) -> bool:
+    """A yes/no question on the terminal (stderr); Ctrl-C or the end of input interrupts."""
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.exceptions.Abort:
+        raise Interrupted("interrupted") from None
 
 
 #: the module that defines each command; it is imported only when its command runs (or
@@ -311,13 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     app = App()
     try:
-        cli.main(args=args, prog_name="snapshotter", standalone_mode=False, obj=app)
+        try:
+            cli.main(args=args, prog_name="snapshotter", standalone_mode=False, obj=app)
+        except BaseException as exc:
+            # a failed change whose audit record could not be appended either: reported last
+            app.audit_failure = getattr(exc, "audit_failure", None) or app.audit_failure
+            raise
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:
-        code = report(Interrupted("interrupted"), as_json, app)
+        code = report(Interrupted("interrupted"), as_json)
     except click.ClickException as exc:
-        app.error = exc.format_message()
         if as_json:
             click.echo(json.dumps({"error": {"type": "usage", "message": exc.format_message(), "exit_code": 2}}), err=True)
         else:
@@ -326,18 +333,16 @@ def main(argv: list[str] | None = None) -> int:
             hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
             click.echo(f"snapshotter: {' '.join(exc.format_message().split())}{hint}", err=True)
         code = exc.exit_code if exc.exit_code else 2
-    except KeyboardInterrupt:
-        code = report(Interrupted("interrupted: nothing half-committed was left behind"), as_json, app)
+    except KeyboardInterrupt as exc:
+        code = report(from_exception(exc), as_json)
     except SnapshotterError as exc:
         if verbose:
             traceback.print_exc()
-        code = report(exc, as_json, app)
+        code = report(exc, as_json)
     except Exception as exc:  # a bug, or a library error not translated at its boundary
         if verbose:
             traceback.print_exc()
-        err = SnapshotterError(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                               f"(run with -v for the traceback)")
-        code = report(err, as_json, app)
+        code = report(SnapshotterError(f"{from_exception(exc).message} (run with -v for the traceback)"), as_json)
     else:
         code = 0
     finally:
@@ -345,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     return app.finish(code)
 
 
-def report(exc: SnapshotterError, as_json: bool, app: App | None = None) -> int:
-    if app is not None:
-        app.error = exc.message
+def report(exc: SnapshotterError, as_json: bool) -> int:
     if as_json:
         click.echo(_error_json(exc), err=True)
     else:

@@ -1,16 +1,11 @@
 """forget, prune, unlock, audit: keeping a repository in shape between snapshots."""
 from __future__ import annotations
 
-import contextlib
-
 import click
 
-from .. import audit as audit_log
-from .. import locks
-from .. import retention
-from ..errors import IntegrityError, UsageError
+from ..errors import UsageError
 from ..names import check_name, parse_duration, printable
-from . import App, cli, pass_app
+from . import App, checked, cli, pass_app
 from .repo_cmds import human_bytes
 
 
@@ -32,31 +27,11 @@ def forget(app: App, keep_last, keep_hourly, keep_daily, keep_weekly, keep_month
     """
     for r in keep_release:
         check_name("release", r)
-    policy = retention.RetentionPolicy(last=keep_last or 0, hourly=keep_hourly or 0, daily=keep_daily or 0,
-                                       weekly=keep_weekly or 0, monthly=keep_monthly or 0,
-                                       releases=tuple(keep_release))
-    if policy.empty:
+    if not (keep_last or keep_hourly or keep_daily or keep_weekly or keep_monthly or keep_release):
         raise UsageError("forget needs at least one --keep-* rule (it will not forget every snapshot)")
-    repo = app.repo
-    if keep_release:
-        present = {ref.release for ref in repo.list_snapshot_refs()}
-        unknown = [r for r in keep_release if r not in present]
-        if present and len(unknown) == len(keep_release) and \
-                not (keep_last or keep_hourly or keep_daily or keep_weekly or keep_monthly):
-            # a misspelt release would keep nothing: the same as forgetting with no rule at all
-            raise UsageError(f"forget: no snapshot of release(s) {', '.join(map(repr, keep_release))} in the "
-                             f"repository, so every snapshot not known-good would go; nothing forgotten (releases: "
-                             f"{', '.join(sorted(present))})")
-        if present and unknown:
-            app.warn(f"warning: --keep-release {', '.join(map(repr, unknown))}: no snapshot of that release")
-    # exclusive on the marks only: snapshots may go on, a mark-good may not slip in between plan and delete
-    with contextlib.nullcontext() if dry_run else app.lock({locks.MARKS: locks.EXCLUSIVE}) as lock:
-        plan = retention.plan_forget(repo, policy, warn=app.warn)
-        if not dry_run:
-            audit = app.audited({"policy": policy.to_json()})
-            retention.forget(repo, plan, check=lock.check)
-            audit.update(summary=f"forgot {len(plan.remove)} snapshot(s), kept {len(plan.keep)}",
-                         forgotten=[d.id for d in plan.remove])
+    plan = app.call(app.api.forget, keep_last=keep_last or 0, keep_hourly=keep_hourly or 0,
+                    keep_daily=keep_daily or 0, keep_weekly=keep_weekly or 0, keep_monthly=keep_monthly or 0,
+                    keep_releases=keep_release, dry_run=dry_run)
     doc = {"dry_run": dry_run, "keep": [d.to_json() for d in plan.keep], "remove": [d.to_json() for d in plan.remove]}
 
     def human():
@@ -80,16 +55,10 @@ def prune(app: App, dry_run, grace):
 
     Takes the exclusive lock: fails (exit 4) while any snapshot or restore runs.
     """
-    grace_td = parse_duration(grace)
-    repo = app.repo
-    with app.lock(exclusive=True) as lock:
-        if not dry_run:
-            audit = app.audited({"grace": grace})
-        with app.progress_bar("deleting chunks") as bar:
-            report = retention.prune(repo, grace=grace_td, dry_run=dry_run, check=lock.check, progress=bar.advance)
-        if not dry_run:
-            audit.update(summary=f"deleted {report['deleted_chunks']} chunk(s), {report['bytes_freed']} bytes",
-                         deleted_chunks=report["deleted_chunks"], bytes_freed=report["bytes_freed"])
+    parse_duration(grace)  # before the repository is opened
+    api = app.api
+    with app.progress_bar("deleting chunks") as bar:
+        report = app.call(api.prune, grace=grace, dry_run=dry_run, progress=bar.advance)
 
     def human():
         verb = "would delete" if dry_run else "deleted"
@@ -108,11 +77,7 @@ def prune(app: App, dry_run, grace):
 @pass_app
 def unlock(app: App, mode):
     """Remove locks left by dead processes."""
-    store = app.repo.store
-    removed, kept = locks.remove_locks(store, everything=mode == "all")
-    if removed:
-        app.audited({"all": mode == "all"}).update(summary=f"removed {len(removed)} lock(s)",
-                                                   removed=[f"{l.name}: {l.describe()}" for l in removed])
+    removed, kept = app.call(app.api.unlock, everything=mode == "all")
     doc = {"removed": [l.to_json() for l in removed], "kept": [l.to_json() for l in kept]}
 
     def human():
@@ -132,7 +97,7 @@ def audit(ctx: click.Context, limit):
     if ctx.invoked_subcommand is not None:
         return
     app = ctx.find_object(App)
-    records = audit_log.read_audit(app.repo, limit=limit)
+    records = app.api.audit(limit=limit)
 
     def human():
         if not records:
@@ -154,7 +119,7 @@ def audit(ctx: click.Context, limit):
 @pass_app
 def audit_verify(app: App):
     """Check the hash chain: exit 3 when a record was edited, removed or reordered."""
-    report = audit_log.verify_audit(app.repo)
+    report, failed = checked(app.api.verify_audit)
 
     def human():
         if report["ok"]:
@@ -165,6 +130,5 @@ def audit_verify(app: App):
             for p in report["problems"]:
                 click.echo(f"{printable(p['object'])}: {printable(p['problem'], 500)}", err=True)
     app.out(report, human)
-    if not report["ok"]:
-        raise IntegrityError(f"audit log: {len(report['problems'])} problem(s); first: "
-                             f"{report['problems'][0]['object']}: {report['problems'][0]['problem']}")
+    if failed is not None:
+        raise failed

@@ -9,14 +9,11 @@ import click
 
 from ..codec import key_text
 from ..errors import Refused, UsageError
-from ..forensics import (EXPORT_FORMATS, RecordFilter, changed_fields, count_post_failure, export_records, locate,
-                         record_diff, select_records)
-from ..locks import EXCLUSIVE, source_resource
+from ..forensics import EXPORT_FORMATS, changed_fields
 from ..names import check_name, printable
-from ..quarantine import OPS, bundles, incident_status, load_bundle, op_counts, record_json, replaced_settings
-from ..report import MAX_RECORDS, write_report
-from ..restore import reapply as run_reapply
-from . import App, cli, pass_app
+from ..quarantine import OPS, record_json, replaced_settings
+from ..report import MAX_RECORDS
+from . import App, ask, cli, pass_app
 
 
 def filter_options(f):
@@ -32,16 +29,11 @@ def filter_options(f):
     return f
 
 
-def _filter(source, stream, ops, post_failure, sessions, limit) -> RecordFilter:
+def _filters(source, stream, ops, post_failure, sessions, limit) -> dict:
     if source:
         check_name("source", source)
-    return RecordFilter(source=source, stream=stream, ops=tuple(ops), post_failure=post_failure,
-                        sessions=tuple(sessions), limit=limit)
-
-
-def _bundle(app: App, incident: str) -> dict:
-    check_name("incident", incident)  # before the repository is opened
-    return load_bundle(app.repo, incident)
+    return {"source": source, "stream": stream, "ops": tuple(ops), "post_failure": post_failure,
+            "sessions": tuple(sessions), "limit": limit}
 
 
 def _post_label(post) -> str:
@@ -65,19 +57,7 @@ def quarantine():
 @pass_app
 def list_cmd(app: App, limit):
     """Incidents, newest first."""
-    repo = app.repo
-    rows = []
-    for b in bundles(repo):
-        status = incident_status(repo, b["incident"])
-        rows.append({
-            "incident": b["incident"], "snapshot": b.get("snapshot"), "release": b.get("release"),
-            "created_at": b.get("created_at"), "records": b.get("records", 0), "failure_at": b.get("failure_at"),
-            "post_failure": count_post_failure(repo, b), "counts": op_counts(b), "status": status["status"],
-            "verified": status["verified"], "user": b.get("user"), "host": b.get("host"),
-            "sources": sorted(b.get("sources", {})), "settings": replaced_settings(b),
-        })
-        if limit and len(rows) >= limit:
-            break
+    rows = app.api.quarantine.incidents(limit=limit)
 
     def human():
         if not rows:
@@ -103,15 +83,15 @@ def list_cmd(app: App, limit):
 @pass_app
 def show(app: App, incident, source, stream, ops, post_failure, sessions, limit):
     """Quarantined records of INCIDENT (whole incidents are better read with export)."""
-    flt = _filter(source, stream, ops, post_failure, sessions, limit)
-    bundle = _bundle(app, incident)
+    filters = _filters(source, stream, ops, post_failure, sessions, limit)
+    check_name("incident", incident)  # before the repository is opened
+    q = app.api.quarantine
+    settings = replaced_settings(q.bundle(incident))
     records = []
     fields = []
-    for sname, stname, rec in select_records(app.repo, bundle, flt):
+    for sname, stname, rec in q.records(incident, **filters):
         records.append(record_json(sname, stname, rec))
         fields.append(changed_fields(rec.value))
-
-    settings = replaced_settings(bundle)
 
     def human():
         for line in settings:
@@ -179,9 +159,8 @@ def diff(app: App, incident, key, source, stream):
     """
     if source:
         check_name("source", source)
-    bundle = _bundle(app, incident)
-    (loc,) = locate(app.repo, bundle, [key], source=source, stream=stream)
-    d = record_diff(bundle, loc.source, loc.stream, loc.record)
+    check_name("incident", incident)  # before the repository is opened
+    d = app.api.quarantine.diff(incident, key, source=source, stream=stream)
 
     def human():
         post = {True: ", post-failure", False: ", before failure"}.get(d["post_failure"], "")
@@ -214,21 +193,23 @@ def export(app: App, incident, fmt, output, csv_raw, source, stream, ops, post_f
     and values as JSON; CSV and Parquet carry them as JSON text (Parquet's
     written_at is a UTC timestamp).
     """
-    flt = _filter(source, stream, ops, post_failure, sessions, limit)
-    bundle = _bundle(app, incident)
+    filters = _filters(source, stream, ops, post_failure, sessions, limit)
+    check_name("incident", incident)  # before the repository is opened
+    q = app.api.quarantine
+    q.bundle(incident)  # a missing incident is told before anything is written
     if output == "-":
         if app.json:
             raise UsageError("-o - writes the export to standard output, which --json needs for its result")
-        n = _export_to_stdout(app, bundle, flt, fmt, csv_raw=csv_raw)
+        n = _export_to_stdout(q, incident, filters, fmt, csv_raw=csv_raw)
         if not app.quiet:
             click.echo(f"exported {n} record(s) of incident {incident} to standard output ({fmt})", err=True)
         return
-    n = export_records(app.repo, bundle, flt, fmt, output, csv_raw=csv_raw)
+    n = q.export(incident, output, format=fmt, csv_raw=csv_raw, **filters)
     app.out({"incident": incident, "format": fmt, "path": output, "records": n},
             lambda: app.info(f"exported {n} record(s) of incident {incident} to {output} ({fmt})"))
 
 
-def _export_to_stdout(app: App, bundle: dict, flt, fmt: str, *, csv_raw: bool = False) -> int:
+def _export_to_stdout(q, incident: str, filters: dict, fmt: str, *, csv_raw: bool = False) -> int:
     """The export, written to a private temporary file first (whole, or not at all), then
     copied to standard output."""
     import shutil
@@ -236,7 +217,7 @@ def _export_to_stdout(app: App, bundle: dict, flt, fmt: str, *, csv_raw: bool = 
 
     with tempfile.TemporaryDirectory(prefix="snapshotter-export-") as folder:
         path = os.path.join(folder, "export")
-        n = export_records(app.repo, bundle, flt, fmt, path, csv_raw=csv_raw)
+        n = q.export(incident, path, format=fmt, csv_raw=csv_raw, **filters)
         out = getattr(sys.stdout, "buffer", None)
         with open(path, "rb") as fh:
             if out is not None:
@@ -256,8 +237,8 @@ def _export_to_stdout(app: App, bundle: dict, flt, fmt: str, *, csv_raw: bool = 
 @pass_app
 def report(app: App, incident, output, max_records):
     """One self-contained HTML page for reviewers: summary, counts, timeline, sessions, diffs."""
-    bundle = _bundle(app, incident)
-    info = write_report(app.repo, bundle, output, max_records=max_records)
+    check_name("incident", incident)  # before the repository is opened
+    info = app.api.quarantine.report(incident, output, max_records=max_records)
     left = f", {info['left_out']} left out (see export)" if info["left_out"] else ""
     app.out(info, lambda: app.info(f"wrote {output}: {info['records']} record(s), {info['shown']} with diffs{left}"))
 
@@ -285,24 +266,17 @@ def reapply(app: App, incident, keys, source, stream, yes, force):
     interactive = sys.stdin.isatty() and not app.json
     if not yes and not interactive:
         raise Refused("reapply changes live stores: pass --yes (no terminal to confirm on)")
-    bundle = load_bundle(app.repo, incident)
-    found = locate(app.repo, bundle, keys, source=source, stream=stream)
-    if not yes:
+
+    def confirm(found) -> bool:
         for loc in found:
             click.echo(printable(f"  {loc.op:<9} {loc.source}/{loc.stream} key {key_text(loc.record.key)}",
                                  limit=2000), err=True)
         verb = {"deleted": "delete again"}
         what = ", ".join(sorted({verb.get(loc.op, "write back") for loc in found}))
-        if not click.confirm(f"{what} {len(found)} record(s) from incident {incident} in the live store?",
-                             default=False, err=True):
-            raise Refused("reapply not confirmed; nothing was written")
-    claims = {source_resource(s): EXCLUSIVE for s in sorted({loc.source for loc in found})}
-    with app.lock(claims):
-        audit = app.audited({"incident": incident, "keys": list(keys), "source": source, "stream": stream,
-                             "force": force}, command="quarantine reapply")
-        done = run_reapply(app.config, bundle, found, force=force)
-        audit.update(summary=f"re-applied {len(done)} record(s) of incident {incident}", incident=incident,
-                     reapplied=done)
+        return ask(f"{what} {len(found)} record(s) from incident {incident} in the live store?")
+
+    done = app.call(app.api.quarantine.reapply, incident, keys, source=source, stream=stream, force=force,
+                    confirm=None if yes else confirm)
     result = {"incident": incident, "reapplied": done, "records": len(done)}
     app.results = {"reapply": result}
 

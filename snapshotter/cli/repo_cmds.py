@@ -5,13 +5,9 @@ import click
 
 from .. import hashing
 from ..errors import UsageError
-from ..locks import MARKS, SHARED
 from ..names import check_name, printable
 from ..names import printable as p
-from ..repository import Repository
-from ..snapshot import summary
-from ..verify import verify as run_verify
-from . import App, cli, pass_app
+from . import App, checked, cli, pass_app
 
 
 def human_bytes(n: int | None) -> str:
@@ -31,19 +27,11 @@ def human_bytes(n: int | None) -> str:
 @pass_app
 def init(app: App, hash_name):
     """Create the repository (idempotent)."""
-    store = app.store()
-    if hasattr(store, "ensure_bucket"):
-        store.ensure_bucket()
-    wanted = hash_name or app.config.hash
-    repo, created = Repository.init(store, compression_level=app.config.compression_level, hash_name=wanted)
-    if not created and (hash_name or app.config.hash_set) and repo.hash != wanted:
-        raise UsageError(f"repository {store.url} exists and uses hash {repo.hash}, not {wanted}; "
-                         f"a repository's hash cannot change (init a new one to use {wanted})")
-    if created:
-        app.audited({"repository": store.url})["summary"] = f"created repository {store.url}"
-    app.out({"repository": store.url, "created": created, "id": repo.config.get("id"),
-             "format": repo.config.get("format"), "hash": repo.hash},
-            lambda: app.info(f"{'created' if created else 'already exists:'} repository {store.url}"))
+    from ..api import Repository
+    repo = app.call(Repository.init, app.config, url=app.repo_url, hash_name=hash_name, **app.api_options())
+    app.out({"repository": repo.url, "created": repo.created, "id": repo.core.config.get("id"),
+             "format": repo.core.config.get("format"), "hash": repo.core.hash},
+            lambda: app.info(f"{'created' if repo.created else 'already exists:'} repository {repo.url}"))
 
 
 @cli.command("list")
@@ -57,22 +45,7 @@ def list_cmd(app: App, release, source, limit):
         check_name("release", release)
     if source:
         check_name("source", source)
-    repo = app.repo
-    good = repo.good_ids()
-    rows = []
-    def damaged(ref, exc) -> None:
-        app.warn(f"warning: snapshot {ref.id} of release {ref.release} not listed: {exc.message} "
-                 "(`verify` reports it)")
-
-    for m in repo.manifests(release, damaged=damaged):
-        if source and source not in m.get("sources", {}):
-            continue
-        s = summary(m, good=m["id"] in good)
-        rows.append({"id": s["id"], "release": s["release"], "taken_at": s["taken_at"], "good": s["good"],
-                     "labels": s["labels"], "records": s["records"], "bytes": s["bytes"],
-                     "sources": sorted(s["sources"]), "note": s["note"]})
-        if limit and len(rows) >= limit:
-            break
+    rows = app.api.snapshots(release=release, source=source, limit=limit)
 
     def human():
         if not rows:
@@ -91,11 +64,7 @@ def list_cmd(app: App, release, source, limit):
 @pass_app
 def show(app: App, snapshot):
     """One manifest: sources, streams, record counts, sizes, digests, consistency."""
-    repo = app.repo
-    ref = repo.resolve(snapshot)
-    m = repo.load_manifest(ref)
-    repo.check_digests(m)
-    s = summary(m, good=ref.id in repo.good_ids(), with_schema=True)
+    s = app.api.show(snapshot)
 
     def human():
         # every field is the manifest's: shown on one line each, whatever it holds
@@ -127,14 +96,11 @@ def verify(app: App, snapshots, all_, read_data):
 
     With no SNAPSHOT (or --all), the quarantine bundles of past restores are
     checked too: they are the evidence forensics reads."""
-    from ..quarantine import incident_ids
-
-    repo = app.repo
+    api = app.api
     everything = all_ or not snapshots
-    refs = repo.list_snapshot_refs() if everything else [repo.resolve(s) for s in snapshots]
     with app.progress_bar("verifying chunks") as bar:
-        report = run_verify(repo, refs, read_data=read_data, progress=bar.advance,
-                            incidents=incident_ids(repo) if everything else ())
+        report, failed = checked(lambda: api.verify(() if everything else snapshots, read_data=read_data,
+                                                    progress=bar.advance))
 
     def human():
         if report["ok"]:
@@ -146,24 +112,13 @@ def verify(app: App, snapshots, all_, read_data):
                 click.echo(f"{printable(owner)}: {printable(p['object'] or '-')}: {printable(p['problem'], 2000)}",
                            err=True)
     app.out(report, human)
-    if not report["ok"]:
-        from ..errors import IntegrityError
-        raise IntegrityError(f"verify found {len(report['problems'])} problem(s)")
+    if failed is not None:
+        raise failed
 
 
 def _mark(app: App, snapshot: str, good: bool) -> None:
-    repo = app.repo
-    # the marks lock keeps forget from deleting a snapshot while it is being marked known-good
-    with app.lock({MARKS: SHARED}):
-        ref = repo.resolve(snapshot)
-        if good:
-            # a snapshot that cannot be restored must not become what `restore --release` picks
-            repo.check_digests(repo.load_manifest(ref))
-        app.audited({"snapshot": ref.id, "release": ref.release})["summary"] = \
-            f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"
-        repo.mark_good(ref, good)
-    app.out({"snapshot": ref.id, "release": ref.release, "good": good},
-            lambda: app.info(f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"))
+    doc = app.call(app.api.mark_good, snapshot, good)
+    app.out(doc, lambda: app.info(f"{doc['snapshot']} {'marked known-good' if good else 'no longer marked known-good'}"))
 
 
 @cli.command("mark-good")

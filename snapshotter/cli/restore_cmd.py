@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import Refused, UsageError
+from ..errors import Refused
 from ..names import check_name, iso, parse_time, utcnow
-from ..quarantine import bundle_object
-from ..restore import (RestoreResult, Selection, missing_sources, not_configured, refuse_missing_sources,
-                       resolve_snapshot, restore as run_restore)
-from . import App, cli, pass_app
+from . import App, ask, cli, pass_app
+
+if TYPE_CHECKING:
+    from ..restore import RestoreResult
 
 
 def selection_options(f):
@@ -22,10 +23,9 @@ def selection_options(f):
     return f
 
 
-def _selection(sources, streams, sessions) -> Selection:
+def _check_sources(sources) -> None:
     for s in sources:
         check_name("source", s)
-    return Selection(list(sources), list(streams), list(sessions))
 
 
 def print_plan(result: RestoreResult, *, title: str) -> None:
@@ -60,28 +60,9 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
 @pass_app
 def diff(app: App, snapshot, sources, streams, sessions):
     """Live state vs snapshot: what a restore would change and quarantine."""
-    sel = _selection(sources, streams, sessions)
-    repo = app.repo
-    with app.lock():
-        manifest = resolve_snapshot(repo, snapshot, None, None)
-        _warn_not_configured(app, manifest, sel)
-        result = run_restore(repo, app.config, manifest, sel, dry_run=True)
-    _warn_missing(app, result)
+    _check_sources(sources)
+    result = app.api.diff(snapshot, sources=sources, streams=streams, sessions=sessions)
     app.out(result.to_json(), lambda: print_plan(result, title="live state against"))
-
-
-def _warn_missing(app: App, result: RestoreResult) -> None:
-    if result.missing_sources:
-        app.warn(f"warning: snapshot {result.snapshot['id']} does not hold source(s) "
-                 f"{', '.join(map(repr, result.missing_sources))} of the config file: not compared; a restore of it "
-                 f"is refused unless --source leaves them out")
-
-
-def _warn_not_configured(app: App, manifest: dict, sel) -> None:
-    gone = not_configured(manifest, app.config, sel)
-    if gone:
-        app.warn(f"warning: snapshot {manifest['id']} holds source(s) {', '.join(map(repr, gone))}, which the config "
-                 f"file no longer has: not compared or restored")
 
 
 @cli.command()
@@ -113,7 +94,7 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
         check_name("release", release)
     if incident:
         check_name("incident", incident)
-    sel = _selection(sources, streams, sessions)
+    _check_sources(sources)
     before_t = parse_time(before) if before else None
     failure_t = parse_time(failure_at) if failure_at else None
     if before and not release:
@@ -124,59 +105,19 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
     interactive = sys.stdin.isatty() and not app.json
     if not dry_run and not yes and not interactive:
         raise Refused("restore changes live stores: pass --yes (no terminal to confirm on)")
-    if create_missing:
-        app.config.create_missing = True
-    repo = app.repo
-    manifest = resolve_snapshot(repo, snapshot, release, before_t, warn=app.warn)
-    _warn_not_configured(app, manifest, sel)
 
-    preview: list[RestoreResult] = []
+    def confirm(plan: RestoreResult) -> bool:
+        """Asked before any write transaction is open, so the agent's writers are never held
+        while someone reads; the restore then refuses a plan other than this one."""
+        print_plan(plan, title="restore to")
+        also = " (and put back the settings above)" if plan.settings else ""
+        return ask(f"quarantine {plan.changes} record(s) as an incident and restore{also}?")
 
-    def confirm(result: RestoreResult) -> bool:
-        """Called inside the write transactions, with the plan made there: it must be the
-        plan the person confirmed (asked before any transaction was open, so the agent's
-        writers were never held while someone read)."""
-        if yes or (not preview and result.changes == 0 and not result.settings):
-            return True
-        if result.fingerprint() != preview[0].fingerprint():
-            then = (f"the plan you confirmed ({preview[0].changes} record(s))" if preview[0].changes else
-                    "the check a moment ago (it equaled the snapshot)")
-            raise Refused(f"the live state changed since {then}: {result.changes} record(s) differ now; nothing "
-                          f"was written. Is the agent still writing? Stop it and run the restore again, or pass "
-                          f"--yes to restore whatever differs when the restore runs")
-        return True
-
-    if dry_run:
-        with app.lock():
-            result = run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t,
-                                 trust_repository_sql=trust_sql)
-        _warn_missing(app, result)
-    else:
-        refuse_missing_sources(manifest, missing_sources(manifest, app.config, sel))
-        from ..locks import EXCLUSIVE, source_resource
-        written = sel.sources or [s for s in manifest.get("sources", {}) if s in app.config.sources]
-        with app.lock({source_resource(s): EXCLUSIVE for s in written}, command="restore"):
-            audit = app.audited({"snapshot": manifest["id"], "release": manifest["release"], "sources": list(sel.sources),
-                                 "streams": list(sel.streams), "sessions": list(sel.sessions), "incident": incident,
-                                 "failure_at": iso(failure_t) if failure_t else None}, command="restore")
-            if not yes:
-                if incident and repo.store.stat(bundle_object(incident)) is not None:
-                    raise UsageError(f"incident {incident!r} already exists; choose another --incident")
-                preview.append(run_restore(repo, app.config, manifest, sel, dry_run=True, failure_at=failure_t,
-                                 trust_repository_sql=trust_sql))
-                if preview[0].changes or preview[0].settings:
-                    print_plan(preview[0], title="restore to")
-                    also = " (and put back the settings above)" if preview[0].settings else ""
-                    if not click.confirm(f"quarantine {preview[0].changes} record(s) as an incident and restore{also}?",
-                                         default=False, err=True):
-                        raise Refused("restore not confirmed; nothing was written")
-            result = run_restore(repo, app.config, manifest, sel, incident=incident, failure_at=failure_t,
-                                 confirm=confirm, trust_repository_sql=trust_sql)
-            audit.update(summary=(f"restored {manifest['id']}: {result.quarantined} record(s) quarantined as "
-                                  f"incident {result.incident}" if result.incident else
-                                  f"restored {manifest['id']}: live state already equal, nothing quarantined"),
-                         snapshot=manifest["id"], incident=result.incident, plan=result.to_json()["plan"],
-                         quarantined=result.quarantined, verified=result.verified)
+    result = app.call(app.api.restore, snapshot, release=release, before=before_t, sources=sources, streams=streams,
+                      sessions=sessions, incident=incident, failure_at=failure_t, dry_run=dry_run,
+                      create_missing=create_missing, trust_repository_sql=trust_sql,
+                      confirm=None if yes else confirm)
+    manifest = result.snapshot
     app.results["restore"] = result.to_json()
     app.results["release"] = manifest["release"]
 
@@ -193,3 +134,4 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
             app.info(f"earlier unfinished restore(s) of this snapshot: {', '.join(result.continues)} "
                      f"(their bundles keep the original values)")
     app.out(result.to_json(), human)
+

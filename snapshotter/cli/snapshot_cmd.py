@@ -4,9 +4,8 @@ from __future__ import annotations
 import click
 
 from ..errors import UsageError
-from ..locks import SHARED, source_resource
 from ..names import check_name, parse_label
-from ..snapshot import summary, take_snapshot
+from ..snapshot import summary
 from . import App, cli, pass_app
 from .repo_cmds import human_bytes
 
@@ -29,17 +28,12 @@ def snapshot(app: App, release, sources, labels, note):
             raise UsageError(f"label {k!r} given twice ({label_map[k]!r} and {v!r})")
         label_map[k] = v
     app.results["release"] = release
-    repo = app.repo
-    # shared: snapshots run side by side, but not beside prune or a restore of the same source
-    with app.lock({source_resource(n): SHARED for n in (sources or app.config.sources)}):
-        audit = app.audited({"release": release, "sources": list(sources), "labels": label_map, "note": note})
-        with app.progress_bar("snapshot") as bar:
-            manifest = take_snapshot(repo, app.config, release=release, sources=sources, labels=label_map, note=note,
-                                     progress=lambda stream, n: bar.advance(n, description=stream))
+    api = app.api
+    with app.progress_bar("snapshot") as bar:
+        manifest = app.call(api.snapshot, release, sources=sources, labels=label_map, note=note,
+                            progress=lambda stream, n: bar.advance(n, description=stream))
     s = summary(manifest)
     app.results["manifest"] = manifest
-    audit.update(snapshot=manifest["id"], summary=f"snapshot {s['id']}: {s['records']} records, "
-                 f"{s['bytes_written']} bytes written, {s['bytes_reused']} reused")
 
     def human():
         app.info(f"snapshot {s['id']} of release {s['release']}: {s['records']} records, "

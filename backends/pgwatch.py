@@ -28,8 +28,9 @@ connection:
 
 A stuck connection's server process is terminated when the second connection
 can (its transaction is rolled back, its locks released: nothing is left
-holding them behind a hung proxy), and its socket is shut down, which ends the
-blocked read.  The wait raises :class:`Stalled`, a one-line
+holding them behind a hung proxy; a cancel would not reach a process blocked
+writing to us, nor end an idle transaction), and its socket is shut down, which
+ends the blocked read.  The wait raises :class:`Stalled`, a one-line
 :class:`~snapshotter.errors.SourceError` naming the source and the bound, like
 every other timeout (:mod:`snapshotter.timeouts`).
 
@@ -85,7 +86,7 @@ class _Source:
 @dataclass
 class _Watch:
     """One connection as the watchdog sees it.  The connection's thread writes ``since`` and
-    ``op``; the watchdog thread everything else."""
+    ``op``; the watchdog (and the probe it waits for) everything else."""
 
     source: _Source
     fd: int

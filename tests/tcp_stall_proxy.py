@@ -17,9 +17,11 @@ Two triggers, each armed for the next connection that meets it:
 ``drain``: the stalled connection keeps reading from the server and throws the
 bytes away (the server finishes its statement and waits idle for the next);
 without it, it reads nothing more (the server blocks writing to the client
-once the socket buffers are full).  ``release``: seconds after which the stalled
-connection is closed, so that a client that would wait for ever ends (with
-another error) and a test fails instead of hanging.
+once the socket buffers are full).  ``hang_new``: once stalled, the proxy also
+accepts new connections and forwards nothing on them (a hung pooler), so a
+second connection gets no answer either.  ``release``: seconds after which the
+stalled connection is closed, so that a client that would wait for ever ends
+(with another error) and a test fails instead of hanging.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class StallProxy:
         self._after: int | None = None
         self._pattern: bytes | None = None
         self._drain = False
+        self._hang_new = False
         self._release = 30.0
         self._links: list[_Link] = []
         self._closed = threading.Event()
@@ -51,16 +54,18 @@ class StallProxy:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def stall_after(self, n: int, *, drain: bool = False, release: float = 30.0) -> None:
+    def stall_after(self, n: int, *, drain: bool = False, hang_new: bool = False, release: float = 30.0) -> None:
         """Stall the next connection that gets more than ``n`` bytes from the server from now on."""
         with self._lock:
-            self._after, self._pattern, self._drain, self._release = n, None, drain, release
+            self._after, self._pattern = n, None
+            self._drain, self._hang_new, self._release = drain, hang_new, release
             self.stalled.clear()
 
-    def stall_on(self, pattern: bytes, *, drain: bool = False, release: float = 30.0) -> None:
+    def stall_on(self, pattern: bytes, *, drain: bool = False, hang_new: bool = False, release: float = 30.0) -> None:
         """Stall the next connection whose client sends ``pattern`` (that chunk is forwarded)."""
         with self._lock:
-            self._after, self._pattern, self._drain, self._release = None, pattern, drain, release
+            self._after, self._pattern = None, pattern
+            self._drain, self._hang_new, self._release = drain, hang_new, release
             self.stalled.clear()
 
     def close(self) -> None:
@@ -87,6 +92,8 @@ class StallProxy:
             link = _Link(client, server)
             with self._lock:
                 self._links.append(link)
+                if self._hang_new and self.stalled.is_set():
+                    self._stall(link, 0)
             threading.Thread(target=self._pump, args=(client, server, link, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, link, True), daemon=True).start()
 

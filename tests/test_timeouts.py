@@ -325,16 +325,21 @@ def pg_proxy(pg_url):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("path, drain", [("copy", False), ("copy", True), ("cursor", False)],
-                         ids=["copy-server-blocked", "copy-server-done", "cursor-server-blocked"])
+@pytest.mark.parametrize("path, drain, counters", [("copy", False, True), ("copy", True, True),
+                                                   ("cursor", False, True), ("copy", False, False)],
+                         ids=["copy-server-blocked", "copy-server-done", "cursor-server-blocked",
+                              "copy-server-blocked-no-tcp-counters"])
 def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy, monkeypatch,
-                                                                   path, drain):
+                                                                   path, drain, counters):
     """The connection stays open and acknowledged (a hung proxy or pooler): libpq would wait for
     ever.  Server blocked writing to us (ClientWrite) or done and idle in transaction: either way
     the command ends within a few timeouts, and the server process is not left holding its
-    transaction."""
+    transaction.  Without the kernel's byte counters (not Linux), after two looks."""
     if path == "cursor":
         monkeypatch.setenv("SNAPSHOTTER_PG_COPY", "0")
+    if not counters:
+        from snapshotter_backends import pgwatch
+        monkeypatch.setattr(pgwatch, "_TCP_INFO", None)
     eng = sa.create_engine(pg_url)
     with eng.begin() as c:
         c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
@@ -355,6 +360,24 @@ def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cl
     finally:
         admin.dispose()
     assert cli("--json", "list").json() == []
+
+
+@pytest.mark.timeout(90)
+def test_a_postgresql_proxy_that_hangs_every_connection_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy):
+    """The server cannot be asked about the stalled connection (a second one hangs too): that
+    is a timeout as well."""
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 150000) g")
+    eng.dispose()
+    write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
+    assert cli("init").code == 0
+    pg_proxy.stall_after(2_000_000, hang_new=True)
+    r, elapsed = timed(cli, "snapshot", "--release", "r1")
+    assert pg_proxy.stalled.is_set()
+    assert_timed_out(r, elapsed, "source 'db'", 10)
+    assert "a second connection" in r.err
 
 
 @pytest.mark.timeout(90)

@@ -153,6 +153,8 @@ def make_engine(url: sa.URL, where: str, timeout: float | None = None,
         if getattr(context, "is_pre_ping", False):
             return  # the pool opens a new connection in its place
         orig = context.original_exception
+        if isinstance(orig, SourceError):
+            return  # already the one-line message (pgwatch.Stalled)
         kind = _timeout_error(orig, backend)
         if kind is None:
             return
@@ -175,6 +177,9 @@ def make_engine(url: sa.URL, where: str, timeout: float | None = None,
         raise SourceError(timed_out(what, bound, detail)) from orig
 
     sa.event.listen(engine, "handle_error", on_error)
+    if backend == "postgresql" and url.get_driver_name() == "psycopg":
+        from . import pgwatch  # libpq has no read timeout: a server that stops answering mid-statement
+        pgwatch.watch(engine, f"{where}: {redact(url)}", timeout)
     return engine
 
 

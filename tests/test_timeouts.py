@@ -294,3 +294,212 @@ def test_the_database_ends_a_restore_transaction_left_idle_beyond_its_bound(tmp_
     finally:
         eng.dispose()
         client.delete_collection(name)
+
+
+# -- a PostgreSQL server that keeps its connection but stops answering mid-statement ----------
+
+def _through(url: str, proxy) -> str:
+    return sa.engine.make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
+def _busy(admin, database: str, within: float = 3.0) -> list[tuple]:
+    """The server processes of ``database`` still in a statement or a transaction after ``within``
+    seconds at most: (state, wait_event)."""
+    deadline = time.monotonic() + within
+    while True:
+        with admin.connect() as c:
+            busy = [tuple(r) for r in c.exec_driver_sql(
+                "SELECT state, wait_event FROM pg_stat_activity WHERE datname = %(d)s AND state <> 'idle' "
+                "AND pid <> pg_backend_pid()", {"d": database}).fetchall()]
+        if not busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def pg_proxy(pg_url):
+    from tests.tcp_stall_proxy import StallProxy
+    u = sa.engine.make_url(pg_url)
+    with StallProxy(u.host or "127.0.0.1", u.port or 5432) as proxy:
+        yield proxy
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path, drain, counters", [("copy", False, True), ("copy", True, True),
+                                                   ("cursor", False, True), ("copy", False, False)],
+                         ids=["copy-server-blocked", "copy-server-done", "cursor-server-blocked",
+                              "copy-server-blocked-no-tcp-counters"])
+def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy, monkeypatch,
+                                                                   path, drain, counters):
+    """The connection stays open and acknowledged (a hung proxy or pooler): libpq would wait for
+    ever.  Server blocked writing to us (ClientWrite) or done and idle in transaction: either way
+    the command ends within a few timeouts, and the server process is not left holding its
+    transaction.  Without the kernel's byte counters (not Linux), after two looks."""
+    if path == "cursor":
+        monkeypatch.setenv("SNAPSHOTTER_PG_COPY", "0")
+    if not counters:
+        from snapshotter_backends import pgwatch
+        monkeypatch.setattr(pgwatch, "_TCP_INFO", None)
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
+        # ~30 MB: more than the socket buffers between the server and us hold
+        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 150000) g")
+    eng.dispose()
+    write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
+    assert cli("init").code == 0
+    pg_proxy.stall_after(2_000_000, drain=drain)
+    r, elapsed = timed(cli, "snapshot", "--release", "r1")
+    assert pg_proxy.stalled.is_set()
+    assert_timed_out(r, elapsed, "source 'db'", 10)
+    assert "in the middle of a statement" in r.err
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        # terminated: not left blocked behind the proxy, holding its snapshot's transaction
+        assert _busy(admin, sa.engine.make_url(pg_url).database) == []
+    finally:
+        admin.dispose()
+    assert cli("--json", "list").json() == []
+
+
+@pytest.mark.timeout(90)
+def test_a_postgresql_proxy_that_hangs_every_connection_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy):
+    """The server cannot be asked about the stalled connection (a second one hangs too): that
+    is a timeout as well."""
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 150000) g")
+    eng.dispose()
+    write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
+    assert cli("init").code == 0
+    pg_proxy.stall_after(2_000_000, hang_new=True)
+    r, elapsed = timed(cli, "snapshot", "--release", "r1")
+    assert pg_proxy.stalled.is_set()
+    assert_timed_out(r, elapsed, "source 'db'", 10)
+    assert "a second connection" in r.err
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("statement", [b"FROM STDIN", b"UPDATE "], ids=["copy-in", "update"])
+def test_a_postgresql_server_that_stalls_mid_restore_rolls_it_back(tmp_path, cli, pg_url, pg_proxy, statement):
+    """The restore's statement reaches the server (COPY of the rows, the UPDATE that writes them)
+    and then nothing more comes through: the restore ends within a few timeouts, its transaction
+    rolled back by the server, the live table as it was."""
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 1000) g")
+    write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r1")
+    assert r.code == 0, r.err
+    snap = r.json()["id"]
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE notes SET body = 'poisoned' WHERE id <= 10")
+    pg_proxy.stall_on(statement)
+    r, elapsed = timed(cli, "restore", snap, "--yes")
+    assert pg_proxy.stalled.is_set()
+    assert_timed_out(r, elapsed, "source 'db'", 10)
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        assert _busy(admin, sa.engine.make_url(pg_url).database) == []
+    finally:
+        admin.dispose()
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM notes WHERE body = 'poisoned'").scalar() == 10
+    eng.dispose()
+
+
+# -- ... but a server that works on a statement for longer than the timeout is waited for -------
+
+def _hold_for(seconds: float, eng, *statements: str) -> threading.Thread:
+    """Run ``statements`` in a transaction of another session, held ``seconds``, then rolled back."""
+    ready = threading.Event()
+
+    def hold():
+        with eng.connect() as c:
+            c.exec_driver_sql("BEGIN")
+            for sql in statements:
+                c.exec_driver_sql(sql)
+            ready.set()
+            time.sleep(seconds)
+            c.exec_driver_sql("ROLLBACK")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert ready.wait(10)
+    return t
+
+
+@pytest.mark.timeout(90)
+def test_a_snapshot_waiting_for_a_lock_longer_than_the_timeout_is_not_timed_out(tmp_path, cli, pg_url):
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO notes VALUES (1, 'one'), (2, 'two')")
+    write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{pg_url}"\n')
+    assert cli("init").code == 0
+    # a migration holds the table: the snapshot's read waits for it, sending nothing, 3 timeouts long
+    holder = _hold_for(3.5, eng, "LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")
+    r, elapsed = timed(cli, "--json", "snapshot", "--release", "r1")
+    holder.join()
+    eng.dispose()
+    assert r.code == 0, r.err
+    assert elapsed >= 3, elapsed
+    assert r.json()["sources"]["db"]["streams"]["notes"]["records"] == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_restore_waiting_for_a_row_lock_longer_than_the_timeout_is_not_timed_out(tmp_path, cli, pg_url):
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO notes VALUES (1, 'one'), (2, 'two')")
+    write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{pg_url}"\n')
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r1")
+    assert r.code == 0, r.err
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE notes SET body = 'poisoned' WHERE id = 1")
+    # the agent holds the row the restore writes: its UPDATE waits, 3 timeouts long
+    holder = _hold_for(3.5, eng, "SELECT * FROM notes WHERE id = 1 FOR UPDATE")
+    r, elapsed = timed(cli, "--json", "restore", r.json()["id"], "--yes")
+    holder.join()
+    assert r.code == 0, r.err
+    assert elapsed >= 3, elapsed
+    assert r.json()["verified"] is True
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT body FROM notes WHERE id = 1").scalar() == "one"
+    eng.dispose()
+
+
+@pytest.mark.timeout(90)
+def test_a_snapshot_whose_server_pauses_mid_copy_to_work_is_not_timed_out(tmp_path, cli, pg_url):
+    """Rows stream, then the server works on the next one for 3 timeouts, sending nothing (a slow
+    row-level security check), then the rest stream: the read is waited for."""
+    role = "snap_reader_" + secrets.token_hex(3)
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        c.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO notes SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")
+        c.exec_driver_sql("CREATE FUNCTION visible(i integer) RETURNS boolean LANGUAGE sql VOLATILE AS "
+                          "$$ SELECT CASE WHEN i = 10000 THEN pg_sleep(3.5) IS NOT NULL ELSE true END $$")
+        c.exec_driver_sql("ALTER TABLE notes ENABLE ROW LEVEL SECURITY")
+        c.exec_driver_sql("CREATE POLICY readable ON notes FOR SELECT USING (visible(id))")
+        c.exec_driver_sql(f"GRANT SELECT ON notes TO {role}")
+        c.exec_driver_sql("ANALYZE notes")  # read in key order through the index: rows 1-9999 first
+    try:
+        url = sa.engine.make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+        write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{url}"\n')
+        assert cli("init").code == 0
+        r, elapsed = timed(cli, "--json", "snapshot", "--release", "r1")
+        assert r.code == 0, r.err
+        assert elapsed >= 3, elapsed
+        assert r.json()["sources"]["db"]["streams"]["notes"]["records"] == 20000
+    finally:
+        with admin.connect() as c:
+            c.exec_driver_sql(f"DROP OWNED BY {role}")
+            c.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()

@@ -90,7 +90,8 @@ from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, S
 from snapshotter.redaction import redact_text, redact_url
 from snapshotter.timeouts import timed_out
 
-from . import lazy_module, sqlbase
+from . import lazy_module
+from .sql import base
 
 sa = lazy_module("sqlalchemy")
 
@@ -121,7 +122,7 @@ SESSIONS_PER_ROUND_TRIP = 64
 ESTIMATE_SAMPLE = 32  # lists whose memory use estimates a Redis history's size
 
 
-class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
+class ConversationBackend(base.SQLConnection, SourceBackend):
     name = "conversation"
     description = ("Conversation history: a SQL message table (LangChain SQLChatMessageHistory) or "
                    "Redis lists (LangChain RedisChatMessageHistory), one record per message, --session aware")
@@ -211,7 +212,7 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
 
     def location(self) -> str:
         if self.kind == "sql":
-            return sqlbase.redact(self.url)
+            return base.redact(self.url)
         return redact_url(self.config["url"])
 
     def reader(self) -> SourceReader:
@@ -272,7 +273,7 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
             return [f"the snapshot holds {kinds[0]}, the live source is {kinds[1]}"]
         if live.schema.get("kind") == REDIS_KIND:
             return []  # positions count from the oldest message in either list order
-        diffs = sqlbase.schema_differences(snapshot.schema, live.schema)
+        diffs = base.schema_differences(snapshot.schema, live.schema)
         snap_conv, live_conv = snapshot.schema.get("conversation", {}), live.schema.get("conversation", {})
         if snap_conv.get("key") != live_conv.get("key"):
             diffs.append(f"messages are keyed by {', '.join(live_conv.get('key') or [])} "
@@ -290,7 +291,7 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
         insp = sa.inspect(conn)
         if table not in insp.get_table_names(schema=db_schema):
             return None
-        doc = sqlbase.table_schema(conn, table, db_schema)
+        doc = base.table_schema(conn, table, db_schema)
         names = [c["name"] for c in doc["columns"]]
         for opt in ("session_column", "message_column", "order_column", "timestamp_column"):
             col = self.opt(opt)
@@ -303,7 +304,7 @@ class ConversationBackend(sqlbase.SQLConnection, SourceBackend):
             "timestamp_column": self.opt("timestamp_column"),
             "key": self._key_columns(insp, doc),
         }
-        return StreamSpec(table, doc, estimated_bytes=sqlbase.estimated_bytes(conn, doc))
+        return StreamSpec(table, doc, estimated_bytes=base.estimated_bytes(conn, doc))
 
     def _key_columns(self, insp, doc: dict) -> list[str]:
         order, pk, table = self.opt("order_column"), doc["primary_key"], doc["table"]
@@ -344,7 +345,7 @@ def in_sessions(t: sa.TableClause, spec: StreamSpec, sessions) -> sa.ColumnEleme
     ``IN`` is kept beside the exact test so that an index on the column is used."""
     name = spec.schema["conversation"]["session_column"]
     col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
-    if not sqlbase.is_text_type(col_type):
+    if not base.is_text_type(col_type):
         return sa.cast(t.c[name], sa.String).in_(sorted(sessions))
     col, wanted = t.c[name], sorted(sessions)
     exact = exact_text(col, spec.schema.get("dialect"))
@@ -403,22 +404,22 @@ class MessageTableReader(SourceReader):
         self._owns = conn is None
         self.conn = backend.connect() if conn is None else conn
         if self._owns:
-            with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
-                self.consistency = sqlbase.begin_snapshot(self.conn)
+            with base.translate_errors(f"{backend.where}: cannot start a read transaction"):
+                self.consistency = base.begin_snapshot(self.conn)
 
     def streams(self) -> list[StreamSpec]:
         table = self.b.opt("table")
-        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {table}"):
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {table}"):
             spec = self.b.table_stream(self.conn)
         if spec is None:
             raise NotFound(f"{self.b.where}: no table {table} in {self.b.location()}")
         return [spec]
 
     def restore_refusal(self, streams: list) -> str | None:
-        return sqlbase.restore_refusal(self.conn, streams, self.b.where)
+        return base.restore_refusal(self.conn, streams, self.b.where)
 
     def live_spec(self, name: str) -> StreamSpec | None:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
             return self.b.table_stream(self.conn, name)
 
     def _check_session_variants(self, spec: StreamSpec, sessions: Sequence[str]) -> None:
@@ -427,13 +428,13 @@ class MessageTableReader(SourceReader):
         the same conversation to the agent, so selecting only some of them is refused."""
         name = spec.schema["conversation"]["session_column"]
         col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
-        if not sqlbase.is_text_type(col_type):
+        if not base.is_text_type(col_type):
             return
-        t = sqlbase.lightweight_table(spec.schema)
+        t = base.lightweight_table(spec.schema)
         exact = exact_text(t.c[name], spec.schema.get("dialect"))
         if exact is None:
             return
-        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             # DISTINCT of the exact text: a plain DISTINCT would fold 'Alice' into 'alice' as the collation does
             found = {r[0].decode("utf-8", "replace") if isinstance(r[0], bytes) else r[0] for r in self.conn.execute(
                 sa.select(exact.label("s")).where(t.c[name].in_(_untyped(sessions))).distinct())}
@@ -451,11 +452,11 @@ class MessageTableReader(SourceReader):
             self._check_session_variants(spec, sessions)
         if self.writer is not None:
             self.writer.planned_with(sessions)
-        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
-            yield from sqlbase.read_rows(self.conn, keyed(spec).schema, where=where)
+        with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            yield from base.read_rows(self.conn, keyed(spec).schema, where=where)
 
     def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
-        if not sqlbase.reads_lines(self.conn):
+        if not base.reads_lines(self.conn):
             return None
         if sessions is not None:
             self._check_session_variants(spec, sessions)
@@ -463,21 +464,21 @@ class MessageTableReader(SourceReader):
         if self.writer is not None:
             self.writer.planned_with(sessions)
         what = f"{self.b.where}: cannot read table {spec.name}"
-        with sqlbase.translate_errors(what):
-            doc, batches = sqlbase.read_lines(self.conn, keyed(spec).schema, where=where)
-        return doc, sqlbase.translating(batches, what)
+        with base.translate_errors(what):
+            doc, batches = base.read_lines(self.conn, keyed(spec).schema, where=where)
+        return doc, base.translating(batches, what)
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):
-        return sqlbase.lines_of_keys(self.conn, keyed(spec).schema, keys,
+        return base.lines_of_keys(self.conn, keyed(spec).schema, keys,
                                      f"{self.b.where}: cannot read table {spec.name}")
 
     def close(self) -> None:
         if self._owns:
-            sqlbase.end_transaction(self.conn, commit=True)
+            base.end_transaction(self.conn, commit=True)
             self.conn.close()
 
 
-class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
+class MessageTableWriter(base.SQLWriterMixin, SourceWriter):
     transactional = True
 
     def __init__(self, backend: ConversationBackend, sessions: frozenset[str] | None):
@@ -485,7 +486,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         self.sessions = sessions
         self._scope_given = sessions is not None
         self._read_all = False
-        self.txn = sqlbase.WriteTransaction.join(backend)
+        self.txn = base.WriteTransaction.join(backend)
         self.conn = self.txn.conn
 
     def reader(self) -> MessageTableReader:
@@ -505,7 +506,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         if "columns" not in spec.schema:
             raise SchemaMismatch(f"{self.b.where}: stream {spec.name} was captured from Redis lists; "
                                  f"this source is a SQL table")
-        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
             insp = sa.inspect(self.conn)
             schema = spec.schema.get("db_schema")
             if spec.name not in insp.get_table_names(schema=schema):
@@ -524,7 +525,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
 
     def upsert(self, spec: StreamSpec, records: list) -> None:
         spec = keyed(spec)
-        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
             if self.sessions is not None:
                 self._check_scope(spec, records)
             self.upsert_rows(spec, records)
@@ -532,7 +533,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
     def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
         """Rows back from their ``pgtext`` lines (exact), within the restored sessions."""
         spec = keyed(spec)
-        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
             if self.sessions is not None:
                 from snapshotter import pgtext
                 rc = pgtext.Codec(encoding)
@@ -544,19 +545,19 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
                         raise SourceError(f"{self.b.where}: message {key_text(rc.key(line))} belongs to session "
                                           f"{session!r}, outside the sessions being restored")
                 self._check_keys_in_scope(spec, [rc.key(line) for line in records])
-            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
+            return base.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
 
     def delete(self, spec: StreamSpec, keys: list) -> None:
         spec = keyed(spec)
-        with sqlbase.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
             if self.sessions is None:
                 self.delete_keys(spec, keys)
                 return
             # a key the plan saw in a restored session may have moved to another since
-            t, d = self._table(spec), sqlbase.dialect(self.conn)
+            t, d = self._table(spec), base.dialect(self.conn)
             self.txn.guard.before_write(spec.schema)
             for i in range(0, len(keys), 500):
-                part = sqlbase.key_condition(t, spec.schema, keys[i:i + 500], d)
+                part = base.key_condition(t, spec.schema, keys[i:i + 500], d)
                 n = self.conn.execute(sa.delete(t).where(part, in_sessions(t, spec, self.sessions))).rowcount
                 self.txn.guard.wrote(spec.schema, deleted=n)
 
@@ -575,7 +576,7 @@ class MessageTableWriter(sqlbase.SQLWriterMixin, SourceWriter):
         t, pk = self._table(spec), spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
             stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
-                sqlbase.key_condition(t, spec.schema, keys[i:i + 500], sqlbase.dialect(self.conn)),
+                base.key_condition(t, spec.schema, keys[i:i + 500], base.dialect(self.conn)),
                 sa.or_(t.c[col].is_(None), sa.not_(in_sessions(t, spec, self.sessions))))
             row = self.conn.execute(stmt).first()
             if row is not None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from snapshotter import codec
 from snapshotter.errors import UsageError
 
-from . import lazy_module
+from .. import lazy_module
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -570,7 +570,7 @@ class Guard:
 
     def _orphans(self, fk: ForeignKey, t: PlannedTable, ops: tuple) -> Iterable:
         """Packed keys of the child rows of these ops that have no parent row now."""
-        from .sqlbase import key_condition, lightweight_table
+        from .base import key_condition, lightweight_table
         # aliased: a self-referencing key has one table on both sides
         child = lightweight_table(t.schema_doc).alias("c")
         parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0]).alias("p")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from snapshotter.errors import IntegrityError
 
-from . import lazy_module
+from .. import lazy_module
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -653,9 +653,9 @@ def finish(conn: Connection, schema_doc: dict, *, trusted: bool, where: str) -> 
 
 def _check(conn: Connection, schema_doc: dict, trusted: bool, where: str) -> None:
     """The recreated table against the stored definition (what was recreated of it)."""
-    from . import sqlbase
-    live = sqlbase.table_schema(conn, schema_doc["table"], schema_doc.get("db_schema"))
-    diffs = sqlbase.schema_differences(schema_doc, live)
+    from . import base
+    live = base.table_schema(conn, schema_doc["table"], schema_doc.get("db_schema"))
+    diffs = base.schema_differences(schema_doc, live)
     diffs += differences(schema_doc.get("ddl"), live.get("ddl"), trusted, dialect(conn))
     if diffs:
         raise IntegrityError(f"{where}: the recreated table {schema_doc['table']} differs from its stored definition: "

@@ -22,7 +22,8 @@ from snapshotter import codec
 from snapshotter.errors import ConfigError, Refused, SourceError
 from snapshotter.redaction import redact_text, redact_url
 
-from . import lazy_module, pgcopy, sqlintegrity
+from .. import lazy_module
+from . import integrity, pgcopy
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -242,7 +243,7 @@ def begin_write(conn: Connection) -> None:
     d = dialect(conn)
     if d == "sqlite":
         # the restore keeps foreign-key actions from firing and proves the keys itself
-        # (backends/sqlintegrity.py); the pragma is a no-op inside a transaction
+        # (backends/integrity.py); the pragma is a no-op inside a transaction
         conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     elif d in ("mysql", "mariadb"):
@@ -337,7 +338,7 @@ class WriteTransaction:
         self.conn = conn
         self.users = 0
         self.failed = False
-        self.guard = sqlintegrity.Guard(conn, dialect(conn))
+        self.guard = integrity.Guard(conn, dialect(conn))
 
     @classmethod
     def join(cls, backend) -> "WriteTransaction":
@@ -606,7 +607,7 @@ def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FE
               fast: bool | str | None = None, for_update: bool = False) -> Iterator[list[Record]]:
     """Batches of ``(key, {column: value})`` in key order.
 
-    On PostgreSQL the rows come through COPY (:mod:`snapshotter_backends.pgcopy`) when it
+    On PostgreSQL the rows come through COPY (:mod:`snapshotter_backends.sql.pgcopy`) when it
     can promise the same records as the cursor below.  ``fast`` forces a
     path: ``False`` the cursor, ``True`` COPY, ``"text"``/``"binary"`` COPY
     in that format; a forced COPY that cannot be exact is an error.
@@ -670,7 +671,7 @@ def schema_differences(snap: dict, live: dict) -> list[str]:
 
 
 def create_table(conn: Connection, schema_doc: dict, *, trusted: bool = False, where: str = "") -> None:
-    """Recreate a dropped table from its stored schema (see :mod:`snapshotter_backends.ddl`: nothing
+    """Recreate a dropped table from its stored schema (see :mod:`snapshotter_backends.sql.ddl`: nothing
     from the repository runs as SQL unless ``trusted``)."""
     from . import ddl
     ddl.create_table(conn, schema_doc, trusted=trusted, where=where or f"table {schema_doc.get('table')!r}")
@@ -700,7 +701,7 @@ def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
 
 
 def upsert_lines(conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes],
-                 guard: "sqlintegrity.Guard | None" = None) -> bool:
+                 guard: "integrity.Guard | None" = None) -> bool:
     """PostgreSQL: replace rows by ``pgtext`` lines, exactly (the server's own input
     functions read the text its output functions wrote).  The lines are copied into a
     temporary table; rows whose keys are live are updated in place (a delete and insert
@@ -852,17 +853,17 @@ def key_binds(schema_doc: dict, key: Any, dialect_name: str) -> list:
 def restore_refusal(conn: Connection, streams: list, where: str) -> str | None:
     """For a dry run: why a restore of these planned streams would be refused before any write
     (a trigger that cannot be kept from firing), or None."""
-    tables = [sqlintegrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
+    tables = [integrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
               for p in streams if "table" in p.spec.schema]
     if not tables:
         return None
     with translate_errors(f"{where}: cannot list triggers"):
-        return sqlintegrity.Guard(conn, dialect(conn)).refusal(tables, where)
+        return integrity.Guard(conn, dialect(conn)).refusal(tables, where)
 
 
 class SQLWriterMixin:
     """upsert/delete on one connection inside one transaction (used by sql and conversation),
-    under the transaction's :class:`~snapshotter_backends.sqlintegrity.Guard`: modified rows are updated
+    under the transaction's :class:`~snapshotter_backends.integrity.Guard`: modified rows are updated
     in place, every statement's rows are counted, and triggers and foreign-key actions are
     kept from firing."""
 
@@ -883,7 +884,7 @@ class SQLWriterMixin:
             names = [guard.name(s.schema) for s in specs]
             guard.selected.update(names)
             fks = guard._foreign_keys()
-        return [specs[i] for i in sqlintegrity.write_order(names, fks)]
+        return [specs[i] for i in integrity.write_order(names, fks)]
 
     def write_mode(self) -> str:
         """"replace" when nothing fires during the writes (replica mode, foreign-key checks off): a
@@ -893,7 +894,7 @@ class SQLWriterMixin:
         return "update-in-place" if self.txn.guard.will_enforce() else "replace"
 
     def preflight(self, streams: list) -> None:
-        tables = [sqlintegrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
+        tables = [integrity.PlannedTable(p.spec.schema, p.added, p.modified, p.deleted, p.recreate, p.records)
                   for p in streams if "table" in p.spec.schema]
         if tables:
             with translate_errors(f"{self.b.where}: cannot check the restore's plan"):

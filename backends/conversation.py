@@ -91,7 +91,8 @@ from snapshotter.redaction import redact_text, redact_url
 from snapshotter.timeouts import timed_out
 
 from . import lazy_module
-from .sql import base
+from .sql import base, writing
+from .sql.dialect import is_text_type, named, of
 
 sa = lazy_module("sqlalchemy")
 
@@ -345,17 +346,13 @@ def in_sessions(t: sa.TableClause, spec: StreamSpec, sessions) -> sa.ColumnEleme
     ``IN`` is kept beside the exact test so that an index on the column is used."""
     name = spec.schema["conversation"]["session_column"]
     col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
-    if not base.is_text_type(col_type):
+    if not is_text_type(col_type):
         return sa.cast(t.c[name], sa.String).in_(sorted(sessions))
     col, wanted = t.c[name], sorted(sessions)
-    exact = exact_text(col, spec.schema.get("dialect"))
-    if exact is None:
+    # by the dialect the stream was captured from
+    test = named(spec.schema.get("dialect")).exactly_in(col, wanted)
+    if test is None:
         return col.in_(wanted)
-    if spec.schema.get("dialect") in ("mysql", "mariadb"):
-        test = exact.in_(sa.bindparam(None, [s.encode("utf-8") for s in wanted], expanding=True,
-                                      type_=sa.LargeBinary()))
-    else:
-        test = exact.in_(wanted)
     return sa.and_(col.in_(_untyped(wanted)), test)
 
 
@@ -363,18 +360,6 @@ def _untyped(values) -> sa.BindParameter:
     """An IN list the database reads by the column's own type (a str bind would be sent as VARCHAR, and
     ``citext = varchar`` compares as text, case-sensitively)."""
     return sa.bindparam(None, sorted(values), expanding=True, type_=sa.types.NullType())
-
-
-def exact_text(col, dialect_name: str | None):
-    """A text column compared byte for byte whatever its collation (MariaDB: as UTF-8 bytes),
-    or None where the dialect's plain comparison is exact."""
-    if dialect_name == "postgresql":
-        return sa.cast(col, sa.Text).collate("C")
-    if dialect_name in ("mysql", "mariadb"):
-        return sa.cast(sa.func.convert(col, sa.literal_column("CHAR CHARACTER SET utf8mb4")), sa.LargeBinary)
-    if dialect_name == "sqlite":
-        return col.collate("BINARY")
-    return None
 
 
 def as_utc_datetime(v: Any) -> _dt.datetime | None:
@@ -416,7 +401,7 @@ class MessageTableReader(SourceReader):
         return [spec]
 
     def restore_refusal(self, streams: list) -> str | None:
-        return base.restore_refusal(self.conn, streams, self.b.where)
+        return writing.restore_refusal(self.conn, streams, self.b.where)
 
     def live_spec(self, name: str) -> StreamSpec | None:
         with base.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
@@ -428,10 +413,10 @@ class MessageTableReader(SourceReader):
         the same conversation to the agent, so selecting only some of them is refused."""
         name = spec.schema["conversation"]["session_column"]
         col_type = next(c["type"] for c in spec.schema["columns"] if c["name"] == name)
-        if not base.is_text_type(col_type):
+        if not is_text_type(col_type):
             return
         t = base.lightweight_table(spec.schema)
-        exact = exact_text(t.c[name], spec.schema.get("dialect"))
+        exact = named(spec.schema.get("dialect")).exact_text(t.c[name])
         if exact is None:
             return
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
@@ -478,7 +463,7 @@ class MessageTableReader(SourceReader):
             self.conn.close()
 
 
-class MessageTableWriter(base.SQLWriterMixin, SourceWriter):
+class MessageTableWriter(writing.SQLWriterMixin, SourceWriter):
     transactional = True
 
     def __init__(self, backend: ConversationBackend, sessions: frozenset[str] | None):
@@ -486,7 +471,7 @@ class MessageTableWriter(base.SQLWriterMixin, SourceWriter):
         self.sessions = sessions
         self._scope_given = sessions is not None
         self._read_all = False
-        self.txn = base.WriteTransaction.join(backend)
+        self.txn = writing.WriteTransaction.join(backend)
         self.conn = self.txn.conn
 
     def reader(self) -> MessageTableReader:
@@ -545,7 +530,7 @@ class MessageTableWriter(base.SQLWriterMixin, SourceWriter):
                         raise SourceError(f"{self.b.where}: message {key_text(rc.key(line))} belongs to session "
                                           f"{session!r}, outside the sessions being restored")
                 self._check_keys_in_scope(spec, [rc.key(line) for line in records])
-            return base.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
+            return writing.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
 
     def delete(self, spec: StreamSpec, keys: list) -> None:
         spec = keyed(spec)
@@ -554,7 +539,7 @@ class MessageTableWriter(base.SQLWriterMixin, SourceWriter):
                 self.delete_keys(spec, keys)
                 return
             # a key the plan saw in a restored session may have moved to another since
-            t, d = self._table(spec), base.dialect(self.conn)
+            t, d = self._table(spec), of(self.conn)
             self.txn.guard.before_write(spec.schema)
             for i in range(0, len(keys), 500):
                 part = base.key_condition(t, spec.schema, keys[i:i + 500], d)
@@ -576,7 +561,7 @@ class MessageTableWriter(base.SQLWriterMixin, SourceWriter):
         t, pk = self._table(spec), spec.schema["primary_key"]
         for i in range(0, len(keys), 500):
             stmt = sa.select(*[t.c[k] for k in pk], t.c[col]).where(
-                base.key_condition(t, spec.schema, keys[i:i + 500], base.dialect(self.conn)),
+                base.key_condition(t, spec.schema, keys[i:i + 500], of(self.conn)),
                 sa.or_(t.c[col].is_(None), sa.not_(in_sessions(t, spec, self.sessions))))
             row = self.conn.execute(stmt).first()
             if row is not None:

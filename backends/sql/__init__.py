@@ -5,6 +5,12 @@ transaction (``START TRANSACTION WITH CONSISTENT SNAPSHOT`` on MariaDB/MySQL,
 a deferred ``BEGIN`` on SQLite), so a snapshot is one point in time.  Rows are
 streamed with server-side cursors in batches; memory does not grow with the
 table.
+
+The package: this module (the backend, its reader and writer), :mod:`.base` (engines,
+transactions, schemas, reads), :mod:`.writing` (a restore's writes), :mod:`.integrity`
+(what a restore's writes may touch, and the proof), :mod:`.ddl` (table definitions), and
+behind :mod:`.dialect` one module per database: :mod:`.postgresql` (with :mod:`.pgcopy`
+and :mod:`.pgddl`), :mod:`.mysql`, :mod:`.sqlite`.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from snapshotter import codec
 from snapshotter.errors import ConfigError, IntegrityError, NotFound, SchemaMismatch
 
 from .. import lazy_module
-from . import base, integrity
+from . import base, ddl, integrity, writing
+from .dialect import of
 
 sa = lazy_module("sqlalchemy")
 
@@ -97,7 +104,7 @@ class SQLBackend(base.SQLConnection, SourceBackend):
         wanted = self.config.get("tables")
         exclude = set(self.config.get("exclude") or [])
         out = []
-        roots = partition_roots(conn, schema)
+        roots = of(conn).partition_roots(conn, schema)
         if wanted:
             missing = [t for t in wanted if t not in all_tables]
             if missing:
@@ -164,7 +171,7 @@ class SQLReader(SourceReader):
         def rows(part: list):
             return [rec for batch in base.read_rows(
                 self.conn, spec.schema, for_update=not self._owns,
-                where=lambda t: base.key_condition(t, spec.schema, part, base.dialect(self.conn)))
+                where=lambda t: base.key_condition(t, spec.schema, part, of(self.conn)))
                 for rec in batch]
 
         def batches():
@@ -206,7 +213,7 @@ class SQLReader(SourceReader):
         return {k: sorted(v) for k, v in out.items()}
 
     def restore_refusal(self, streams: list) -> str | None:
-        return base.restore_refusal(self.conn, streams, self.b.where)
+        return writing.restore_refusal(self.conn, streams, self.b.where)
 
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")
@@ -221,12 +228,12 @@ class SQLReader(SourceReader):
             self.conn.close()
 
 
-class SQLWriter(base.SQLWriterMixin, SourceWriter):
+class SQLWriter(writing.SQLWriterMixin, SourceWriter):
     transactional = True
 
     def __init__(self, backend: SQLBackend):
         self.b = backend
-        self.txn = base.WriteTransaction.join(backend)
+        self.txn = writing.WriteTransaction.join(backend)
         self.conn = self.txn.conn
 
     def reader(self) -> SQLReader:
@@ -257,7 +264,7 @@ class SQLWriter(base.SQLWriterMixin, SourceWriter):
 
     def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
         with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
-            return base.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
+            return writing.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
 
     def commit(self) -> None:
         self.txn.leave(True, self.b.where)
@@ -266,25 +273,12 @@ class SQLWriter(base.SQLWriterMixin, SourceWriter):
         self.txn.leave(False, self.b.where)
 
 
-def partition_roots(conn, schema: str | None) -> dict[str, str]:
-    """PostgreSQL: each partition of the schema, with the partitioned table at its root."""
-    if base.dialect(conn) != "postgresql":
-        return {}
-    rows = conn.exec_driver_sql("""
-        SELECT c.relname, r.relname FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_class r ON r.oid = pg_partition_root(c.oid)
-        WHERE c.relispartition AND n.nspname = COALESCE(%(s)s, current_schema())""", {"s": schema}).fetchall()
-    return {a: b for a, b in rows}
-
-
 # -- a dropped table recreated (shared with the conversation backend) -------------------
 
 def recreate_omissions(backend, spec: StreamSpec, reader) -> list[str]:
     """A dropped table's plan: its stored column types must be type names of this
     database (else the repository was tampered with: exit 3, before any write), and what
     recreating it leaves out without ``--trust-repository-sql``."""
-    from . import ddl
     conn = getattr(reader, "conn", None)
     if conn is not None and "columns" in spec.schema:
         with base.translate_errors(f"{backend.where}: cannot check the types of table {spec.name}"):
@@ -307,9 +301,9 @@ def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
     """Create a dropped table (without its foreign keys and triggers: :func:`finish_recreated`)."""
     where = f"{writer.b.where}: table {spec.name}"
     with base.translate_errors(f"{where}: cannot recreate the table"), _damaged_definition(where):
-        base.create_table(writer.conn, schema_doc or spec.schema,
-                             trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
-        if base.dialect(writer.conn) in ("mysql", "mariadb"):
+        ddl.create_table(writer.conn, schema_doc or spec.schema,
+                         trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        if of(writer.conn).ddl_commits:
             # MariaDB/MySQL commit the open transaction at every DDL statement: the writes that follow
             # (every table is prepared before the first write) need a transaction again, or each
             # would commit by itself and a failure could not roll the restore back
@@ -323,7 +317,6 @@ def finish_recreated(writer, spec: StreamSpec, schema_doc: dict | None = None) -
     past the restored maximum, and the check that it is what the repository says it was."""
     if spec.name not in getattr(writer, "recreated", ()):
         return
-    from . import ddl
     where = f"{writer.b.where}: table {spec.name}"
     with base.translate_errors(f"{where}: cannot finish recreating the table"), _damaged_definition(where):
         ddl.finish(writer.conn, schema_doc or spec.schema,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 
 def is_text_type(type_text: str) -> bool:
+    """Whether a column's type (as its text) holds text."""
     t = type_text.upper()
     return any(w in t for w in ("CHAR", "TEXT", "CLOB", "STRING", "CITEXT", "NAME"))
 

@@ -3,8 +3,8 @@ triggers, rules and ``ON DELETE`` actions kept from firing, and the proof,
 before commit, that the database changed only the rows the restore wrote and
 that every foreign key still holds (docs/design.md, "Restore into real schemas").
 
-How is each dialect's (:class:`~.dialect.Dialect`: ``will_enforce``, ``firing``,
-``start_writes``, ``switch_off``, ``side_effects``, ...); in short:
+How each database does it is its dialect's (:class:`~.dialect.Dialect`: ``will_enforce``,
+``firing``, ``start_writes``, ``switch_off``, ``side_effects``, ...); in short:
 
 * PostgreSQL (:mod:`.postgresql`): ``session_replication_role = replica`` for the write transaction,
   where the role may set it (a superuser, or ``GRANT SET ON PARAMETER``): user

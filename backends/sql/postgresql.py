@@ -250,16 +250,7 @@ class PostgreSQL(Dialect):
     omissions = staticmethod(pgddl.omissions)
     definition_items = staticmethod(pgddl.items)
 
-    # -- a restore's writes --------------------------------------------------------------
-    #
-    # ``session_replication_role = replica`` for the write transaction, where the role may set
-    # it (a superuser, or GRANT SET ON PARAMETER): user triggers and rules do not fire, nor do
-    # the triggers behind foreign keys, so neither checks nor cascades happen and the restore
-    # proves the keys itself.  Where the role may not, keys are enforced as usual (the writes
-    # are ordered so that they hold) and a table with a trigger or rule that would fire is
-    # switched off by ALTER TABLE ... DISABLE if the role owns it (transactional), else refused
-    # before any write.  Proof: pg_stat_xact_user_tables counts, per table, equal the rows the
-    # restore's own statements wrote.
+    # -- a restore's writes (the rules: integrity.py's module docs) -----------------------
 
     def foreign_keys(self, conn: Connection, schema: str | None) -> list[ForeignKey]:
         """Every foreign key of the database, whatever schema its tables are in (a table of another

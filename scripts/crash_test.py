@@ -283,8 +283,9 @@ class SQLKind(SourceKind):
 
     def __init__(self, dialect: str, url: str | None = None):
         self.name = dialect
-        self.preload = ("snapshotter_backends.sql", "sqlalchemy.dialects.postgresql", "psycopg") if dialect == "postgresql" \
-            else ("snapshotter_backends.sql", "sqlalchemy.dialects.sqlite")
+        self.preload = (f"snapshotter_backends.sql.{dialect}",
+                        *(("sqlalchemy.dialects.postgresql", "psycopg") if dialect == "postgresql"
+                          else ("sqlalchemy.dialects.sqlite",)))
         self.url = url
         self.own_db: str | None = None
         self.engine = None

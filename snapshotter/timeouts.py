@@ -9,7 +9,7 @@ the repository) and "timed out after N s", exit code 1.
 PostgreSQL through psycopg has no bound on a read (a ``COPY`` of a big table is one
 statement; a sort may send nothing for minutes before its first row), so TCP
 keepalives find a server or network that went away, and a watchdog
-(``snapshotter_backends.pgwatch``) a server, proxy or pooler that keeps the
+(``snapshotter_backends.sql.pgwatch``) a server, proxy or pooler that keeps the
 connection open but sends nothing: once a statement has got no byte for
 ``timeout`` seconds, a second connection asks ``pg_stat_activity`` about its
 server process.  Working (running, reading, waiting for a lock), it is waited

@@ -213,7 +213,7 @@ def test_inserts_and_deletes_elsewhere_keep_unchanged_runs(tmp_path, sqlite_url,
 def test_every_database_estimates_a_table_size_for_chunking(any_db_url):
     """Chunk sizes follow the table's estimated size (bigger tables, fewer objects):
     each database gives one from its statistics, without reading the table."""
-    from snapshotter_backends import sqlbase
+    from snapshotter_backends.sql import base as sqlbase
 
     eng = make_table(any_db_url)
     with eng.connect() as c:

@@ -14,7 +14,7 @@ import pytest
 sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 
-from snapshotter_backends import pgcopy, sqlbase  # noqa: E402
+from snapshotter_backends.sql import base as sqlbase, pgcopy  # noqa: E402
 from conftest import drift_then_restore  # noqa: E402
 from snapshotter import codec  # noqa: E402
 from snapshotter.errors import SourceError  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 
-from snapshotter_backends import sqlbase  # noqa: E402
+from snapshotter_backends.sql import base as sqlbase  # noqa: E402
 from snapshotter import pgtext  # noqa: E402
 from snapshotter.repository import Repository  # noqa: E402
 from snapshotter.streams import read_stream  # noqa: E402

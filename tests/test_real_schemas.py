@@ -384,7 +384,7 @@ def test_postgres_child_table_in_another_schema_is_a_dependant_too(pg_url, tmp_p
 def test_a_write_the_restore_did_not_make_is_counted(kind, request):
     """The proof before commit: a row changed in the write transaction by anything but the
     restore's own counted statements (what a trigger, rule or cascade would do) is reported."""
-    from snapshotter_backends import sqlbase, sqlintegrity
+    from snapshotter_backends.sql import base as sqlbase, integrity as sqlintegrity
     url = request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url"}[kind])
     eng = engine(url)
     with eng.connect() as c:

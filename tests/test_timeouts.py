@@ -338,7 +338,7 @@ def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cl
     if path == "cursor":
         monkeypatch.setenv("SNAPSHOTTER_PG_COPY", "0")
     if not counters:
-        from snapshotter_backends import pgwatch
+        from snapshotter_backends.sql import pgwatch
         monkeypatch.setattr(pgwatch, "_TCP_INFO", None)
     eng = sa.create_engine(pg_url)
     with eng.begin() as c:

@@ -5,6 +5,12 @@ transaction (``START TRANSACTION WITH CONSISTENT SNAPSHOT`` on MariaDB/MySQL,
 a deferred ``BEGIN`` on SQLite), so a snapshot is one point in time.  Rows are
 streamed with server-side cursors in batches; memory does not grow with the
 table.
+
+The package: this module (the backend, its reader and writer), :mod:`.base` (engines,
+transactions, schemas, reads), :mod:`.writing` (a restore's writes), :mod:`.integrity`
+(what a restore's writes may touch, and the proof), :mod:`.ddl` (table definitions), and
+behind :mod:`.dialect` one module per database: :mod:`.postgresql` (with :mod:`.pgcopy`
+and :mod:`.pgddl`), :mod:`.mysql`, :mod:`.sqlite`.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWrite
 from snapshotter import codec
 from snapshotter.errors import ConfigError, IntegrityError, NotFound, SchemaMismatch
 
-from . import lazy_module, sqlbase, sqlintegrity
+from .. import lazy_module
+from . import base, ddl, integrity, writing
+from .dialect import of
 
 sa = lazy_module("sqlalchemy")
 
@@ -25,7 +33,7 @@ sa = lazy_module("sqlalchemy")
 log = logging.getLogger(__name__)
 
 
-class SQLBackend(sqlbase.SQLConnection, SourceBackend):
+class SQLBackend(base.SQLConnection, SourceBackend):
     name = "sql"
     description = "Tables of any SQLAlchemy database (PostgreSQL, MariaDB/MySQL, SQLite, ...), keyed by primary key"
     options = (
@@ -47,7 +55,7 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         return f"source {self.source_name!r}"
 
     def location(self) -> str:
-        return sqlbase.redact(self.url)
+        return base.redact(self.url)
 
     def reader(self) -> "SQLReader":
         return SQLReader(self)
@@ -70,7 +78,7 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         return None
 
     def schema_differences(self, snapshot: StreamSpec, live: StreamSpec) -> list[str]:
-        return sqlbase.schema_differences(snapshot.schema, live.schema)
+        return base.schema_differences(snapshot.schema, live.schema)
 
     def recreate_omissions(self, spec: StreamSpec, reader) -> list[str]:
         return recreate_omissions(self, spec, reader)
@@ -96,7 +104,7 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         wanted = self.config.get("tables")
         exclude = set(self.config.get("exclude") or [])
         out = []
-        roots = partition_roots(conn, schema)
+        roots = of(conn).partition_roots(conn, schema)
         if wanted:
             missing = [t for t in wanted if t not in all_tables]
             if missing:
@@ -107,7 +115,7 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
                 raise ConfigError(f"{self.where}: tables: {', '.join(both)} is a partition of "
                                   f"{roots[both[0]]}, which is also listed and holds its rows; list one of them")
             for t in wanted:
-                doc = sqlbase.table_schema(conn, t, schema)
+                doc = base.table_schema(conn, t, schema)
                 if not doc["primary_key"]:
                     raise ConfigError(f"{self.where}: table {t} has no primary key; snapshotter needs one "
                                       f"to key its rows (add one, or leave the table out)")
@@ -117,7 +125,7 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
         for t in all_tables:
             if t in exclude or t.startswith("sqlite_") or t in roots:
                 continue
-            doc = sqlbase.table_schema(conn, t, schema)
+            doc = base.table_schema(conn, t, schema)
             if doc["primary_key"]:
                 out.append(doc)
                 captured.add(t)
@@ -125,7 +133,7 @@ class SQLBackend(sqlbase.SQLConnection, SourceBackend):
             # a partition is part of its partitioned table: read with it (one stream, every row
             # once), left out with it; on its own only when that table is not captured (no key)
             if t in roots and roots[t] not in captured and roots[t] not in exclude and t not in exclude:
-                doc = sqlbase.table_schema(conn, t, schema)
+                doc = base.table_schema(conn, t, schema)
                 if doc["primary_key"]:
                     out.append(doc)
         return sorted(out, key=lambda d: d["table"])
@@ -138,36 +146,36 @@ class SQLReader(SourceReader):
         self._owns = conn is None
         self.conn = conn if conn is not None else backend.connect()
         if self._owns:
-            with sqlbase.translate_errors(f"{backend.where}: cannot start a read transaction"):
-                self.consistency = sqlbase.begin_snapshot(self.conn)
+            with base.translate_errors(f"{backend.where}: cannot start a read transaction"):
+                self.consistency = base.begin_snapshot(self.conn)
 
     def streams(self) -> list[StreamSpec]:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot list tables"):
-            return [StreamSpec(doc["table"], doc, estimated_bytes=sqlbase.estimated_bytes(self.conn, doc))
+        with base.translate_errors(f"{self.b.where}: cannot list tables"):
+            return [StreamSpec(doc["table"], doc, estimated_bytes=base.estimated_bytes(self.conn, doc))
                     for doc in self.b.select_tables(self.conn)]
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
-        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             yield from self.fast_or_generic(spec)
 
     def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
-        if not sqlbase.reads_lines(self.conn):
+        if not base.reads_lines(self.conn):
             return None
-        with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
-            doc, batches = sqlbase.read_lines(self.conn, spec.schema)
-        return doc, sqlbase.translating(batches, f"{self.b.where}: cannot read table {spec.name}")
+        with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            doc, batches = base.read_lines(self.conn, spec.schema)
+        return doc, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}")
 
     def read_keys(self, spec: StreamSpec, keys: list):
         """The rows with these keys (a reapply's check of what it would overwrite), locked
         like the restore's own reads when inside the writer's transaction."""
         def rows(part: list):
-            return [rec for batch in sqlbase.read_rows(
+            return [rec for batch in base.read_rows(
                 self.conn, spec.schema, for_update=not self._owns,
-                where=lambda t: sqlbase.key_condition(t, spec.schema, part, sqlbase.dialect(self.conn)))
+                where=lambda t: base.key_condition(t, spec.schema, part, of(self.conn)))
                 for rec in batch]
 
         def batches():
-            with sqlbase.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
                 for i in range(0, len(keys), 500):
                     part = keys[i:i + 500]
                     got = rows(part)
@@ -188,16 +196,16 @@ class SQLReader(SourceReader):
         return batches()
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):
-        return sqlbase.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}")
+        return base.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}")
 
     def fast_or_generic(self, spec: StreamSpec):
         # a reader inside a writer's transaction reads what it is about to overwrite
-        yield from sqlbase.read_rows(self.conn, spec.schema, for_update=not self._owns)
+        yield from base.read_rows(self.conn, spec.schema, for_update=not self._owns)
 
     def outside_references(self, streams: list[str]) -> dict[str, list[str]]:
         schema = self.b.config.get("schema")
-        with sqlbase.translate_errors(f"{self.b.where}: cannot list foreign keys"):
-            fks = sqlintegrity.foreign_keys(self.conn, schema)
+        with base.translate_errors(f"{self.b.where}: cannot list foreign keys"):
+            fks = integrity.foreign_keys(self.conn, schema)
         out: dict[str, set] = {}
         for fk in fks:
             if fk.parent[1] in streams and fk.child[1] not in streams:
@@ -205,41 +213,41 @@ class SQLReader(SourceReader):
         return {k: sorted(v) for k, v in out.items()}
 
     def restore_refusal(self, streams: list) -> str | None:
-        return sqlbase.restore_refusal(self.conn, streams, self.b.where)
+        return writing.restore_refusal(self.conn, streams, self.b.where)
 
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")
-        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {name}"):
             if name not in sa.inspect(self.conn).get_table_names(schema=schema):
                 return None
-            return StreamSpec(name, sqlbase.table_schema(self.conn, name, schema))
+            return StreamSpec(name, base.table_schema(self.conn, name, schema))
 
     def close(self) -> None:
         if self._owns:
-            sqlbase.end_transaction(self.conn, commit=True)
+            base.end_transaction(self.conn, commit=True)
             self.conn.close()
 
 
-class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
+class SQLWriter(writing.SQLWriterMixin, SourceWriter):
     transactional = True
 
     def __init__(self, backend: SQLBackend):
         self.b = backend
-        self.txn = sqlbase.WriteTransaction.join(backend)
+        self.txn = writing.WriteTransaction.join(backend)
         self.conn = self.txn.conn
 
     def reader(self) -> SQLReader:
         return SQLReader(self.b, self.conn)
 
     def prepare(self, spec: StreamSpec) -> None:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
             insp = sa.inspect(self.conn)
             schema = spec.schema.get("db_schema")
             if spec.name not in insp.get_table_names(schema=schema):
                 recreate(self, spec)
                 return
-            live = sqlbase.table_schema(self.conn, spec.name, schema)
-        diffs = sqlbase.schema_differences(spec.schema, live)
+            live = base.table_schema(self.conn, spec.name, schema)
+        diffs = base.schema_differences(spec.schema, live)
         if diffs:
             raise SchemaMismatch(f"{self.b.where}: table {spec.name} changed since the snapshot: " + "; ".join(diffs))
 
@@ -247,16 +255,16 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
         finish_recreated(self, spec)
 
     def upsert(self, spec: StreamSpec, records: list) -> None:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
             self.upsert_rows(spec, records)
 
     def delete(self, spec: StreamSpec, keys: list) -> None:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
+        with base.translate_errors(f"{self.b.where}: cannot delete from table {spec.name}"):
             self.delete_keys(spec, keys)
 
     def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
-        with sqlbase.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
-            return sqlbase.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
+        with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
+            return writing.upsert_lines(self.conn, spec.schema, encoding, records, self.txn.guard)
 
     def commit(self) -> None:
         self.txn.leave(True, self.b.where)
@@ -265,28 +273,15 @@ class SQLWriter(sqlbase.SQLWriterMixin, SourceWriter):
         self.txn.leave(False, self.b.where)
 
 
-def partition_roots(conn, schema: str | None) -> dict[str, str]:
-    """PostgreSQL: each partition of the schema, with the partitioned table at its root."""
-    if sqlbase.dialect(conn) != "postgresql":
-        return {}
-    rows = conn.exec_driver_sql("""
-        SELECT c.relname, r.relname FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_class r ON r.oid = pg_partition_root(c.oid)
-        WHERE c.relispartition AND n.nspname = COALESCE(%(s)s, current_schema())""", {"s": schema}).fetchall()
-    return {a: b for a, b in rows}
-
-
 # -- a dropped table recreated (shared with the conversation backend) -------------------
 
 def recreate_omissions(backend, spec: StreamSpec, reader) -> list[str]:
     """A dropped table's plan: its stored column types must be type names of this
     database (else the repository was tampered with: exit 3, before any write), and what
     recreating it leaves out without ``--trust-repository-sql``."""
-    from . import ddl
     conn = getattr(reader, "conn", None)
     if conn is not None and "columns" in spec.schema:
-        with sqlbase.translate_errors(f"{backend.where}: cannot check the types of table {spec.name}"):
+        with base.translate_errors(f"{backend.where}: cannot check the types of table {spec.name}"):
             ddl.check_types(conn, spec.schema, f"{backend.where}: table {spec.name}")
     return ddl.omissions(spec.schema, bool(getattr(backend, "trust_repository_sql", False)))
 
@@ -305,14 +300,14 @@ def _damaged_definition(where: str):
 def recreate(writer, spec: StreamSpec, schema_doc: dict | None = None) -> None:
     """Create a dropped table (without its foreign keys and triggers: :func:`finish_recreated`)."""
     where = f"{writer.b.where}: table {spec.name}"
-    with sqlbase.translate_errors(f"{where}: cannot recreate the table"), _damaged_definition(where):
-        sqlbase.create_table(writer.conn, schema_doc or spec.schema,
-                             trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
-        if sqlbase.dialect(writer.conn) in ("mysql", "mariadb"):
+    with base.translate_errors(f"{where}: cannot recreate the table"), _damaged_definition(where):
+        ddl.create_table(writer.conn, schema_doc or spec.schema,
+                         trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)
+        if of(writer.conn).ddl_commits:
             # MariaDB/MySQL commit the open transaction at every DDL statement: the writes that follow
             # (every table is prepared before the first write) need a transaction again, or each
             # would commit by itself and a failure could not roll the restore back
-            sqlbase.begin_write(writer.conn)
+            base.begin_write(writer.conn)
             writer.transaction_restarted = True
     writer.recreated = getattr(writer, "recreated", set()) | {spec.name}
 
@@ -322,8 +317,7 @@ def finish_recreated(writer, spec: StreamSpec, schema_doc: dict | None = None) -
     past the restored maximum, and the check that it is what the repository says it was."""
     if spec.name not in getattr(writer, "recreated", ()):
         return
-    from . import ddl
     where = f"{writer.b.where}: table {spec.name}"
-    with sqlbase.translate_errors(f"{where}: cannot finish recreating the table"), _damaged_definition(where):
+    with base.translate_errors(f"{where}: cannot finish recreating the table"), _damaged_definition(where):
         ddl.finish(writer.conn, schema_doc or spec.schema,
                    trusted=bool(getattr(writer.b, "trust_repository_sql", False)), where=where)

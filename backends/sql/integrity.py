@@ -3,9 +3,10 @@ triggers, rules and ``ON DELETE`` actions kept from firing, and the proof,
 before commit, that the database changed only the rows the restore wrote and
 that every foreign key still holds (docs/design.md, "Restore into real schemas").
 
-Per dialect:
+How each database does it is its dialect's (:class:`~.dialect.Dialect`: ``will_enforce``,
+``firing``, ``start_writes``, ``switch_off``, ``side_effects``, ...); in short:
 
-* PostgreSQL: ``session_replication_role = replica`` for the write transaction,
+* PostgreSQL (:mod:`.postgresql`): ``session_replication_role = replica`` for the write transaction,
   where the role may set it (a superuser, or ``GRANT SET ON PARAMETER``): user
   triggers and rules do not fire, nor do the triggers behind foreign keys, so
   neither checks nor cascades happen and the restore proves the keys itself.
@@ -14,10 +15,10 @@ Per dialect:
   switched off by ``ALTER TABLE ... DISABLE`` if the role owns it (transactional),
   else refused before any write.  Proof: ``pg_stat_xact_user_tables`` counts,
   per table, equal the rows the restore's own statements wrote.
-* MariaDB/MySQL: ``foreign_key_checks = 0`` for the transaction (no checks, no
+* MariaDB/MySQL (:mod:`.mysql`): ``foreign_key_checks = 0`` for the transaction (no checks, no
   cascades); a trigger cannot be switched off inside a transaction, so a write
   to a table that has one is refused before any write.
-* SQLite: the restore's connection does not enforce foreign keys; a written
+* SQLite (:mod:`.sqlite`): the restore's connection does not enforce foreign keys; a written
   table's triggers are dropped inside the write transaction and created again
   before it commits.  Proof: ``total_changes()`` equals the rows written.
 
@@ -27,20 +28,19 @@ more violations after than before fails the restore (exit 3, rolled back).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from snapshotter import codec
 from snapshotter.errors import UsageError
 
-from . import lazy_module
+from .. import lazy_module
+from .dialect import Dialect, of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 sa = lazy_module("sqlalchemy")
-log = logging.getLogger(__name__)
 
 Name = tuple  # (db schema or None, table)
 
@@ -56,11 +56,11 @@ class ForeignKey:
     on_delete: str = "NO ACTION"
 
     def describe(self, home: str | None = None) -> str:
-        return (f"{_show(self.child, home)}({', '.join(self.child_columns)}) -> "
-                f"{_show(self.parent, home)}({', '.join(self.parent_columns)})")
+        return (f"{shown(self.child, home)}({', '.join(self.child_columns)}) -> "
+                f"{shown(self.parent, home)}({', '.join(self.parent_columns)})")
 
 
-def _show(name: Name, home: str | None = None) -> str:
+def shown(name: Name, home: str | None = None) -> str:
     """A table's name for a message: without its schema when that is the default one."""
     return name[1] if not name[0] or name[0] == home else f"{name[0]}.{name[1]}"
 
@@ -69,41 +69,19 @@ def table_name(schema_doc: dict) -> Name:
     return (schema_doc.get("db_schema"), schema_doc["table"])
 
 
-def _quoted(conn: Connection, name: Name) -> str:
+def quoted_name(conn: Connection, name: Name) -> str:
     q = conn.dialect.identifier_preparer.quote
     return q(name[1]) if not name[0] else f"{q(name[0])}.{q(name[1])}"
-
-
-_PG_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
-
-
-def _pg_foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
-    """Every foreign key of the database, whatever schema its tables are in (a table of another
-    schema referencing a restored one is as much a dependant), its tables named with their schema."""
-    rows = conn.exec_driver_sql("""
-        SELECT c.conname, cn.nspname, cl.relname, pn.nspname, pl.relname,
-               ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
-                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.i),
-               ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
-                     JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.i),
-               c.confupdtype::text, c.confdeltype::text
-        FROM pg_constraint c
-        JOIN pg_class cl ON cl.oid = c.conrelid JOIN pg_namespace cn ON cn.oid = cl.relnamespace
-        JOIN pg_class pl ON pl.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pl.relnamespace
-        WHERE c.contype = 'f' AND c.conparentid = 0 AND cl.relkind IN ('r', 'p') AND pl.relkind IN ('r', 'p')
-        ORDER BY 2, 3, 1""").fetchall()
-
-    def named(nsp: str, rel: str) -> Name:
-        return (nsp, rel)
-    return [ForeignKey(r[0], named(r[1], r[2]), tuple(r[5]), named(r[3], r[4]), tuple(r[6]),
-                       _PG_ACTIONS.get(r[7], "NO ACTION"), _PG_ACTIONS.get(r[8], "NO ACTION")) for r in rows]
 
 
 def foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
     """Every foreign key of the tables of ``schema`` (the database's default when None); on
     PostgreSQL, of every schema."""
-    if conn.dialect.name == "postgresql":
-        return _pg_foreign_keys(conn, schema)
+    return of(conn).foreign_keys(conn, schema)
+
+
+def reflected_foreign_keys(conn: Connection, schema: str | None) -> list[ForeignKey]:
+    """:func:`foreign_keys` as SQLAlchemy's inspector reflects them."""
     insp = sa.inspect(conn)
     out = []
     import warnings
@@ -180,19 +158,22 @@ class Guard:
     """One write transaction's protections and bookkeeping (shared by every writer in it)."""
 
     conn: Connection
-    dialect: str
+    #: the connection's dialect (given as its name, or not at all, the connection's own)
+    dialect: Dialect | str | None = None
     #: tables the restore will write, with the whole selection (tables restored, written or not)
     planned: dict = field(default_factory=dict)
     selected: set = field(default_factory=set)
     started: bool = False
     #: whether the database enforces foreign keys (and runs their actions) during the writes
     enforcing: bool = True
+    #: PostgreSQL: whether the writes run in replica mode (None: not asked yet)
     replica: bool | None = None
     counts: dict = field(default_factory=dict)  # Name -> [inserted, updated, deleted]
     oids: dict = field(default_factory=dict)  # PostgreSQL: Name -> oid
     switched_off: list = field(default_factory=list)  # statements that switch back on what the writes switched off
     #: (foreign key, packed child key) of rows the restore writes back that broke the key before it
     orphans_before: set = field(default_factory=set)
+    #: SQLite: total_changes() when the writes started
     changes_before: int = 0
     fks: list | None = None
     prepared: set = field(default_factory=set)
@@ -201,16 +182,21 @@ class Guard:
     checked: bool = False
     #: PostgreSQL: the schema unqualified names are in (tables are compared schema-qualified)
     home: str | None = None
+    #: PostgreSQL: the role may read the transaction's counters
     can_count: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dialect, Dialect):
+            self.dialect = of(self.conn)
 
     # -- before the quarantine is committed -------------------------------------
 
     def name(self, schema_doc_or_name) -> Name:
         """A table's name as the guard compares it (PostgreSQL: always with its schema)."""
         name = table_name(schema_doc_or_name) if isinstance(schema_doc_or_name, dict) else schema_doc_or_name
-        if self.dialect == "postgresql" and name[0] is None:
+        if self.dialect.qualifies_names and name[0] is None:
             if self.home is None:
-                self.home = str(self.conn.exec_driver_sql("SELECT current_schema()").scalar())
+                self.home = self.dialect.current_schema(self.conn)
             return (self.home, name[1])
         return name
 
@@ -226,8 +212,6 @@ class Guard:
         mine = {self.name(t.schema_doc) for t in tables if t.writes}
         if not mine:
             return
-        if self.dialect == "postgresql" and self.replica is None:
-            self.replica = self._try_replica(keep=False)
         firing = self._firing(where, mine)
         if firing:
             raise UsageError(firing)
@@ -238,7 +222,7 @@ class Guard:
         if self.checked or not self.planned:
             return
         self.checked = True
-        self._check_readable(where)
+        self.dialect.check_readable(self, where)
         self._check_closure(where)
         self._check_parents(where)
 
@@ -248,138 +232,28 @@ class Guard:
         self.planned = {self.name(t.schema_doc): t for t in tables if t.writes}
         if not self.planned:
             return None
-        if self.dialect == "postgresql" and self.replica is None:
-            self.replica = self._try_replica(keep=False)
         return self._firing(where, set(self.planned))
 
     def will_enforce(self) -> bool:
         """Whether the database will enforce foreign keys (and run their actions) during the writes."""
         if self.started:
             return self.enforcing
-        if self.dialect == "postgresql":
-            if self.replica is None:
-                self.replica = self._try_replica(keep=False)
-            return not self.replica
-        if self.dialect == "sqlite":
-            return bool(self.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
-        return self.dialect not in ("mysql", "mariadb")
-
-    def _try_replica(self, keep: bool) -> bool:
-        c = self.conn
-        c.exec_driver_sql("SAVEPOINT snapshotter_role")
-        try:
-            c.exec_driver_sql("SET LOCAL session_replication_role = replica")
-        except sa.exc.DBAPIError:
-            c.exec_driver_sql("ROLLBACK TO SAVEPOINT snapshotter_role")
-            return False
-        if keep:
-            c.exec_driver_sql("RELEASE SAVEPOINT snapshotter_role")
-        else:
-            c.exec_driver_sql("ROLLBACK TO SAVEPOINT snapshotter_role")
-        return True
+        return self.dialect.will_enforce(self)
 
     def _firing(self, where: str, names: set) -> str | None:
         """Triggers and rules that would fire on these written tables and cannot be switched off."""
         live = [n for n in sorted(names, key=str) if not self.planned[n].recreate]
-        if not live:
-            return None
-        if self.dialect in ("mysql", "mariadb"):
-            # foreign-key checks are off, so a modified row is deleted and inserted again ("replace"):
-            # an UPDATE trigger never fires, an INSERT or DELETE one only where rows go in or out
-            events = {n: {e for e, on in (("INSERT", t.modified or t.deleted), ("DELETE", t.added or t.modified),
-                                          ("UPDATE", False)) if on}
-                      for n, t in ((n, self.planned[n]) for n in live)}
-            rows = [r for r in self.conn.execute(sa.text(
-                "SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE, EVENT_MANIPULATION FROM information_schema.TRIGGERS "
-                "WHERE EVENT_OBJECT_SCHEMA = COALESCE(:s, DATABASE()) AND EVENT_OBJECT_TABLE IN :t"
-            ).bindparams(sa.bindparam("t", expanding=True)), {"s": live[0][0], "t": [n[1] for n in live]}).fetchall()
-                if str(r[2]).upper() in events.get((live[0][0], r[1]), {"INSERT", "DELETE", "UPDATE"})]
-            if rows:
-                shown = ", ".join(f"{r[0]} on {r[1]}" for r in rows)
-                return (f"{where}: the restore would write tables with triggers ({shown}); MariaDB/MySQL cannot keep a "
-                        f"trigger from firing inside a transaction, and its writes would change what the restore "
-                        f"did not plan. Nothing was written: drop the trigger(s) for the restore (SHOW CREATE TRIGGER "
-                        f"gives their text) and create them again afterwards")
-            return None
-        if self.dialect != "postgresql":
-            return None
-        stuck = [f"{kind} {name} on {rel}" for rel, kind, name, _, owner in self._pg_firing(live) if not owner]
-        if stuck and self.replica:
-            return (f"{where}: the restore would write tables whose {', '.join(stuck)} fire even in replica mode "
-                    f"(ENABLE ALWAYS or ENABLE REPLICA) and would change what the restore did not plan; the "
-                    f"connecting role cannot switch them off (it does not own the table). Nothing was written: "
-                    f"restore as a superuser or the tables' owner")
-        if stuck:
-            return (f"{where}: the restore would write tables whose {', '.join(stuck)} would fire and change what the "
-                    f"restore did not plan, and the connecting role can neither set session_replication_role nor "
-                    f"switch them off (it does not own the table). Nothing was written: restore as a superuser or the "
-                    f"tables' owner, or GRANT SET ON PARAMETER session_replication_role TO the role (PostgreSQL 15+)")
-        return None
-
-    def _pg_firing(self, names: list[Name]) -> list[tuple]:
-        """(relation, "trigger"|"rule", name, enable statement, role owns the relation) for each
-        user trigger and rule of these tables, and of their partitions (rows written through a
-        partitioned table fire the partition's triggers), that fires in the mode the writes
-        will run in."""
-        modes = ("A", "R") if self.replica else ("O", "A")
-        out = []
-        for name in names:
-            oid = self._oid(name)
-            rows = self.conn.exec_driver_sql("""
-                WITH rels AS (SELECT relid FROM pg_partition_tree(%(o)s) UNION SELECT %(o)s::oid)
-                SELECT c.oid::regclass::text, 'trigger', tgname, tgenabled::text, pg_has_role(c.relowner, 'USAGE')
-                FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
-                WHERE g.tgrelid IN (SELECT relid FROM rels) AND NOT g.tgisinternal
-                UNION ALL
-                SELECT c.oid::regclass::text, 'rule', rulename, ev_enabled::text, pg_has_role(c.relowner, 'USAGE')
-                FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
-                WHERE r.ev_class IN (SELECT relid FROM rels) AND r.rulename <> '_RETURN'
-                ORDER BY 1, 3""", {"o": oid}).fetchall()
-            for rel, kind, tname, enabled, owner in rows:
-                if enabled in modes:
-                    how = {"O": "ENABLE", "A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}[enabled]
-                    out.append((rel, kind, tname, how, bool(owner)))
-        return out
-
-    def _oid(self, name: Name) -> int:
-        if name not in self.oids:
-            self.oids[name] = int(self.conn.exec_driver_sql("SELECT %(t)s::regclass::oid",
-                                                            {"t": _quoted(self.conn, name)}).scalar())
-        return self.oids[name]
+        return self.dialect.firing(self, where, live) if live else None
 
     def _foreign_keys(self) -> list[ForeignKey]:
         if self.fks is None:
             schemas = {n[0] for n in self.selected} or {None}
-            fks = foreign_keys(self.conn, next(iter(schemas))) if len(schemas) == 1 or self.dialect == "postgresql" \
+            fks = foreign_keys(self.conn, next(iter(schemas))) if len(schemas) == 1 \
+                or self.dialect.foreign_keys_span_schemas \
                 else [fk for sch in sorted(schemas, key=str) for fk in foreign_keys(self.conn, sch)]
             self.fks = [ForeignKey(fk.name, self.name(fk.child), fk.child_columns, self.name(fk.parent),
                                    fk.parent_columns, fk.on_update, fk.on_delete) for fk in fks]
         return self.fks
-
-    def _check_readable(self, where: str) -> None:
-        """PostgreSQL: the proof reads every table with a foreign key into or out of a written
-        table, and the transaction's own counters: a role that cannot is refused up front."""
-        if self.dialect != "postgresql":
-            return
-        others = sorted({n for fk in self._foreign_keys() if fk.child in self.planned or fk.parent in self.planned
-                         for n in (fk.child, fk.parent)} - set(self.planned), key=str)
-        unreadable = [n for n in others if not self.conn.exec_driver_sql(
-            "SELECT has_table_privilege(%(t)s::regclass, 'SELECT')", {"t": _quoted(self.conn, n)}).scalar()]
-        if unreadable:
-            shown = ", ".join(_show(n, self.home) for n in unreadable)
-            raise UsageError(f"{where}: the connecting role cannot read table(s) {shown}, which share a foreign key "
-                             f"with a table the restore writes: it could not prove the key still holds. Nothing was "
-                             f"written: GRANT SELECT ON {shown} TO the role, or restore as their owner")
-        self.conn.exec_driver_sql("SAVEPOINT snapshotter_stats")
-        try:
-            self.conn.exec_driver_sql("SELECT 1 FROM pg_stat_xact_user_tables LIMIT 1").fetchall()
-        except sa.exc.DBAPIError:
-            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT snapshotter_stats")
-            self.can_count = False
-            log.warning("snapshotter: warning: %s: the connecting role cannot read pg_stat_xact_user_tables: the "
-                        "restore cannot count what the database changed besides its own writes", where)
-        else:
-            self.conn.exec_driver_sql("RELEASE SAVEPOINT snapshotter_stats")
 
     def _check_parents(self, where: str) -> None:
         """Rows the restore writes back whose parent row is in a table outside the selection must
@@ -398,7 +272,7 @@ class Guard:
             if wanted and self._absent_parents(fk, sorted(wanted, key=codec.pack)):
                 missing[fk.parent] = fk.describe(self.home)
         if missing:
-            names = ", ".join(_show(n, self.home) for n in missing)
+            names = ", ".join(shown(n, self.home) for n in missing)
             raise UsageError(f"{where}: the restore would write back rows whose parent rows in {names}, outside the "
                              f"selection, are gone ({'; '.join(missing.values())}). Nothing was written: add them to "
                              f"the restore (--stream {' --stream '.join(n[1] for n in missing)})")
@@ -428,9 +302,9 @@ class Guard:
                 continue
             gone, changed = self._removed_values(fk, t)
             if fires and changed and self._referenced(fk, sorted(changed, key=codec.pack)):
-                raise UsageError(f"{where}: the restore would change referenced values of {_show(fk.parent, self.home)} and "
+                raise UsageError(f"{where}: the restore would change referenced values of {shown(fk.parent, self.home)} and "
                                  f"foreign key {fk.describe(self.home)} ON UPDATE {fk.on_update} would change rows of "
-                                 f"{_show(fk.child, self.home)} the restore did not plan; the connecting role cannot keep "
+                                 f"{shown(fk.child, self.home)} the restore did not plan; the connecting role cannot keep "
                                  f"foreign-key actions from firing. Nothing was written: restore as a superuser, or "
                                  f"GRANT SET ON PARAMETER session_replication_role TO the role (PostgreSQL 15+)")
             if fk.child in self.selected:
@@ -439,7 +313,7 @@ class Guard:
             if gone and self._referenced(fk, sorted(gone, key=codec.pack)):
                 blocked[fk.child] = fk.describe(self.home)
         if blocked:
-            names = ", ".join(_show(n, self.home) for n in blocked)
+            names = ", ".join(shown(n, self.home) for n in blocked)
             raise UsageError(f"{where}: the restore would delete or change rows that table(s) {names} outside the "
                              f"selection reference ({'; '.join(blocked.values())}): its writes would cascade into "
                              f"them or break their foreign keys. Nothing was written: add them to the restore "
@@ -488,34 +362,11 @@ class Guard:
             return
         self.prepared.add(name)
         self.counts.setdefault(name, [0, 0, 0])
-        if self.dialect == "postgresql":
-            self._oid(name)
-            q = self.conn.dialect.identifier_preparer.quote
-            for rel, kind, tname, how, _owner in self._pg_firing([name]):
-                verb = "TRIGGER" if kind == "trigger" else "RULE"
-                self.conn.exec_driver_sql(f"ALTER TABLE {rel} DISABLE {verb} {q(tname)}")
-                self.switched_off.append(f"ALTER TABLE {rel} {how} {verb} {q(tname)}")
-        elif self.dialect == "sqlite":
-            rows = self.conn.exec_driver_sql(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? COLLATE NOCASE "
-                "ORDER BY rowid",
-                (name[1],)).fetchall()
-            q = self.conn.dialect.identifier_preparer.quote
-            for tname, sql in rows:
-                self.conn.exec_driver_sql(f"DROP TRIGGER {q(tname)}")
-                self.switched_off.append(sql)
+        self.dialect.switch_off(self, name)
 
     def _start(self) -> None:
         self.started = True
-        if self.dialect == "postgresql":
-            self.replica = self._try_replica(keep=True)
-            self.enforcing = not self.replica
-        elif self.dialect in ("mysql", "mariadb"):
-            self.conn.exec_driver_sql("SET SESSION foreign_key_checks = 0")
-            self.enforcing = False
-        elif self.dialect == "sqlite":
-            self.enforcing = bool(self.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
-            self.changes_before = self._total_changes()
+        self.enforcing = self.dialect.start_writes(self)
         if not self.enforcing:
             # rows the restore will write back that already lack their parent (databases whose
             # applications never enforced the key): not the restore's doing, so not held against it
@@ -550,15 +401,15 @@ class Guard:
         for statement in self.switched_off:
             self.conn.exec_driver_sql(statement)
         self.switched_off = []
-        problems += self._side_effects()
+        problems += self.dialect.side_effects(self)
         if not self.enforcing:
             problems += self._broken_keys()
         return problems
 
     def end(self) -> None:
         """After commit or rollback: session settings back as they were."""
-        if self.started and self.dialect in ("mysql", "mariadb"):
-            self.conn.exec_driver_sql("SET SESSION foreign_key_checks = 1")
+        if self.started:
+            self.dialect.end_writes(self)
 
     # -- the foreign-key proof, over what the restore wrote (not whole tables) ------------
 
@@ -570,7 +421,7 @@ class Guard:
 
     def _orphans(self, fk: ForeignKey, t: PlannedTable, ops: tuple) -> Iterable:
         """Packed keys of the child rows of these ops that have no parent row now."""
-        from .sqlbase import key_condition, lightweight_table
+        from .base import key_condition, lightweight_table
         # aliased: a self-referencing key has one table on both sides
         child = lightweight_table(t.schema_doc).alias("c")
         parent = sa.table(fk.parent[1], *[sa.column(c) for c in fk.parent_columns], schema=fk.parent[0]).alias("p")
@@ -603,8 +454,8 @@ class Guard:
         for fk, t in self._child_fks():
             new = [k for k in self._orphans(fk, t, ("modified", "deleted")) if (fk, k) not in self.orphans_before]
             if new:
-                problems.append(self._broken(fk, f"{len(new)} row(s) of {_show(fk.child, self.home)} the restore wrote back "
-                                                  f"without their {_show(fk.parent, self.home)} row"))
+                problems.append(self._broken(fk, f"{len(new)} row(s) of {shown(fk.child, self.home)} the restore wrote back "
+                                                  f"without their {shown(fk.parent, self.home)} row"))
         for fk in self._foreign_keys():
             t = self.planned.get(fk.parent)
             if t is None or not (t.added or t.modified):
@@ -612,7 +463,7 @@ class Guard:
             gone, changed = self._removed_values(fk, t)
             gone |= changed
             if gone and self._referenced(fk, sorted(gone, key=codec.pack), orphaned=True):
-                problems.append(self._broken(fk, f"rows of {_show(fk.child, self.home)} still reference {_show(fk.parent, self.home)} "
+                problems.append(self._broken(fk, f"rows of {shown(fk.child, self.home)} still reference {shown(fk.parent, self.home)} "
                                                  f"rows the restore removed or changed"))
         return problems
 
@@ -620,48 +471,3 @@ class Guard:
         outside = [n for n in (fk.parent, fk.child) if n not in self.selected]
         hint = f": add {', '.join(f'--stream {n[1]}' for n in outside)}" if outside else ""
         return f"foreign key {fk.describe(self.home)} would be broken by the restore ({what}){hint}"
-
-    def _total_changes(self) -> int:
-        return int(self.conn.connection.driver_connection.total_changes)
-
-    def _side_effects(self) -> list[str]:
-        if self.dialect == "sqlite":
-            made = self._total_changes() - self.changes_before
-            wrote = sum(sum(c) for c in self.counts.values())
-            if made != wrote:
-                return [f"the database changed {made} row(s) where the restore wrote {wrote}: a trigger or a "
-                        f"foreign-key action wrote rows the restore did not plan"]
-            return []
-        if self.dialect != "postgresql":
-            return []  # MariaDB: no triggers on written tables (refused), no cascades (checks off)
-        if not self.can_count:
-            return []
-        if str(self.conn.exec_driver_sql("SHOW track_counts").scalar()).lower() != "on":
-            log.warning("snapshotter: warning: track_counts is off: the restore cannot count what the database "
-                        "changed besides its own writes")
-            return []
-        # a row written through a partitioned table is counted on its partition: each counted
-        # relation is charged to itself or its nearest ancestor the restore wrote
-        rows = self.conn.exec_driver_sql("""
-            SELECT s.relid, ARRAY(SELECT a.relid::oid FROM pg_partition_ancestors(s.relid) a),
-                   n_tup_ins, n_tup_upd, n_tup_del
-            FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
-            WHERE c.relpersistence <> 't' AND n_tup_ins + n_tup_upd + n_tup_del > 0""").fetchall()
-        by_oid = {oid: name for name, oid in self.oids.items()}
-        seen: dict[int, list[int]] = {}
-        for relid, ancestors, ins, upd, dele in rows:
-            owner = next((int(a) for a in (ancestors or [relid]) if int(a) in by_oid), int(relid))
-            c = seen.setdefault(owner, [0, 0, 0])
-            c[0], c[1], c[2] = c[0] + int(ins), c[1] + int(upd), c[2] + int(dele)
-        problems = []
-        for oid in sorted(set(seen) | {self.oids[n] for n in self.counts if n in self.oids}):
-            name = by_oid.get(oid)
-            got = tuple(seen.get(oid, (0, 0, 0)))
-            want = tuple(self.counts.get(name, (0, 0, 0))) if name else (0, 0, 0)
-            if got != want:
-                shown = _show(name, self.home) if name else self.conn.exec_driver_sql(
-                    "SELECT %(o)s::regclass::text", {"o": oid}).scalar()
-                problems.append(f"table {shown}: the database inserted/updated/deleted {got[0]}/{got[1]}/{got[2]} "
-                                f"row(s) where the restore wrote {want[0]}/{want[1]}/{want[2]} (a trigger, rule or "
-                                f"foreign-key action changed rows the restore did not plan)")
-        return problems

@@ -1,6 +1,6 @@
 """PostgreSQL fast path for reading a table: ``COPY (SELECT ...) TO STDOUT``.
 
-The generic path (:func:`snapshotter_backends.sqlbase.read_rows`) fetches rows through a
+The generic path (:func:`snapshotter_backends.sql.base.read_rows`) fetches rows through a
 server-side cursor, one FETCH at a time: the server waits while the client
 decodes a batch, and the client waits while the server produces the next.
 A COPY streams: the server produces rows while the client decodes them, and
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from snapshotter.errors import SourceError
 
-from . import lazy_module
+from .. import lazy_module
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection

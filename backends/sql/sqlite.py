@@ -1,0 +1,271 @@
+"""SQLite: the database file (a relative path is the config file's folder's; a file that is
+gone is refused, not silently created), its locks and transactions, key order by code point
+(``COLLATE BINARY``), a table's definition (the ``sqlite_master`` text and what the pragmas
+say), and a restore's writes: the restore's connection does not enforce foreign keys; a
+written table's triggers are dropped inside the write transaction and created again before it
+commits, and ``total_changes()`` must equal the rows the restore wrote.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+from snapshotter.errors import ConfigError
+
+from .ddl import create_index, create_structured, quoted
+from .dialect import Dialect, ended_idle, is_text_type
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from .integrity import Guard
+
+
+class SQLite(Dialect):
+    ddl_kind = "sqlite"
+    pool_pre_ping = False
+
+    # -- the database file -------------------------------------------------------------
+
+    def resolve_url(self, url: sa.URL, base_dir: str | None) -> sa.URL:
+        db = url.database
+        if db and db != ":memory:" and not db.startswith("file:") and not os.path.isabs(db) and base_dir:
+            return url.set(database=os.path.normpath(os.path.join(base_dir, db)))
+        return url
+
+    def local_file(self, url: sa.URL) -> str | None:
+        """The file a SQLite URL opens, or None when it opens an in-memory database
+        (``sqlite://``, ``:memory:``, a ``file:`` URI with ``mode=memory``)."""
+        if not url.database or url.database == ":memory:":
+            return None
+        db = url.database
+        uri = str(url.query.get("uri", "")).lower() in ("true", "1", "yes")
+        if not (uri and db.startswith("file:")):
+            return db
+        from urllib.parse import parse_qs, unquote
+        path, _, query = db[len("file:"):].partition("?")
+        mode = parse_qs(query).get("mode", [None])[-1] or url.query.get("mode")
+        if path.startswith("//"):  # file://HOST/path: SQLite accepts an empty host or localhost
+            path = "/" + path[2:].partition("/")[2]
+        path = unquote(path)
+        return None if mode == "memory" or path in ("", ":memory:") else path
+
+    def check_local_file(self, url: sa.URL, where: str, *, create: bool) -> None:
+        """A SQLite URL must name an existing file: SQLite would create an empty database
+        in its place, and a typo in a path would snapshot nothing and restore into that
+        empty file.  ``create`` (``restore --create-missing``) makes the missing folders
+        and lets SQLite create the file, for a database that is really gone."""
+        path = self.local_file(url)
+        if path is None or os.path.exists(path):
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        if create:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot create the folder of SQLite database {path}: "
+                                  f"{exc.strerror or exc}") from None
+            return
+        what = "neither the file nor its folder exists" if not os.path.isdir(folder) else "the file does not exist"
+        raise ConfigError(f"{where}: no SQLite database at {path} ({what}); check the url "
+                          f"(restore --create-missing recreates a database that is gone)")
+
+    def connect_args(self, url: sa.URL, timeout: float) -> dict[str, Any]:
+        # how long a statement waits for another connection's lock ("database is locked")
+        return {"timeout": timeout}
+
+    def timeout_kind(self, orig: BaseException | None) -> str | None:
+        if orig is None:
+            return None
+        if ended_idle(orig):
+            return "idle"
+        text = str(orig).lower()
+        # SQLite may also answer "locked" at once (a read transaction that cannot become a write)
+        return "locked" if "database is locked" in text or "database table is locked" in text else None
+
+    # -- transactions ----------------------------------------------------------------
+
+    def begin_snapshot(self, conn: Connection) -> str:
+        # a deferred transaction takes its read snapshot at the first SELECT and
+        # keeps it (WAL) or holds the shared lock (rollback journal) until COMMIT
+        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return "snapshot-isolation"
+
+    def begin_write(self, conn: Connection) -> None:
+        # the restore keeps foreign-key actions from firing and proves the keys itself
+        # (integrity.py); the pragma is a no-op inside a transaction
+        conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # -- reading -----------------------------------------------------------------------
+
+    def order_key(self, conn: Connection, column: sa.ColumnClause, type_text: str):
+        return column.collate("BINARY") if is_text_type(type_text) else column
+
+    def estimated_bytes(self, conn: Connection, schema_doc: dict) -> int | None:
+        if schema_doc.get("db_schema"):
+            return None
+        # the table's pages (dbstat, when SQLite was built with it; else no estimate)
+        v = conn.exec_driver_sql("SELECT sum(pgsize) FROM dbstat WHERE name = ?", (schema_doc["table"],)).scalar()
+        return int(v or 0) or None
+
+    def exact_text(self, col):
+        return col.collate("BINARY")
+
+    # -- a table's definition ----------------------------------------------------------
+
+    def capture_definition(self, conn: Connection, table: str, schema: str | None) -> dict | None:
+        return _capture(conn, table, schema)
+
+    def checked_type(self, conn: Connection, text: str) -> str | None:
+        return text if _TYPE.match(text) else None
+
+    def create_from_definition(self, conn: Connection, schema_doc: dict, ddl: dict, types: dict[str, str],
+                               trusted: bool, where: str) -> None:
+        _create(conn, schema_doc, ddl, types, trusted)
+
+    def finish_definition(self, conn: Connection, schema_doc: dict, ddl: dict, trusted: bool,
+                          where: str) -> None:
+        if trusted:
+            for tg in ddl.get("triggers", []):
+                conn.exec_driver_sql(tg["definition"])
+
+    @staticmethod
+    def omissions(ddl: dict, trusted: bool) -> list[str]:
+        if trusted:
+            return []
+        out = [f"default of column {c}" for c in ddl.get("defaults", [])]
+        out += [f"generated expression of column {c}" for c in ddl.get("generated", [])]
+        if ddl.get("checks"):
+            out.append("check constraints")
+        out += [f"index {ix['name']} ({'partial' if ix.get('partial') else 'expression'})"
+                for ix in ddl.get("indexes", []) if ix.get("columns") is None]
+        out += [f"trigger {tg['name']}" for tg in ddl.get("triggers", [])]
+        return out
+
+    @staticmethod
+    def definition_items(ddl: dict, trusted: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if trusted:
+            out["table definition"] = ddl.get("create_table")
+            for ix in ddl.get("indexes", []):
+                out[f"index {ix['name']}"] = ix.get("definition") if ix.get("origin") == "c" else ix.get("columns")
+            for tg in ddl.get("triggers", []):
+                out[f"trigger {tg['name']}"] = tg["definition"]
+        else:
+            out["autoincrement"] = ddl.get("autoincrement")
+            for ix in ddl.get("indexes", []):
+                if ix.get("columns"):
+                    out[f"index on ({', '.join(ix['columns'])})"] = [ix.get("unique"), ix.get("origin")]
+        return out
+
+    # -- a restore's writes --------------------------------------------------------------
+
+    def will_enforce(self, guard: Guard) -> bool:
+        return bool(guard.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
+
+    def start_writes(self, guard: Guard) -> bool:
+        enforcing = self.will_enforce(guard)
+        guard.changes_before = _total_changes(guard.conn)
+        return enforcing
+
+    def switch_off(self, guard: Guard, name: tuple) -> None:
+        rows = guard.conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? COLLATE NOCASE "
+            "ORDER BY rowid",
+            (name[1],)).fetchall()
+        q = guard.conn.dialect.identifier_preparer.quote
+        for tname, sql in rows:
+            guard.conn.exec_driver_sql(f"DROP TRIGGER {q(tname)}")
+            guard.switched_off.append(sql)
+
+    def side_effects(self, guard: Guard) -> list[str]:
+        made = _total_changes(guard.conn) - guard.changes_before
+        wrote = sum(sum(c) for c in guard.counts.values())
+        if made != wrote:
+            return [f"the database changed {made} row(s) where the restore wrote {wrote}: a trigger or a "
+                    f"foreign-key action wrote rows the restore did not plan"]
+        return []
+
+
+def _total_changes(conn: Connection) -> int:
+    return int(conn.connection.driver_connection.total_changes)
+
+
+# -- table definitions ------------------------------------------------------------------
+
+def _capture(conn: Connection, table: str, schema: str | None) -> dict:
+    """The ``sqlite_master`` text of the table, its indexes and triggers, with what the pragmas
+    say of its defaults, generated columns, indexes and foreign keys."""
+    q = conn.exec_driver_sql
+    prefix = f"{quoted(conn, schema)}." if schema else ""
+    rows = q(f"SELECT type, name, sql FROM {prefix}sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL "
+             f"ORDER BY type, name", (table,)).fetchall()
+    create = next((r[2] for r in rows if r[0] == "table" and r[1] == table), None)
+    qt = quoted(conn, table)
+    defaults, generated = [], []
+    for cid, cname, ctype, notnull, dflt, pk, hidden in q(f"PRAGMA {prefix}table_xinfo({qt})").fetchall():
+        if hidden in (2, 3):
+            generated.append(cname)
+        elif dflt is not None:
+            defaults.append(cname)
+    indexes = []
+    index_sql = {r[1]: r[2] for r in rows if r[0] == "index"}
+    for _, iname, unique, origin, partial in q(f"PRAGMA {prefix}index_list({qt})").fetchall():
+        if origin == "pk":
+            continue
+        cols = [r[2] for r in q(f"PRAGMA {prefix}index_xinfo({quoted(conn, iname)})").fetchall() if r[5]]
+        plain = not partial and all(c is not None for c in cols)
+        indexes.append({"name": iname, "unique": bool(unique), "origin": origin, "partial": bool(partial),
+                        "columns": cols if plain else None, "definition": index_sql.get(iname)})
+    fks: dict[int, dict] = {}
+    for fid, seq, ref, frm, to, on_update, on_delete, match in q(f"PRAGMA {prefix}foreign_key_list({qt})").fetchall():
+        fk = fks.setdefault(fid, {"table": ref, "columns": [], "ref_columns": [], "on_delete": on_delete,
+                                  "on_update": on_update})
+        fk["columns"].append(frm)
+        fk["ref_columns"].append(to)
+    return {"dialect": "sqlite", "create_table": create,
+            "autoincrement": bool(create and re.search(r"\bAUTOINCREMENT\b", create, re.I)),
+            "defaults": defaults, "generated": generated,
+            "checks": bool(create and re.search(r"\bCHECK\b", create, re.I)),
+            "indexes": sorted(indexes, key=lambda i: i["name"]),
+            "foreign_keys": [fks[k] for k in sorted(fks)],
+            "triggers": [{"name": r[1], "definition": r[2]} for r in rows if r[0] == "trigger"]}
+
+
+_TYPE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?: [A-Za-z_][A-Za-z0-9_]*)*"
+                   r"(?: ?\( ?[+-]?\d+(?:\.\d+)? ?(?:, ?[+-]?\d+(?:\.\d+)? ?)?\))?)?$")
+
+
+def _create(conn: Connection, schema_doc: dict, ddl: dict, types: dict[str, str], trusted: bool) -> None:
+    """The stored ``sqlite_master`` text replayed when trusted; else columns, AUTOINCREMENT,
+    UNIQUE constraints, foreign keys and plain indexes."""
+    if trusted:
+        conn.exec_driver_sql(ddl["create_table"])
+        for ix in ddl.get("indexes", []):
+            if ix.get("definition"):
+                conn.exec_driver_sql(ix["definition"])
+        return
+    extra, pk = {}, list(schema_doc.get("primary_key") or [])
+    doc = schema_doc
+    if ddl.get("autoincrement") and len(pk) == 1:
+        extra[pk[0]] = " PRIMARY KEY AUTOINCREMENT"
+        doc = dict(schema_doc, primary_key=[])
+    tail = []
+    for ix in ddl.get("indexes", []):
+        if ix.get("origin") == "u" and ix.get("columns"):
+            tail.append(f"UNIQUE ({', '.join(quoted(conn, c) for c in ix['columns'])})")
+    for fk in ddl.get("foreign_keys", []):
+        actions = "".join(f" ON {w} {fk[k]}" for k, w in (("on_delete", "DELETE"), ("on_update", "UPDATE"))
+                          if fk.get(k) in ("CASCADE", "RESTRICT", "SET NULL", "SET DEFAULT"))
+        ref_cols = [c for c in fk.get("ref_columns", []) if c is not None]
+        tail.append(f"FOREIGN KEY ({', '.join(quoted(conn, c) for c in fk['columns'])}) REFERENCES "
+                    f"{quoted(conn, fk['table'])}{' (' + ', '.join(quoted(conn, c) for c in ref_cols) + ')' if ref_cols else ''}"
+                    f"{actions}")
+    create_structured(conn, doc, types, extra, tail)
+    for ix in ddl.get("indexes", []):
+        if ix.get("origin") == "c" and ix.get("columns"):
+            create_index(conn, schema_doc, ix["name"], ix["columns"], bool(ix.get("unique")))

@@ -29,6 +29,7 @@ from .names import check_name
 
 if TYPE_CHECKING:
     from .config import Config
+    from .documents import IncidentBundle
     from .locks import LockInfo, RepositoryLock
     from .repository import Repository as Core
     from .restore import RestoreResult
@@ -255,10 +256,10 @@ class Repository:
                 manifest = take_snapshot(self.core, self.config, release=release, sources=sources, labels=labels,
                                          note=note, progress=progress)
                 s = summary(manifest)
-                audit.details.update(snapshot=manifest["id"], summary=f"snapshot {s['id']}: {s['records']} records, "
+                audit.details.update(snapshot=manifest.id, summary=f"snapshot {s['id']}: {s['records']} records, "
                                      f"{s['bytes_written']} bytes written, {s['bytes_reused']} reused")
-                audit.result = manifest
-        return manifest
+                audit.result = manifest.doc
+        return manifest.doc
 
     def snapshots(self, *, release: str | None = None, source: str | None = None,
                   limit: int | None = None) -> list[dict]:
@@ -276,10 +277,10 @@ class Repository:
             self.warn(f"warning: snapshot {ref.id} of release {ref.release} not listed: {exc.message} "
                       "(`verify` reports it)")
 
-        for m in self.core.manifests(release, damaged=damaged):
-            if source and source not in m.get("sources", {}):
+        for m in self.core.snapshots(release, damaged=damaged):
+            if source and source not in m.sources:
                 continue
-            s = summary(m, good=m["id"] in good)
+            s = summary(m, good=m.id in good)
             rows.append({"id": s["id"], "release": s["release"], "taken_at": s["taken_at"], "good": s["good"],
                          "labels": s["labels"], "records": s["records"], "bytes": s["bytes"],
                          "sources": sorted(s["sources"]), "note": s["note"]})
@@ -289,15 +290,15 @@ class Repository:
 
     def manifest(self, snapshot: str) -> dict:
         """A snapshot's manifest as stored (``snapshot``: an id or a unique prefix of one)."""
-        m = self.core.load_manifest(self.core.resolve(snapshot))
+        m = self.core.manifest(self.core.resolve(snapshot))
         self.core.check_digests(m)
-        return m
+        return m.doc
 
     def show(self, snapshot: str) -> dict:
         """One snapshot as ``snapshotter show --json`` prints it."""
         from .snapshot import summary
         ref = self.core.resolve(snapshot)
-        m = self.core.load_manifest(ref)
+        m = self.core.manifest(ref)
         self.core.check_digests(m)
         return summary(m, good=ref.id in self.core.good_ids(), with_schema=True)
 
@@ -327,7 +328,7 @@ class Repository:
             ref = self.core.resolve(snapshot)
             if good:
                 # a snapshot that cannot be restored must not become what `restore --release` picks
-                self.core.check_digests(self.core.load_manifest(ref))
+                self.core.check_digests(self.core.manifest(ref))
             with self._audited(command, {"snapshot": ref.id, "release": ref.release}) as audit:
                 audit.details["summary"] = f"{ref.id} {'marked known-good' if good else 'no longer marked known-good'}"
                 self.core.mark_good(ref, good)
@@ -539,22 +540,22 @@ class Quarantine:
 
     def __init__(self, repo: Repository):
         self.repo = repo
-        self._bundles: dict[str, dict] = {}  # a bundle is written once: read once
+        self._bundles: dict[str, IncidentBundle] = {}  # a bundle is written once: read once
 
     def incidents(self, *, limit: int | None = None) -> list[dict]:
         """Incidents, newest first, as ``quarantine list --json`` prints them."""
         from .forensics import count_post_failure
-        from .quarantine import bundles, incident_status, op_counts, replaced_settings
+        from .quarantine import incident_bundles, incident_status, op_counts, replaced_settings
         core = self.repo.core
         rows = []
-        for b in bundles(core):
-            status = incident_status(core, b["incident"])
+        for b in incident_bundles(core):
+            status = incident_status(core, b.incident)
             rows.append({
-                "incident": b["incident"], "snapshot": b.get("snapshot"), "release": b.get("release"),
-                "created_at": b.get("created_at"), "records": b.get("records", 0), "failure_at": b.get("failure_at"),
-                "post_failure": count_post_failure(core, b), "counts": op_counts(b), "status": status["status"],
-                "verified": status["verified"], "user": b.get("user"), "host": b.get("host"),
-                "sources": sorted(b.get("sources", {})), "settings": replaced_settings(b),
+                "incident": b.incident, "snapshot": b.snapshot, "release": b.release,
+                "created_at": b.created_at, "records": b.records, "failure_at": b.failure_at,
+                "post_failure": count_post_failure(core, b.doc), "counts": op_counts(b), "status": status["status"],
+                "verified": status["verified"], "user": b.user, "host": b.host,
+                "sources": sorted(b.sources), "settings": replaced_settings(b),
             })
             if limit and len(rows) >= limit:
                 break
@@ -562,10 +563,13 @@ class Quarantine:
 
     def bundle(self, incident: str) -> dict:
         """The incident's bundle manifest (what was restored, by whom, per stream the counts)."""
-        from .quarantine import load_bundle
+        return self._bundle(incident).doc
+
+    def _bundle(self, incident: str) -> IncidentBundle:
+        from .quarantine import open_bundle
         check_name("incident", incident)
         if incident not in self._bundles:
-            self._bundles[incident] = load_bundle(self.repo.core, incident)
+            self._bundles[incident] = open_bundle(self.repo.core, incident)
         return self._bundles[incident]
 
     @staticmethod
@@ -614,7 +618,7 @@ class Quarantine:
     def report(self, incident: str, path: str | os.PathLike, *, max_records: int | None = None) -> dict:
         """Write one self-contained HTML page for reviewers to ``path``; returns its summary."""
         from .report import MAX_RECORDS, write_report
-        return write_report(self.repo.core, self.bundle(incident), os.fspath(path),
+        return write_report(self.repo.core, self._bundle(incident), os.fspath(path),
                             max_records=MAX_RECORDS if max_records is None else max_records)
 
     def reapply(self, incident: str, keys: Iterable[Any], *, source: str | None = None, stream: str | None = None,

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from .errors import IntegrityError, NotFound, UsageError
 from .names import NAME_RE, check_name
 from .objectstore import ObjectMissing
-from .repository import Repository, dumps, load_json, manifest_problem
+from .documents import DocumentError, IncidentBundle, UnreadableFormat
+from .repository import Repository, dumps, load_json
 from .streams import StoredRecord, read_stream
 
 OPS = ("added", "modified", "deleted")
@@ -39,24 +40,25 @@ def incident_ids(repo: Repository) -> list[str]:
     return sorted(ids)
 
 
-def load_bundle(repo: Repository, incident: str) -> dict:
+def open_bundle(repo: Repository, incident: str) -> IncidentBundle:
+    """The incident's bundle, checked (:meth:`IncidentBundle.from_json`)."""
     check_name("incident", incident)
+    name = bundle_object(incident)
     try:
-        raw = repo.store.get(bundle_object(incident))
+        raw = repo.store.get(name)
     except ObjectMissing:
         raise NotFound(f"no incident {incident!r} in {repo.store.url}") from None
-    doc = load_json(raw, bundle_object(incident))
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{bundle_object(incident)} is corrupt (not a JSON object)")
-    if doc.get("format", 1) != 1:
-        raise UsageError(f"{bundle_object(incident)} has format {doc.get('format')!r}, which this snapshotter "
-                         f"does not read (it reads format 1)")
-    if doc.get("incident") != incident:
-        raise IntegrityError(f"{bundle_object(incident)} is corrupt (incident id does not match its name)")
-    problem = manifest_problem({"sources": doc.get("sources", {})}, repo.hash_digits)
-    if problem is not None:
-        raise IntegrityError(f"{bundle_object(incident)} is corrupt ({problem})")
-    return doc
+    try:
+        return IncidentBundle.from_json(load_json(raw, name), repo.hash_digits, incident=incident)
+    except UnreadableFormat as exc:
+        raise UsageError(f"{name} {exc}") from None
+    except DocumentError as exc:
+        raise IntegrityError(f"{name} is corrupt ({exc})") from None
+
+
+def load_bundle(repo: Repository, incident: str) -> dict:
+    """:func:`open_bundle` as its plain JSON object, for code that reads bundles as dicts."""
+    return open_bundle(repo, incident).doc
 
 
 def applied_status(repo: Repository, incident: str) -> dict | None:
@@ -69,34 +71,44 @@ def applied_status(repo: Repository, incident: str) -> dict | None:
     return doc if isinstance(doc, dict) else {"status": "unknown"}
 
 
-def write_bundle(repo: Repository, bundle: dict) -> None:
+def write_bundle(repo: Repository, bundle: IncidentBundle | dict) -> None:
+    """Commit the bundle (``bundle`` typed, or its JSON object): before any live write."""
+    if isinstance(bundle, dict):
+        bundle = IncidentBundle.from_json(bundle, repo.hash_digits)
     repo.store.flush()  # every quarantined chunk durable before the bundle commits
-    if not repo.store.put(bundle_object(bundle["incident"]), dumps(bundle)):
-        raise UsageError(f"incident {bundle['incident']!r} already exists; choose another --incident")
+    if not repo.store.put(bundle_object(bundle.incident), dumps(bundle.to_json())):
+        raise UsageError(f"incident {bundle.incident!r} already exists; choose another --incident")
 
 
 def mark_applied(repo: Repository, incident: str, doc: dict) -> None:
     repo.store.put(applied_object(incident), dumps(doc), overwrite=True)
 
 
-def bundles(repo: Repository) -> list[dict]:
+def incident_bundles(repo: Repository) -> list[IncidentBundle]:
     """Every incident bundle, newest first."""
-    docs = [load_bundle(repo, i) for i in incident_ids(repo)]
-    docs.sort(key=lambda d: (d.get("created_at") or "", d["incident"]), reverse=True)
-    return docs
+    found = [open_bundle(repo, i) for i in incident_ids(repo)]
+    found.sort(key=lambda b: (b.created_at or "", b.incident), reverse=True)
+    return found
 
 
-def iter_records(repo: Repository, bundle: dict, *, source: str | None = None,
+def bundles(repo: Repository) -> list[dict]:
+    """:func:`incident_bundles` as plain JSON objects, for code that reads bundles as dicts."""
+    return [b.doc for b in incident_bundles(repo)]
+
+
+def _typed(bundle: IncidentBundle | dict) -> IncidentBundle:
+    # a bundle some caller still holds as its JSON object (it was checked when loaded)
+    return bundle if isinstance(bundle, IncidentBundle) else IncidentBundle.from_json(bundle)
+
+
+def iter_records(repo: Repository, bundle: IncidentBundle | dict, *, source: str | None = None,
                  stream: str | None = None) -> Iterator[tuple[str, str, StoredRecord]]:
     """(source, stream, record) for every quarantined record; record.value is the dict above."""
-    for sname, src in bundle.get("sources", {}).items():
-        if source and sname != source:
+    for sname, stname, st in _typed(bundle).iter_streams():
+        if (source and sname != source) or (stream and stname != stream):
             continue
-        for stname, st in src.get("streams", {}).items():
-            if stream and stname != stream:
-                continue
-            for rec in read_stream(repo, st):
-                yield sname, stname, rec
+        for rec in read_stream(repo, st.doc):
+            yield sname, stname, rec
 
 
 def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
@@ -132,30 +144,31 @@ def incident_status(repo: Repository, incident: str) -> dict[str, Any]:
             "rolled_back": rolled}
 
 
-def op_counts(bundle: dict) -> dict[str, int]:
+def op_counts(bundle: IncidentBundle | dict) -> dict[str, int]:
     """Records per op over the whole bundle, from its plan (no chunk is read)."""
     counts = dict.fromkeys(OPS, 0)
-    for streams in bundle.get("plan", {}).values():
+    for streams in _typed(bundle).plan.values():
         for c in streams.values():
             for op in OPS:
                 counts[op] += int(c.get(op, 0))
     return counts
 
 
-def replaced_settings(bundle: dict) -> list[str]:
+def replaced_settings(bundle: IncidentBundle | dict) -> list[str]:
     """``source/stream: setting`` for the stream settings the restore put back (not records:
     the live ones are kept in the stream entry's ``schema``, the snapshot's in
     ``snapshot_schema``)."""
     out = []
-    for source, streams in bundle.get("plan", {}).items():
+    for source, streams in _typed(bundle).plan.items():
         for stream, c in streams.items():
             out.extend(f"{source}/{stream}: {name}" for name in c.get("settings") or [])
     return out
 
 
-def stream_entry(bundle: dict, source: str, stream: str) -> dict:
-    """The bundle's entry for one stream (chunks, schema, counts)."""
+def stream_entry(bundle: IncidentBundle | dict, source: str, stream: str) -> dict:
+    """The bundle's entry for one stream (chunks, schema, counts), as its JSON object."""
+    b = _typed(bundle)
     try:
-        return bundle["sources"][source]["streams"][stream]
+        return b.stream(source, stream).doc
     except KeyError:
-        raise NotFound(f"incident {bundle['incident']} has no stream {source}/{stream}") from None
+        raise NotFound(f"incident {b.incident} has no stream {source}/{stream}") from None

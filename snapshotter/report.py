@@ -19,6 +19,7 @@ from html import escape
 from typing import Any
 
 from . import __version__
+from .documents import IncidentBundle
 from .forensics import RecordFilter, atomic_output, record_diff, select_records
 from .names import iso, utcnow
 from .quarantine import OPS, incident_status
@@ -44,9 +45,9 @@ class _Tally:
     other_details: list = field(default_factory=list)
 
 
-def _tally(repo: Repository, bundle: dict, max_records: int) -> _Tally:
+def _tally(repo: Repository, bundle: IncidentBundle, max_records: int) -> _Tally:
     t = _Tally()
-    for source, stream, rec in select_records(repo, bundle, RecordFilter()):
+    for source, stream, rec in select_records(repo, bundle.doc, RecordFilter()):
         q = rec.value
         t.total += 1
         c = t.by_stream.setdefault((source, stream), Counter())
@@ -71,7 +72,7 @@ def _tally(repo: Repository, bundle: dict, max_records: int) -> _Tally:
         # post-failure writes are what reviewers need first; the rest fills what is left
         target = t.post_details if post is True else t.other_details
         if len(target) < max_records:
-            target.append(record_diff(bundle, source, stream, rec))
+            target.append(record_diff(bundle.doc, source, stream, rec))
     return t
 
 
@@ -180,7 +181,7 @@ def _fmt_time(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _summary(bundle: dict, status: dict, t: _Tally) -> str:
+def _summary(bundle: IncidentBundle, status: dict, t: _Tally) -> str:
     st = status["status"]
     badge = f'<span class="badge b-{_e(st)}">{_e(st.replace("_", " "))}</span>'
     if st == "applied" and status.get("verified") is False:
@@ -190,27 +191,27 @@ def _summary(bundle: dict, status: dict, t: _Tally) -> str:
         badge += f' <span class="note">verification failed; sources rolled back: {rolled}</span>'
     if st == "interrupted":
         badge += ' <span class="note">the restore never recorded an outcome; live stores may hold a mix</span>'
-    sel = bundle.get("selection") or {}
+    sel = bundle.selection or {}
     selected = "; ".join(f"{k}: {', '.join(v)}" for k, v in sel.items() if v) or "everything in the snapshot"
     rows = [
-        ("Incident", f"<code>{_e(bundle['incident'])}</code>"),
+        ("Incident", f"<code>{_e(bundle.incident)}</code>"),
         ("Status", badge),
-        ("Snapshot", f"<code>{_e(bundle.get('snapshot'))}</code>"),
-        ("Release", _e(bundle.get("release"))),
-        ("Quarantined at", _e(bundle.get("created_at"))),
+        ("Snapshot", f"<code>{_e(bundle.snapshot)}</code>"),
+        ("Release", _e(bundle.release)),
+        ("Quarantined at", _e(bundle.created_at)),
         ("Applied at", _e(status.get("applied_at") or "—")),
-        ("Failure at", _e(bundle.get("failure_at") or "not given (no post-failure classification)")),
-        ("Responder", f"{_e(bundle.get('user'))} on {_e(bundle.get('host'))}"),
+        ("Failure at", _e(bundle.failure_at or "not given (no post-failure classification)")),
+        ("Responder", f"{_e(bundle.user)} on {_e(bundle.host)}"),
         ("Selection", _e(selected)),
-        ("Tool", f"snapshotter {_e(bundle.get('tool_version'))} ({_e(bundle.get('command'))})"),
+        ("Tool", f"snapshotter {_e(bundle.tool_version)} ({_e(bundle.command)})"),
     ]
-    if bundle.get("continues"):
-        rows.append(("Continues", _e(", ".join(bundle["continues"]))))
+    if bundle.continues:
+        rows.append(("Continues", _e(", ".join(bundle.continues))))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     totals = Counter()
     for c in t.by_stream.values():
         totals.update(c)
-    post = str(totals["post_failure"]) if bundle.get("failure_at") else "—"
+    post = str(totals["post_failure"]) if bundle.failure_at else "—"
     cards = "".join(f'<div class="card {cls}"><div class="n">{_e(n)}</div><div class="l">{_e(label)}</div></div>'
                     for cls, n, label in [("", t.total, "records quarantined"), ("added", totals["added"], "added"),
                                           ("modified", totals["modified"], "modified"),
@@ -219,10 +220,10 @@ def _summary(bundle: dict, status: dict, t: _Tally) -> str:
     return f'<dl class="summary">{dl}</dl><div class="cards">{cards}</div>'
 
 
-def _counts_table(bundle: dict, t: _Tally) -> str:
+def _counts_table(bundle: IncidentBundle, t: _Tally) -> str:
     if not t.by_stream:
         return '<p class="note">The incident holds no records.</p>'
-    has_failure = bool(bundle.get("failure_at"))
+    has_failure = bool(bundle.failure_at)
     head = "".join(f'<th class="num">{op}</th>' for op in OPS)
     head += '<th class="num">post-failure</th>' if has_failure else ""
     head += '<th class="num">no write time</th><th class="num">total</th>'
@@ -236,7 +237,7 @@ def _counts_table(bundle: dict, t: _Tally) -> str:
     return f"<table><tr><th>source</th><th>stream</th>{head}</tr>{''.join(body)}</table>"
 
 
-def _timeline(bundle: dict, t: _Tally) -> str:
+def _timeline(bundle: IncidentBundle, t: _Tally) -> str:
     if not t.times:
         return ('<p class="note">No record has a known write time (the backend does not report one; for SQL '
                 'sources set <code>timestamp_column</code>).</p>')
@@ -271,7 +272,7 @@ def _timeline(bundle: dict, t: _Tally) -> str:
             y -= h
             parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
                          f'fill="{colour}"><title>{_e(tip)}</title></rect>')
-    failure = bundle.get("failure_at")
+    failure = bundle.failure_at
     note = ""
     if failure:
         fts = _dt.datetime.fromisoformat(failure.replace("Z", "+00:00")).timestamp()
@@ -311,7 +312,7 @@ def _span(seconds: float) -> str:
     return f"{seconds:.3g} seconds"
 
 
-def _sessions(bundle: dict, t: _Tally) -> str:
+def _sessions(bundle: IncidentBundle, t: _Tally) -> str:
     if not t.sessions:
         return '<p class="note">No quarantined record belongs to a conversation session.</p>'
     top = t.sessions.most_common(TOP_SESSIONS)
@@ -322,7 +323,7 @@ def _sessions(bundle: dict, t: _Tally) -> str:
         bars = (f'<span class="bar post" style="width:{p / peak * 220:.0f}px"></span>'
                 f'<span class="bar" style="width:{(n - p) / peak * 220:.0f}px"></span>')
         rows.append(f'<tr><td><code>{_e(session)}</code></td><td class="num">{n}</td>'
-                    f'<td class="num">{p if bundle.get("failure_at") else "—"}</td><td>{bars}</td></tr>')
+                    f'<td class="num">{p if bundle.failure_at else "—"}</td><td>{bars}</td></tr>')
     more = (f'<p class="note">{len(t.sessions) - len(top)} more session(s) not listed.</p>'
             if len(t.sessions) > len(top) else "")
     return ('<table><tr><th>session</th><th class="num">records</th><th class="num">post-failure</th><th></th></tr>'
@@ -396,34 +397,37 @@ def _record(d: dict) -> str:
     return f'<section class="{cls}">{head}{body}</section>'
 
 
-def _records(bundle: dict, t: _Tally, max_records: int) -> str:
+def _records(bundle: IncidentBundle, t: _Tally, max_records: int) -> str:
     shown = t.post_details[:max_records]
     shown += t.other_details[:max_records - len(shown)]
     left_out = t.total - len(shown)
     intro = f'<p class="note">{len(shown)} of {t.total} record(s) shown'
-    if bundle.get("failure_at"):
+    if bundle.failure_at:
         intro += ", post-failure writes first"
     intro += ".</p>"
     if left_out:
         intro += (f'<p class="note"><strong>{left_out} record(s) left out</strong> of this page; '
-                  f'<code>snapshotter quarantine export {_e(bundle["incident"])} --format parquet -o FILE</code> '
+                  f'<code>snapshotter quarantine export {_e(bundle.incident)} --format parquet -o FILE</code> '
                   f'has every one.</p>')
     return intro + "".join(_record(d) for d in shown)
 
 
-def render(repo: Repository, bundle: dict, *, max_records: int = MAX_RECORDS) -> tuple[str, dict]:
+def render(repo: Repository, bundle: IncidentBundle | dict, *,
+           max_records: int = MAX_RECORDS) -> tuple[str, dict]:
     """The report page and a summary of what it holds."""
+    if not isinstance(bundle, IncidentBundle):
+        bundle = IncidentBundle.from_json(bundle)
     t = _tally(repo, bundle, max_records)
-    status = incident_status(repo, bundle["incident"])
+    status = incident_status(repo, bundle.incident)
     shown = min(t.total, max_records)
-    title = f"Incident {bundle['incident']}"
+    title = f"Incident {bundle.incident}"
     html = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
         f"<h1>{_e(title)}</h1>"
-        f"<p class=\"sub\">Writes quarantined by a restore to snapshot {_e(bundle.get('snapshot'))} "
-        f"(release {_e(bundle.get('release'))})</p>"
+        f"<p class=\"sub\">Writes quarantined by a restore to snapshot {_e(bundle.snapshot)} "
+        f"(release {_e(bundle.release)})</p>"
         f"{_summary(bundle, status, t)}"
         f"<h2>Counts by source and stream</h2>{_counts_table(bundle, t)}"
         f"<h2>Timeline of writes</h2>{_timeline(bundle, t)}"
@@ -433,12 +437,12 @@ def render(repo: Repository, bundle: dict, *, max_records: int = MAX_RECORDS) ->
         f"<code>quarantine export</code> gives them exactly.</footer>"
         "</main></body></html>\n"
     )
-    info = {"incident": bundle["incident"], "records": t.total, "shown": shown, "left_out": t.total - shown,
+    info = {"incident": bundle.incident, "records": t.total, "shown": shown, "left_out": t.total - shown,
             "timed": len(t.times), "sessions": len(t.sessions)}
     return html, info
 
 
-def write_report(repo: Repository, bundle: dict, path: str, *, max_records: int = MAX_RECORDS) -> dict:
+def write_report(repo: Repository, bundle: IncidentBundle | dict, path: str, *, max_records: int = MAX_RECORDS) -> dict:
     """Write the report to ``path`` atomically; returns what :func:`render` summarises."""
     html, info = render(repo, bundle, max_records=max_records)
     with atomic_output(path) as tmp:

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 import zstandard
 
 from . import __version__, hashing
+from .documents import READABLE_FORMATS, DocumentError, GoodMark, IncidentBundle, Manifest, \
+    UnreadableFormat, chunk_id_ok
 from .errors import IntegrityError, NotFound, UsageError
 from .names import SNAPSHOT_ID_RE, iso, utcnow
 from .objectstore import ObjectMissing, ObjectStore, open_store
@@ -23,10 +25,6 @@ from .objectstore import ObjectMissing, ObjectStore, open_store
 #: does not know, blake3); a SHA-256 repository is created as format 1, which
 #: every snapshotter reads
 FORMAT_VERSION = 2
-#: the format of a new snapshot manifest: 3 (a SQL stream's schema may hold the table's stored
-#: definition, ``ddl``, that a restore of an older reader would leave out of a recreated table)
-MANIFEST_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
 
 
 def format_for(hash_name: str) -> int:
@@ -70,61 +68,6 @@ def load_json(raw: bytes, name: str) -> Any:
     return doc
 
 
-def chunk_id_ok(chunk_id: Any, hex_digits: int = 64) -> bool:
-    """A chunk id is the lowercase hex of the repository's hash, nothing else (so no
-    reference can name an object outside ``chunks/``)."""
-    return isinstance(chunk_id, str) and len(chunk_id) == hex_digits and \
-        all(c in "0123456789abcdef" for c in chunk_id)
-
-
-def _count(value: Any) -> bool:
-    return type(value) is int and value >= 0
-
-
-def manifest_problem(doc: Any, hash_digits: int = 64) -> str | None:
-    """What makes a snapshot manifest (or an incident bundle's streams) unusable, or None.
-
-    Checked when a manifest is loaded, so a manifest with a field no command can use
-    (a ``taken_at`` that is not a time, a chunk row that is not
-    ``[hex id, records, plaintext bytes, stored bytes]``) counts as corrupt everywhere:
-    listed with a warning, left out of forget, reported by verify, refused by restore."""
-    from .names import parse_iso
-    if not isinstance(doc, dict):
-        return "not a JSON object"
-    for field in ("id", "release"):
-        if field in doc and not isinstance(doc[field], str):
-            return f"{field} is not text"
-    if "taken_at" in doc:
-        try:
-            parse_iso(doc["taken_at"])
-        except (ValueError, TypeError, AttributeError, OverflowError):
-            return f"taken_at {str(doc['taken_at'])[:40]!r} is not a time"
-    if not isinstance(doc.get("labels", {}), dict) and doc.get("labels") is not None:
-        return "labels is not an object"
-    sources = doc.get("sources", {})
-    if not isinstance(sources, dict):
-        return "sources is not an object"
-    for sname, src in sources.items():
-        if not isinstance(src, dict) or not isinstance(src.get("streams", {}), dict):
-            return f"source {sname} is not an object with streams"
-        for stname, st in src.get("streams", {}).items():
-            where = f"stream {sname}/{stname}"
-            if not isinstance(st, dict):
-                return f"{where} is not an object"
-            for field in ("records", "bytes"):
-                if field in st and not _count(st[field]):
-                    return f"{where}: {field} is not a count"
-            chunks = st.get("chunks", [])
-            if not isinstance(chunks, list):
-                return f"{where}: chunks is not a list"
-            for i, row in enumerate(chunks):
-                if not (isinstance(row, list) and len(row) == 4 and all(_count(v) for v in row[1:])):
-                    return f"{where}: chunk row {i} is not [id, records, bytes, stored bytes]"
-                if not chunk_id_ok(row[0], hash_digits):
-                    return f"{where}: chunk row {i} names {str(row[0])[:80]!r}, not a chunk id"
-    return None
-
-
 def dumps(doc: Any) -> bytes:
     text = json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=False)
     try:
@@ -162,7 +105,7 @@ class Repository:
         #: hex digits of a chunk id
         self.hash_digits = 64
         self._local = threading.local()
-        self._manifest_cache: dict[str, dict] = {}
+        self._manifest_cache: dict[str, Manifest] = {}
 
     # -- opening -------------------------------------------------------------
 
@@ -331,42 +274,53 @@ class Repository:
         refs.sort(key=lambda r: r.id, reverse=True)
         return refs
 
-    def load_manifest(self, ref: SnapshotRef) -> dict:
+    def manifest(self, ref: SnapshotRef) -> Manifest:
+        """The manifest ``ref`` names, checked (:meth:`Manifest.from_json`): one that is
+        damaged, or names itself other than its object does, is corrupt (exit 3); one of a
+        newer format is refused (exit 2)."""
         cached = self._manifest_cache.get(ref.id)
         if cached is not None:
             return cached
         raw = self.store.get(ref.object)
         doc = load_json(raw, f"manifest {ref.object}")
-        if not isinstance(doc, dict) or doc.get("id") != ref.id or doc.get("release") != ref.release:
-            raise IntegrityError(f"manifest {ref.object} is corrupt (id or release does not match its name)")
-        if doc.get("format") not in READABLE_FORMATS:
-            # a newer format may mean something this reader would get wrong (docs/design.md)
-            raise UsageError(f"manifest {ref.object} has format {repr(doc.get('format'))[:40]}; this snapshotter "
-                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}")
-        problem = manifest_problem(doc, self.hash_digits)
-        if problem is not None:
-            raise IntegrityError(f"manifest {ref.object} is corrupt ({problem})")
-        self._manifest_cache[ref.id] = doc
-        return doc
+        try:
+            manifest = Manifest.from_json(doc, self.hash_digits, id=ref.id, release=ref.release)
+        except UnreadableFormat as exc:
+            raise UsageError(f"manifest {ref.object} {exc}") from None
+        except DocumentError as exc:
+            raise IntegrityError(f"manifest {ref.object} is corrupt ({exc})") from None
+        self._manifest_cache[ref.id] = manifest
+        return manifest
 
-    def check_digests(self, doc: dict) -> None:
+    def load_manifest(self, ref: SnapshotRef) -> dict:
+        """:meth:`manifest` as its plain JSON object, for code that reads manifests as dicts."""
+        return self.manifest(ref).doc
+
+    def check_digests(self, doc: Manifest | IncidentBundle | dict) -> None:
         """Every stream digest must be of the repository's hash: a manifest copied from a
         repository of another hash, or edited, would otherwise fail later as corrupt chunks.
         Checked where a manifest's chunks or digests are used (show, diff, restore, verify,
         a new snapshot's parent), not by listing, forget or prune, which a damaged
-        manifest must not stop."""
-        sources = doc.get("sources")
-        for sname, src in (sources.items() if isinstance(sources, dict) else ()):
-            streams = src.get("streams") if isinstance(src, dict) else None
-            for stname, st in (streams.items() if isinstance(streams, dict) else ()):
-                digest = st.get("digest") if isinstance(st, dict) else None
-                if not isinstance(digest, str) or digest.partition(":")[0] != self.hash:
-                    raise IntegrityError(f"manifest {doc.get('id')}: stream {sname}/{stname} has digest "
-                                         f"{str(digest)[:24]!r}, not a {self.hash} digest as this repository's "
-                                         f"chunks and digests are")
+        manifest must not stop.  ``doc``: a manifest or bundle, typed or as its JSON
+        object as loaded."""
+        if isinstance(doc, dict):
+            cached = self._manifest_cache.get(doc.get("id"))  # type: ignore[arg-type]
+            if cached is not None and cached.doc is doc:
+                doc = cached
+            else:
+                try:
+                    doc = (IncidentBundle if "incident" in doc else Manifest).from_json(doc, self.hash_digits)
+                except DocumentError as exc:
+                    raise IntegrityError(f"manifest {doc.get('id')} is corrupt ({exc})") from None
+        for sname, stname, st in doc.iter_streams():
+            digest = st.digest
+            if not isinstance(digest, str) or digest.partition(":")[0] != self.hash:
+                raise IntegrityError(f"manifest {getattr(doc, 'id', None)}: stream {sname}/{stname} has digest "
+                                     f"{str(digest)[:24]!r}, not a {self.hash} digest as this repository's "
+                                     f"chunks and digests are")
 
-    def manifests(self, release: str | None = None,
-                  damaged: Callable[[SnapshotRef, IntegrityError], None] | None = None) -> Iterator[dict]:
+    def snapshots(self, release: str | None = None,
+                  damaged: Callable[[SnapshotRef, IntegrityError], None] | None = None) -> Iterator[Manifest]:
         """Every manifest, newest first (lazily: only as many are read as are consumed).
 
         Ids sort by time to the second; snapshots taken within the same second
@@ -384,14 +338,20 @@ class Repository:
             group = []
             for r in refs[i:j]:
                 try:
-                    group.append(self.load_manifest(r))
+                    group.append(self.manifest(r))
                 except IntegrityError as exc:
                     if damaged is None:
                         raise
                     damaged(r, exc)
-            group.sort(key=lambda m: (m.get("taken_at") or "", m["id"]), reverse=True)
+            group.sort(key=lambda m: (m.taken_at or "", m.id), reverse=True)
             yield from group
             i = j
+
+    def manifests(self, release: str | None = None,
+                  damaged: Callable[[SnapshotRef, IntegrityError], None] | None = None) -> Iterator[dict]:
+        """:meth:`snapshots` as plain JSON objects, for code that reads manifests as dicts."""
+        for m in self.snapshots(release, damaged):
+            yield m.doc
 
     def resolve(self, text: str) -> SnapshotRef:
         """A snapshot id or any unique prefix of one."""
@@ -406,10 +366,10 @@ class Repository:
             raise UsageError(f"snapshot prefix {text!r} is ambiguous: {shown}{' …' if len(matches) > 5 else ''}")
         return matches[0]
 
-    def write_manifest(self, manifest: dict) -> None:
-        ref = SnapshotRef(manifest["id"], manifest["release"])
+    def write_manifest(self, manifest: Manifest) -> None:
+        ref = SnapshotRef(manifest.id, manifest.release)
         self.store.flush()  # every chunk durable before the commit point
-        if not self.store.put(ref.object, dumps(manifest)):
+        if not self.store.put(ref.object, dumps(manifest.to_json())):
             raise IntegrityError(f"manifest {ref.object} already exists")
         self._manifest_cache[ref.id] = manifest
 
@@ -421,7 +381,7 @@ class Repository:
     def mark_good(self, ref: SnapshotRef, good: bool) -> None:
         name = f"good/{ref.id}"
         if good:
-            self.store.put(name, dumps({"snapshot": ref.id, "release": ref.release, "marked_at": iso(utcnow())}))
+            self.store.put(name, dumps(GoodMark(ref.id, ref.release, iso(utcnow())).to_json()))
         else:
             self.store.delete(name)
 

@@ -158,12 +158,12 @@ def plan_forget(repo: Repository, policy: RetentionPolicy,
     snapshots = []
     for ref in repo.list_snapshot_refs():
         try:
-            m = repo.load_manifest(ref)
+            m = repo.manifest(ref)
         except IntegrityError as exc:
             if warn is not None:
                 warn(f"warning: snapshot {ref.id} left out of forget and left in place: {exc.message}")
             continue
-        snapshots.append({"id": ref.id, "release": ref.release, "taken_at": m.get("taken_at") or _id_time(ref.id)})
+        snapshots.append({"id": ref.id, "release": ref.release, "taken_at": m.taken_at or _id_time(ref.id)})
     return apply_policy(snapshots, policy, protected=protected)
 
 
@@ -208,10 +208,11 @@ def referenced_chunks(repo: Repository) -> tuple[set[str], int, int]:
     snapshots = 0
     for ref in repo.list_snapshot_refs():
         try:
-            manifest = repo.load_manifest(ref)
+            manifest = repo.manifest(ref)
         except SnapshotterError as exc:
             raise IntegrityError(f"prune stopped before deleting anything: {exc.message}") from None
-        chunk_ids_in(manifest, refs)
+        # the whole document, not only its chunk rows: keeping a chunk by mistake costs bytes
+        chunk_ids_in(manifest.doc, refs)
         snapshots += 1
     bundles = 0
     for _, doc in incident_documents(repo):

@@ -13,7 +13,8 @@ from .config import Config
 from .errors import IntegrityError, SnapshotterError, SourceError, UsageError
 from .names import iso, new_snapshot_id, utcnow, current_user
 from .redaction import redact_url
-from .repository import MANIFEST_FORMAT, Repository
+from .documents import MANIFEST_FORMAT, Manifest, SourceEntry, StreamEntry
+from .repository import Repository
 from .streams import ChunkUploader, StreamWriter
 
 
@@ -23,7 +24,7 @@ def parent_streams(repo: Repository, release: str) -> tuple[dict, dict[str, int]
     def skip(ref, exc) -> None:  # a damaged manifest lends nothing; verify reports it
         pass
 
-    parent = next(repo.manifests(release, damaged=skip), None) or next(repo.manifests(damaged=skip), None)
+    parent = next(repo.snapshots(release, damaged=skip), None) or next(repo.snapshots(damaged=skip), None)
     params: dict = {}
     known: dict[str, int] = {}
     if parent is None:
@@ -34,17 +35,16 @@ def parent_streams(repo: Repository, release: str) -> tuple[dict, dict[str, int]
         # a damaged parent (verify reports it) lends nothing: its chunk list may name
         # chunks this repository does not have, which "known" would skip writing
         return params, known
-    for sname, src in parent.get("sources", {}).items():
-        for stname, st in src.get("streams", {}).items():
-            params[(sname, stname)] = st.get("chunking", {}).get("records_per_boundary")
-            for row in st.get("chunks", []):
-                known[row[0]] = row[3]
+    for sname, stname, st in parent.iter_streams():
+        params[(sname, stname)] = st.records_per_boundary
+        for row in st.chunks:
+            known[row.id] = row.stored_bytes
     return params, known
 
 
 def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Sequence[str] = (),
                   labels: dict[str, str] | None = None, note: str | None = None,
-                  progress: Callable[[str, int], None] | None = None) -> dict:
+                  progress: Callable[[str, int], None] | None = None) -> Manifest:
     names = list(sources) or sorted(cfg.sources)
     if not names:
         raise UsageError("no sources configured (add [sources.NAME] tables to the config file)")
@@ -54,25 +54,16 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
     started = time.monotonic()
     params, known = parent_streams(repo, release)
     uploader = ChunkUploader(repo, known=known)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "id": snapshot_id,
-        "release": release,
-        "taken_at": None,
-        "labels": dict(labels or {}),
-        "note": note,
-        "host": socket.gethostname(),
-        "user": current_user(),
-        "tool_version": __version__,
-        "sources": {},
-    }
+    taken_at: str | None = None
+    sources: dict[str, SourceEntry] = {}
     try:
         for name in names:
             backend = cfg.open_source(name)
-            src_entry = {"backend": backend.name, "location": backend.location(), "streams": {}}
+            location = backend.location()
+            streams: dict[str, StreamEntry] = {}
             with backend.reader() as reader:
-                if manifest["taken_at"] is None:
-                    manifest["taken_at"] = iso(utcnow())
+                if taken_at is None:
+                    taken_at = iso(utcnow())
                 reader.restartable = True
                 for spec in reader.streams():
                     tick = (lambda n, _s=f"{name}/{spec.name}": progress(_s, n)) if progress else None
@@ -98,57 +89,62 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                         except SourceError as exc:
                             raise SourceError(f"source {name!r} stream {spec.name!r}: {exc.message}") from exc
                         break
-                    entry = writer.finish()
-                    entry["schema"] = spec.schema
-                    src_entry["streams"][spec.name] = entry
-                src_entry["consistency"] = reader.consistency
-            manifest["sources"][name] = src_entry
+                    streams[spec.name] = writer.finish_entry(spec.schema)
+                consistency = reader.consistency
+            # written even if a reader leaves it None, as every manifest has it
+            sources[name] = SourceEntry(backend=backend.name, location=location, streams=streams,
+                                        consistency=consistency,
+                                        order=("backend", "location", "streams", "consistency"))
     except SnapshotterError:
         raise
     finally:
         uploader.close()
-    manifest["bytes_written"] = uploader.stats.bytes_written
-    manifest["bytes_reused"] = uploader.stats.bytes_reused
-    manifest["duration_seconds"] = round(time.monotonic() - started, 3)
+    manifest = Manifest(
+        format=MANIFEST_FORMAT, id=snapshot_id, release=release, taken_at=taken_at, labels=dict(labels or {}),
+        note=note, host=socket.gethostname(), user=current_user(), tool_version=__version__, sources=sources,
+        bytes_written=uploader.stats.bytes_written, bytes_reused=uploader.stats.bytes_reused,
+        duration_seconds=round(time.monotonic() - started, 3))
     repo.write_manifest(manifest)  # the commit point
     return manifest
 
 
 
 
-def summary(manifest: dict, *, good: bool = False, with_schema: bool = False, with_chunks: bool = False) -> dict:
+def summary(manifest: Manifest | dict, *, good: bool = False, with_schema: bool = False,
+            with_chunks: bool = False) -> dict:
     """The manifest as the JSON of `snapshot`/`show` (the keys docs/commands.md names first)."""
+    m = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
     out = {
-        "id": manifest["id"],
-        "release": manifest["release"],
-        "taken_at": manifest["taken_at"],
-        "labels": manifest.get("labels", {}),
-        "note": manifest.get("note"),
+        "id": m.id,
+        "release": m.release,
+        "taken_at": m.taken_at,
+        "labels": m.labels,
+        "note": m.note,
         "good": good,
-        "host": manifest.get("host"),
-        "user": manifest.get("user"),
-        "tool_version": manifest.get("tool_version"),
+        "host": m.host,
+        "user": m.user,
+        "tool_version": m.tool_version,
         "sources": {},
-        "bytes_written": manifest.get("bytes_written", 0),
-        "bytes_reused": manifest.get("bytes_reused", 0),
+        "bytes_written": m.bytes_written,
+        "bytes_reused": m.bytes_reused,
         "records": 0,
         "bytes": 0,
     }
-    for sname, src in manifest.get("sources", {}).items():
-        location = src.get("location")
+    for sname, src in m.sources.items():
+        location = src.location
         # a manifest written before every secret-bearing part of a URL was redacted, or by someone else
-        s = {"backend": src["backend"], "location": redact_url(location) if isinstance(location, str) else location,
-             "consistency": src.get("consistency"),
+        s = {"backend": src.backend, "location": redact_url(location) if isinstance(location, str) else location,
+             "consistency": src.consistency,
              "streams": {}}
-        for stname, st in src.get("streams", {}).items():
-            e = {"records": st["records"], "bytes": st["bytes"], "stored_bytes": st.get("stored_bytes"),
-                 "digest": st["digest"], "chunks": len(st.get("chunks", []))}
+        for stname, st in src.streams.items():
+            e = {"records": st.records, "bytes": st.bytes, "stored_bytes": st.stored_bytes,
+                 "digest": st.digest, "chunks": len(st.chunks)}
             if with_schema:
-                e["schema"] = st.get("schema", {})
+                e["schema"] = st.schema if "schema" in st.doc else {}
             if with_chunks:
-                e["chunk_ids"] = [c[0] for c in st.get("chunks", [])]
+                e["chunk_ids"] = [c.id for c in st.chunks]
             s["streams"][stname] = e
-            out["records"] += st["records"]
-            out["bytes"] += st["bytes"]
+            out["records"] += st.records
+            out["bytes"] += st.bytes
         out["sources"][sname] = s
     return out

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import codec, hashing, pgtext
+from .documents import ChunkRow, StreamEntry
 from .errors import IntegrityError, SourceError
 from .repository import Repository
 
@@ -313,21 +314,27 @@ class StreamWriter:
             self._collect(self._futures.popleft())
         self._chunks = []
 
-    def finish(self) -> dict:
+    def finish_entry(self, schema: Any = None) -> StreamEntry:
+        """The stream's manifest entry, once its last chunk is stored; ``schema``: the backend's."""
         if self.D is None:
             self._settle_boundary()
         self._cut()
         while self._futures:
             self._collect(self._futures.popleft())
-        return {
-            "records": self.records,
-            "bytes": self.bytes,
-            "stored_bytes": sum(c.stored_bytes for c in self._chunks),
-            "digest": hashing.digest_string(self.up.repo.hash, self.digest),
-            "chunking": {"records_per_boundary": self.D},
-            "chunks": [c.to_json() for c in self._chunks],
-            **({"encoding": self.encoding} if self.encoding else {}),
-        }
+        return StreamEntry(
+            records=self.records,
+            bytes=self.bytes,
+            stored_bytes=sum(c.stored_bytes for c in self._chunks),
+            digest=hashing.digest_string(self.up.repo.hash, self.digest),
+            chunking={"records_per_boundary": self.D},
+            chunks=tuple(ChunkRow(*c.to_json()) for c in self._chunks),
+            encoding=self.encoding or None,
+            schema=schema,
+        )
+
+    def finish(self) -> dict:
+        """:meth:`finish_entry` as its JSON object, for code that builds entries as dicts."""
+        return self.finish_entry().to_json()
 
 
 def stream_digest_of(records: Iterator[tuple[Any, Any]], hash_name: str) -> tuple[str, int]:

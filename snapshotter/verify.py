@@ -10,9 +10,10 @@ from typing import Callable, Iterable
 
 from . import hashing
 from .errors import IntegrityError, NotFound
-from .quarantine import bundle_object, load_bundle
+from .documents import ChunkRow, SourceEntry
+from .quarantine import bundle_object, open_bundle
 from .repository import Repository, SnapshotRef, chunk_object
-from .streams import ChunkRef, count_records
+from .streams import count_records
 
 
 def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = False,
@@ -26,7 +27,7 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
     stat_cache: dict[str, int | None] = {}
     verified_lists: set[tuple] = set()
 
-    def stat_size(c: ChunkRef) -> "int | None | IntegrityError":
+    def stat_size(c: ChunkRow) -> "int | None | IntegrityError":
         try:
             info = repo.store.stat(chunk_object(c.id))
         except IntegrityError as exc:
@@ -34,24 +35,20 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
         return None if info is None else info.size
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="verify") as pool:
-        def check_streams(owner: dict, obj: str, sources: dict) -> None:
+        def check_streams(owner: dict, obj: str, sources: "dict[str, SourceEntry]") -> None:
             def problem(o: str, text: str) -> None:
                 problems.append({**owner, "object": o, "problem": text})
 
             for sname, src in sources.items():
-                for stname, st in (src.get("streams") or {}).items():
+                for stname, st in src.streams.items():
                     where = f"{sname}/{stname}"
-                    try:
-                        chunks = [ChunkRef.from_json(c) for c in st.get("chunks", [])]
-                    except (TypeError, ValueError, IndexError):
-                        problem(obj, f"{where}: malformed chunk list")
-                        continue
-                    if sum(c.records for c in chunks) != st.get("records"):
+                    chunks = st.chunks  # rows were checked when the document was loaded
+                    if sum(c.records for c in chunks) != st.records:
                         problem(obj, f"{where}: chunk record counts add up to "
-                                f"{sum(c.records for c in chunks)}, manifest says {st.get('records')}")
-                    if sum(c.raw_bytes for c in chunks) != st.get("bytes"):
+                                f"{sum(c.records for c in chunks)}, manifest says {st.records}")
+                    if sum(c.raw_bytes for c in chunks) != st.bytes:
                         problem(obj, f"{where}: chunk sizes add up to "
-                                f"{sum(c.raw_bytes for c in chunks)}, manifest says {st.get('bytes')}")
+                                f"{sum(c.raw_bytes for c in chunks)}, manifest says {st.bytes}")
                     todo = [c for c in chunks if c.id not in stat_cache]
                     for c, size in zip(todo, pool.map(stat_size, todo)):
                         stat_cache[c.id] = size
@@ -64,7 +61,7 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
                         elif size != c.stored_bytes:
                             problem(chunk_object(c.id), f"{where}: size {size}, manifest says {c.stored_bytes}")
                     if read_data:
-                        sig = (tuple(c.id for c in chunks), st.get("digest"))
+                        sig = (tuple(c.id for c in chunks), st.digest)
                         if sig in verified_lists:
                             continue
                         if _read_stream_data(repo, pool, where, chunks, st, problem, progress):
@@ -72,24 +69,23 @@ def verify(repo: Repository, refs: Iterable[SnapshotRef], *, read_data: bool = F
 
         for ref in refs:
             try:
-                manifest = repo.load_manifest(ref)
+                manifest = repo.manifest(ref)
                 repo.check_digests(manifest)
             except (IntegrityError, NotFound) as exc:
                 problems.append({"snapshot": ref.id, "object": ref.object, "problem": exc.message})
                 continue
             checked += 1
-            check_streams({"snapshot": ref.id}, ref.object, manifest.get("sources", {}))
+            check_streams({"snapshot": ref.id}, ref.object, manifest.sources)
         for incident in incidents:
             try:
-                bundle = load_bundle(repo, incident)
+                bundle = open_bundle(repo, incident)
                 repo.check_digests(bundle)
             except (IntegrityError, NotFound) as exc:
                 problems.append({"snapshot": None, "incident": incident, "object": bundle_object(incident),
                                  "problem": exc.message})
                 continue
             checked_incidents += 1
-            check_streams({"snapshot": None, "incident": incident}, bundle_object(incident),
-                          bundle.get("sources") or {})
+            check_streams({"snapshot": None, "incident": incident}, bundle_object(incident), bundle.sources)
     return {"ok": not problems, "checked": checked, "incidents_checked": checked_incidents, "problems": problems}
 
 
@@ -100,7 +96,7 @@ def _read_stream_data(repo, pool, where, chunks, st, problem, progress) -> bool:
     futures: deque = deque()
     it = iter(chunks)
 
-    def fetch(c: ChunkRef):
+    def fetch(c: ChunkRow):
         return repo.get_chunk(c.id, c.raw_bytes)
 
     for c in it:
@@ -120,7 +116,7 @@ def _read_stream_data(repo, pool, where, chunks, st, problem, progress) -> bool:
             ok = False
             continue
         h.update(raw)
-        n = count_records(raw, st)
+        n = count_records(raw, st.doc)
         if n != c.records:
             problem(chunk_object(c.id), f"{where}: holds {n} records, manifest says {c.records}")
             ok = False
@@ -129,7 +125,7 @@ def _read_stream_data(repo, pool, where, chunks, st, problem, progress) -> bool:
             ok = False
         if progress:
             progress(1)
-    if ok and hashing.digest_string(alg, h) != st.get("digest"):
+    if ok and hashing.digest_string(alg, h) != st.digest:
         problem("", f"{where}: stream digest does not match the manifest")
         ok = False
     return ok

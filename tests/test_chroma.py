@@ -328,7 +328,7 @@ def test_a_collection_changing_during_the_read_is_read_again(store, tmp_path, ca
     cfg = load_config(str(tmp_path / "snapshotter.toml"))
     try:
         started.set()
-        manifest = take_snapshot(repo, cfg, release="r")
+        manifest = take_snapshot(repo, cfg, release="r").doc
     finally:
         writer.join()
     src = manifest["sources"]["memory"]
@@ -530,7 +530,7 @@ def test_a_reader_with_only_one_of_the_by_key_hooks_is_verified_whole(store, tmp
     cfg = load_config(str(tmp_path / "snapshotter.toml"))
     repo, _ = Repository.init(open_store(str(tmp_path / "repo")))
     from snapshotter.snapshot import take_snapshot
-    manifest = take_snapshot(repo, cfg, release="r1")
+    manifest = take_snapshot(repo, cfg, release="r1").doc
     col.delete(ids=["m-3"])
     monkeypatch.setattr(ChromaReader, "read_keys", SourceReader.read_keys)
     result = R.restore(repo, cfg, manifest, R.Selection())

@@ -42,7 +42,7 @@ def demo(app: App, directory):
     step("snapshot", "--release", "demo-v1", "--label", "stage=demo", "--note", "known good")
     from ..repository import Repository
     from ..objectstore import open_store
-    snap_id = next(Repository.open(open_store(repo_dir)).manifests())["id"]
+    snap_id = next(Repository.open(open_store(repo_dir)).snapshots()).id
     step("mark-good", snap_id)
     failure_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0) - _dt.timedelta(seconds=1)
     say("the agent is prompt-injected: it writes a poisoned message, rewrites a fact, adds a poisoned vector")

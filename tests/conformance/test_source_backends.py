@@ -103,6 +103,33 @@ def plan_of(result: dict, store: Adapter) -> dict:
     return result["plan"][SOURCE][store.stream]
 
 
+def _as_new(document):
+    """The document as if built in code (members in the order a new one is written)."""
+    from dataclasses import replace
+    from snapshotter.documents import IncidentBundle, Manifest, SourceEntry
+    if isinstance(document, (Manifest, IncidentBundle)):
+        return replace(document, order=None, sources={k: _as_new(v) for k, v in document.sources.items()})
+    if isinstance(document, SourceEntry):
+        return replace(document, order=None, streams={k: _as_new(v) for k, v in document.streams.items()})
+    return replace(document, order=None)
+
+
+def assert_documents_round_trip(repo_dir) -> int:
+    """Every manifest and incident bundle in the repository reads into snapshotter.documents
+    and writes back as the very bytes stored, also when built anew; returns how many."""
+    from snapshotter.documents import IncidentBundle, Manifest
+    from snapshotter.repository import dumps, load_json
+    n = 0
+    for path in sorted(repo_dir.glob("snapshots/*/*.json")) + sorted(repo_dir.glob("quarantine/*/manifest.json")):
+        raw = path.read_bytes()
+        kind = Manifest if path.parts[-3] == "snapshots" else IncidentBundle
+        document = kind.from_json(load_json(raw, path.name))
+        assert dumps(document.to_json()) == raw, path
+        assert dumps(_as_new(document).to_json()) == raw, path
+        n += 1
+    return n
+
+
 def test_restore_puts_the_snapshot_back_and_quarantines_exactly_the_later_writes(store, cli, tmp_path):
     snap, at_snapshot = with_base(store, cli)
     keys = {name: codec.key_text(store.key(name)) for name in BASE}
@@ -142,6 +169,7 @@ def test_restore_puts_the_snapshot_back_and_quarantines_exactly_the_later_writes
     assert (again.json()["quarantined"], again.json()["incident"], again.json()["verified"]) == (0, None, True)
     assert plan_of(again.json(), store) == {"added": 0, "modified": 0, "deleted": 0}
     assert [q["incident"] for q in cli("--json", "quarantine", "list").json()] == ["inc-1"]
+    assert assert_documents_round_trip(tmp_path / "repo") == 2  # the snapshot and the incident
 
 
 def test_an_unchanged_store_snapshots_again_without_new_data_and_verifies(store, cli):

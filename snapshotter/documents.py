@@ -334,6 +334,29 @@ class IncidentBundle(_HasStreams, _Document):
         return cls(**known, extra=extra, order=order)._keep(doc)
 
 
+@dataclass(frozen=True)
+class QuarantinedWrite:
+    """The value ``q`` of a bundle's record ``[key, q]``: what the restore found live
+    (``op`` against the snapshot, the live and the snapshot value, when the store says it
+    was written, whether after ``--failure-at``, its conversation session) and, in a
+    pgtext stream, both as lines (``raw``, ``snapshot_raw``).  Stored in the record
+    encoding, not as JSON."""
+
+    op: str
+    value: Any = None
+    snapshot_value: Any = None
+    written_at: Any = None
+    post_failure: bool | None = None
+    session: Any = None
+    raw: bytes | None = None
+    snapshot_raw: bytes | None = None
+
+    @classmethod
+    def from_value(cls, q: Mapping[str, Any]) -> "QuarantinedWrite":
+        return cls(q["op"], q.get("value"), q.get("snapshot_value"), q.get("written_at"), q.get("post_failure"),
+                   q.get("session"), q.get("raw"), q.get("snapshot_raw"))
+
+
 @dataclass(frozen=True, eq=False)
 class GoodMark(_Document):
     """``good/<snapshot-id>``: the snapshot is known good (present = marked)."""

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from .errors import IntegrityError, NotFound, UsageError
 from .names import NAME_RE, check_name
 from .objectstore import ObjectMissing
-from .documents import DocumentError, IncidentBundle, UnreadableFormat
+from .documents import DocumentError, IncidentBundle, QuarantinedWrite, UnreadableFormat
 from .repository import Repository, dumps, load_json
 from .streams import StoredRecord, read_stream
 
@@ -114,17 +114,17 @@ def iter_records(repo: Repository, bundle: IncidentBundle | dict, *, source: str
 def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:
     """One quarantined record in the JSON shape of `quarantine show` (docs/commands.md)."""
     from .codec import to_json
-    v = rec.value
+    q = QuarantinedWrite.from_value(rec.value)
     return {
         "source": source,
         "stream": stream,
         "key": to_json(rec.key),
-        "op": v["op"],
-        "value": to_json(v.get("value")),
-        "snapshot_value": to_json(v.get("snapshot_value")),
-        "post_failure": v.get("post_failure"),
-        "written_at": to_json(v.get("written_at")),
-        "session": to_json(v.get("session")),
+        "op": q.op,
+        "value": to_json(q.value),
+        "snapshot_value": to_json(q.snapshot_value),
+        "post_failure": q.post_failure,
+        "written_at": to_json(q.written_at),
+        "session": to_json(q.session),
     }
 
 

@@ -19,7 +19,7 @@ from html import escape
 from typing import Any
 
 from . import __version__
-from .documents import IncidentBundle
+from .documents import IncidentBundle, QuarantinedWrite
 from .forensics import RecordFilter, atomic_output, record_diff, select_records
 from .names import iso, utcnow
 from .quarantine import OPS, incident_status
@@ -48,14 +48,14 @@ class _Tally:
 def _tally(repo: Repository, bundle: IncidentBundle, max_records: int) -> _Tally:
     t = _Tally()
     for source, stream, rec in select_records(repo, bundle.doc, RecordFilter()):
-        q = rec.value
+        q = QuarantinedWrite.from_value(rec.value)
         t.total += 1
         c = t.by_stream.setdefault((source, stream), Counter())
-        c[q["op"]] += 1
-        post = q.get("post_failure")
+        c[q.op] += 1
+        post = q.post_failure
         if post is True:
             c["post_failure"] += 1
-        written = q.get("written_at")
+        written = q.written_at
         if isinstance(written, _dt.datetime):
             if written.tzinfo is None:
                 written = written.replace(tzinfo=_dt.timezone.utc)
@@ -64,7 +64,7 @@ def _tally(repo: Repository, bundle: IncidentBundle, max_records: int) -> _Tally
         else:
             t.untimed += 1
             c["untimed"] += 1
-        session = q.get("session")
+        session = q.session
         if session is not None:
             t.sessions[session] += 1
             if post is True:

@@ -144,10 +144,10 @@ def changed_since_restore(backend, writer, spec: StreamSpec, entry: dict, locs: 
 
 def _changed_encoded(rc: RecordCodec, locs: list[Located], lines) -> list[Located] | None:
     """:func:`changed_since_restore` over the live records in their own encoding: a record
-    differs from the one the restore wrote (or is there where the restore removed it).  None when the
-    values must be compared instead: a record not kept as lines, or a live row equal to
-    an asked key only under the column's collation ('abc' in citext for 'ABC'), which
-    the comparison by value matches to its key."""
+    differs from the one the restore wrote (or is there where the restore removed it).
+    None when the values must be compared instead: a record not kept encoded, or a live
+    record equal to an asked key only under the store's collation ('abc' in citext for
+    'ABC'), which the comparison by value matches to its key."""
     expected, kbs = {}, []
     for loc in locs:
         q = loc.record.fields("op", "raw", "snapshot_raw")

@@ -135,11 +135,23 @@ class SourceReader(ABC):
         """The stream's records already encoded by the store, or None (the default)
         to have the core encode what :meth:`read` returns.
 
-        Returns the encoding document (see :mod:`snapshotter.pgtext`, the one
-        encoding so far) and batches of encoded records in key order.  A
-        PostgreSQL table comes out of ``COPY`` as lines that go into chunks as
-        they are, which is what lets a snapshot keep up with ``pg_dump``.
+        Returns the encoding document (its ``format`` one the backend declares in
+        :attr:`SourceBackend.encodings`, see :mod:`snapshotter.encoding`) and batches
+        of encoded records in key order.  A database's own text of its rows goes
+        into chunks as it is, which is what lets a snapshot keep up with a dump.
         """
+        return None
+
+    def read_encoded_keys(self, spec: StreamSpec, keys: list) -> tuple[dict, Iterator[list[bytes]]] | None:
+        """The live records with these keys (absent ones left out) as :meth:`read_encoded`
+        gives them, or None (the default) when the store cannot: the core then compares
+        decoded values (:meth:`read_keys`, or the whole stream)."""
+        return None
+
+    def plan_context(self, spec: StreamSpec) -> Any:
+        """What the last read of this stream saw that a restore's writer checks its writes
+        against (Redis lists: each session's length), handed to
+        :meth:`SourceWriter.planned`.  Default: None."""
         return None
 
     def read_keys(self, spec: StreamSpec, keys: list) -> Iterator[list[Record]] | None:
@@ -201,6 +213,10 @@ class SourceWriter(ABC):
 
     transactional: bool = False
 
+    #: set by a transactional writer whose database committed the transaction the plan was
+    #: made in (MariaDB/MySQL at a CREATE TABLE): the core reads what the plan saw again
+    transaction_restarted: bool = False
+
     @abstractmethod
     def prepare(self, spec: StreamSpec) -> None:
         """Make the live stream ready for ``spec``: recreate it when missing,
@@ -228,6 +244,13 @@ class SourceWriter(ABC):
         False (the default) when the writer cannot, and the core then calls
         :meth:`upsert` with decoded records."""
         return False
+
+    def planned(self, spec: StreamSpec, sessions: Sequence[str] | None, context: Any) -> None:
+        """Before this writer writes a stream: the restore (or reapply) decided what to write
+        from a read of ``sessions``' records only (None: every record), and
+        :meth:`SourceReader.plan_context` of that read is ``context``.  A writer that scopes
+        its writes to what was read (a ``--session`` restore) or checks them against what
+        was seen keeps it.  Default: nothing."""
 
     def restore_settings(self, spec: StreamSpec, seen: dict) -> None:
         """Put back the stream settings :meth:`SourceBackend.settings_differences` reported;
@@ -319,6 +342,11 @@ class SourceBackend(ABC):
     #: be created by the restore's writer instead of being refused
     create_missing: bool = False
 
+    #: record encodings this backend's readers write (:meth:`SourceReader.read_encoded`):
+    #: format -> ``"module:Class"`` of its :class:`~snapshotter.encoding.RecordCodec`, imported
+    #: when a repository's stream names the format (a command that only reads the repository too)
+    encodings: ClassVar[dict[str, str]] = {}
+
     #: set by a restore whose operator trusts the repository (``--trust-repository-sql``):
     #: SQL text stored in it may then be executed (docs/design.md, threat model)
     trust_repository_sql: bool = False
@@ -384,6 +412,13 @@ class SourceBackend(ABC):
         """The conversation session a record belongs to, if any."""
         return None
 
+    def session_field(self, spec: StreamSpec) -> str | None:
+        """The field of a record (of a store's own encoding) that holds its session, when
+        :meth:`session_of` is that field's text: the core then selects a session's
+        encoded records by reading that field alone.  Default: None (records are decoded
+        and :meth:`session_of` asked)."""
+        return None
+
 
 # -- registry -------------------------------------------------------------------
 
@@ -427,6 +462,27 @@ def load_backend(name: str, *, where: str = "") -> type[SourceBackend]:
     if not (isinstance(cls, type) and issubclass(cls, SourceBackend)):
         raise ConfigError(f"{where}entry point {name!r} is not a snapshotter source backend")
     return cls
+
+
+def encoding_codec(fmt: str) -> type | None:
+    """The codec class of a record encoding that an installed backend declares
+    (:attr:`SourceBackend.encodings`), or None.  Built-in backends are asked first; their
+    modules import their stores' client libraries lazily, so this needs none of them."""
+    def declared(names) -> type | None:
+        for name in names:
+            try:
+                cls = load_backend(name)
+            except ConfigError:  # a plugin that cannot be loaded declares nothing usable
+                continue
+            ref = getattr(cls, "encodings", {}).get(fmt)
+            if ref:
+                try:
+                    return _import_ref(ref)
+                except ImportError as exc:
+                    from .errors import IntegrityError
+                    raise IntegrityError(f"record encoding {fmt!r} (backend {name!r}) cannot be loaded: {exc}") from exc
+        return None
+    return declared(BUILTIN_BACKENDS) or declared(sorted(_plugin_entry_points()))
 
 
 def validate_options(cls: type[SourceBackend], raw: dict[str, Any], where: str) -> dict[str, Any]:

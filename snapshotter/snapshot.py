@@ -78,7 +78,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                                 # a COPY left open holds its connection
                                 with contextlib.closing(encoded[1]) as batches:
                                     for lines in batches:
-                                        writer.add_lines(lines)
+                                        writer.add_encoded(lines)
                             else:
                                 for batch in reader.read(spec):
                                     for key, value in batch:

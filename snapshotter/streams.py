@@ -8,9 +8,8 @@ inherited by the next ones, so an unchanged run of records between two
 boundary keys encodes to the same chunk and is stored once, whatever was
 inserted or deleted elsewhere.  A chunk is also cut when it reaches the
 repository's ``max_bytes``.  Streams their store hands over already encoded
-(PostgreSQL's COPY lines, :mod:`snapshotter.pgtext`) go in through
-:meth:`StreamWriter.add_lines`, with ``crc32`` of the key's text as the
-boundary hash.
+(a database's own text of its rows) go in through :meth:`StreamWriter.add_encoded`,
+with their codec's boundary rule (:mod:`snapshotter.encoding`).
 
 Reading: chunks are fetched ahead in a small thread pool and decoded in order.
 """
@@ -18,14 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import codec, hashing, pgtext
+from . import codec, hashing
 from .documents import ChunkRow, StreamEntry
+from .encoding import MSGPACK, RecordCodec, codec_for
+from .encoding.msgpack_records import fix_key as _fix_key
 from .errors import IntegrityError, SourceError
 from .repository import Repository
 
@@ -33,7 +33,6 @@ _ESTIMATE_RECORDS = 512
 
 
 _blake2b = hashlib.blake2b
-_crc32 = zlib.crc32
 
 
 def boundary_hash(key_bytes: bytes) -> int:
@@ -149,10 +148,10 @@ class StreamWriter:
                  on_record: Callable[[int], None] | None = None, estimated_bytes: int | None = None,
                  encoding: dict | None = None):
         self.up = uploader
-        #: None: records are msgpack ``[key, value]`` (``add``); a pgtext encoding
-        #: document: records are lines (``add_lines``), see :mod:`snapshotter.pgtext`
+        #: None: records are msgpack ``[key, value]`` (``add``); an encoding document:
+        #: records a store encoded (``add_encoded``), see :mod:`snapshotter.encoding`
         self.encoding = encoding
-        self._codec = pgtext.Codec(encoding) if encoding else None
+        self._codec: RecordCodec | None = codec_for(encoding) if encoding else None
         repo = uploader.repo
         self.max_bytes = repo.chunk_max_bytes
         self.target = chunk_target(repo.chunk_target_bytes, self.max_bytes, estimated_bytes)
@@ -198,17 +197,16 @@ class StreamWriter:
                 int.from_bytes(_blake2b(kb, digest_size=8).digest(), "little") % D == 0:
             self._cut()
 
-    def add_lines(self, lines: list[bytes]) -> None:
-        """Add already-encoded ``pgtext`` records (one line each, a batch), in key order.
+    def add_encoded(self, lines: list[bytes]) -> None:
+        """Add records already in the stream's encoding (a batch), in key order.
 
-        A line ends a chunk when ``crc32(key bytes) mod D == 0`` (the pgtext
-        boundary rule: the key's text is at hand without decoding, and crc32 is
-        a third of blake2b's cost per record); the work per line is kept to that
-        test, the rest is done per batch."""
+        A record ends a chunk by its codec's boundary rule
+        (:meth:`~snapshotter.encoding.RecordCodec.chunk_ends`, over the whole batch);
+        the work per record is kept to that test, the rest is done per batch."""
         if not lines:
             return
         rc = self._codec
-        if not rc.order_safe:
+        if not rc.keys_ordered:
             # keys of a type whose database order may differ from Python's are decoded and checked
             for line in lines:
                 self._advance_key(rc.key(line))
@@ -228,14 +226,9 @@ class StreamWriter:
                 return
         D = self.D
         rest = lines[i:] if i else lines
-        crc = _crc32
         # (end of a run of lines, whether that run ends a chunk); lines after the
         # last boundary stay buffered for the next batch
-        if rc.single_leading_key:
-            runs = [(j, True) for j, line in enumerate(rest, 1) if not crc(line[:line.find(b"\t")]) % D]
-        else:
-            key_bytes = rc.key_bytes
-            runs = [(j, True) for j, line in enumerate(rest, 1) if not crc(key_bytes(line)) % D]
+        runs = [(j, True) for j in rc.chunk_ends(rest, D)]
         if not runs or runs[-1][0] != len(rest):
             runs.append((len(rest), False))
         start = 0
@@ -274,7 +267,7 @@ class StreamWriter:
         self.D = pick_records_per_boundary(self._buf_bytes / max(1, len(self._buf)), self.target)
         recs, keys = self._buf, self._pending_keys
         self._buf, self._buf_bytes, self._pending_keys = [], 0, []
-        boundary = boundary_hash if self._codec is None else _crc32
+        boundary = boundary_hash if self._codec is None else self._codec.boundary_hash
         for rec, kb in zip(recs, keys):
             self._buf.append(rec)
             self._buf_bytes += len(rec)
@@ -353,7 +346,7 @@ class StoredRecord:
     raw: bytes  # the encoded record, as stored
     _value: Any = field(default=None, repr=False)
     _decoded: bool = False
-    _codec: Any = field(default=None, repr=False)  # a pgtext.Codec, for pgtext records
+    _codec: Any = field(default=None, repr=False)  # the stream's RecordCodec, when not msgpack
 
     @property
     def value(self) -> Any:
@@ -386,34 +379,19 @@ class StoredRecord:
         return self.raw if self._codec is None else b"\x92" + codec.pack(self.key) + codec.pack(self.value)
 
 
-def record_codec(entry: dict) -> "pgtext.Codec | None":
+def record_codec(entry: dict) -> RecordCodec | None:
     """The codec of a stream whose records are not msgpack (None: msgpack)."""
     enc = entry.get("encoding")
-    if not enc:
-        return None
-    if enc.get("format") != pgtext.FORMAT:
-        raise ValueError(f"unknown record encoding {enc.get('format')!r}")
-    return pgtext.Codec(enc)
+    return codec_for(enc) if enc else None
 
 
 def count_records(raw: bytes, entry: dict) -> int:
     """Records in one chunk of this stream."""
-    if entry.get("encoding"):
-        return pgtext.count_lines(raw)
-    import msgpack
-    u = msgpack.Unpacker(None, raw=False, strict_map_key=False, unicode_errors=codec.UNICODE_ERRORS, max_buffer_size=max(len(raw), 1 << 20))
-    u.feed(raw)
-    n = 0
-    try:
-        while True:
-            u.skip()
-            n += 1
-    except msgpack.OutOfData:
-        return n
+    return (record_codec(entry) or MSGPACK).count_records(raw)
 
 
 def iter_chunk_records(raw: bytes) -> Iterator[StoredRecord]:
-    """Records of one chunk, each with its exact encoded bytes (values decoded lazily)."""
+    """Records of one msgpack chunk, each with its exact encoded bytes (values decoded lazily)."""
     import msgpack
     u = msgpack.Unpacker(None, raw=False, strict_map_key=False, unicode_errors=codec.UNICODE_ERRORS, use_list=True,
                          max_buffer_size=max(len(raw), 1 << 20))
@@ -433,14 +411,6 @@ def iter_chunk_records(raw: bytes) -> Iterator[StoredRecord]:
         start = end
 
 
-def _fix_key(key: Any) -> Any:
-    # keys are decoded without the ext hook for speed; the rare typed key is decoded properly
-    import msgpack
-    if isinstance(key, msgpack.ExtType) or (isinstance(key, list) and any(isinstance(k, msgpack.ExtType) for k in key)):
-        return codec.unpack(codec.pack(key))
-    return key
-
-
 def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator[StoredRecord]:
     """Every record of a stream as stored, in key order; verifies every chunk's hash."""
     rc = record_codec(entry)
@@ -448,10 +418,10 @@ def read_stream(repo: Repository, entry: dict, *, prefetch: int = 4) -> Iterator
         for raw in iter_chunks(repo, entry, prefetch=prefetch):
             yield from iter_chunk_records(raw)
         return
-    key = rc.key
+    key, records = rc.key, rc.iter_records
     for raw in iter_chunks(repo, entry, prefetch=prefetch):
-        for line in pgtext.iter_lines(raw):
-            yield StoredRecord(key(line), line, _codec=rc)
+        for rec in records(raw):
+            yield StoredRecord(key(rec), rec, _codec=rc)
 
 
 class BackgroundHash:

@@ -6,17 +6,12 @@ read in many reads, each of which must come within the bound.  A store that
 does not answer in time ends the command with one line naming the source (or
 the repository) and "timed out after N s", exit code 1.
 
-PostgreSQL through psycopg has no bound on a read (a ``COPY`` of a big table is one
-statement; a sort may send nothing for minutes before its first row), so TCP
-keepalives find a server or network that went away, and a watchdog
-(``snapshotter_backends.sql.pgwatch``) a server, proxy or pooler that keeps the
-connection open but sends nothing: once a statement has got no byte for
-``timeout`` seconds, a second connection asks ``pg_stat_activity`` about its
-server process.  Working (running, reading, waiting for a lock), it is waited
-for and asked again every ``timeout``; idle while its answer is awaited, blocked
-on the client connection (``ClientWrite``, ``ClientRead``) while no byte moves,
-gone, or not answering the second connection within ``timeout`` either, its
-process is terminated, the connection shut, and the command ends as above.
+A store whose client library puts no bound on a read (a dump of a big table is one
+statement; a sort may send nothing for minutes before its first row) is bounded by its
+backend: TCP keepalives find a server or network that went away, and a watchdog of the
+backend's own (``snapshotter_backends.sql.pgwatch``, see there) a server, proxy or pooler
+that keeps the connection open but sends nothing for ``timeout`` seconds; the command
+then ends as above.
 """
 from __future__ import annotations
 

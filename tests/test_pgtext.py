@@ -19,7 +19,7 @@ sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 
 from snapshotter_backends.sql import base as sqlbase  # noqa: E402
-from snapshotter import pgtext  # noqa: E402
+from snapshotter_backends.sql import pgtext  # noqa: E402
 from snapshotter.repository import Repository  # noqa: E402
 from snapshotter.streams import read_stream  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_lines_are_the_same_on_both_paths_and_decode_to_the_cursor_values(db, ta
         sqlbase.end_transaction(conn, commit=True)
     assert enc == enc2 and enc["format"] == "pgtext"
     assert copied == cursor and len(copied) == len(rows) > 0
-    rc = pgtext.Codec(enc)
+    rc = pgtext.PgTextCodec(enc)
     for line, (key, value) in zip(copied, rows):
         k, v = rc.decode(line)
         assert rc.key(line) == k == key
@@ -371,7 +371,7 @@ def test_block_merge_finds_exactly_the_differing_lines_across_chunk_and_batch_ed
     from snapshotter.restore.plan import StreamPlan, _merge_lines
 
     rng = random.Random(seed)
-    rc = pgtext.Codec({"format": "pgtext", "columns": ["id", "body"], "oids": [20, 25], "key": ["id"]})
+    rc = pgtext.PgTextCodec({"format": "pgtext", "columns": ["id", "body"], "oids": [20, 25], "key": ["id"]})
     n = rng.choice([0, 1, 7, 300, 3000])
     rate = rng.choice([0.0, 0.001, 0.01, 0.3, 1.0])
     snap = {i: f"row {i} " + "x" * rng.randint(0, 40) for i in range(0, 2 * n, 2)}

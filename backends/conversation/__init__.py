@@ -55,6 +55,8 @@ def layout_of(spec: StreamSpec) -> type[MessageStore]:
 
 class ConversationBackend(SourceBackend):
     name = "conversation"
+    #: a PostgreSQL message table is captured as COPY text lines, as a ``sql`` source's tables
+    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec"}
     description = ("Conversation history: a SQL message table (LangChain SQLChatMessageHistory) or "
                    "Redis lists (LangChain RedisChatMessageHistory), one record per message, --session aware")
     options = (
@@ -121,6 +123,9 @@ class ConversationBackend(SourceBackend):
 
     def session_of(self, spec: StreamSpec, key, value) -> str | None:
         return layout_of(spec).session_of(spec, key, value)
+
+    def session_field(self, spec: StreamSpec) -> str | None:
+        return layout_of(spec).session_field(spec)
 
     def written_at(self, spec: StreamSpec, key, value) -> _dt.datetime | None:
         if not isinstance(value, dict):

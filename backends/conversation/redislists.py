@@ -91,9 +91,6 @@ class RedisLists(MessageStore):
         if self.list_order not in (NEWEST_FIRST, OLDEST_FIRST):
             raise ConfigError(f"{self.where}: list_order must be {NEWEST_FIRST} or {OLDEST_FIRST}, "
                               f"not {self.list_order!r}")
-        #: each session's length as the last read saw it, for a restore's writer
-        #: (:meth:`RedisListWriter.expect`): the plan that follows a read is the one it checks against
-        self.read_lengths: dict[str, int] = {}
 
     @property
     def timeout(self) -> float:
@@ -265,6 +262,8 @@ class RedisListReader(SourceReader):
         self.client = store.client()
         self.prefix = store.key_prefix.encode("utf-8")
         self._listed: set[bytes] | None = None
+        #: each session's length as the last read saw it (:meth:`plan_context`)
+        self._lengths: dict[str, int] = {}
         with translate_redis_errors(f"{store.where}: cannot reach Redis at {store.location()}", store.timeout):
             self.client.ping()
 
@@ -292,6 +291,10 @@ class RedisListReader(SourceReader):
         sizes = [n for n in pipe.execute(raise_on_error=False) if isinstance(n, int)]
         return int(sum(sizes) / len(sizes) * len(keys)) if sizes else None
 
+    def plan_context(self, spec: StreamSpec) -> dict[str, int]:
+        """Each session's length as the last read saw it (:meth:`RedisListWriter.expect`)."""
+        return dict(self._lengths)
+
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
         with translate_redis_errors(f"{self.store.where}: cannot read {self.store.location()}", self.store.timeout):
             yield from self._read(spec, sessions)
@@ -310,9 +313,9 @@ class RedisListReader(SourceReader):
         newest_first = self.store.list_order == NEWEST_FIRST
         seen: dict[bytes, tuple] = {}
         # each session's length as read, for a restore's writer (RedisListWriter.expect): the
-        # plan that follows this read is the one the writer checks against
+        # plan made from this read is the one the writer checks against
         lengths: dict[str, int] = {}
-        self.store.read_lengths = lengths
+        self._lengths = lengths
         # each session's remaining time to live, in the stream's schema (the manifest keeps it;
         # a restore sets it again on the sessions it rewrites); sessions without one are left out
         ttls: dict[str, int] = {}
@@ -392,6 +395,8 @@ class RedisListWriter(SourceWriter):
         self.client = store.client()
         self.prefix = store.key_prefix.encode("utf-8")
         self.pending: dict[str, SessionChanges] = {}
+        #: each session's length as the restore's plan read it (:meth:`planned`)
+        self.planned_lengths: dict[str, int] = {}
         #: session -> remaining TTL in ms at the snapshot (prepare); None: the snapshot did not keep TTLs
         self.ttls: dict[str, int] | None = None
         with translate_redis_errors(f"{store.where}: cannot reach Redis at {store.location()}", store.timeout):
@@ -424,6 +429,9 @@ class RedisListWriter(SourceWriter):
             changes, pos = self._changes(key)
             changes.drop.add(pos)
 
+    def planned(self, spec: StreamSpec, sessions, context) -> None:
+        self.planned_lengths = dict(context or {})
+
     def expect(self, spec: StreamSpec, records: Iterable) -> bool:
         added: dict[str, list[int]] = {}  # positions the snapshot lacks, per session
         absent: dict[str, list[int]] = {}  # positions the live list lacked
@@ -435,7 +443,7 @@ class RedisListWriter(SourceWriter):
         # the planned length: one past the highest message the snapshot lacks, else the
         # first position the live list lacked
         # a session whose plan only modified messages: the length its reader saw
-        lengths = self.store.read_lengths
+        lengths = self.planned_lengths
         for session, changes in self.pending.items():
             if session in added:
                 changes.planned_len = max(added[session]) + 1

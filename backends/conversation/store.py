@@ -48,6 +48,11 @@ class MessageStore(ABC):
         """The session a record belongs to."""
 
     @staticmethod
+    def session_field(spec: StreamSpec) -> str | None:
+        """The record field that holds the session (:meth:`SourceBackend.session_field`)."""
+        return None
+
+    @staticmethod
     @abstractmethod
     def written_at(spec: StreamSpec, value: dict, message_time: MessageTime) -> _dt.datetime | None:
         """When a record was written, if the stream tells."""

@@ -9,8 +9,8 @@ happens in one transaction.
 
 A restore of some sessions must not overwrite anything outside them: only
 their records were planned and quarantined.  A writer made for some sessions
-takes them as its scope, and so does a writer whose own transaction's reader
-(``writer.reader()``) was asked for some sessions only.  A scoped writer
+takes them as its scope, and so does a writer told that the restore planned over
+some sessions only (:meth:`SourceWriter.planned`).  A scoped writer
 refuses any record outside its sessions, and refuses to overwrite a row whose
 key now belongs to another session (SQLite, and MariaDB after a restart, hand
 out freed ids again), so that row, absent from the quarantine, is never lost.
@@ -62,6 +62,10 @@ class MessageTable(MessageStore, base.SQLConnection):
         conv = spec.schema.get("conversation", {})
         session = value.get(conv.get("session_column")) if isinstance(value, dict) else None
         return None if session is None else str(session)
+
+    @staticmethod
+    def session_field(spec: StreamSpec) -> str | None:
+        return spec.schema.get("conversation", {}).get("session_column")
 
     @staticmethod
     def written_at(spec: StreamSpec, value: dict, message_time: MessageTime) -> _dt.datetime | None:
@@ -159,10 +163,9 @@ def _untyped(values) -> sa.BindParameter:
 
 
 class MessageTableReader(SourceReader):
-    def __init__(self, table: MessageTable, conn=None, writer: MessageTableWriter | None = None):
+    def __init__(self, table: MessageTable, conn=None):
         self.table = table
         self.b = table.backend
-        self.writer = writer
         # a reader inside a writer's transaction borrows its connection and leaves it open
         self._owns = conn is None
         self.conn = table.connect() if conn is None else conn
@@ -213,8 +216,6 @@ class MessageTableReader(SourceReader):
         where = None if sessions is None else (lambda t: in_sessions(t, spec, sessions))
         if sessions is not None:
             self._check_session_variants(spec, sessions)
-        if self.writer is not None:
-            self.writer.planned_with(sessions)
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             yield from base.read_rows(self.conn, keyed(spec).schema, where=where)
 
@@ -224,8 +225,6 @@ class MessageTableReader(SourceReader):
         if sessions is not None:
             self._check_session_variants(spec, sessions)
         where = None if sessions is None else (lambda t: in_sessions(t, spec, sessions))
-        if self.writer is not None:
-            self.writer.planned_with(sessions)
         what = f"{self.b.where}: cannot read table {spec.name}"
         with base.translate_errors(what):
             doc, batches = base.read_lines(self.conn, keyed(spec).schema, where=where)
@@ -254,11 +253,11 @@ class MessageTableWriter(writing.SQLWriterMixin, SourceWriter):
         self.conn = self.txn.conn
 
     def reader(self) -> MessageTableReader:
-        return MessageTableReader(self.table, self.conn, writer=self)
+        return MessageTableReader(self.table, self.conn)
 
-    def planned_with(self, sessions: Sequence[str] | None) -> None:
-        """A restore planned in this transaction saw only these sessions' rows (None: all),
-        so only their rows were quarantined and only they may be overwritten."""
+    def planned(self, spec: StreamSpec, sessions: Sequence[str] | None, context) -> None:
+        """The restore planned over only these sessions' rows (None: all), so only their rows
+        were quarantined and only they may be overwritten."""
         if self._scope_given or self._read_all:
             return
         if sessions is None:
@@ -299,8 +298,8 @@ class MessageTableWriter(writing.SQLWriterMixin, SourceWriter):
         spec = keyed(spec)
         with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
             if self.sessions is not None:
-                from snapshotter import pgtext
-                rc = pgtext.Codec(encoding)
+                from ..sql.pgtext import PgTextCodec
+                rc = PgTextCodec(encoding)
                 col = spec.schema["conversation"]["session_column"]
                 for line in records:
                     field = rc.field(line, col)

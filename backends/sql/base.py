@@ -400,7 +400,9 @@ def key_condition(t: sa.TableClause, schema_doc: dict, keys: list, dialect: Dial
 
 def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
     """The rows with these keys as ``pgtext`` lines, with the encoding document (a
-    restore's verification of what it wrote)."""
+    restore's verification of what it wrote); None where tables are not read as lines."""
+    if not reads_lines(conn):
+        return None
     where = (lambda t: key_condition(t, schema_doc, keys, of(conn)))
     with translate_errors(what):
         doc, batches = read_lines(conn, schema_doc, where=where)

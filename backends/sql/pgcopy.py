@@ -297,9 +297,9 @@ LINE_BATCH = 2000
 
 @contextlib.contextmanager
 def pgtext_settings(conn: Connection) -> Iterator[None]:
-    """Run the block under :data:`snapshotter.pgtext.SESSION_SETTINGS` (transaction-local),
+    """Run the block under :data:`.pgtext.SESSION_SETTINGS` (transaction-local),
     and put the caller's settings back afterwards (later reads load values as before)."""
-    from snapshotter.pgtext import SESSION_SETTINGS
+    from .pgtext import SESSION_SETTINGS
 
     names = [n for n, _ in SESSION_SETTINGS]
     old = conn.exec_driver_sql("SELECT " + ", ".join(f"current_setting('{n}')" for n in names)).fetchone()
@@ -408,7 +408,7 @@ def cursor_lines(conn: Connection, stmt: sa.Select, batch: int = LINE_BATCH) -> 
     selected as its type's output text (``format('%s', c)`` calls the output function,
     unlike a cast to text, which differs for bool, bpchar, inet, ...), then escaped
     as COPY escapes it."""
-    from snapshotter.pgtext import format_line
+    from .pgtext import format_line
 
     cols = list(stmt.selected_columns)
     texts = [sa.case((c.is_(None), sa.null()), else_=sa.func.format("%s", c)).label(c.name) for c in cols]

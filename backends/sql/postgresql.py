@@ -142,7 +142,7 @@ class PostgreSQL(Dialect):
                    batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
         """Through COPY when the driver is psycopg (unless ``fast`` is False or
         ``SNAPSHOTTER_PG_COPY=0``), else through a cursor; the lines are the same either way."""
-        from snapshotter.pgtext import encoding_doc
+        from .pgtext import encoding_doc
 
         batch = batch or pgcopy.LINE_BATCH
         stmt = select_stmt(conn, schema_doc, where)

@@ -311,13 +311,17 @@ def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, Stream
     by_name = {t.spec.name: t for t in ts}
     ordered = [by_name[spec.name] for spec in w.write_order([t.spec for t in ts])]
     for t in ordered:
+        # what the plan read, and where it saw it: the writer's scope and checks
+        if plans[t.stream].read is not None:
+            w.planned(t.spec, *plans[t.stream].read)
+    for t in ordered:
         w.prepare(t.spec)
-    restarted = getattr(w, "transaction_restarted", False)
+    restarted = w.transaction_restarted
     for t in ordered:
         plan = plans[t.stream]
         if plan.quarantine is None or not plan.changes:
             continue
-        if not getattr(w, "transactional", False):
+        if not w.transactional:
             _expect_planned(repo, w, t, plan)
         elif restarted:
             # the database committed the plan's transaction (MariaDB/MySQL at a CREATE TABLE), and with
@@ -350,7 +354,7 @@ def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes:
     encoding = t.entry.get("encoding")
 
     def upsert(batch: list) -> None:
-        # pgtext: records kept in the snapshot's own encoding go back as they are, when the writer can
+        # records kept in the snapshot's own encoding go back as they are, when the writer can
         if encoding and all(raw is not None for _, raw in batch) and \
                 w.upsert_encoded(t.spec, encoding, [raw for _, raw in batch]):
             return

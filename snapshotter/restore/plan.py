@@ -1,6 +1,6 @@
 """The plan of a restore: how a live stream differs from the snapshot's, found by
 the restore's one merge of key-ordered streams (:func:`merge`; its fast path for
-whole streams of PostgreSQL lines is :func:`merge_chunked`), counted, and written
+whole streams of records in a store's own encoding is :func:`merge_chunked`), counted, and written
 to the quarantine as it goes.  Memory is bounded by a batch, not by the store.
 
 Applying reads the quarantine records back, so it needs no plan in memory: ``added``
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Any, Callable, Iterator
 
-from .. import codec, hashing, pgtext
+from .. import codec, hashing
 from ..backend import PlannedStream, StreamSpec
+from ..encoding import RecordCodec, codec_for, same_encoding
 from ..errors import IntegrityError, SchemaMismatch, SourceError
 from ..repository import Repository
 from ..streams import BackgroundHash, StoredRecord, StreamWriter, iter_chunks, read_stream
@@ -47,8 +48,8 @@ def merge(live: Iterator, snap: Iterator, live_key: Callable, snap_key: Callable
     ``lv``), SNAPSHOT (only in the snapshot: ``sv``) or BOTH (in both, and not
     ``same(lv, sv)``; without ``same``, two records of a key differ).  ``lv`` and ``sv``
     are the two heads then (the other side's is its next record, or None at its end).
-    With ``same_bytes``, equal items (lines) pass without their keys being looked at.
-    Whole streams of lines take the fast path, :func:`merge_chunked`."""
+    With ``same_bytes``, equal items (encoded records) pass without their keys being
+    looked at.  Whole streams of encoded records take the fast path, :func:`merge_chunked`."""
     lv, sv = next(live, None), next(snap, None)
     while lv is not None or sv is not None:
         if same_bytes and lv == sv:
@@ -73,23 +74,24 @@ def merge_records(live: Iterator[tuple[Any, bytes, Any]], snap: Iterator[StoredR
 _BLOCK_MIN, _BLOCK_MAX = 8, 1024
 
 
-def merge_chunked(live_batches: Iterator[list[bytes]], chunks: Iterator[bytes], key: Callable,
+def merge_chunked(live_batches: Iterator[list[bytes]], chunks: Iterator[bytes], rc: RecordCodec,
                   on_chunk: Callable[[bytes], Any]) -> Iterator[tuple[int, bytes | None, bytes | None]]:
-    """:func:`merge` of two whole streams of lines (``same_bytes``, no ``same``) without
-    splitting the snapshot into lines: the live lines are matched against the snapshot
-    chunk's bytes at a cursor, a block of lines at a time (one join and one
-    ``startswith``, both in C); a block that differs is halved until the differing
-    line is found, whose key alone is looked at.  A line ends with its only newline
-    (escaped newlines are ``\\n``), so bytes equal at a line start are equal lines.
-    ``on_chunk`` is given each snapshot chunk, in order."""
+    """:func:`merge` of two whole streams of encoded records (``same_bytes``, no ``same``)
+    without splitting the snapshot into records: the live records are matched against
+    the snapshot chunk's bytes at a cursor, a block of records at a time (one join and
+    one ``startswith``, both in C); a block that differs is halved until the differing
+    record is found, whose key alone is looked at.  Encoded records are canonical and
+    self-delimiting (:class:`~snapshotter.encoding.RecordCodec`), so bytes equal at a
+    record's start are equal records.  ``on_chunk`` is given each snapshot chunk, in order."""
+    key, record_end = rc.key, rc.record_end
     raw, p = b"", 0
 
     def load() -> bool:
         """Move to the next snapshot chunk (False: there is none)."""
         nonlocal raw, p
         for chunk in chunks:
-            if not chunk.endswith(b"\n"):
-                raise IntegrityError("a snapshot chunk does not end with a complete line")
+            if not rc.whole_records(chunk):
+                raise IntegrityError("a snapshot chunk does not end with a complete record")
             on_chunk(chunk)
             raw, p = chunk, 0
             return True
@@ -122,7 +124,7 @@ def merge_chunked(live_batches: Iterator[list[bytes]], chunks: Iterator[bytes], 
             if p >= len(raw) and more:
                 more = load()
                 continue
-            sv = raw[p:raw.index(b"\n", p) + 1] if more else None
+            sv = raw[p:record_end(raw, p)] if more else None
             side = _order(lv, sv, key, key)
             yield side, lv, sv
             if side & LIVE:
@@ -131,7 +133,7 @@ def merge_chunked(live_batches: Iterator[list[bytes]], chunks: Iterator[bytes], 
                 p += len(sv)
     while more:  # what is left of the snapshot is gone from the live store
         while p < len(raw):
-            sv = raw[p:raw.index(b"\n", p) + 1]
+            sv = raw[p:record_end(raw, p)]
             yield SNAPSHOT, None, sv
             p += len(sv)
         more = load()
@@ -165,12 +167,12 @@ def same_record(t: Target) -> Callable[[tuple, StoredRecord], bool]:
     return same
 
 
-# pgtext: a PostgreSQL stream is planned over its lines (snapshot and live in the same
-# encoding), decoding keys and values only where the two sides differ
+# a stream kept in a store's own encoding is planned over its encoded records (snapshot
+# and live in the same encoding), decoding keys and values only where the two sides differ
 
 def live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator[list[bytes]] | None:
-    """The live stream as lines in the snapshot's own encoding, when the snapshot is a
-    ``pgtext`` one and the reader can give them (None otherwise)."""
+    """The live stream as records in the snapshot's own encoding, when the snapshot has
+    one and the reader can give them (None otherwise)."""
     enc = t.entry.get("encoding")
     if not enc or spec is None:
         return None
@@ -178,20 +180,21 @@ def live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator
     if got is None:
         return None
     doc, batches = got
-    if not pgtext.same_encoding(doc, enc):
+    if not same_encoding(doc, enc):
         batches.close()
         return None
     return batches
 
 
-def _session_filter(t: Target, rc: pgtext.Codec, sessions: set[str] | None):
-    """A test of a snapshot line's session, reading one field where the schema names it."""
+def _session_filter(t: Target, rc: RecordCodec, sessions: set[str] | None):
+    """A test of a snapshot record's session, reading one field where the backend names it."""
     if not sessions:
         return None
-    column = (t.spec.schema.get("conversation") or {}).get("session_column")
-    if column in rc.columns:
+    name = t.backend.session_field(t.spec)
+    read = rc.field_reader(name) if name else None
+    if read is not None:
         def keep(line: bytes) -> bool:
-            f = rc.field(line, column)
+            f = read(line)
             return f is not None and f.decode("utf-8", "replace") in sessions
         return keep
 
@@ -203,9 +206,9 @@ def _session_filter(t: Target, rc: pgtext.Codec, sessions: set[str] | None):
 
 def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]], plan: "StreamPlan",
                 sessions: set[str] | None, digest, quarantine) -> None:
-    """The plan of :func:`plan_stream` over ``pgtext`` lines: equal lines (almost all of
+    """The plan of :func:`plan_stream` over encoded records: equal ones (almost all of
     them after a small drift) are recognised by their bytes alone."""
-    rc = pgtext.Codec(t.entry["encoding"])
+    rc = codec_for(t.entry["encoding"])
     keep = _session_filter(t, rc, sessions)
     if keep is None:
         _merge_lines(iter_chunks(repo, t.entry), live_batches, rc, plan, digest, quarantine)
@@ -214,7 +217,7 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
 
     def snapshot_lines() -> Iterator[bytes]:
         for raw in iter_chunks(repo, t.entry):
-            lines = [line for line in pgtext.iter_lines(raw) if keep(line)]
+            lines = [line for line in rc.iter_records(raw) if keep(line)]
             digest.update(b"".join(lines))
             plan.snapshot_records += len(lines)
             yield from lines
@@ -223,7 +226,7 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
         _quarantine_line(rc, side, lv, sv, plan, quarantine)
 
 
-def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], rc: pgtext.Codec,
+def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], rc: RecordCodec,
                  plan: "StreamPlan", digest, quarantine) -> None:
     """The plan of a whole stream of lines, through :func:`merge_chunked`."""
     live_lines = 0
@@ -234,13 +237,13 @@ def _merge_lines(chunks: Iterator[bytes], live_batches: Iterator[list[bytes]], r
             live_lines += len(batch)
             yield batch
 
-    for side, lv, sv in merge_chunked(counted(), chunks, rc.key, digest.update):
+    for side, lv, sv in merge_chunked(counted(), chunks, rc, digest.update):
         _quarantine_line(rc, side, lv, sv, plan, quarantine)
     # every line is matched, added (live only), deleted (snapshot only) or modified (both)
     plan.snapshot_records += live_lines - plan.added + plan.deleted
 
 
-def _quarantine_line(rc: pgtext.Codec, side: int, lv: bytes | None, sv: bytes | None, plan: "StreamPlan",
+def _quarantine_line(rc: RecordCodec, side: int, lv: bytes | None, sv: bytes | None, plan: "StreamPlan",
                      quarantine) -> None:
     """A key where the lines differ, counted and quarantined: values are decoded only here."""
     if side == LIVE:
@@ -279,12 +282,15 @@ class StreamPlan:
         return self.added + self.modified + self.deleted
 
     post_failure: int = 0
-    #: planned over pgtext lines inside the writer's transaction (see verify._verify_touched)
+    #: planned over records in the snapshot's own encoding (see verify._verify_touched)
     lines: bool = False
     #: stream settings that differ from the snapshot's and are put back (Chroma: collection metadata)
     settings: list[str] = field(default_factory=list)
     #: a missing stream is recreated without these parts of its stored definition
     not_recreated: list[str] = field(default_factory=list)
+    #: the live read the plan was made from, ``(sessions or None, the reader's plan_context)``,
+    #: for :meth:`SourceWriter.planned` (None: the stream was missing, nothing was read)
+    read: tuple | None = field(default=None, repr=False)
 
     def counts(self) -> dict:
         out = {"added": self.added, "modified": self.modified, "deleted": self.deleted}
@@ -335,10 +341,9 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     # the snapshot's records are hashed as its manifest's digest was
     alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
     lines = live_lines(reader, t, live_spec, sel.sessions)
-    if lines is None and live_spec is None and pgtext.is_pgtext(t.entry.get("encoding")) \
-            and hasattr(reader, "read_encoded"):
-        # the table is gone: every stored line goes back as it is (through COPY, after the
-        # table is recreated), not as decoded values, which would round off intervals
+    if lines is None and live_spec is None and t.entry.get("encoding"):
+        # the stream is gone: every stored record goes back as it is (a table through COPY,
+        # after it is recreated), not as decoded values, which would round off intervals
         lines = (batch for batch in ())
     if lines is not None:
         digest = BackgroundHash(alg)
@@ -348,6 +353,8 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         finally:
             hexdigest = digest.hexdigest()
         plan.lines = True
+        if live_spec is not None:
+            plan.read = (sel.sessions or None, reader.plan_context(live_spec))
         plan.snapshot_digest = f"{alg}:{hexdigest}"
         if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
             raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
@@ -383,6 +390,8 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         else:
             plan.modified += 1
             quarantine(sv.key, "modified", lv[2], sv.value)
+    if live_spec is not None:
+        plan.read = (sel.sessions or None, reader.plan_context(live_spec))
     plan.snapshot_digest = hashing.digest_string(alg, digest)
     plan.snapshot_keys_digest = "sha256:" + keys_digest.hexdigest()
     if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):

@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-from .. import codec, pgtext
+from .. import codec
 from ..backend import ABSENT, PlannedStream, StreamSpec
 from ..config import Config
+from ..encoding import RecordCodec, codec_for, same_encoding
 from ..errors import IntegrityError, Refused, UsageError
 from ..quarantine import stream_entry
-from .verify import unexpected, unexpected_lines
+from .verify import unexpected, unexpected_encoded
 
 if TYPE_CHECKING:
     from ..forensics.select import Located
@@ -81,7 +82,7 @@ def reapply(cfg: Config, bundle: dict, records: list[Located], *, force: bool = 
                     w.delete(spec, deletes)
                 if not kept:
                     continue
-                # pgtext: records kept as the store's own lines go back as they are (exact for every type)
+                # records kept in the store's own encoding go back as they are (exact for every type)
                 encoding = entry.get("raw_encoding")
                 raws = [loc.record.value.get("raw") for loc in kept] if encoding else []
                 if encoding and all(raw is not None for raw in raws) and w.upsert_encoded(spec, encoding, raws):
@@ -121,28 +122,32 @@ def changed_since_restore(backend, writer, spec: StreamSpec, entry: dict, locs: 
     with contextlib.nullcontext(reader) if own is not None else reader:
         encoding = entry.get("raw_encoding")
         keys = [loc.record.key for loc in locs]
-        if pgtext.is_pgtext(encoding) and hasattr(reader, "read_encoded_keys"):
-            doc, batches = reader.read_encoded_keys(spec, keys)
+        encoded = reader.read_encoded_keys(spec, keys) if encoding else None
+        if encoded is not None:
+            doc, batches = encoded
             with contextlib.closing(batches):
-                if pgtext.same_encoding(doc, encoding):
-                    changed = _changed_lines(pgtext.Codec(doc), locs, batches)
+                if same_encoding(doc, encoding):
+                    changed = _changed_encoded(codec_for(doc), locs, batches)
                     if changed is not None:
                         return changed
         got = reader.read_keys(spec, keys)
         if got is None:
             sessions = sorted({loc.record.value.get("session") for loc in locs} - {None})
-            got = reader.read(spec, sessions if sessions and all(
-                loc.record.value.get("session") is not None for loc in locs) else None)
+            read_sessions = sessions if sessions and all(
+                loc.record.value.get("session") is not None for loc in locs) else None
+            got = reader.read(spec, read_sessions)
+            # the writes are decided from these sessions' records: the writer's scope
+            writer.planned(spec, read_sessions, reader.plan_context(spec))
         want = [(loc.record.key, ABSENT if loc.op == "added" else loc.record.value["snapshot_value"]) for loc in locs]
         return [locs[i] for i, _ in unexpected(backend, spec, want, got)]
 
 
-def _changed_lines(rc: pgtext.Codec, locs: list[Located], lines) -> list[Located] | None:
-    """:func:`changed_since_restore` over the live rows as lines: a row differs from the
-    line the restore wrote (or is there where the restore removed it).  None when the
-    values must be compared instead: a record not kept as lines, or a live row equal to
-    an asked key only under the column's collation ('abc' in citext for 'ABC'), which
-    the comparison by value matches to its key."""
+def _changed_encoded(rc: RecordCodec, locs: list[Located], lines) -> list[Located] | None:
+    """:func:`changed_since_restore` over the live records in their own encoding: a record
+    differs from the one the restore wrote (or is there where the restore removed it).
+    None when the values must be compared instead: a record not kept encoded, or a live
+    record equal to an asked key only under the store's collation ('abc' in citext for
+    'ABC'), which the comparison by value matches to its key."""
     expected, kbs = {}, []
     for loc in locs:
         q = loc.record.fields("op", "raw", "snapshot_raw")
@@ -151,7 +156,7 @@ def _changed_lines(rc: pgtext.Codec, locs: list[Located], lines) -> list[Located
             return None
         kbs.append(rc.key_bytes(line))
         expected[kbs[-1]] = None if q["op"] == "added" else q["snapshot_raw"]
-    changed = {kb for kb, _ in unexpected_lines(rc, expected, lines)}
+    changed = {kb for kb, _ in unexpected_encoded(rc, expected, lines)}
     if not changed <= expected.keys():
         return None
     return [loc for loc, kb in zip(locs, kbs) if kb in changed]

@@ -1,6 +1,6 @@
 """Whether the live store holds what a restore expects:
 
-* :func:`unexpected` (its pgtext branch for PostgreSQL lines: :func:`unexpected_lines`),
+* :func:`unexpected` (for records in a store's own encoding: :func:`unexpected_encoded`),
   the one check of live records against expected ones, a value or absence; the
   restore asks it before it writes, its verification and reapply ask it too;
 * :func:`verify_streams`, the verification of what a restore wrote;
@@ -12,8 +12,9 @@ import contextlib
 import hashlib
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from .. import codec, hashing, pgtext
+from .. import codec, hashing
 from ..backend import ABSENT, StreamSpec
+from ..encoding import RecordCodec, codec_for, same_encoding
 from ..repository import Repository
 from ..streams import read_stream
 from .plan import BOTH, LIVE, SNAPSHOT, StreamPlan, live_lines, live_records, merge_records, same_record, \
@@ -50,18 +51,19 @@ def unexpected(backend, spec: StreamSpec, expected: list[tuple[Any, Any]],
     return out
 
 
-def unexpected_lines(rc: pgtext.Codec, expected: dict[bytes, bytes | None],
-                     lines: Iterable[list[bytes]]) -> Iterator[tuple[bytes, bytes | None]]:
-    """:func:`unexpected` for a pgtext stream read as lines: ``expected`` maps each key
-    (as its line's key bytes) to its line, or None where no record is expected.
-    Yields ``(key bytes, live line)`` for every live line that is not the expected one
-    (a key not in ``expected`` included), in the order read, then ``(key bytes, None)``
-    for every expected line that is missing."""
+def unexpected_encoded(rc: RecordCodec, expected: dict[bytes, bytes | None],
+                       lines: Iterable[list[bytes]]) -> Iterator[tuple[bytes, bytes | None]]:
+    """:func:`unexpected` for a stream read in its own encoding: ``expected`` maps each key
+    (as its record's key bytes) to its record, or None where no record is expected.
+    Yields ``(key bytes, live record)`` for every live record that is not the expected
+    one (a key not in ``expected`` included), in the order read, then ``(key bytes, None)``
+    for every expected record that is missing."""
     seen = set()
+    equal = rc.equal
     for part in lines:
         for line in part:
             kb = rc.key_bytes(line)
-            if expected.get(kb) != line:
+            if not equal(expected.get(kb), line):
                 yield kb, line
             seen.add(kb)
     for kb, want in expected.items():
@@ -86,13 +88,13 @@ def verify_streams(repo: Repository, targets: dict[str, list[Target]], result: R
                 if plan.settings and spec is not None and t.backend.settings_differences(t.spec, spec):
                     ok = False
                     result.problems.append(f"{source}/{t.stream}: {', '.join(plan.settings)} not as in the snapshot")
-                if source in readers and plan.lines and plan.quarantine is not None and spec is not None \
-                        and hasattr(reader, "read_encoded_keys"):
+                if source in readers and plan.lines and plan.quarantine is not None and spec is not None:
                     problem = _verify_touched(repo, t, reader, spec, plan)
-                    if problem:
-                        ok = False
-                        result.problems.append(f"{source}/{t.stream}: {problem}")
-                    continue
+                    if problem is not _UNSUPPORTED:
+                        if problem:
+                            ok = False
+                            result.problems.append(f"{source}/{t.stream}: {problem}")
+                        continue
                 if not plan.lines and not sel.sessions and plan.quarantine is not None and spec is not None:
                     problem = _verify_by_key(repo, t, reader, spec, plan)
                     if problem is not _UNSUPPORTED:
@@ -103,7 +105,7 @@ def verify_streams(repo: Repository, targets: dict[str, list[Target]], result: R
                 alg = repo.hash
                 h = hashing.new(alg)
                 n = 0
-                lines = live_lines(reader, t, spec, sel.sessions)  # pgtext: hashed as lines, as taken
+                lines = live_lines(reader, t, spec, sel.sessions)  # hashed as encoded records, as taken
                 if lines is not None:
                     with contextlib.closing(lines):
                         for batch in lines:
@@ -122,14 +124,16 @@ def verify_streams(repo: Repository, targets: dict[str, list[Target]], result: R
     return ok
 
 
-def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan: StreamPlan) -> str | None:
+def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan: StreamPlan) -> Any:
     """Verification of a stream planned over lines in the writer's own REPEATABLE READ
     transaction: every row the plan did not touch was compared equal to the snapshot
     in this transaction, and no other transaction's write is visible to it, so the
     stream equals the snapshot (and has its digest) exactly when every touched key
     now holds its snapshot line, or is absent where the snapshot has none.  Reads
-    what the restore wrote, not the whole table."""
-    rc = pgtext.Codec(t.entry["encoding"])
+    what the restore wrote, not the whole table.  :data:`_UNSUPPORTED` when the reader
+    cannot read records by key in their encoding (:meth:`SourceReader.read_encoded_keys`)."""
+    rc = codec_for(t.entry["encoding"])
+    unsupported = False
 
     def check(batch: list) -> str | None:
         expected, keys = {}, {}
@@ -139,11 +143,15 @@ def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan:
                 return f"record {codec.key_text(key)} has no stored line to verify against"
             kb = rc.key_bytes(line)
             expected[kb], keys[kb] = q.get("snapshot_raw"), key
+        nonlocal unsupported
         got = reader.read_encoded_keys(spec, [k for k, _ in batch])
-        if got is None or not pgtext.same_encoding(got[0], t.entry["encoding"]):
+        if got is None:
+            unsupported = True
+            return "unsupported"
+        if not same_encoding(got[0], t.entry["encoding"]):
             return "the live table can no longer be read in the snapshot's encoding"
         with contextlib.closing(got[1]) as lines:
-            for kb, line in unexpected_lines(rc, expected, lines):
+            for kb, line in unexpected_encoded(rc, expected, lines):
                 if line is None:
                     return f"record {codec.key_text(keys[kb])} missing after restore"
                 if expected.get(kb) is None:
@@ -151,7 +159,8 @@ def _verify_touched(repo: Repository, t: Target, reader, spec: StreamSpec, plan:
                 return f"record {codec.key_text(keys[kb])} differs from the snapshot after restore"
         return None
 
-    return _check_incident(repo, plan, lambda rec: (rec.key, rec.fields("op", "raw", "snapshot_raw")), check)
+    problem = _check_incident(repo, plan, lambda rec: (rec.key, rec.fields("op", "raw", "snapshot_raw")), check)
+    return _UNSUPPORTED if unsupported else problem
 
 
 def _check_incident(repo: Repository, plan: StreamPlan, item, check) -> str | None:

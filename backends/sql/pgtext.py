@@ -31,7 +31,9 @@ import datetime as _dt
 import decimal
 import re
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from snapshotter.encoding import RecordCodec, crc32_boundary, register
 
 FORMAT = "pgtext"
 
@@ -113,13 +115,15 @@ def encoding_doc(columns: Sequence[str], oids: Sequence[int], key: Sequence[str]
     return {"format": FORMAT, "columns": list(columns), "oids": [int(o) for o in oids], "key": list(key)}
 
 
-class Codec:
-    """Keys and values of ``pgtext`` lines for one stream (see the module doc)."""
+@register
+class PgTextCodec(RecordCodec):
+    """Keys and values of ``pgtext`` lines for one stream (see the module doc); registered
+    as the codec of the format, and declared by the backends that write it."""
 
     format = FORMAT
 
     def __init__(self, doc: dict):
-        self.doc = doc
+        super().__init__(doc)
         self.columns: list[str] = list(doc["columns"])
         self.oids: list[int] = list(doc["oids"])
         self.key_columns: list[str] = list(doc["key"])
@@ -127,7 +131,7 @@ class Codec:
         #: key columns lead the line: the key's bytes are a prefix, found without splitting
         self._leading = self.key_index == list(range(len(self.key_index)))
         self.single_leading_key = self.key_index == [0]
-        self.order_safe = all(self.oids[i] in ORDER_SAFE_TYPES for i in self.key_index)
+        self.keys_ordered = all(self.oids[i] in ORDER_SAFE_TYPES for i in self.key_index)
         self._tx = None
         self._key_tx = None
 
@@ -150,6 +154,41 @@ class Codec:
         """One column's text (escapes undone), without loading it."""
         return split_line(line)[self.columns.index(column)]
 
+    def field_reader(self, name: str) -> Callable[[bytes], bytes | None] | None:
+        if name not in self.columns:
+            return None
+        i = self.columns.index(name)
+        return lambda line: split_line(line)[i]
+
+    # -- chunks --------------------------------------------------------------------
+
+    boundary_hash = staticmethod(crc32_boundary)
+
+    def chunk_ends(self, records: list[bytes], D: int) -> list[int]:
+        # the one per-line step of a snapshot that keeps up with pg_dump: a single leading
+        # key column is the text before the first tab
+        crc = crc32_boundary
+        if self.single_leading_key:
+            return [j for j, line in enumerate(records, 1) if not crc(line[:line.find(b"\t")]) % D]
+        key_bytes = self.key_bytes
+        return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]
+
+    def iter_records(self, raw: bytes) -> list[bytes]:
+        return iter_lines(raw)
+
+    def count_records(self, raw: bytes) -> int:
+        return count_lines(raw)
+
+    def record_end(self, raw: bytes, start: int) -> int:
+        return raw.index(b"\n", start) + 1
+
+    def whole_records(self, raw: bytes) -> bool:
+        return raw.endswith(b"\n")
+
+    @classmethod
+    def same_encoding(cls, a: dict, b: dict) -> bool:
+        return a.get("columns") == b.get("columns") and a.get("oids") == b.get("oids") and a.get("key") == b.get("key")
+
     # -- values ------------------------------------------------------------------
 
     def _transformer(self, oids: Sequence[int]):
@@ -157,7 +196,7 @@ class Codec:
             from psycopg.adapt import Transformer
             from psycopg.pq import Format
         except ImportError:  # pragma: no cover - psycopg is in the postgres extra
-            from .errors import UsageError
+            from snapshotter.errors import UsageError
             raise UsageError("reading PostgreSQL records needs psycopg: install snapshotter[postgres]") from None
         tx = Transformer()
         tx.set_loader_types(list(oids), Format.TEXT)
@@ -224,12 +263,3 @@ def _plain(v: Any) -> bool:
     if isinstance(v, dict):
         return all(isinstance(k, str) and _plain(x) for k, x in v.items())
     return False
-
-
-def is_pgtext(doc: dict | None) -> bool:
-    return bool(doc) and doc.get("format") == FORMAT
-
-
-def same_encoding(a: dict | None, b: dict | None) -> bool:
-    return bool(a) and bool(b) and a.get("format") == b.get("format") and a.get("columns") == b.get("columns") \
-        and a.get("oids") == b.get("oids") and a.get("key") == b.get("key")

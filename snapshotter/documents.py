@@ -131,11 +131,11 @@ class _Document:
 @dataclass(frozen=True, eq=False)
 class StreamEntry(_Document):
     """A stream of a snapshot: its chunks in order, the sums of their rows, the digest of
-    its records, the backend's schema, and (pgtext streams) its record ``encoding``.
+    its records, the backend's schema, and (streams kept in a backend's own record codec) its ``encoding``.
 
     An incident bundle's stream is the same entry with ``counts`` (records per op),
     ``snapshot_schema`` (the live ``schema`` is the one the restore replaced) and, for
-    pgtext lines, ``raw_encoding``."""
+    records kept in a backend's codec, ``raw_encoding``."""
 
     MEMBERS: ClassVar = ("records", "bytes", "stored_bytes", "digest", "chunking", "chunks", "encoding",
                          "schema", "counts", "snapshot_schema", "raw_encoding")
@@ -339,7 +339,7 @@ class QuarantinedWrite:
     """The value ``q`` of a bundle's record ``[key, q]``: what the restore found live
     (``op`` against the snapshot, the live and the snapshot value, when the store says it
     was written, whether after ``--failure-at``, its conversation session) and, in a
-    pgtext stream, both as lines (``raw``, ``snapshot_raw``).  Stored in the record
+    stream kept in a backend's codec, both as encoded records (``raw``, ``snapshot_raw``).  Stored in the record
     encoding, not as JSON."""
 
     op: str

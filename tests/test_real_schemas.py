@@ -814,3 +814,30 @@ def test_postgres_role_that_cannot_read_a_referencing_table_is_refused_up_front(
     assert r.code == 0, r.err
     assert "cannot read pg_stat_xact_user_tables" in caplog.text  # said, and the restore goes on
     eng.dispose()
+
+
+def test_postgres_value_the_live_type_no_longer_accepts_is_one_line_and_rolled_back(pg_url, tmp_path, cli):
+    """The snapshot's value meets a domain constraint added since (NOT VALID: live rows keep
+    theirs): the restore's COPY into its staging table fails. That is one line naming the source
+    and table, exit 1, the table unchanged and the incident rolled back, not 'unexpected
+    CheckViolation' (psycopg's COPY runs outside SQLAlchemy's error translation)."""
+    eng = engine(pg_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE DOMAIN note AS text")
+        c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, v note)")
+        c.exec_driver_sql("INSERT INTO kb VALUES (1, 'good'), (2, 'forbidden later')")
+    snap = snapshot_of(tmp_path, cli, pg_url, tables=["kb"])
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE kb SET v = 'changed' WHERE id = 2")
+        c.exec_driver_sql("ALTER DOMAIN note ADD CONSTRAINT no_forbidden CHECK (VALUE <> 'forbidden later') NOT VALID")
+    r = cli("--json", "restore", snap["id"], "--yes")
+    assert r.code == 1, r.err
+    assert "cannot write table kb" in r.err and "no_forbidden" in r.err and "unexpected" not in r.err, r.err
+    error = json.loads(r.err)["error"]
+    assert error["exit_code"] == 1 and "\n" not in error["message"], error
+    assert error["sources"]["db"]["status"] == "rolled_back", error
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT v FROM kb ORDER BY id").scalars().all() == ["good", "changed"]
+    listed = cli("--json", "quarantine", "list").json()
+    assert [i["status"] for i in listed] == ["rolled_back"]
+    eng.dispose()

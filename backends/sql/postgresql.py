@@ -207,9 +207,17 @@ class PostgreSQL(Dialect):
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DROP AS "
                                  f"SELECT {cols} FROM {target} WITH NO DATA")
             conn.exec_driver_sql(f"TRUNCATE {stage}")
-            with pg.cursor() as cur, cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
-                # stored lines are UTF-8; the server reads COPY data in the client encoding
-                copy.write(b"".join(pgcopy.from_utf8(lines, pg.info.encoding, target)))
+            import psycopg
+            statement = f"COPY {stage} ({cols}) FROM STDIN"
+            try:
+                with pg.cursor() as cur, cur.copy(statement) as copy:
+                    # stored lines are UTF-8; the server reads COPY data in the client encoding
+                    copy.write(b"".join(pgcopy.from_utf8(lines, pg.info.encoding, target)))
+            except psycopg.Error as exc:
+                # psycopg's own COPY is outside SQLAlchemy: its errors become SQLAlchemy's, which
+                # the writer turns into one line naming the source and table (a value the live
+                # type no longer accepts, a conflict, a connection lost)
+                raise sa.exc.DBAPIError(statement, None, exc) from exc
             if guard is not None:
                 guard.before_write(schema_doc)
             match = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)

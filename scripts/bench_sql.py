@@ -1,27 +1,46 @@
 #!/usr/bin/env python3
-"""Snapshot of a PostgreSQL table against `pg_dump -t TABLE | zstd -3`.
+"""SQL snapshots against each database's own dump tool, by dialect and table shape.
 
-A scratch database gets a table of --rows rows (default 500,000, ~340 MB as
-text: bigint key, session, timestamptz, numeric, ~550 chars of text drawn
-from a small vocabulary so it compresses like prose, jsonb).  Then, in
-alternation, --runs times each:
+    python scripts/bench_sql.py [--dialect postgresql|mariadb|sqlite|all]
+                                [--shape events|narrow|wide|incompressible|embeddings|all]
+                                [--rows N | --scale F] [--runs 3] [--startup]
+                                [--generic] [--floor] [--db NAME] [--keep] [--json]
 
-* ``pg_dump -t TABLE DB | zstd -3 > FILE``: wall time and file size;
-* ``python -m snapshotter snapshot`` into a fresh local repository (the real
-  CLI in a child process): wall time, repository bytes, peak RSS of the child;
-* with --generic, the same snapshot with the COPY fast path switched off
-  (``SNAPSHOTTER_PG_COPY=0``), for comparison;
-* with --floor, the least a Python client can do for the same result: the rows
-  through ``COPY`` in key order (libpq directly, as the snapshot reads them),
-  joined into 2.8 MB buffers, ``zstd -3`` in one thread per CPU, one file each;
-  no chunk boundaries, hashes, manifest, SQLAlchemy or CLI.  What the snapshot
-  costs over it is snapshotter's own overhead.
+For each (dialect, shape) a scratch database (a temporary file for SQLite) gets
+one table, built on the server side (generate_series, MariaDB's sequence
+tables, a recursive CTE; the embeddings of MariaDB and SQLite in batches of
+executemany).  The shapes, with their default row counts (--scale multiplies
+them, --rows replaces them):
 
-Medians are printed, with the ratios the targets are stated in (snapshot time
-no more than pg_dump's, repository no larger than its output, RSS < 300 MB).
-The scratch database is dropped at the end unless --keep.
+* events (PostgreSQL only; the default, and the table this script measured
+  before it knew shapes): bigint key, session, timestamptz, numeric, ~550 chars
+  of prose-like text, jsonb; 500,000 rows;
+* narrow: bigint key, int, short text, real; 2,000,000 rows;
+* wide: ~600 B of repetitive text and a json/jsonb document; 500,000 rows;
+* incompressible: ~300 random bytes (bytea / BLOB); 300,000 rows;
+* embeddings: 384 floats (real[] on PostgreSQL, JSON text on MariaDB, a BLOB
+  of float32 on SQLite); 100,000 rows.
 
-    python scripts/bench_sql.py [--rows 500000] [--runs 3] [--generic] [--floor] [--json]
+Then, in alternation, --runs times each of:
+
+* the snapshot: ``python -m snapshotter snapshot`` into a fresh local
+  repository (the real CLI in a child process, a config written for the
+  table): wall and CPU time, repository bytes, peak RSS of the child;
+* the native tool: PostgreSQL ``pg_dump -t T DB | zstd -3`` and the server's
+  ordered read ``psql -c "COPY (SELECT * FROM T ORDER BY key) TO STDOUT" >
+  /dev/null``; MariaDB ``mysqldump --single-transaction DB T | zstd -3``;
+  SQLite ``sqlite3 DB ".dump T" | zstd -3``;
+* PostgreSQL only: with --generic, the snapshot with the COPY fast path off
+  (``SNAPSHOTTER_PG_COPY=0``); with --floor, the least a Python client can do
+  for the same output (rows through ``COPY`` in key order, joined into 2.8 MB
+  buffers, ``zstd -3`` in one thread per CPU, one file each).
+
+Medians are printed with the ratios the targets are stated in: PostgreSQL
+snapshot / ordered read <= 1.4 on each shape, and <= 1.0x ``pg_dump | zstd``
+on wide (and on events, its old target); MariaDB <= 1.5x ``mysqldump | zstd``;
+SQLite <= 1.0x ``sqlite3 .dump | zstd``; peak RSS < 300 MB.  With --startup,
+the whole snapshot process of a 5,000-row narrow table is timed too (target
+<= 0.3 s).  Scratch databases are dropped at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -31,8 +50,10 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,16 +63,43 @@ from urllib.parse import urlsplit
 from benchlib import compile_project
 
 PG = os.environ.get("SNAPSHOTTER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+MY = os.environ.get("SNAPSHOTTER_BENCH_MARIADB", "mysql://root@127.0.0.1:3306/mysql")
 TABLE = "agent_events"
 RSS_LIMIT_MB = 300
+STARTUP_ROWS = 5000
+STARTUP_LIMIT_S = 0.3
 
+DIALECTS = ("postgresql", "mariadb", "sqlite")
+SHAPES = ("narrow", "wide", "incompressible", "embeddings")
+DEFAULT_ROWS = {"events": 500_000, "narrow": 2_000_000, "wide": 500_000, "incompressible": 300_000,
+                "embeddings": 100_000}
+DIMS = 384
+#: time targets: (dialect, shape or None for every shape) -> [(native kind, max ratio)]
+NATIVE = {"postgresql": "pg_dump", "mariadb": "mysqldump", "sqlite": "sqlite_dump"}
+LABEL = {"pg_dump": "pg_dump -t | zstd -3", "ordered_read": "psql COPY ordered read",
+         "mysqldump": "mysqldump | zstd -3", "sqlite_dump": "sqlite3 .dump | zstd -3",
+         "snapshot": "snapshot", "generic": "snapshot (generic)", "floor": "floor (COPY + zstd)"}
+
+
+def time_targets(dialect: str, shape: str) -> list[tuple[str, float]]:
+    if dialect == "postgresql":
+        out = [("ordered_read", 1.4)] if shape != "events" else []
+        if shape in ("wide", "events"):
+            out.append(("pg_dump", 1.0))
+        return out
+    if dialect == "mariadb":
+        return [("mysqldump", 1.5)]
+    return [("sqlite_dump", 1.0)]
+
+
+# -- connections -----------------------------------------------------------------------
 
 def db_url(name: str) -> str:
     return PG.rsplit("/", 1)[0] + "/" + name
 
 
 def pg_env() -> dict:
-    """libpq settings for pg_dump, from the admin URL (a password travels in the environment)."""
+    """libpq settings for pg_dump and psql, from the admin URL (a password travels in the environment)."""
     u = urlsplit(PG)
     env = dict(os.environ)
     env.update({k: v for k, v in {"PGHOST": u.hostname, "PGPORT": str(u.port or ""), "PGUSER": u.username,
@@ -59,7 +107,74 @@ def pg_env() -> dict:
     return env
 
 
-def create_table(db: str, rows: int, seed: int = 7) -> None:
+def my_parts() -> dict:
+    u = urlsplit(MY)
+    return {"host": u.hostname or "127.0.0.1", "port": u.port or 3306, "user": u.username or "root",
+            "password": u.password or ""}
+
+
+def my_connect(db: str | None = None):
+    import pymysql
+    return pymysql.connect(**my_parts(), database=db, autocommit=True)
+
+
+def my_cli_args() -> list[str]:
+    p = my_parts()
+    args = ["-h", p["host"], "-P", str(p["port"]), "-u", p["user"]]
+    return args + ([f"-p{p['password']}"] if p["password"] else [])
+
+
+def my_dump_tool() -> str:
+    return shutil.which("mariadb-dump") or shutil.which("mysqldump") or "mysqldump"
+
+
+class Scratch:
+    """One scratch database (or SQLite file) of a dialect."""
+
+    def __init__(self, dialect: str, work: str, name: str | None = None):
+        self.dialect, self.work = dialect, work
+        self.given = name is not None
+        self.name = name or "bench_sql_" + secrets.token_hex(3)
+        if self.given:
+            return
+        if dialect == "postgresql":
+            import psycopg
+            with psycopg.connect(PG, autocommit=True) as c:
+                c.execute(f'CREATE DATABASE "{self.name}"')
+        elif dialect == "mariadb":
+            with my_connect() as c, c.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{self.name}`")
+        else:
+            self.name = os.path.join(work, self.name + ".sqlite")
+
+    def drop(self) -> None:
+        if self.given:
+            return
+        if self.dialect == "postgresql":
+            import psycopg
+            with psycopg.connect(PG, autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        elif self.dialect == "mariadb":
+            with my_connect() as c, c.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{self.name}`")
+        else:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                if os.path.exists(self.name + suffix):
+                    os.unlink(self.name + suffix)
+
+    def sa_url(self) -> str:
+        if self.dialect == "postgresql":
+            return db_url(self.name).replace("postgresql://", "postgresql+psycopg://", 1)
+        if self.dialect == "mariadb":
+            p = my_parts()
+            auth = p["user"] + (":" + p["password"] if p["password"] else "")
+            return f"mysql+pymysql://{auth}@{p['host']}:{p['port']}/{self.name}"
+        return "sqlite:///" + os.path.abspath(self.name)
+
+
+# -- building the tables --------------------------------------------------------------
+
+def create_events(db: str, rows: int, seed: int = 7) -> None:
     import psycopg
     rng = random.Random(seed)
     start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
@@ -84,19 +199,123 @@ def create_table(db: str, rows: int, seed: int = 7) -> None:
         c.execute(f"ANALYZE {TABLE}")
 
 
-def create_db() -> str:
-    import psycopg
-    db = "bench_sql_" + secrets.token_hex(3)
-    with psycopg.connect(PG, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{db}"')
-    return db
+
+def _pg_random_bytea(n: int) -> str:
+    return "decode(" + " || ".join(["md5(random()::text)"] * ((n + 15) // 16)) + ", 'hex')"
 
 
-def drop_db(db: str) -> None:
-    import psycopg
-    with psycopg.connect(PG, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+def build(scratch: Scratch, table: str, shape: str, rows: int, seed: int = 7) -> None:
+    d = scratch.dialect
+    if d == "postgresql":
+        import psycopg
+        if shape == "events":
+            return create_events(scratch.name, rows, seed)
+        ddl = {"narrow": "id bigint PRIMARY KEY, n int, label text, score real",
+               "wide": "id bigint PRIMARY KEY, body text, meta jsonb",
+               "incompressible": "id bigint PRIMARY KEY, payload bytea",
+               "embeddings": "id bigint PRIMARY KEY, embedding real[]"}[shape]
+        select = {
+            "narrow": "g, (g * 7919) % 100000, 'item-' || (g % 1000), ((g % 9973) / 7.0)::real",
+            "wide": "g, repeat('lorem ipsum dolor sit amet ' || (g % 100) || ' ', 20), "
+                    "jsonb_build_object('tags', jsonb_build_array('t' || (g % 17), 't' || (g % 5)), "
+                    "'source', 'doc-' || (g % 1000), 'rank', g % 100, 'note', repeat('x', 40))",
+            "incompressible": f"g, {_pg_random_bytea(300)}",
+            "embeddings": f"g, ARRAY(SELECT random()::real + g * 0 FROM generate_series(1, {DIMS}))",
+        }[shape]
+        with psycopg.connect(db_url(scratch.name), autocommit=True) as c:
+            c.execute(f"CREATE TABLE {table} ({ddl})")
+            c.execute(f"INSERT INTO {table} SELECT {select} FROM generate_series(1, {rows}) g")
+            c.execute(f"VACUUM ANALYZE {table}")
+    elif d == "mariadb":
+        ddl = {"narrow": "id BIGINT PRIMARY KEY, n INT, label VARCHAR(32), score FLOAT",
+               "wide": "id BIGINT PRIMARY KEY, body TEXT, meta JSON",
+               "incompressible": "id BIGINT PRIMARY KEY, payload VARBINARY(300)",
+               "embeddings": "id BIGINT PRIMARY KEY, embedding LONGTEXT"}[shape]
+        select = {
+            "narrow": "seq, (seq * 7919) % 100000, CONCAT('item-', seq % 1000), (seq % 9973) / 7.0",
+            "wide": "seq, REPEAT(CONCAT('lorem ipsum dolor sit amet ', seq % 100, ' '), 20), "
+                    "JSON_OBJECT('tags', JSON_ARRAY(CONCAT('t', seq % 17), CONCAT('t', seq % 5)), "
+                    "'source', CONCAT('doc-', seq % 1000), 'rank', seq % 100, 'note', REPEAT('x', 40))",
+            "incompressible": "seq, RANDOM_BYTES(300)",
+        }.get(shape)
+        with my_connect(scratch.name) as c, c.cursor() as cur:
+            cur.execute(f"CREATE TABLE {table} ({ddl}) ENGINE=InnoDB")
+            if select:
+                cur.execute(f"INSERT INTO {table} SELECT {select} FROM seq_1_to_{rows}")
+            else:
+                rng = random.Random(seed)
+                for lo in range(1, rows + 1, 1000):
+                    batch = [(i, json.dumps([round(rng.random(), 7) for _ in range(DIMS)]))
+                             for i in range(lo, min(lo + 1000, rows + 1))]
+                    cur.executemany(f"INSERT INTO {table} VALUES (%s, %s)", batch)
+            cur.execute(f"ANALYZE TABLE {table}")
+    else:
+        import sqlite3
+        ddl = {"narrow": "id INTEGER PRIMARY KEY, n INTEGER, label TEXT, score REAL",
+               "wide": "id INTEGER PRIMARY KEY, body TEXT, meta TEXT",
+               "incompressible": "id INTEGER PRIMARY KEY, payload BLOB",
+               "embeddings": "id INTEGER PRIMARY KEY, embedding BLOB"}[shape]
+        select = {
+            "narrow": "x, (x * 7919) % 100000, 'item-' || (x % 1000), (x % 9973) / 7.0",
+            "wide": "x, replace(hex(zeroblob(20)), '00', 'lorem ipsum dolor sit amet ' || (x % 100) || ' '), "
+                    "json_object('tags', json_array('t' || (x % 17), 't' || (x % 5)), "
+                    "'source', 'doc-' || (x % 1000), 'rank', x % 100, 'note', replace(hex(zeroblob(20)), '00', 'xx'))",
+            "incompressible": "x, randomblob(300)",
+        }.get(shape)
+        c = sqlite3.connect(scratch.name)
+        try:
+            c.execute(f"CREATE TABLE {table} ({ddl})")
+            if select:
+                c.execute(f"WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < {rows}) "
+                          f"INSERT INTO {table} SELECT {select} FROM s")
+            else:
+                rng = random.Random(seed)
+                pack = struct.Struct(f"<{DIMS}f").pack
+                for lo in range(1, rows + 1, 1000):
+                    c.executemany(f"INSERT INTO {table} VALUES (?, ?)",
+                                  [(i, pack(*[rng.random() for _ in range(DIMS)]))
+                                   for i in range(lo, min(lo + 1000, rows + 1))])
+            c.commit()
+        finally:
+            c.close()
 
+
+def table_exists(scratch: Scratch, table: str) -> bool:
+    if scratch.dialect == "postgresql":
+        import psycopg
+        with psycopg.connect(db_url(scratch.name)) as c:
+            return c.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+    if scratch.dialect == "mariadb":
+        with my_connect(scratch.name) as c, c.cursor() as cur:
+            cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = %s",
+                        (scratch.name, table))
+            return cur.fetchone()[0] > 0
+    import sqlite3
+    c = sqlite3.connect(scratch.name)
+    try:
+        return c.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0] > 0
+    finally:
+        c.close()
+
+
+def count_rows(scratch: Scratch, table: str) -> int:
+    if scratch.dialect == "postgresql":
+        import psycopg
+        with psycopg.connect(db_url(scratch.name)) as c:
+            return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    if scratch.dialect == "mariadb":
+        with my_connect(scratch.name) as c, c.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {table}")
+            return cur.fetchone()[0]
+    import sqlite3
+    c = sqlite3.connect(scratch.name)
+    try:
+        return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        c.close()
+
+
+# -- the runs --------------------------------------------------------------------------
 
 def tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
@@ -110,18 +329,35 @@ def wait_child(proc: subprocess.Popen) -> tuple[int, object]:
     return proc.returncode, usage
 
 
-def run_pg_dump(db: str, work: str) -> dict:
-    out = os.path.join(work, "dump.sql.zst")
+def run_shell(name: str, command: str, out: str | None, env: dict | None = None) -> dict:
     t = time.perf_counter()
-    proc = subprocess.Popen(f"set -o pipefail; pg_dump -t {TABLE} {db} | zstd -3 -q -f -o {out}", shell=True,
-                            env=pg_env(), executable="/bin/bash")
+    proc = subprocess.Popen("set -o pipefail; " + command, shell=True, env=env, executable="/bin/bash")
     code, usage = wait_child(proc)
     wall = time.perf_counter() - t
     if code != 0:
-        raise SystemExit(f"pg_dump | zstd failed ({code})")
-    size = os.path.getsize(out)
-    os.unlink(out)
+        raise SystemExit(f"{name} failed ({code}): {command}")
+    size = 0
+    if out:
+        size = os.path.getsize(out)
+        os.unlink(out)
     return {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": size}
+
+
+def run_native(kind: str, scratch: Scratch, table: str, work: str) -> dict:
+    out = os.path.join(work, "dump.sql.zst")
+    q = shlex.quote
+    if kind == "pg_dump":
+        return run_shell(kind, f"pg_dump -t {table} {q(scratch.name)} | zstd -3 -q -f -o {q(out)}", out, pg_env())
+    if kind == "ordered_read":
+        copy = f"COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT"
+        return run_shell(kind, f"psql -X -q -d {q(scratch.name)} -c {q(copy)} > /dev/null", None, pg_env())
+    if kind == "mysqldump":
+        cli = " ".join(q(a) for a in my_cli_args())
+        return run_shell(kind, f"{q(my_dump_tool())} {cli} --single-transaction {q(scratch.name)} {table} "
+                               f"| zstd -3 -q -f -o {q(out)}", out)
+    if kind == "sqlite_dump":
+        return run_shell(kind, f"sqlite3 {q(scratch.name)} {q('.dump ' + table)} | zstd -3 -q -f -o {q(out)}", out)
+    raise ValueError(kind)
 
 
 FLOOR = r"""
@@ -182,11 +418,11 @@ for f in futures:
 """
 
 
-def run_floor(db: str, work: str) -> dict:
+def run_floor(db: str, table: str, work: str) -> dict:
     out = os.path.join(work, "floor")
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", FLOOR, db_url(db), TABLE, out])
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR, db_url(db), table, out])
     code, usage = wait_child(proc)
     wall = time.perf_counter() - t
     if code != 0:
@@ -196,7 +432,16 @@ def run_floor(db: str, work: str) -> dict:
     return {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": size}
 
 
-def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
+
+def write_config(scratch: Scratch, table: str, work: str) -> str:
+    config = os.path.join(work, f"snapshotter-{table}.toml")
+    with open(config, "w", encoding="utf-8") as fh:
+        fh.write(f'[repository]\ncompression_level = 3\n\n[sources.db]\nbackend = "sql"\n'
+                 f'url = "{scratch.sa_url()}"\ntables = ["{table}"]\ntimeout = 300\n')
+    return config
+
+
+def run_snapshot(config: str, table: str, work: str, *, generic: bool = False) -> dict:
     repo = os.path.join(work, "repo")
     shutil.rmtree(repo, ignore_errors=True)
     base = [sys.executable, "-m", "snapshotter", "--config", config, "--repo", repo, "--no-progress"]
@@ -213,7 +458,7 @@ def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
         if code != 0:
             raise SystemExit(f"snapshot failed ({code}): {err.read().decode().strip()}")
         doc = json.loads(out.read())
-    stream = doc["sources"]["db"]["streams"][TABLE]
+    stream = doc["sources"]["db"]["streams"][table]
     result = {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime, "bytes": tree_bytes(repo),
               "chunk_bytes": tree_bytes(os.path.join(repo, "chunks")), "rss_mb": usage.ru_maxrss / 1024,
               "records": stream["records"], "digest": stream["digest"]}
@@ -221,101 +466,170 @@ def run_snapshot(config: str, work: str, *, generic: bool) -> dict:
     return result
 
 
+def measure(scratch: Scratch, table: str, work: str, runs: int, extra: list[str]) -> dict:
+    """Alternating runs of the snapshot and the native tools; medians."""
+    d = scratch.dialect
+    natives = ["pg_dump", "ordered_read"] if d == "postgresql" else [NATIVE[d]]
+    kinds = natives + ["snapshot"] + extra
+    config = write_config(scratch, table, work)
+    results: dict[str, list[dict]] = {k: [] for k in kinds}
+    for i in range(runs):
+        for kind in kinds:
+            if kind == "floor":
+                r = run_floor(scratch.name, table, work)
+            elif kind in ("snapshot", "generic"):
+                r = run_snapshot(config, table, work, generic=kind == "generic")
+            else:
+                r = run_native(kind, scratch, table, work)
+            results[kind].append(r)
+            print(f"  run {i + 1} {kind:12s} " + " ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "digest"),
+                file=sys.stderr)
+    digests = {r["digest"] for k in ("snapshot", "generic") if k in results for r in results[k]}
+    if len(digests) != 1:
+        raise SystemExit(f"paths disagree: stream digests {sorted(digests)}")
+    out = {}
+    for kind, rs in results.items():
+        m = {key: statistics.median(r[key] for r in rs) for key in ("seconds", "cpu", "bytes")}
+        m["bytes"] = int(m["bytes"])
+        if "rss_mb" in rs[0]:
+            m["rss_mb"] = statistics.median(r["rss_mb"] for r in rs)
+            m["records"] = rs[0]["records"]
+        out[kind] = m
+    return out
+
+
+def bench_one(dialect: str, shape: str, rows: int, args, work: str) -> dict:
+    table = TABLE if shape == "events" else f"bench_{shape}"
+    scratch = Scratch(dialect, work, args.db)
+    try:
+        if not table_exists(scratch, table):
+            t = time.perf_counter()
+            build(scratch, table, shape, rows)
+            print(f"{dialect}/{shape}: {rows} rows built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        nrows = count_rows(scratch, table)
+        extra = []
+        if dialect == "postgresql":
+            extra = (["generic"] if args.generic else []) + (["floor"] if args.floor else [])
+        res = measure(scratch, table, work, args.runs, extra)
+        if res["snapshot"]["records"] != nrows:
+            raise SystemExit(f"{dialect}/{shape}: snapshot holds {res['snapshot']['records']} of {nrows} rows")
+        snap = res["snapshot"]
+        targets = []
+        for kind, limit in time_targets(dialect, shape):
+            ratio = snap["seconds"] / res[kind]["seconds"]
+            targets.append({"name": f"time / {LABEL[kind]}", "ratio": ratio, "limit": limit,
+                            "met": ratio <= limit})
+        targets.append({"name": "peak RSS MB", "ratio": snap["rss_mb"], "limit": RSS_LIMIT_MB,
+                        "met": snap["rss_mb"] < RSS_LIMIT_MB})
+        dump = res["pg_dump" if dialect == "postgresql" else NATIVE[dialect]]
+        return {"dialect": dialect, "shape": shape, "rows": nrows, "runs": args.runs, "results": res,
+                "size_ratio": snap["bytes"] / dump["bytes"], "targets": targets,
+                "all_met": all(t["met"] for t in targets)}
+    finally:
+        if args.keep and not scratch.given:
+            print(f"kept {dialect} database {scratch.name}", file=sys.stderr)
+        else:
+            scratch.drop()
+
+
+def bench_startup(dialect: str, args, work: str) -> dict:
+    scratch = Scratch(dialect, work)
+    table = "bench_startup"
+    try:
+        build(scratch, table, "narrow", STARTUP_ROWS)
+        res = measure(scratch, table, work, args.runs, [])
+        s = res["snapshot"]
+        return {"dialect": dialect, "rows": STARTUP_ROWS, "results": res,
+                "target": {"name": "snapshot seconds", "value": s["seconds"], "limit": STARTUP_LIMIT_S,
+                           "met": s["seconds"] <= STARTUP_LIMIT_S}}
+    finally:
+        scratch.drop()
+
+
+def print_report(summary: dict) -> None:
+    for b in summary["benchmarks"]:
+        print(f"\n{b['dialect']} / {b['shape']}: {b['rows']:,} rows; medians of {b['runs']} alternating runs")
+        print(f"  {'':26s} {'wall':>9s} {'cpu':>9s} {'output':>10s}")
+        for kind, m in b["results"].items():
+            line = f"  {LABEL[kind]:26s} {m['seconds']:7.2f} s {m['cpu']:7.2f} s "
+            line += f"{m['bytes'] / 1e6:7.1f} MB" if m["bytes"] else f"{'-':>10s}"
+            if "rss_mb" in m:
+                line += f"  peak RSS {m['rss_mb']:.0f} MB"
+            print(line)
+        print(f"  size: snapshot / dump = {b['size_ratio']:.2f}x")
+        for t in b["targets"]:
+            fmt = f"{t['ratio']:.0f}" if t["name"].startswith("peak") else f"{t['ratio']:.2f}x"
+            lim = f"< {t['limit']}" if t["name"].startswith("peak") else f"<= {t['limit']}x"
+            print(f"  {t['name']:34s} {fmt:>7s} (target {lim}) {'MET' if t['met'] else 'MISSED'}")
+    for s in summary.get("startup", []):
+        r = s["results"]
+        natives = ", ".join(f"{LABEL[k]} {m['seconds']:.2f} s" for k, m in r.items() if k != "snapshot")
+        t = s["target"]
+        print(f"\nstart-up, {s['dialect']}: snapshot of {s['rows']:,} rows {t['value']:.2f} s "
+              f"(target <= {t['limit']} s) {'MET' if t['met'] else 'MISSED'}; {natives}")
+    print("\n(cpu: user+sys of the client processes; the server's share is not counted)")
+    rows = summary["benchmarks"]
+    if rows:
+        def md(text: str) -> str:
+            return text.replace("|", "\\|")
+
+        print("\n| dialect | shape | rows | snapshot wall / cpu | peak RSS | snapshot size | native tool(s) wall / size "
+              "| time ratio(s) | size ratio | targets |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for b in rows:
+            r, s = b["results"], b["results"]["snapshot"]
+            nat = "; ".join(f"{md(LABEL[k])} {m['seconds']:.2f} s" + (f", {m['bytes'] / 1e6:.1f} MB" if m["bytes"] else "")
+                            for k, m in r.items() if k not in ("snapshot", "generic", "floor"))
+            ratios = "; ".join(f"{t['ratio']:.2f}× {md(t['name'][7:])}" for t in b["targets"] if not t["name"].startswith("peak"))
+            met = ", ".join(("met" if t["met"] else "MISSED") + " " + ("RSS" if t["name"].startswith("peak")
+                            else f"≤ {t['limit']}×") for t in b["targets"])
+            print(f"| {b['dialect']} | {b['shape']} | {b['rows']:,} | {s['seconds']:.2f} s / {s['cpu']:.2f} s "
+                  f"| {s['rss_mb']:.0f} MB | {s['bytes'] / 1e6:.1f} MB | {nat} | {ratios} | {b['size_ratio']:.2f}× | {met} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=500_000)
+    ap.add_argument("--dialect", choices=[*DIALECTS, "all"], default="postgresql")
+    ap.add_argument("--shape", choices=["events", *SHAPES, "all"], default="events",
+                    help="table shape (default events, PostgreSQL only); all: narrow, wide, incompressible, embeddings")
+    ap.add_argument("--rows", type=int, help="rows of every table (default: per shape, times --scale)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every shape's default row count")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--generic", action="store_true", help="also time the generic (cursor) path")
+    ap.add_argument("--startup", action="store_true",
+                    help=f"also time the snapshot of a {STARTUP_ROWS:,}-row table, whole process, per dialect")
+    ap.add_argument("--generic", action="store_true", help="PostgreSQL: also time the generic (cursor) path")
     ap.add_argument("--floor", action="store_true",
-                    help="also time a minimal COPY + zstd client (what snapshotter's overhead is measured from)")
-    ap.add_argument("--db", help="use this existing database (its table is created if missing) and keep it")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch database")
+                    help="PostgreSQL: also time a minimal COPY + zstd client (what snapshotter's overhead is measured from)")
+    ap.add_argument("--db", help="use this existing database (SQLite: file) of the one dialect; "
+                                 "its table is created if missing, and it is kept")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch databases")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
 
+    dialects = list(DIALECTS) if args.dialect == "all" else [args.dialect]
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    if args.db and len(dialects) > 1:
+        ap.error("--db names a database of one dialect")
     compile_project()
-    db = args.db or create_db()
     work = tempfile.mkdtemp(prefix="bench-sql-")
+    summary: dict = {"scale": args.scale, "runs": args.runs, "benchmarks": []}
     try:
-        import psycopg
-        with psycopg.connect(db_url(db)) as c:
-            exists = c.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()[0]
-        if not exists:
-            t = time.perf_counter()
-            create_table(db, args.rows)
-            print(f"table {TABLE}: {args.rows} rows loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-        with psycopg.connect(db_url(db)) as c:
-            text_bytes, nrows = c.execute(
-                f"SELECT sum(length({TABLE}::text)), count(*) FROM {TABLE}").fetchone()
-        config = os.path.join(work, "snapshotter.toml")
-        sa_url = db_url(db).replace("postgresql://", "postgresql+psycopg://", 1)
-        with open(config, "w", encoding="utf-8") as fh:
-            fh.write(f'[repository]\ncompression_level = 3\n\n[sources.db]\nbackend = "sql"\n'
-                     f'url = "{sa_url}"\ntables = ["{TABLE}"]\n')
-
-        kinds = ["pg_dump", "snapshot"] + (["generic"] if args.generic else []) + (["floor"] if args.floor else [])
-        results: dict[str, list[dict]] = {k: [] for k in kinds}
-        for i in range(args.runs):
-            for kind in kinds:
-                if kind == "pg_dump":
-                    r = run_pg_dump(db, work)
-                elif kind == "floor":
-                    r = run_floor(db, work)
-                else:
-                    r = run_snapshot(config, work, generic=kind == "generic")
-                results[kind].append(r)
-                print(f"run {i + 1} {kind:8s} " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                                                         for k, v in r.items() if k != "digest"), file=sys.stderr)
-        digests = {r["digest"] for k in kinds if k not in ("pg_dump", "floor") for r in results[k]}
-        if len(digests) != 1:
-            raise SystemExit(f"paths disagree: stream digests {sorted(digests)}")
-
-        def med(kind: str, key: str) -> float:
-            return statistics.median(r[key] for r in results[kind])
-
-        summary = {
-            "rows": nrows, "table_text_bytes": int(text_bytes), "runs": args.runs,
-            "pg_dump_zstd": {"seconds": med("pg_dump", "seconds"), "cpu": med("pg_dump", "cpu"),
-                             "bytes": int(med("pg_dump", "bytes"))},
-            "snapshot": {"seconds": med("snapshot", "seconds"), "cpu": med("snapshot", "cpu"),
-                         "bytes": int(med("snapshot", "bytes")), "rss_mb": med("snapshot", "rss_mb")},
-        }
-        if args.generic:
-            summary["snapshot_generic"] = {"seconds": med("generic", "seconds"), "cpu": med("generic", "cpu"),
-                                           "bytes": int(med("generic", "bytes")), "rss_mb": med("generic", "rss_mb")}
-        if args.floor:
-            summary["floor"] = {"seconds": med("floor", "seconds"), "cpu": med("floor", "cpu"),
-                                "bytes": int(med("floor", "bytes"))}
-        summary["time_ratio"] = summary["snapshot"]["seconds"] / summary["pg_dump_zstd"]["seconds"]
-        summary["size_ratio"] = summary["snapshot"]["bytes"] / summary["pg_dump_zstd"]["bytes"]
-        summary["targets_met"] = {"time": summary["time_ratio"] <= 1.0, "size": summary["size_ratio"] <= 1.0,
-                                  "rss": summary["snapshot"]["rss_mb"] < RSS_LIMIT_MB}
+        for dialect in dialects:
+            for shape in shapes:
+                if shape == "events" and dialect != "postgresql":
+                    print(f"{dialect}: the events shape is PostgreSQL's only; skipped", file=sys.stderr)
+                    continue
+                rows = args.rows or max(1, round(DEFAULT_ROWS[shape] * args.scale))
+                summary["benchmarks"].append(bench_one(dialect, shape, rows, args, work))
+        if args.startup:
+            summary["startup"] = [bench_startup(d, args, work) for d in dialects]
         if args.json:
             print(json.dumps(summary, indent=1))
         else:
-            d, s = summary["pg_dump_zstd"], summary["snapshot"]
-            print(f"{nrows} rows, {text_bytes / 1e6:.0f} MB as text; medians of {args.runs} alternating runs")
-            print(f"{'':20s} {'wall':>9s} {'cpu':>9s} {'output':>10s}")
-            print(f"pg_dump | zstd -3    {d['seconds']:7.2f} s {d['cpu']:7.2f} s {d['bytes'] / 1e6:7.1f} MB")
-            print(f"snapshot (COPY)      {s['seconds']:7.2f} s {s['cpu']:7.2f} s {s['bytes'] / 1e6:7.1f} MB"
-                  f"  peak RSS {s['rss_mb']:.0f} MB")
-            if args.generic:
-                g = summary["snapshot_generic"]
-                print(f"snapshot (generic)   {g['seconds']:7.2f} s {g['cpu']:7.2f} s {g['bytes'] / 1e6:7.1f} MB"
-                      f"  peak RSS {g['rss_mb']:.0f} MB")
-            if args.floor:
-                f = summary["floor"]
-                print(f"floor (COPY + zstd)  {f['seconds']:7.2f} s {f['cpu']:7.2f} s {f['bytes'] / 1e6:7.1f} MB"
-                      f"  ({f['seconds'] / d['seconds']:.2f}x pg_dump; snapshot {s['seconds'] / f['seconds']:.2f}x floor)")
-            print("(cpu: user+sys of the client processes; the server's share is not counted)")
-            print(f"snapshot / pg_dump: time {summary['time_ratio']:.2f}x, size {summary['size_ratio']:.2f}x")
-            print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in summary["targets_met"].items()))
+            print_report(summary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if not args.db and not args.keep:
-            drop_db(db)
-        elif not args.db:
-            print(f"kept database {db}", file=sys.stderr)
 
 
 if __name__ == "__main__":

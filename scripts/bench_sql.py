@@ -215,7 +215,7 @@ def build(scratch: Scratch, table: str, shape: str, rows: int, seed: int = 7) ->
                "incompressible": "id bigint PRIMARY KEY, payload bytea",
                "embeddings": "id bigint PRIMARY KEY, embedding real[]"}[shape]
         select = {
-            "narrow": "g, (g * 7919) % 100000, 'item-' || (g % 1000), ((g % 9973) / 7.0)::real",
+            "narrow": "g, (g::bigint * 7919) % 100000, 'item-' || (g % 1000), ((g % 9973) / 7.0)::real",
             "wide": "g, repeat('lorem ipsum dolor sit amet ' || (g % 100) || ' ', 20), "
                     "jsonb_build_object('tags', jsonb_build_array('t' || (g % 17), 't' || (g % 5)), "
                     "'source', 'doc-' || (g % 1000), 'rank', g % 100, 'note', repeat('x', 40))",

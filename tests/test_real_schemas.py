@@ -841,3 +841,27 @@ def test_postgres_value_the_live_type_no_longer_accepts_is_one_line_and_rolled_b
     listed = cli("--json", "quarantine", "list").json()
     assert [i["status"] for i in listed] == ["rolled_back"]
     eng.dispose()
+
+
+@pytest.mark.parametrize("args", [("diff",), ("restore", "--dry-run"), ("restore", "--yes")])
+def test_an_unknown_record_encoding_is_exit_3_not_a_hang(pg_url, tmp_path, cli, args):
+    """A manifest naming a record encoding nothing declares (damaged or tampered) fails while the
+    live table's COPY is open: the reader's transaction must end anyway. Before, its COMMIT
+    waited forever on the connection the suspended COPY held (`diff` hung for good)."""
+    from conftest import run_cli_subprocess
+
+    eng = engine(pg_url)
+    with eng.connect() as c:
+        c.exec_driver_sql("CREATE TABLE kb (a int, b int, v text, PRIMARY KEY (a, b))")
+        c.exec_driver_sql("INSERT INTO kb SELECT i, i %% 7, repeat('x', 200) FROM generate_series(1, 3000) i")
+    snap = snapshot_of(tmp_path, cli, pg_url, tables=["kb"])
+    with eng.connect() as c:
+        c.exec_driver_sql("UPDATE kb SET v = 'changed' WHERE a = 5")
+    [manifest] = (tmp_path / "repo" / "snapshots").rglob(f"{snap['id']}.json")
+    manifest.write_text(manifest.read_text().replace('"format": "pgtext"', '"format": "pgtext9"'))
+    r = run_cli_subprocess(*args[:1], snap["id"], *args[1:], cwd=tmp_path, timeout=60)
+    assert r.code == 3, r.err
+    assert "unknown record encoding 'pgtext9'" in r.err and "Traceback" not in r.err, r.err
+    with eng.connect() as c:
+        assert c.exec_driver_sql("SELECT v FROM kb WHERE a = 5").scalar() == "changed"
+    eng.dispose()

@@ -157,6 +157,9 @@ class SQLReader(SourceReader):
                     for doc in self.b.select_tables(self.conn)]
 
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
+        return base.tracked(self.conn, self._read(spec))
+
+    def _read(self, spec: StreamSpec):
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             yield from self.fast_or_generic(spec)
 
@@ -165,7 +168,7 @@ class SQLReader(SourceReader):
             return None
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             doc, batches = base.read_lines(self.conn, spec.schema)
-        return doc, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}")
+        return doc, base.tracked(self.conn, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}"))
 
     def read_keys(self, spec: StreamSpec, keys: list):
         """The rows with these keys (a reapply's check of what it would overwrite), locked
@@ -195,10 +198,11 @@ class SQLReader(SourceReader):
                             out += [(key, v) for _, v in rows([key])]
                     out.sort(key=lambda r: r[0])
                     yield out
-        return batches()
+        return base.tracked(self.conn, batches())
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):
-        return base.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}")
+        got = base.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}")
+        return None if got is None else (got[0], base.tracked(self.conn, got[1]))
 
     def fast_or_generic(self, spec: StreamSpec):
         # a reader inside a writer's transaction reads what it is about to overwrite

@@ -14,6 +14,7 @@ import contextlib
 import decimal
 import os
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
 from snapshotter.errors import ConfigError, Refused, SourceError
@@ -140,7 +141,27 @@ def begin_snapshot(conn: Connection) -> str:
     return of(conn).begin_snapshot(conn)
 
 
+#: the result iterators still open on each connection (a suspended COPY holds the driver's
+#: connection until it ends): closed before the connection's transaction ends, so that an error
+#: raised while one is suspended cannot leave the COMMIT or ROLLBACK waiting on it for good
+_open_reads: "weakref.WeakKeyDictionary[Any, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def tracked(conn: Connection, it: Iterator) -> Iterator:
+    """``it`` (a generator over ``conn``'s results), closed by :func:`close_reads` if still open."""
+    _open_reads.setdefault(conn, weakref.WeakSet()).add(it)
+    return it
+
+
+def close_reads(conn: Connection) -> None:
+    """Close the result iterators left open on ``conn`` (a COPY left before its end is cancelled)."""
+    for it in list(_open_reads.pop(conn, ())):
+        with contextlib.suppress(Exception):
+            it.close()
+
+
 def end_transaction(conn: Connection, commit: bool) -> None:
+    close_reads(conn)
     with contextlib.suppress(Exception):
         conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
 

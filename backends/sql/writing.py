@@ -15,7 +15,7 @@ from snapshotter import codec
 
 from .. import lazy_module
 from . import integrity
-from .base import begin_write, end_transaction, key_condition, lightweight_table, translate_errors
+from .base import begin_write, close_reads, end_transaction, key_condition, lightweight_table, translate_errors
 from .dialect import of
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class WriteTransaction:
             if self.failed:
                 end_transaction(self.conn, commit=False)
             else:
+                close_reads(self.conn)
                 with translate_errors(f"{where}: commit failed"):
                     self.conn.exec_driver_sql("COMMIT")
         finally:

@@ -577,8 +577,9 @@ class Quarantine:
         from .forensics import RecordFilter
         if source:
             check_name("source", source)
-        return RecordFilter(source=source, stream=stream, ops=tuple(ops), post_failure=post_failure,
-                            sessions=tuple(sessions), limit=limit)
+        # None is "no filter", as leaving the argument out is
+        return RecordFilter(source=source, stream=stream, ops=tuple(ops or ()), post_failure=bool(post_failure),
+                            sessions=tuple(sessions or ()), limit=limit)
 
     def records(self, incident: str, *, source: str | None = None, stream: str | None = None,
                 ops: Sequence[str] = (), post_failure: bool = False, sessions: Sequence[str] = (),

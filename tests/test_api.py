@@ -199,6 +199,9 @@ def test_a_restore_through_the_api_leaves_the_audit_record_and_incident_a_cli_re
     assert sorted(r["value"]["body"] for r in shown if r["value"]) == ["api-run"] * 4
     with agent.open() as repo:
         assert repo.quarantine.show("from-api") == shown
+        # None is no filter, as in the signature's defaults (it raised TypeError)
+        assert repo.quarantine.show("from-api", source=None, stream=None, ops=None, post_failure=None,
+                                    sessions=None, limit=None) == shown
         assert repo.quarantine.incidents() == agent.run("--json", "quarantine", "list").json()
 
 

@@ -324,6 +324,15 @@ def pg_proxy(pg_url):
         yield proxy
 
 
+def _big_table(pg_url: str) -> None:
+    """~30 MB in table big: more than the socket buffers between the server and us hold."""
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
+        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 150000) g")
+    eng.dispose()
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("path, drain, counters", [("copy", False, True), ("copy", True, True),
                                                    ("cursor", False, True), ("copy", False, False)],
@@ -340,12 +349,7 @@ def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cl
     if not counters:
         from snapshotter_backends.sql import pgwatch
         monkeypatch.setattr(pgwatch, "_TCP_INFO", None)
-    eng = sa.create_engine(pg_url)
-    with eng.begin() as c:
-        c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
-        # ~30 MB: more than the socket buffers between the server and us hold
-        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 150000) g")
-    eng.dispose()
+    _big_table(pg_url)
     write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
     assert cli("init").code == 0
     pg_proxy.stall_after(2_000_000, drain=drain)
@@ -366,11 +370,7 @@ def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cl
 def test_a_postgresql_proxy_that_hangs_every_connection_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy):
     """The server cannot be asked about the stalled connection (a second one hangs too): that
     is a timeout as well."""
-    eng = sa.create_engine(pg_url)
-    with eng.begin() as c:
-        c.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
-        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 150000) g")
-    eng.dispose()
+    _big_table(pg_url)
     write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
     assert cli("init").code == 0
     pg_proxy.stall_after(2_000_000, hang_new=True)

@@ -88,20 +88,19 @@ def verify_streams(repo: Repository, targets: dict[str, list[Target]], result: R
                 if plan.settings and spec is not None and t.backend.settings_differences(t.spec, spec):
                     ok = False
                     result.problems.append(f"{source}/{t.stream}: {', '.join(plan.settings)} not as in the snapshot")
-                if source in readers and plan.lines and plan.quarantine is not None and spec is not None:
-                    problem = _verify_touched(repo, t, reader, spec, plan)
-                    if problem is not _UNSUPPORTED:
-                        if problem:
-                            ok = False
-                            result.problems.append(f"{source}/{t.stream}: {problem}")
-                        continue
-                if not plan.lines and not sel.sessions and plan.quarantine is not None and spec is not None:
-                    problem = _verify_by_key(repo, t, reader, spec, plan)
-                    if problem is not _UNSUPPORTED:
-                        if problem:
-                            ok = False
-                            result.problems.append(f"{source}/{t.stream}: {problem}")
-                        continue
+                # the written records alone: encoded lines inside the writer's transaction, else by key
+                check = None
+                if plan.quarantine is not None and spec is not None:
+                    if plan.lines:
+                        check = _verify_touched if source in readers else None
+                    elif not sel.sessions:
+                        check = _verify_by_key
+                problem = check(repo, t, reader, spec, plan) if check else _UNSUPPORTED
+                if problem is not _UNSUPPORTED:
+                    if problem:
+                        ok = False
+                        result.problems.append(f"{source}/{t.stream}: {problem}")
+                    continue
                 alg = repo.hash
                 h = hashing.new(alg)
                 n = 0

@@ -183,7 +183,8 @@ class Repository:
         When the block succeeded but the record cannot be appended, AuditNotWritten
         (carrying the block's result); when the block failed, its own exception, with
         the append's failure attached as ``audit_failure`` (and a note)."""
-        from .audit import append_audit
+        from .audit import append_audit, check_appendable
+        check_appendable(self.core)  # before the work: not a committed snapshot, then exit 1 for want of its record
         audit = _Audit()
         try:
             yield audit

@@ -1,0 +1,81 @@
+"""What a new user trips on, each through the real CLI on real stores: readable names in
+messages, verify's report on stdout, the audit log checked before any work, restore's
+progress, sessions that exist nowhere, tables left out for want of a key, keys a table
+cannot order, and a Redis reapply beyond a list's end."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+
+def sqlite_agent(tmp_path, cli, extra: str = "") -> sqlite3.Connection:
+    """A SQLite database with table ``kb`` (10 rows), configured as source ``db`` of a new repository."""
+    db = sqlite3.connect(tmp_path / "agent.db")
+    db.execute("CREATE TABLE kb (id INTEGER PRIMARY KEY, body TEXT)")
+    db.executemany("INSERT INTO kb VALUES (?, ?)", [(i, f"fact {i}") for i in range(10)])
+    db.commit()
+    (tmp_path / "snapshotter.toml").write_text(
+        f"[repository]\nurl = './repo'\n\n[sources.db]\nbackend = 'sql'\nurl = 'sqlite:///agent.db'\n{extra}")
+    assert cli("init").code == 0
+    return db
+
+
+# -- names are shown readably ------------------------------------------------------------
+
+def test_a_refused_name_is_shown_as_typed_with_control_characters_escaped_once(tmp_path, cli):
+    sqlite_agent(tmp_path, cli)
+    r = cli("snapshot", "--release", "ünï")
+    assert r.code == 2
+    assert "invalid release name 'ünï'" in r.err and "\\x" not in r.err
+    r = cli("--json", "snapshot", "--release", "ünï")
+    assert "'ünï'" in json.loads(r.err)["error"]["message"]
+    r = cli("restore", "--release", "a\x1b[2Jb", "--dry-run")
+    assert r.code == 2
+    assert "'a\\x1b[2Jb'" in r.err and "\x1b" not in r.err and "\\\\x1b" not in r.err
+    r = cli("snapshot", "--release", "r1", "--source", "sourcé")
+    assert r.code == 2 and "invalid source name 'sourcé'" in r.err
+
+
+# -- verify's report ---------------------------------------------------------------------
+
+def test_verify_prints_its_problems_on_stdout_and_the_failure_on_stderr(tmp_path, cli):
+    sqlite_agent(tmp_path, cli)
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    chunk = next(p for p in (tmp_path / "repo" / "chunks").rglob("*") if p.is_file())
+    chunk.unlink()
+    r = cli("verify")
+    assert r.code == 3
+    assert snap in r.out and chunk.name in r.out and "missing" in r.out
+    assert r.err.strip().splitlines() == ["snapshotter: verify found 1 problem(s)"]
+
+
+# -- the audit log is checked before any work ----------------------------------------------
+
+def test_an_audit_log_that_cannot_be_appended_stops_a_command_before_its_work(tmp_path, cli):
+    db = sqlite_agent(tmp_path, cli)
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    db.execute("UPDATE kb SET body = 'poisoned' WHERE id = 3")
+    db.commit()
+    audit = tmp_path / "repo" / "audit"
+    audit.rename(tmp_path / "audit.saved")
+    audit.write_text("a file where the audit log's folder belongs")
+    chunks_before = sorted(p.name for p in (tmp_path / "repo" / "chunks").rglob("*"))
+    try:
+        r = cli("snapshot", "--release", "r1")
+        assert r.code == 2, r.err
+        assert len(r.err.strip().splitlines()) == 1 and "audit log" in r.err and "nothing was done" in r.err
+        assert len(list((tmp_path / "repo" / "snapshots").rglob("*.json"))) == 1  # no second snapshot
+        assert sorted(p.name for p in (tmp_path / "repo" / "chunks").rglob("*")) == chunks_before
+        r = cli("--json", "restore", snap, "--yes")
+        assert r.code == 2 and json.loads(r.err)["error"]["exit_code"] == 2
+        assert db.execute("SELECT body FROM kb WHERE id = 3").fetchone() == ("poisoned",)  # not restored
+        assert not (tmp_path / "repo" / "quarantine").exists()
+        assert cli("mark-good", snap).code == 2
+        assert cli("--json", "list").json()[0]["good"] is False
+        assert cli("forget", "--keep-last", "1").code == 2
+    finally:
+        audit.unlink()
+        (tmp_path / "audit.saved").rename(audit)
+    assert cli("restore", snap, "--yes").code == 0

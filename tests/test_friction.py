@@ -9,6 +9,8 @@ import sqlite3
 
 import pytest
 
+from conftest import run_cli_subprocess
+
 
 def sqlite_agent(tmp_path, cli, extra: str = "") -> sqlite3.Connection:
     """A SQLite database with table ``kb`` (10 rows), configured as source ``db`` of a new repository."""
@@ -79,3 +81,23 @@ def test_an_audit_log_that_cannot_be_appended_stops_a_command_before_its_work(tm
         audit.unlink()
         (tmp_path / "audit.saved").rename(audit)
     assert cli("restore", snap, "--yes").code == 0
+
+
+# -- a table left out for want of a key ------------------------------------------------------
+
+@pytest.mark.parametrize("verbose", [(), ("-v",)])
+def test_a_table_without_a_primary_key_left_out_is_named_at_snapshot_time(tmp_path, cli, verbose):
+    db = sqlite_agent(tmp_path, cli)
+    db.execute("CREATE TABLE scratch (a TEXT, b TEXT)")
+    db.execute("INSERT INTO scratch VALUES ('x', 'y')")
+    db.commit()
+    # in a child process: the warning as the console program prints it
+    r = run_cli_subprocess(*verbose, "--json", "snapshot", "--release", "r1", cwd=tmp_path)
+    assert r.code == 0, r.err
+    assert list(r.json()["sources"]["db"]["streams"]) == ["kb"]
+    warning = [line for line in r.err.splitlines() if "scratch" in line]
+    assert len(warning) == 1 and "no primary key" in warning[0] and "left out" in warning[0]
+    # excluded on purpose: nothing to say
+    (tmp_path / "snapshotter.toml").write_text((tmp_path / "snapshotter.toml").read_text() + "exclude = ['scratch']\n")
+    r = run_cli_subprocess(*verbose, "snapshot", "--release", "r1", cwd=tmp_path)
+    assert r.code == 0 and "scratch" not in r.err

@@ -124,6 +124,7 @@ class SQLBackend(base.SQLConnection, SourceBackend):
                 out.append(doc)
             return out
         captured = set()
+        keyless = []
         for t in all_tables:
             if t in exclude or t.startswith("sqlite_") or t in roots:
                 continue
@@ -131,6 +132,8 @@ class SQLBackend(base.SQLConnection, SourceBackend):
             if doc["primary_key"]:
                 out.append(doc)
                 captured.add(t)
+            else:
+                keyless.append(t)
         for t in all_tables:
             # a partition is part of its partitioned table: read with it (one stream, every row
             # once), left out with it; on its own only when that table is not captured (no key)
@@ -138,6 +141,15 @@ class SQLBackend(base.SQLConnection, SourceBackend):
                 doc = base.table_schema(conn, t, schema)
                 if doc["primary_key"]:
                     out.append(doc)
+                    keyless = [k for k in keyless if k != roots[t]]  # its rows are captured, by partition
+                elif roots[t] not in keyless:
+                    keyless.append(t)
+        if keyless:
+            # left out of the default selection: said every time, or a table the agent relies on
+            # would silently never be snapshotted (nor restored)
+            log.warning("snapshotter: warning: %s: table(s) %s left out: no primary key, and a row needs a "
+                        "key to be compared and restored; add one, or list the table(s) in exclude to "
+                        "silence this", self.where, ", ".join(sorted(set(keyless))))
         return sorted(out, key=lambda d: d["table"])
 
 

@@ -101,3 +101,33 @@ def test_a_table_without_a_primary_key_left_out_is_named_at_snapshot_time(tmp_pa
     (tmp_path / "snapshotter.toml").write_text((tmp_path / "snapshotter.toml").read_text() + "exclude = ['scratch']\n")
     r = run_cli_subprocess(*verbose, "snapshot", "--release", "r1", cwd=tmp_path)
     assert r.code == 0 and "scratch" not in r.err
+
+
+# -- Redis: a reapply beyond a list's end ------------------------------------------------------
+
+def test_reapplying_a_redis_position_beyond_the_list_end_is_refused_with_nothing_written(redis_client, tmp_path, cli):
+    from conftest import REDIS_URL
+    prefix = redis_client.test_prefix + "message_store:"
+    key = prefix + "s1"
+    msg = lambda i: json.dumps({"type": "human", "data": {"content": f"m{i}"}})  # noqa: E731
+    redis_client.lpush(key, *[msg(i) for i in range(9)])  # newest first: positions 0..8
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{REDIS_URL}"\n'
+        f'key_prefix = "{prefix}"\n')
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    redis_client.lpush(key, msg(9), msg(10))
+    assert cli("restore", snap, "--yes", "--incident", "inc").code == 0
+    assert redis_client.llen(key) == 9
+    before = redis_client.lrange(key, 0, -1)
+    r = cli("quarantine", "reapply", "inc", '["s1", 10]', "--yes")
+    assert r.code == 2, r.err
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    assert "position 10" in r.err and '["s1", 9]' in r.err
+    assert redis_client.lrange(key, 0, -1) == before  # nothing written
+    r = cli("--json", "quarantine", "reapply", "inc", '["s1", 10]', "--yes")
+    assert r.code == 2 and json.loads(r.err)["error"]["exit_code"] == 2
+    # both, in one reapply: written
+    r = cli("quarantine", "reapply", "inc", '["s1", 10]', '["s1", 9]', "--yes")
+    assert r.code == 0, r.err
+    assert redis_client.llen(key) == 11

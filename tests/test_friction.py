@@ -131,3 +131,32 @@ def test_reapplying_a_redis_position_beyond_the_list_end_is_refused_with_nothing
     r = cli("quarantine", "reapply", "inc", '["s1", 10]', '["s1", 9]', "--yes")
     assert r.code == 0, r.err
     assert redis_client.llen(key) == 11
+
+
+# -- keys a SQLite table cannot order -------------------------------------------------------
+
+def test_sqlite_null_and_mixed_type_keys_are_named_at_snapshot_and_restore(tmp_path, cli):
+    db = sqlite_agent(tmp_path, cli)
+    db.execute("CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)")
+    db.execute("CREATE TABLE tags (id PRIMARY KEY, body TEXT)")  # no type: any value goes
+    db.executemany("INSERT INTO notes VALUES (?, ?)", [("a", "x"), ("b", "y")])
+    db.executemany("INSERT INTO tags VALUES (?, ?)", [(1, "x"), (2, "y")])
+    db.commit()
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    db.execute("INSERT INTO tags VALUES ('three', 'z')")
+    db.commit()
+    r = cli("snapshot", "--release", "r1")
+    assert r.code == 2, r.err
+    assert "table tags: key column id holds values of types integer (2 row(s)) and text (1 row(s))" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    db.execute("DELETE FROM tags WHERE id = 'three'")
+    db.executemany("INSERT INTO notes VALUES (?, ?)", [(None, "n1"), (None, "n2")])
+    db.commit()
+    r = cli("--json", "snapshot", "--release", "r1")
+    assert r.code == 2 and "table notes: key column id holds NULL in 2 row(s)" in json.loads(r.err)["error"]["message"]
+    for args in (("restore", snap, "--yes"), ("diff", snap), ("restore", snap, "--dry-run")):
+        r = cli(*args)
+        assert r.code == 2, (args, r.err)
+        assert "table notes: key column id holds NULL in 2 row(s)" in r.err and "Traceback" not in r.err
+    assert db.execute("SELECT count(*) FROM notes").fetchone() == (4,)  # nothing written
+    assert len(list((tmp_path / "repo" / "snapshots").rglob("*.json"))) == 1

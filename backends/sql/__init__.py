@@ -233,6 +233,33 @@ class SQLReader(SourceReader):
     def restore_refusal(self, streams: list) -> str | None:
         return writing.restore_refusal(self.conn, streams, self.b.where)
 
+    def key_problem(self, spec: StreamSpec) -> str | None:
+        """NULL in a key column, or (SQLite, whose columns take any type) values of several
+        types in one: a table whose rows no single order of Python values can follow."""
+        pk = spec.schema.get("primary_key") or []
+        quote = self.conn.dialect.identifier_preparer.quote
+        schema = self.b.config.get("schema")
+        table = (quote(schema) + "." if schema else "") + quote(spec.name)
+        found = []
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
+            for col in pk:
+                c = quote(col)
+                nulls = self.conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {c} IS NULL").scalar()
+                kinds = []
+                if self.conn.dialect.name == "sqlite":
+                    kinds = self.conn.exec_driver_sql(
+                        f"SELECT typeof({c}), count(*) FROM {table} WHERE {c} IS NOT NULL GROUP BY 1 ORDER BY 1").all()
+                parts = [f"NULL in {nulls} row(s)"] if nulls else []
+                if len(kinds) > 1:
+                    parts.append("values of types " + " and ".join(f"{t} ({n} row(s))" for t, n in kinds))
+                if parts:
+                    found.append(f"key column {col} holds {' and '.join(parts)}")
+        if not found:
+            return None
+        return (f"table {spec.name}: {'; '.join(found)}: its rows cannot be ordered by key, which a snapshot "
+                f"and a restore need (a key is never NULL and of one type); fix those rows, or leave the table "
+                f"out (exclude)")
+
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")
         with base.translate_errors(f"{self.b.where}: cannot inspect table {name}"):

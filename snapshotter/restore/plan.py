@@ -18,9 +18,9 @@ from operator import attrgetter, itemgetter
 from typing import Any, Callable, Iterator
 
 from .. import codec, hashing
-from ..backend import PlannedStream, StreamSpec
+from ..backend import PlannedStream, StreamSpec, key_problem
 from ..encoding import RecordCodec, codec_for, same_encoding
-from ..errors import IntegrityError, SchemaMismatch, SourceError
+from ..errors import ConfigError, IntegrityError, KeyOrderError, SchemaMismatch, SourceError
 from ..repository import Repository
 from ..streams import BackgroundHash, StoredRecord, StreamWriter, iter_chunks, read_stream
 from .resolve import Selection, Target
@@ -336,7 +336,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         try:
             writer.add(key, rec)
         except SourceError as exc:  # the quarantine stream's own order check: say whose records
-            raise SourceError(f"source {t.source!r} stream {t.stream!r}: {exc.message}") from None
+            raise type(exc)(f"source {t.source!r} stream {t.stream!r}: {exc.message}") from None
 
     # the snapshot's records are hashed as its manifest's digest was
     alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
@@ -380,16 +380,24 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
             last_key = rec[0]
             yield rec
 
-    for side, lv, sv in merge_records(live(), snapshot(), same_record(t)):
-        if side == LIVE:
-            plan.added += 1
-            quarantine(lv[0], "added", lv[2], None)
-        elif side == SNAPSHOT:
-            plan.deleted += 1
-            quarantine(sv.key, "deleted", None, sv.value)
-        else:
-            plan.modified += 1
-            quarantine(sv.key, "modified", lv[2], sv.value)
+    try:
+        for side, lv, sv in merge_records(live(), snapshot(), same_record(t)):
+            if side == LIVE:
+                plan.added += 1
+                quarantine(lv[0], "added", lv[2], None)
+            elif side == SNAPSHOT:
+                plan.deleted += 1
+                quarantine(sv.key, "deleted", None, sv.value)
+            else:
+                plan.modified += 1
+                quarantine(sv.key, "modified", lv[2], sv.value)
+    except (TypeError, IntegrityError, KeyOrderError) as exc:
+        # keys that cannot be compared (NULL, or several types in a SQLite column): the store
+        # names the cause, a usage error, rather than "out of key order" or a TypeError
+        why = key_problem(reader, live_spec)
+        if why:
+            raise ConfigError(f"source {t.source!r}: {why}") from exc
+        raise
     if live_spec is not None:
         plan.read = (sel.sessions or None, reader.plan_context(live_spec))
     plan.snapshot_digest = hashing.digest_string(alg, digest)

@@ -160,3 +160,64 @@ def test_sqlite_null_and_mixed_type_keys_are_named_at_snapshot_and_restore(tmp_p
         assert "table notes: key column id holds NULL in 2 row(s)" in r.err and "Traceback" not in r.err
     assert db.execute("SELECT count(*) FROM notes").fetchone() == (4,)  # nothing written
     assert len(list((tmp_path / "repo" / "snapshots").rglob("*.json"))) == 1
+
+
+# -- a --session that names nothing --------------------------------------------------------
+
+def conversation_agent(tmp_path, cli, backend_url: str | None = None, prefix: str = "") -> sqlite3.Connection | None:
+    """Sessions alice-1 (3 messages) and bob-2 (2) in a SQLite message table, or in Redis lists
+    under ``prefix`` when ``backend_url`` is a Redis URL; source ``history``."""
+    if backend_url is None:
+        db = sqlite3.connect(tmp_path / "agent.db")
+        db.execute("CREATE TABLE message_store (id INTEGER PRIMARY KEY, session_id TEXT, message TEXT)")
+        db.executemany("INSERT INTO message_store (session_id, message) VALUES (?, ?)",
+                       [("alice-1", "a0"), ("alice-1", "a1"), ("bob-2", "b0"), ("alice-1", "a2"), ("bob-2", "b1")])
+        db.commit()
+        url, extra = "sqlite:///agent.db", ""
+    else:
+        db, url, extra = None, backend_url, f'key_prefix = "{prefix}"\n'
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "./repo"\n[sources.history]\nbackend = "conversation"\nurl = "{url}"\n{extra}')
+    assert cli("init").code == 0
+    return db
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_session_that_exists_nowhere_is_refused_with_the_sessions_that_look_alike(store, tmp_path, cli, request):
+    if store == "redis":
+        from conftest import REDIS_URL
+        client = request.getfixturevalue("redis_client")
+        prefix = client.test_prefix + "message_store:"
+        for s, n in (("alice-1", 3), ("bob-2", 2)):
+            client.rpush(prefix + s, *[json.dumps({"type": "human", "data": {"content": f"{s} {i}"}}) for i in range(n)])
+        conversation_agent(tmp_path, cli, REDIS_URL, prefix)
+    else:
+        db = conversation_agent(tmp_path, cli)
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+    for args in (("restore", snap, "--yes"), ("restore", snap, "--dry-run"), ("diff", snap)):
+        r = cli(*args, "--session", "alice-l")
+        assert r.code == 5, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1
+        assert "'alice-l'" in r.err and "exist neither" in r.err and "look alike: 'alice-1'" in r.err
+        r = cli("--json", *args, "--session", "alice-1", "--session", "carol")
+        err = json.loads(r.err)["error"]
+        assert r.code == 5 and r.out == ""
+        assert err["unknown_sessions"] == ["carol"] and err["exit_code"] == 5
+    assert not (tmp_path / "repo" / "quarantine").exists()
+    # a session only the live store holds (started after the snapshot) is a restore's to remove
+    if store == "redis":
+        client.rpush(prefix + "dave-3", json.dumps({"type": "human", "data": {"content": "poison"}}))
+    else:
+        db.execute("INSERT INTO message_store (session_id, message) VALUES ('dave-3', 'poison')")
+        db.commit()
+    r = cli("--json", "restore", snap, "--yes", "--session", "dave-3")
+    assert r.code == 0, r.err
+    assert r.json()["quarantined"] == 1
+    # one the snapshot alone holds (deleted since) is put back
+    if store == "redis":
+        client.delete(prefix + "bob-2")
+    else:
+        db.execute("DELETE FROM message_store WHERE session_id = 'bob-2'")
+        db.commit()
+    r = cli("--json", "restore", snap, "--yes", "--session", "bob-2")
+    assert r.code == 0 and r.json()["quarantined"] == 2

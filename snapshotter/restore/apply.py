@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 from .. import __version__, codec
 from ..backend import ABSENT
 from ..config import Config
-from ..errors import IntegrityError, Refused, SnapshotterError, UsageError
-from ..names import current_user, iso, new_incident_id, utcnow
+from ..errors import IntegrityError, NotFound, Refused, SnapshotterError, UsageError
+from ..names import current_user, iso, new_incident_id, quoted, utcnow
 from ..quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from ..repository import Repository
 from ..streams import ChunkUploader, StreamWriter, read_stream
@@ -125,6 +125,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                     deps = {st: deps[st] for st in removing if deps.get(st)}
                     if deps:
                         result.dependencies[source] = deps
+        refuse_unknown_sessions(repo, targets, result, sel)
         result.duration = time.monotonic() - started
         return result
 
@@ -193,6 +194,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                 bundle["sources"][source] = src
         finally:
             uploader.close()
+        refuse_unknown_sessions(repo, targets, result, sel)
         bundle["plan"] = {s: {st: p.counts() for st, p in streams.items()} for s, streams in result.plans.items()}
         bundle["records"] = result.changes
         result.quarantined = result.changes
@@ -283,6 +285,45 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                                   "problems": []})
     result.duration = time.monotonic() - started
     return result
+
+
+#: distinct sessions of a snapshot read for suggestions when a --session names none of them
+SUGGEST_FROM = 100_000
+
+
+def refuse_unknown_sessions(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult,
+                            sel: Selection) -> None:
+    """``--session`` naming a session that neither the snapshot nor a live store holds
+    (a typo under pressure): NotFound (exit 5), naming it and the snapshot's sessions
+    that look alike, before anything is written; a restore of nothing must not look like
+    success.  A session only the collation makes equal (``Alice`` for ``alice``) counts
+    as there: the restore's own check of such names says more."""
+    if not sel.sessions:
+        return
+    seen = {str(s) for ps in result.plans.values() for p in ps.values() for s in p.sessions_seen if s is not None}
+    folded = {s.casefold() for s in seen}
+    unknown = [s for s in dict.fromkeys(sel.sessions) if s not in seen and s.casefold() not in folded]
+    if not unknown:
+        return
+    import difflib
+    known: set[str] = set()
+    for ts in targets.values():
+        for t in ts:
+            for rec in read_stream(repo, t.entry):
+                s = t.backend.session_of(t.spec, rec.key, rec.value)
+                if s is not None:
+                    known.add(str(s))
+                if len(known) >= SUGGEST_FROM:
+                    break
+    alike = sorted({m for s in unknown for m in difflib.get_close_matches(s, known, n=3, cutoff=0.6)})
+    names = ", ".join(quoted(s, 80) for s in unknown)
+    hint = (f"; sessions in the snapshot that look alike: {', '.join(quoted(s, 80) for s in alike)}" if alike else
+            f"; the snapshot holds {len(known)}{'+' if len(known) >= SUGGEST_FROM else ''} session(s)"
+            f"{': ' + ', '.join(quoted(s, 80) for s in sorted(known)[:5]) if known else ''}"
+            f"{', ...' if len(known) > 5 else ''}")
+    raise NotFound(f"session(s) {names} exist neither in snapshot {result.snapshot['id']} nor in the live "
+                   f"store(s) of {', '.join(targets)}: nothing compared or written{hint}",
+                   details={"unknown_sessions": unknown, "suggestions": alike})
 
 
 def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:

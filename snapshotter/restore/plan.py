@@ -186,22 +186,20 @@ def live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator
     return batches
 
 
-def _session_filter(t: Target, rc: RecordCodec, sessions: set[str] | None):
-    """A test of a snapshot record's session, reading one field where the backend names it."""
-    if not sessions:
-        return None
+def _line_session(t: Target, rc: RecordCodec) -> Callable[[bytes], str | None]:
+    """A record's session (of a store's own encoding), reading one field where the backend names it."""
     name = t.backend.session_field(t.spec)
     read = rc.field_reader(name) if name else None
     if read is not None:
-        def keep(line: bytes) -> bool:
+        def session(line: bytes) -> str | None:
             f = read(line)
-            return f is not None and f.decode("utf-8", "replace") in sessions
-        return keep
+            return None if f is None else f.decode("utf-8", "replace")
+        return session
 
-    def keep_decoded(line: bytes) -> bool:
+    def session_decoded(line: bytes) -> str | None:
         key, value = rc.decode(line)
-        return t.backend.session_of(t.spec, key, value) in sessions
-    return keep_decoded
+        return t.backend.session_of(t.spec, key, value)
+    return session_decoded
 
 
 def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]], plan: "StreamPlan",
@@ -209,15 +207,27 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
     """The plan of :func:`plan_stream` over encoded records: equal ones (almost all of
     them after a small drift) are recognised by their bytes alone."""
     rc = codec_for(t.entry["encoding"])
-    keep = _session_filter(t, rc, sessions)
-    if keep is None:
+    if not sessions:
         _merge_lines(iter_chunks(repo, t.entry), live_batches, rc, plan, digest, quarantine)
         return
-    live = itertools.chain.from_iterable(live_batches)
+    session_of = _line_session(t, rc)
+    seen = plan.sessions_seen
+
+    def live_lines() -> Iterator[bytes]:
+        for line in itertools.chain.from_iterable(live_batches):
+            if len(seen) < len(sessions):
+                seen.add(session_of(line))
+            yield line
+    live = live_lines()
 
     def snapshot_lines() -> Iterator[bytes]:
         for raw in iter_chunks(repo, t.entry):
-            lines = [line for line in rc.iter_records(raw) if keep(line)]
+            lines = []
+            for line in rc.iter_records(raw):
+                session = session_of(line)
+                if session in sessions:
+                    seen.add(session)
+                    lines.append(line)
             digest.update(b"".join(lines))
             plan.snapshot_records += len(lines)
             yield from lines
@@ -288,6 +298,8 @@ class StreamPlan:
     settings: list[str] = field(default_factory=list)
     #: a missing stream is recreated without these parts of its stored definition
     not_recreated: list[str] = field(default_factory=list)
+    #: with ``--session``: the sessions named that the snapshot or the live stream holds
+    sessions_seen: set = field(default_factory=set, repr=False)
     #: the live read the plan was made from, ``(sessions or None, the reader's plan_context)``,
     #: for :meth:`SourceWriter.planned` (None: the stream was missing, nothing was read)
     read: tuple | None = field(default=None, repr=False)
@@ -364,16 +376,22 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     keys_digest = hashlib.sha256()
     pack = codec.packer().pack
 
+    seen = plan.sessions_seen
+
     def snapshot() -> Iterator[StoredRecord]:
         for rec in snapshot_records(repo, t, sessions):
             digest.update(rec.raw)
             keys_digest.update(pack(rec.key))
             plan.snapshot_records += 1
+            if sessions and len(seen) < len(sessions):
+                seen.add(t.backend.session_of(t.spec, rec.key, rec.value))
             yield rec
 
     def live() -> Iterator[tuple[Any, bytes, Any]]:
         last_key = None
         for rec in live_records(reader, live_spec, sel.sessions):
+            if sessions and len(seen) < len(sessions):
+                seen.add(t.backend.session_of(t.spec, rec[0], rec[2]))
             if last_key is not None and not rec[0] > last_key:
                 raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key order at "
                                      f"{codec.key_text(rec[0])}")

@@ -9,6 +9,7 @@ class Progress:
         self.total = total
         self._progress = None
         self._task = None
+        self._running = False
 
     def __enter__(self) -> "Progress":
         if self.enabled:
@@ -17,9 +18,14 @@ class Progress:
                 TextColumn, TimeElapsedColumn
             self._progress = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                           TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self._progress.start()
+            self._start()
             self._task = self._progress.add_task(self.description, total=self.total)
         return self
+
+    def _start(self) -> None:
+        if not self._running:
+            self._progress.start()
+            self._running = True
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
         if self._progress is not None:
@@ -27,6 +33,24 @@ class Progress:
                 self._progress.update(self._task, description=description)
             self._progress.advance(self._task, n)
 
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
+    def step(self, description: str, n: int = 0, total: int | None = None) -> None:
+        """Count ``n`` more under ``description``; a new description starts a new step (count
+        back to 0, ``total`` its size if known), shown at once however short the step is."""
+        if self._progress is None:
+            return
+        self._start()
+        if description != self.description:
+            self.description = description
+            self._progress.reset(self._task, description=description, total=total, completed=n)
+            self._progress.refresh()
+        elif n:
+            self._progress.advance(self._task, n)
+
+    def pause(self) -> None:
+        """Take the bar off the terminal (before a question); the next step puts it back."""
+        if self._progress is not None and self._running:
             self._progress.stop()
+            self._running = False
+
+    def __exit__(self, *exc) -> None:
+        self.pause()

@@ -221,3 +221,43 @@ def test_a_session_that_exists_nowhere_is_refused_with_the_sessions_that_look_al
         db.commit()
     r = cli("--json", "restore", snap, "--yes", "--session", "bob-2")
     assert r.code == 0 and r.json()["quarantined"] == 2
+
+
+# -- restore's progress ------------------------------------------------------------------------
+
+def test_restore_shows_its_progress_per_stream_on_a_terminal_only(tmp_path, cli):
+    from conftest import on_terminal
+    db = sqlite_agent(tmp_path, cli)
+    db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    db.executemany("INSERT INTO notes VALUES (?, ?)", [(i, f"note {i}") for i in range(3000)])
+    db.commit()
+    snap = cli("--json", "snapshot", "--release", "r1").json()["id"]
+
+    def drift():
+        db.execute("UPDATE notes SET body = 'poisoned' WHERE id % 3 = 0")
+        db.execute("INSERT INTO kb VALUES (100, 'injected')")
+        db.commit()
+
+    drift()
+    code, out = on_terminal(["restore", snap, "--yes"], tmp_path, None)
+    assert code == 0, out
+    for step in ("plan and quarantine db/kb", "plan and quarantine db/notes", "delete db/kb", "write db/notes",
+                 "verify"):
+        assert step in out, (step, out)
+    assert "restored snapshot" in out
+    # asked first: the bar is off the terminal while the plan is shown, and back for the work
+    drift()
+    code, out = on_terminal(["restore", snap], tmp_path, "y")
+    assert code == 0, out
+    asked = out.index("[y/N]")
+    assert "plan db/notes" in out[:asked] and "write db/notes" in out[asked:]
+    # diff too; and never with -q or --no-progress, nor without a terminal
+    code, out = on_terminal(["diff", snap], tmp_path, None)
+    assert code == 0 and "plan db/notes" in out
+    drift()
+    for quiet in (["-q"], ["--no-progress"]):
+        code, out = on_terminal([*quiet, "restore", snap, "--yes"], tmp_path, None)
+        assert code == 0 and "plan and quarantine" not in out and "write db/" not in out
+        drift()
+    r = cli("restore", snap, "--yes")
+    assert r.code == 0 and "plan and quarantine" not in r.err

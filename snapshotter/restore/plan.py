@@ -314,8 +314,9 @@ class StreamPlan:
 
 
 def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: StreamWriter | None,
-                failure_at: _dt.datetime | None) -> StreamPlan:
-    """Merge live and snapshot by key; count, and quarantine into ``writer`` when given."""
+                failure_at: _dt.datetime | None, tick: Callable[[int], None] | None = None) -> StreamPlan:
+    """Merge live and snapshot by key; count, and quarantine into ``writer`` when given.
+    ``tick(n)``: ``n`` more live records read (progress)."""
     plan = StreamPlan()
     live_spec = reader.live_spec(t.stream)
     if live_spec is None:
@@ -361,7 +362,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         digest = BackgroundHash(alg)
         try:
             with contextlib.closing(lines):  # a COPY left open would hold its connection
-                _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+                _plan_lines(repo, t, _ticking(lines, tick), plan, sessions, digest, quarantine)
         finally:
             hexdigest = digest.hexdigest()
         plan.lines = True
@@ -392,6 +393,8 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         for rec in live_records(reader, live_spec, sel.sessions):
             if sessions and len(seen) < len(sessions):
                 seen.add(t.backend.session_of(t.spec, rec[0], rec[2]))
+            if tick:
+                tick(1)
             if last_key is not None and not rec[0] > last_key:
                 raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key order at "
                                      f"{codec.key_text(rec[0])}")
@@ -423,6 +426,16 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
         raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
     return plan
+
+
+def _ticking(batches: Iterator[list[bytes]], tick: Callable[[int], None] | None) -> Iterator[list[bytes]]:
+    """The batches, each counted by ``tick`` as it is taken (closing them is the caller's)."""
+    if tick is None:
+        yield from batches
+        return
+    for batch in batches:
+        tick(len(batch))
+        yield batch
 
 
 def planned_stream(repo: Repository, t: Target, plan: StreamPlan) -> PlannedStream:

@@ -28,7 +28,7 @@ from typing import Any
 
 import os
 
-from .errors import ConfigError, IntegrityError, SnapshotterError, StoreError
+from .errors import ConfigError, IntegrityError, StoreError
 from .names import iso, utcnow, current_user
 from .objectstore import ObjectMissing, ObjectStore
 from .redaction import redact_text
@@ -121,7 +121,7 @@ def check_appendable(repo) -> None:
             store.get(record_object(seq))  # the next record chains onto this one's bytes
     except ObjectMissing:
         pass  # removed meanwhile: the append reads the new last record
-    except SnapshotterError as exc:
+    except StoreError as exc:  # what cannot be read (a link in its place is corruption, as it was: exit 3)
         raise ConfigError(f"the audit log {where} cannot be read, so this command's audit record could not be "
                           f"written: {exc.message}; nothing was done (fix the folder's type or permissions)") from exc
     root = getattr(store, "root", None)

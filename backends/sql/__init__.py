@@ -250,8 +250,9 @@ class SQLReader(SourceReader):
                     kinds = self.conn.exec_driver_sql(
                         f"SELECT typeof({c}), count(*) FROM {table} WHERE {c} IS NOT NULL GROUP BY 1 ORDER BY 1").all()
                 parts = [f"NULL in {nulls} row(s)"] if nulls else []
-                if len(kinds) > 1:
-                    parts.append("values of types " + " and ".join(f"{t} ({n} row(s))" for t, n in kinds))
+                if len({"number" if t in ("integer", "real") else t for t, _ in kinds}) > 1:  # 1 < 2.5 < 3 in Python too
+                    listed = [f"{t} ({n} row(s))" for t, n in kinds]
+                    parts.append(f"values of types {', '.join(listed[:-1])} and {listed[-1]}")
                 if parts:
                     found.append(f"key column {col} holds {' and '.join(parts)}")
         if not found:

@@ -183,7 +183,8 @@ class Repository:
         When the block succeeded but the record cannot be appended, AuditNotWritten
         (carrying the block's result); when the block failed, its own exception, with
         the append's failure attached as ``audit_failure`` (and a note)."""
-        from .audit import append_audit
+        from .audit import append_audit, check_appendable
+        check_appendable(self.core)  # before the work: not a committed snapshot, then exit 1 for want of its record
         audit = _Audit()
         try:
             yield audit
@@ -432,14 +433,16 @@ class Repository:
         return Selection(list(sources), list(streams), list(sessions))
 
     def diff(self, snapshot: str, *, sources: Sequence[str] = (), streams: Sequence[str] = (),
-             sessions: Sequence[str] = ()) -> "RestoreResult":
+             sessions: Sequence[str] = (), progress: "Callable[[str, int, int | None], None] | None" = None
+             ) -> "RestoreResult":
         """Live state against a snapshot: what a restore would change and quarantine (a
-        :class:`~snapshotter.restore.RestoreResult`; ``to_json()`` is ``diff --json``)."""
+        :class:`~snapshotter.restore.RestoreResult`; ``to_json()`` is ``diff --json``).
+        ``progress``: as :meth:`restore` takes it."""
         from .restore import restore
         sel = self._selection(sources, streams, sessions)
         with self._lock(command="diff"):
             manifest = self._resolve(snapshot, None, None, sel)
-            result = restore(self.core, self.config, manifest, sel, dry_run=True)
+            result = restore(self.core, self.config, manifest, sel, dry_run=True, progress=progress)
         self._warn_missing(result)
         return result
 
@@ -448,7 +451,8 @@ class Repository:
                 streams: Sequence[str] = (), sessions: Sequence[str] = (), incident: str | None = None,
                 failure_at: "str | _dt.datetime | None" = None, dry_run: bool = False,
                 create_missing: bool = False, trust_repository_sql: bool = False,
-                confirm: "Callable[[RestoreResult], bool] | None" = None) -> "RestoreResult":
+                confirm: "Callable[[RestoreResult], bool] | None" = None,
+                progress: "Callable[[str, int, int | None], None] | None" = None) -> "RestoreResult":
         """Put the live stores back to a snapshot (an id or prefix, or ``release``'s newest
         known-good one, taken ``before`` a time), quarantining every later write first.
 
@@ -457,6 +461,10 @@ class Repository:
         written (when it changes anything); False refuses (Refused, exit 6, nothing written).
         The plan restored is then the one confirmed: a live store that changed in between is
         refused too.  Without ``confirm`` the restore goes ahead (the CLI's ``--yes``).
+
+        ``progress(step, n, total)``: called as the work goes, ``n`` more records done in ``step``
+        (``plan SOURCE/STREAM``, ``plan and quarantine …``, ``write …``, ``delete …``,
+        ``verify``); a new step starts from 0, ``total`` its size when known, else None.
 
         Takes the sources it writes exclusively (LockedError, exit 4, while another run
         holds them) and appends a ``restore`` audit record, also when it fails."""
@@ -472,7 +480,7 @@ class Repository:
         if dry_run:
             with self._lock(command="restore"):
                 result = restore(self.core, cfg, manifest, sel, dry_run=True, failure_at=failure_t,
-                                 trust_repository_sql=trust_repository_sql)
+                                 trust_repository_sql=trust_repository_sql, progress=progress)
             self._warn_missing(result)
             return result
 
@@ -488,9 +496,9 @@ class Repository:
                 same_plan = None
                 if confirm is not None:
                     same_plan = self._confirm_restore(cfg, manifest, sel, incident, failure_t, trust_repository_sql,
-                                                      confirm)
+                                                      confirm, progress)
                 result = restore(self.core, cfg, manifest, sel, incident=incident, failure_at=failure_t,
-                                 confirm=same_plan, trust_repository_sql=trust_repository_sql)
+                                 confirm=same_plan, trust_repository_sql=trust_repository_sql, progress=progress)
                 audit.details.update(
                     summary=(f"restored {manifest['id']}: {result.quarantined} record(s) quarantined as "
                              f"incident {result.incident}" if result.incident else
@@ -501,7 +509,7 @@ class Repository:
         return result
 
     def _confirm_restore(self, cfg, manifest, sel, incident, failure_t, trust_sql,
-                         confirm: Callable) -> Callable:
+                         confirm: Callable, progress: Callable | None = None) -> Callable:
         """Ask ``confirm`` with a plan made before any write transaction is open (so the
         agent's writers are never held while someone reads it); returns the check the
         restore makes, inside its transactions, that its plan is the one confirmed."""
@@ -510,7 +518,7 @@ class Repository:
         if incident and self.core.store.stat(bundle_object(incident)) is not None:
             raise UsageError(f"incident {incident!r} already exists; choose another --incident")
         preview = restore(self.core, cfg, manifest, sel, dry_run=True, failure_at=failure_t,
-                          trust_repository_sql=trust_sql)
+                          trust_repository_sql=trust_sql, progress=progress)
         if (preview.changes or preview.settings) and not confirm(preview):
             raise Refused("restore not confirmed; nothing was written")
 

@@ -26,7 +26,9 @@ import socket
 import time
 from typing import Any
 
-from .errors import IntegrityError, StoreError
+import os
+
+from .errors import ConfigError, IntegrityError, StoreError
 from .names import iso, utcnow, current_user
 from .objectstore import ObjectMissing, ObjectStore
 from .redaction import redact_text
@@ -105,6 +107,36 @@ def last_sequence(store: ObjectStore, hint: int = 0) -> int:
     return lo
 
 
+def check_appendable(repo) -> None:
+    """Before a command's work: the audit log can be appended to (its last record read,
+    and, in a local folder, ``audit/`` a folder this process may write, or creatable).
+    ConfigError (exit 2) otherwise, so a snapshot or a restore is not done first and then
+    reported failed for want of its record.  Cannot promise the write itself (a full disk,
+    an S3 policy denying puts only): the append still reports those."""
+    store = _store(repo)
+    where = store.url.rstrip("/") + "/" + AUDIT_PREFIX
+    try:
+        seq = last_sequence(store)
+        if seq:
+            store.get(record_object(seq))  # the next record chains onto this one's bytes
+    except ObjectMissing:
+        pass  # removed meanwhile: the append reads the new last record
+    except StoreError as exc:  # what cannot be read (a link in its place is corruption, as it was: exit 3)
+        raise ConfigError(f"the audit log {where} cannot be read, so this command's audit record could not be "
+                          f"written: {exc.message}; nothing was done (fix the folder's type or permissions)") from exc
+    root = getattr(store, "root", None)
+    if root is None:
+        return
+    folder = os.path.join(root, AUDIT_PREFIX.rstrip("/"))
+    if os.path.lexists(folder):
+        ok, what = os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK), "is not a folder this user may write"
+    else:
+        ok, what = os.access(root, os.W_OK | os.X_OK), "does not exist and the repository folder is not writable"
+    if not ok:
+        raise ConfigError(f"the audit log {where} {what}, so this command's audit record could not be written; "
+                          f"nothing was done")
+
+
 def append_audit(repo, command: str, arguments: dict, result: dict, *, user: str | None = None,
                  host: str | None = None) -> dict:
     """Append one record; returns it.
@@ -140,6 +172,10 @@ def append_audit(repo, command: str, arguments: dict, result: dict, *, user: str
         data = json.dumps(record, indent=1, ensure_ascii=False).encode() + b"\n"
         if store.put(record_object(seq + 1), data):
             return record
+        if store.stat(record_object(seq + 1)) is None:
+            # taken, yet no record there (a folder in its place): no other writer will free it
+            raise StoreError(f"cannot append {record_object(seq + 1)}: something that is not an audit record "
+                             f"is in its place")
         # another run appended first: chain onto its record
         seq = last_sequence(store, hint=seq + 1)
         time.sleep(random.uniform(0, 0.05))

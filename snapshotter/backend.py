@@ -122,6 +122,12 @@ class SourceReader(ABC):
         Restore uses this to plan; backends may answer it more cheaply."""
         return {s.name: s for s in self.streams()}.get(name)
 
+    def key_problem(self, spec: StreamSpec) -> str | None:
+        """Why the stream's records cannot be put in ascending key order (a key that is
+        NULL, keys of several types), asked once a read found them out of order so the
+        user is told the cause; None when the store cannot tell."""
+        return None
+
     @abstractmethod
     def read(self, spec: StreamSpec, sessions: Sequence[str] | None = None) -> Iterator[list[Record]]:
         """Batches of records in strictly ascending key order.
@@ -532,3 +538,14 @@ def validate_options(cls: type[SourceBackend], raw: dict[str, Any], where: str) 
 def iter_keys(records: Iterable[Record]) -> Iterator[Key]:
     for key, _ in records:
         yield key
+
+
+def key_problem(reader: "SourceReader", spec: StreamSpec | None) -> str | None:
+    """:meth:`SourceReader.key_problem`, asked on the way to reporting an error: a failure
+    to tell is None (the original error is reported then)."""
+    if spec is None:
+        return None
+    try:
+        return reader.key_problem(spec)
+    except Exception:  # noqa: BLE001 - the error being reported matters more
+        return None

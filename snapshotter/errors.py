@@ -110,6 +110,13 @@ class SourceError(SnapshotterError):
     kind = "source"
 
 
+class KeyOrderError(SourceError):
+    """A source gave records out of key order (the reader asks its store why:
+    :meth:`~snapshotter.backend.SourceReader.key_problem`)."""
+
+    kind = "key_order"
+
+
 #: what an interrupted run says (and its audit record's summary)
 INTERRUPTED = "interrupted: nothing half-committed was left behind"
 

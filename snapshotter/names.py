@@ -14,9 +14,8 @@ SNAPSHOT_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 def check_name(kind: str, value: str) -> str:
     """Release, incident, source and label values: refused (exit 2) before any I/O."""
     if not isinstance(value, str) or not NAME_RE.match(value):
-        shown = value if isinstance(value, str) else repr(value)
-        shown = shown.encode("unicode_escape").decode("ascii")[:80]
-        raise UsageError(f"invalid {kind} name {shown!r}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+        shown = quoted(value if isinstance(value, str) else repr(value), limit=80)
+        raise UsageError(f"invalid {kind} name {shown}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit")
     return value
 
 
@@ -101,6 +100,13 @@ def parse_time(text: str, *, now: _dt.datetime | None = None) -> _dt.datetime:
     except (ValueError, OverflowError, OSError):
         raise UsageError(f"invalid time {text!r}: expected ISO 8601 (2026-11-29T10:15:00Z; without a zone: "
                          f"local time) or relative (2h)") from None
+
+
+def quoted(value, limit: int | None = 200) -> str:
+    """A name as shown in a message: in quotes, readable in any script (``'ünï'``), its
+    control and format characters escaped as :func:`printable` does.  Not ``repr``,
+    whose escapes a message's own escaping would double."""
+    return f"'{printable(value, limit)}'"
 
 
 def printable(value, limit: int | None = 200) -> str:

@@ -8,9 +8,9 @@ import time
 from typing import Callable, Sequence
 
 from . import __version__
-from .backend import StreamChanged
+from .backend import StreamChanged, key_problem
 from .config import Config
-from .errors import IntegrityError, SnapshotterError, SourceError, UsageError
+from .errors import ConfigError, IntegrityError, KeyOrderError, SnapshotterError, SourceError, UsageError
 from .names import iso, new_snapshot_id, utcnow, current_user
 from .redaction import redact_url
 from .documents import MANIFEST_FORMAT, Manifest, SourceEntry, StreamEntry
@@ -86,6 +86,12 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                         except StreamChanged:
                             writer.abandon()
                             continue  # the backend bounds its own retries
+                        except KeyOrderError as exc:
+                            # the store may know why (NULL keys, keys of several types): a usage error then
+                            why = key_problem(reader, spec)
+                            err = ConfigError if why else SourceError
+                            raise err(f"source {name!r}: {why}" if why else
+                                      f"source {name!r} stream {spec.name!r}: {exc.message}") from exc
                         except SourceError as exc:
                             raise SourceError(f"source {name!r} stream {spec.name!r}: {exc.message}") from exc
                         break

@@ -26,7 +26,7 @@ from . import codec, hashing
 from .documents import ChunkRow, StreamEntry
 from .encoding import MSGPACK, RecordCodec, codec_for
 from .encoding.msgpack_records import fix_key as _fix_key
-from .errors import IntegrityError, SourceError
+from .errors import IntegrityError, KeyOrderError, SourceError
 from .repository import Repository
 
 _ESTIMATE_RECORDS = 512
@@ -257,7 +257,7 @@ class StreamWriter:
             except TypeError:
                 ordered = False
             if not ordered:
-                raise SourceError(f"records out of key order: {codec.key_text(key)} after "
+                raise KeyOrderError(f"records out of key order: {codec.key_text(key)} after "
                                   f"{codec.key_text(self._last_key)}")
         self._last_key = key
         self._has_last = True

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from conftest import REDIS_URL, free_port
 from snapshotter import codec
 from snapshotter.backend import StreamSpec, load_backend, validate_options
-from snapshotter.errors import SchemaMismatch, SourceError
+from snapshotter.errors import SchemaMismatch, SourceError, UsageError
 from snapshotter.objectstore import open_store
 from snapshotter.repository import Repository
 from snapshotter.streams import CHUNKS_PER_STREAM, read_stream
@@ -348,10 +348,11 @@ def test_redis_writer_refuses_a_plan_that_is_not_a_list(redis_client):
     redis_client.lpush(prefix + "s", "m0", "m1", "m2")
     b = open_backend(url=REDIS_URL, key_prefix=prefix)
     spec = StreamSpec("messages", {"kind": "redis-list"})
-    with pytest.raises(SourceError, match="only lose its newest"):
+    # a choice of keys that is not a list (a reapply of position 4 without 3): a usage error, exit 2
+    with pytest.raises(UsageError, match="only lose its newest"):
         with b.writer() as w:
             w.delete(spec, [["s", 1]])
-    with pytest.raises(SourceError, match="without position 3"):
+    with pytest.raises(UsageError, match="without position 3"):
         with b.writer() as w:
             w.upsert(spec, [(["s", 4], {"message": "m4"})])
     with pytest.raises(SourceError, match="outside the sessions"):

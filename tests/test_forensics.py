@@ -557,7 +557,7 @@ def test_verify_checks_the_quarantine_bundles_too(incident, sqlite_url, cli, tmp
     assert any(p.get("incident") == inc["id"] for p in json.loads(r.out)["problems"])
     victim.unlink()
     r = cli("verify")
-    assert r.code == 3 and f"incident {inc['id']}" in r.err and "missing" in r.err
+    assert r.code == 3 and f"incident {inc['id']}" in r.out and "missing" in r.out  # the report, on stdout
     assert cli("verify", inc["snapshot"]).code == 0  # a named snapshot: its own objects only
 
 

@@ -234,7 +234,7 @@ def test_a_deeply_nested_manifest_is_a_corrupt_manifest_everywhere(world):
     assert second in r.out and world.snap in r.err and "warning" in r.err
     world.run("show", world.snap, code=3, names=world.snap)
     r = world.run("verify", code=3, report=True, names="problem")
-    assert world.snap in r.err
+    assert world.snap in r.out
     world.run("snapshot", "--release", "r1", code=0, both=False)
     world.run("forget", "--keep-last", "5", "--dry-run", code=0)
     world.run("prune", "--dry-run", code=3, names=world.snap)
@@ -258,7 +258,7 @@ def test_a_deeply_nested_bundle_audit_record_or_applied_marker_is_reported(world
     (world.repo / "quarantine" / "inc-1" / "manifest.json").write_text(nested(200_000))
     world.run("quarantine", "show", "inc-1", code=3, names="inc-1")
     r = world.run("verify", code=3, report=True)
-    assert "inc-1" in r.err
+    assert "inc-1" in r.out
     world.run("prune", "--dry-run", code=3, names="inc-1")
 
 
@@ -276,7 +276,7 @@ def test_a_manifest_with_a_bad_field_counts_as_corrupt(world, field, value):
     r = world.run("list", code=0)
     assert second in r.out and world.snap in r.err
     r = world.run("verify", code=3, report=True)
-    assert world.snap in r.err
+    assert world.snap in r.out
     world.run("show", world.snap, code=3, names=world.snap)
 
 
@@ -289,7 +289,7 @@ def test_a_manifest_with_a_malformed_chunk_row_counts_as_corrupt(world, row):
         doc["sources"]["db"]["streams"]["kb_chunks"]["chunks"][0] = row
     world.edit(world.manifest, change)
     r = world.run("verify", world.snap, code=3, report=True)
-    assert world.snap in r.err
+    assert world.snap in r.out
     world.run("restore", world.snap, "--dry-run", code=3, names=world.snap)
     world.run("forget", "--keep-last", "1", "--dry-run", code=0)
 
@@ -307,9 +307,9 @@ def test_a_chunk_reference_outside_the_chunk_space_is_corruption_and_verify_goes
         doc["sources"]["db"]["streams"]["kb_chunks"]["chunks"][0][0] = cid
     world.edit(world.manifest, change)
     r = world.run("verify", code=3, report=True)
-    assert world.snap in r.err and second in r.err  # both problems reported, in one run
+    assert world.snap in r.out and second in r.out  # both problems reported, in one run
     r = world.run("verify", "--read-data", code=3, report=True)
-    assert world.snap in r.err and second in r.err
+    assert world.snap in r.out and second in r.out
     for args in (("show", world.snap), ("restore", world.snap, "--dry-run"), ("diff", world.snap)):
         world.run(*args, code=3, names=world.snap)
 
@@ -320,7 +320,7 @@ def test_a_bundle_chunk_reference_outside_the_chunk_space_is_corruption(world):
     world.run("quarantine", "show", "inc-1", code=3, names="inc-1")
     world.run("quarantine", "export", "inc-1", "--format", "jsonl", "-o", "x.jsonl", code=3, names="inc-1")
     r = world.run("verify", code=3, report=True)
-    assert "inc-1" in r.err
+    assert "inc-1" in r.out
 
 
 # -- 4: decompression bombs ---------------------------------------------------------------------
@@ -346,11 +346,11 @@ sys.exit(code)
 
 
 def run_measured(tmp: Path, *args) -> tuple[int, str, int]:
-    """The program in a child process: (exit code, stderr, peak RSS in MB)."""
+    """The program in a child process: (exit code, stdout then stderr, peak RSS in MB)."""
     peak = tmp / "child.peak"
     p = subprocess.run([sys.executable, "-c", PEAK, str(peak), *args], capture_output=True, text=True, cwd=tmp,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    return p.returncode, p.stderr, int(peak.read_text())
+    return p.returncode, p.stdout + p.stderr, int(peak.read_text())
 
 
 @pytest.mark.parametrize("declared", [2 << 30, None])

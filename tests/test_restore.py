@@ -226,7 +226,7 @@ def test_mariadb_latin1_text_keys_in_code_point_order(mysql_url, tmp_path, cli):
 
 def test_keys_of_mixed_types_are_refused_in_one_line(sqlite_url, tmp_path, cli):
     """SQLite lets one key column hold numbers and text, which Python cannot order
-    together: the snapshot is refused by name and nothing is written."""
+    together: the snapshot is refused (exit 2) naming the cause, and nothing is written."""
     eng = sa.create_engine(sqlite_url)
     with eng.begin() as c:
         c.exec_driver_sql("CREATE TABLE m (id PRIMARY KEY, v TEXT)")
@@ -236,8 +236,9 @@ def test_keys_of_mixed_types_are_refused_in_one_line(sqlite_url, tmp_path, cli):
         f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{sqlite_url}"\n')
     assert cli("init").code == 0
     r = cli("snapshot", "--release", "r")
-    assert r.code == 1
-    assert "stream 'm'" in r.err and "out of key order" in r.err and len(r.err.strip().splitlines()) == 1
+    assert r.code == 2
+    assert "table m: key column id holds values of types integer (1 row(s)), real (1 row(s)) and text (1 row(s))" \
+        in r.err and len(r.err.strip().splitlines()) == 1
     assert not list((tmp_path / "repo" / "snapshots").rglob("*.json"))
 
 

@@ -65,7 +65,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from snapshotter.backend import SourceReader, SourceWriter, StreamSpec
 from snapshotter.codec import key_text
-from snapshotter.errors import ConfigError, Refused, SchemaMismatch, SourceError
+from snapshotter.errors import ConfigError, Refused, SchemaMismatch, SourceError, UsageError
 from snapshotter.redaction import redact_text, redact_url
 from snapshotter.timeouts import timed_out
 
@@ -234,21 +234,27 @@ class SessionChanges:
         """(final length, in-place replacements, messages to append oldest first) for a live list.
 
         Refuses changes that do not describe a list with contiguous positions
-        (the rules in the module docs) rather than guess.
+        (the rules in the module docs) rather than guess: a usage error (exit 2), since a
+        restore's plan always describes such a list and only a choice of keys (a reapply of
+        position 10 without 9) does not.  Nothing is written: this runs before the write.
         """
         end = max(live_len, max(self.put) + 1) if self.put else live_len
         final = min(end, min(self.drop)) if self.drop else end
         kept_drop = [p for p in range(final, live_len) if p not in self.drop]
         if kept_drop:
-            raise SourceError(f"session {session!r}: cannot delete position {final} while keeping "
-                              f"position {kept_drop[0]}; a list can only lose its newest messages")
+            raise UsageError(f"session {session!r}: cannot delete position {final} while keeping position "
+                             f"{kept_drop[0]}: a list can only lose its newest messages; nothing was written "
+                             f"(name {key_text([session, kept_drop[0]])} too)")
         beyond = [p for p in self.put if p >= final]
         if beyond:
-            raise SourceError(f"session {session!r}: position {min(beyond)} is both written and deleted")
+            raise UsageError(f"session {session!r}: position {min(beyond)} is both written and deleted; "
+                             f"nothing was written")
         gap = [p for p in range(live_len, final) if p not in self.put]
         if gap:
-            raise SourceError(f"session {session!r}: cannot write position {final - 1} without position "
-                              f"{gap[0]} (the live list has {live_len} messages)")
+            raise UsageError(f"session {session!r}: cannot write position {final - 1} without position {gap[0]} "
+                             f"(the live list has {live_len} messages, and a list has no gaps); nothing was "
+                             f"written (name {', '.join(key_text([session, p]) for p in gap[:3])}"
+                             f"{', ...' if len(gap) > 3 else ''} too)")
         in_place = {p: v for p, v in self.put.items() if p < min(live_len, final)}
         appended = [self.put[p] for p in range(live_len, final)]
         return final, in_place, appended

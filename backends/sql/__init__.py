@@ -124,6 +124,7 @@ class SQLBackend(base.SQLConnection, SourceBackend):
                 out.append(doc)
             return out
         captured = set()
+        keyless = []
         for t in all_tables:
             if t in exclude or t.startswith("sqlite_") or t in roots:
                 continue
@@ -131,6 +132,8 @@ class SQLBackend(base.SQLConnection, SourceBackend):
             if doc["primary_key"]:
                 out.append(doc)
                 captured.add(t)
+            else:
+                keyless.append(t)
         for t in all_tables:
             # a partition is part of its partitioned table: read with it (one stream, every row
             # once), left out with it; on its own only when that table is not captured (no key)
@@ -138,6 +141,15 @@ class SQLBackend(base.SQLConnection, SourceBackend):
                 doc = base.table_schema(conn, t, schema)
                 if doc["primary_key"]:
                     out.append(doc)
+                    keyless = [k for k in keyless if k != roots[t]]  # its rows are captured, by partition
+                elif roots[t] not in keyless:
+                    keyless.append(t)
+        if keyless:
+            # left out of the default selection: said every time, or a table the agent relies on
+            # would silently never be snapshotted (nor restored)
+            log.warning("snapshotter: warning: %s: table(s) %s left out: no primary key, and a row needs a "
+                        "key to be compared and restored; add one, or list the table(s) in exclude to "
+                        "silence this", self.where, ", ".join(sorted(set(keyless))))
         return sorted(out, key=lambda d: d["table"])
 
 
@@ -220,6 +232,34 @@ class SQLReader(SourceReader):
 
     def restore_refusal(self, streams: list) -> str | None:
         return writing.restore_refusal(self.conn, streams, self.b.where)
+
+    def key_problem(self, spec: StreamSpec) -> str | None:
+        """NULL in a key column, or (SQLite, whose columns take any type) values of several
+        types in one: a table whose rows no single order of Python values can follow."""
+        pk = spec.schema.get("primary_key") or []
+        quote = self.conn.dialect.identifier_preparer.quote
+        schema = self.b.config.get("schema")
+        table = (quote(schema) + "." if schema else "") + quote(spec.name)
+        found = []
+        with base.translate_errors(f"{self.b.where}: cannot inspect table {spec.name}"):
+            for col in pk:
+                c = quote(col)
+                nulls = self.conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {c} IS NULL").scalar()
+                kinds = []
+                if self.conn.dialect.name == "sqlite":
+                    kinds = self.conn.exec_driver_sql(
+                        f"SELECT typeof({c}), count(*) FROM {table} WHERE {c} IS NOT NULL GROUP BY 1 ORDER BY 1").all()
+                parts = [f"NULL in {nulls} row(s)"] if nulls else []
+                if len({"number" if t in ("integer", "real") else t for t, _ in kinds}) > 1:  # 1 < 2.5 < 3 in Python too
+                    listed = [f"{t} ({n} row(s))" for t, n in kinds]
+                    parts.append(f"values of types {', '.join(listed[:-1])} and {listed[-1]}")
+                if parts:
+                    found.append(f"key column {col} holds {' and '.join(parts)}")
+        if not found:
+            return None
+        return (f"table {spec.name}: {'; '.join(found)}: its rows cannot be ordered by key, which a snapshot "
+                f"and a restore need (a key is never NULL and of one type); fix those rows, or leave the table "
+                f"out (exclude)")
 
     def live_spec(self, name: str) -> StreamSpec | None:
         schema = self.b.config.get("schema")

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         code = report(Interrupted("interrupted"), as_json)
     except click.ClickException as exc:
         if as_json:
-            click.echo(json.dumps({"error": {"type": "usage", "message": exc.format_message(), "exit_code": 2}}), err=True)
+            click.echo(json.dumps({"error": {"type": "usage", "message": exc.format_message(), "exit_code": 2}}, ensure_ascii=False), err=True)
         else:
             # one line, like every other error, so cron logs and greps see it whole
             ctx = getattr(exc, "ctx", None)

@@ -109,8 +109,7 @@ def verify(app: App, snapshots, all_, read_data):
         else:
             for p in report["problems"]:
                 owner = p["snapshot"] if p.get("snapshot") else f"incident {p.get('incident')}"
-                click.echo(f"{printable(owner)}: {printable(p['object'] or '-')}: {printable(p['problem'], 2000)}",
-                           err=True)
+                click.echo(f"{printable(owner)}: {printable(p['object'] or '-')}: {printable(p['problem'], 2000)}")
     app.out(report, human)
     if failed is not None:
         raise failed

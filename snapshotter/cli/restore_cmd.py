@@ -61,7 +61,9 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
 def diff(app: App, snapshot, sources, streams, sessions):
     """Live state vs snapshot: what a restore would change and quarantine."""
     _check_sources(sources)
-    result = app.api.diff(snapshot, sources=sources, streams=streams, sessions=sessions)
+    with app.progress_bar("diff") as bar:
+        result = app.api.diff(snapshot, sources=sources, streams=streams, sessions=sessions,
+                              progress=bar.step if bar.enabled else None)
     app.out(result.to_json(), lambda: print_plan(result, title="live state against"))
 
 
@@ -109,14 +111,17 @@ def restore(app: App, snapshot, release, before, sources, streams, sessions, inc
     def confirm(plan: RestoreResult) -> bool:
         """Asked before any write transaction is open, so the agent's writers are never held
         while someone reads; the restore then refuses a plan other than this one."""
+        bar.pause()  # off the terminal while the plan is read and the question asked
         print_plan(plan, title="restore to")
         also = " (and put back the settings above)" if plan.settings else ""
         return ask(f"quarantine {plan.changes} record(s) as an incident and restore{also}?")
 
-    result = app.call(app.api.restore, snapshot, release=release, before=before_t, sources=sources, streams=streams,
-                      sessions=sessions, incident=incident, failure_at=failure_t, dry_run=dry_run,
-                      create_missing=create_missing, trust_repository_sql=trust_sql,
-                      confirm=None if yes else confirm)
+    # per stream: plan (and quarantine), write, verify; stderr, on a terminal only
+    with app.progress_bar("restore") as bar:
+        result = app.call(app.api.restore, snapshot, release=release, before=before_t, sources=sources,
+                          streams=streams, sessions=sessions, incident=incident, failure_at=failure_t,
+                          dry_run=dry_run, create_missing=create_missing, trust_repository_sql=trust_sql,
+                          confirm=None if yes else confirm, progress=bar.step if bar.enabled else None)
     manifest = result.snapshot
     app.results["restore"] = result.to_json()
     app.results["release"] = manifest["release"]

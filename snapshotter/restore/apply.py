@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 from .. import __version__, codec
 from ..backend import ABSENT
 from ..config import Config
-from ..errors import IntegrityError, Refused, SnapshotterError, UsageError
-from ..names import current_user, iso, new_incident_id, utcnow
+from ..errors import IntegrityError, NotFound, Refused, SnapshotterError, UsageError
+from ..names import current_user, iso, new_incident_id, quoted, utcnow
 from ..quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
 from ..repository import Repository
 from ..streams import ChunkUploader, StreamWriter, read_stream
@@ -30,6 +30,9 @@ from .resolve import Selection, Target, check_objects, missing_sources, not_conf
 from .verify import changed_under_restore, unexpected, verify_streams
 
 APPLY_BATCH = 500
+
+#: ``progress(step, n, total)``: see :func:`restore`
+Progress = Callable[[str, int, "int | None"], None]
 
 
 @dataclass
@@ -93,10 +96,12 @@ class RestoreResult:
 def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dry_run: bool = False,
             incident: str | None = None, failure_at: _dt.datetime | None = None,
             confirm: Callable[[RestoreResult], bool] | None = None, command: str = "restore",
-            trust_repository_sql: bool = False) -> RestoreResult:
+            trust_repository_sql: bool = False, progress: Progress | None = None) -> RestoreResult:
     """Plan (and unless ``dry_run``: quarantine, apply, verify) a restore of ``manifest``.
     ``trust_repository_sql``: SQL text stored in the repository may be executed (a dropped
-    table is recreated with its defaults, checks, index definitions, triggers)."""
+    table is recreated with its defaults, checks, index definitions, triggers).
+    ``progress(step, n, total)``: ``n`` more records done in ``step`` (``plan SOURCE/STREAM``,
+    ``write …``, ``delete …``, ``verify``); a new step starts at 0, ``total`` its size or None."""
     started = time.monotonic()
     targets = select_targets(manifest, cfg, sel)
     for ts in targets.values():
@@ -111,7 +116,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         for source, ts in targets.items():
             backend = ts[0].backend
             with backend.reader() as reader:
-                result.plans[source] = {t.stream: plan_stream(repo, t, reader, sel, writer=None, failure_at=failure_at)
+                result.plans[source] = {t.stream: plan_stream(repo, t, reader, sel, writer=None, failure_at=failure_at,
+                                                              tick=_step(progress, "plan", t, sel))
                                         for t in ts}
                 refusal = reader.restore_refusal([planned_stream(repo, t, result.plans[source][t.stream]) for t in ts])
                 if refusal:
@@ -125,6 +131,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                     deps = {st: deps[st] for st in removing if deps.get(st)}
                     if deps:
                         result.dependencies[source] = deps
+        refuse_unknown_sessions(repo, targets, result, sel)
         result.duration = time.monotonic() - started
         return result
 
@@ -179,7 +186,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                     result.plans[source] = {}
                     for t in ts:
                         writer = StreamWriter(uploader)
-                        plan = plan_stream(repo, t, reader, sel, writer=writer, failure_at=failure_at)
+                        plan = plan_stream(repo, t, reader, sel, writer=writer, failure_at=failure_at,
+                                           tick=_step(progress, "plan and quarantine", t, sel))
                         entry = writer.finish()
                         entry["schema"] = plan.live_schema
                         entry["counts"] = dict(plan.counts(), post_failure=plan.post_failure)
@@ -193,6 +201,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                 bundle["sources"][source] = src
         finally:
             uploader.close()
+        refuse_unknown_sessions(repo, targets, result, sel)
         bundle["plan"] = {s: {st: p.counts() for st, p in streams.items()} for s, streams in result.plans.items()}
         bundle["records"] = result.changes
         result.quarantined = result.changes
@@ -230,7 +239,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                 status[source] = "partial"
                 with (contextlib.nullcontext(writers[source]) if source in writers else backend.writer()) as w:
                     outside = outside or source not in writers
-                    _apply_source(repo, w, todo, result.plans[source])
+                    _apply_source(repo, w, todo, result.plans[source], progress)
                 status[source] = "restored"  # a SQL source's only once its transaction commits, below
             # before any commit: what the databases changed besides the restore's own writes
             side_effects = [p for w in writers.values() for p in w.check_writes()]
@@ -265,6 +274,8 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                 f"pre-restore values of every record: run `snapshotter restore {manifest['id']} --yes` again to "
                 f"finish (it converges on the snapshot and lists {incident} under continues)",
                 details=details) from exc
+        if progress:
+            progress("verify", 0, None)
         result.verified = verify_streams(repo, targets, result, sel, readers)
         if not result.verified:
             rolled = [s for s in writers]
@@ -285,6 +296,67 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
     return result
 
 
+#: distinct sessions of a snapshot read for suggestions when a --session names none of them
+SUGGEST_FROM = 100_000
+
+
+def refuse_unknown_sessions(repo: Repository, targets: dict[str, list[Target]], result: RestoreResult,
+                            sel: Selection) -> None:
+    """``--session`` naming a session that neither the snapshot nor a live store holds
+    (a typo under pressure): NotFound (exit 5), naming it and the snapshot's sessions
+    that look alike, before anything is written; a restore of nothing must not look like
+    success.  A session only the collation makes equal (``Alice`` for ``alice``) counts
+    as there: the restore's own check of such names says more."""
+    if not sel.sessions:
+        return
+    seen = {str(s) for ps in result.plans.values() for p in ps.values() for s in p.sessions_seen if s is not None}
+    folded = {s.casefold() for s in seen}
+    unknown = [s for s in dict.fromkeys(sel.sessions) if s not in seen and s.casefold() not in folded]
+    if not unknown:
+        return
+    import difflib
+    known: set[str] = set()
+    for ts in targets.values():
+        for t in ts:
+            for rec in read_stream(repo, t.entry):
+                s = t.backend.session_of(t.spec, rec.key, rec.value)
+                if s is not None:
+                    known.add(str(s))
+                if len(known) >= SUGGEST_FROM:
+                    break
+    alike = sorted({m for s in unknown for m in difflib.get_close_matches(s, known, n=3, cutoff=0.6)})
+    names = ", ".join(quoted(s, 80) for s in unknown)
+    hint = (f"; sessions in the snapshot that look alike: {', '.join(quoted(s, 80) for s in alike)}" if alike else
+            f"; the snapshot holds {len(known)}{'+' if len(known) >= SUGGEST_FROM else ''} session(s)"
+            f"{': ' + ', '.join(quoted(s, 80) for s in sorted(known)[:5]) if known else ''}"
+            f"{', ...' if len(known) > 5 else ''}")
+    raise NotFound(f"session(s) {names} exist neither in snapshot {result.snapshot['id']} nor in the live "
+                   f"store(s) of {', '.join(targets)}: nothing compared or written{hint}",
+                   details={"unknown_sessions": unknown, "suggestions": alike})
+
+
+#: records a plan's progress is reported after (a call per record would cost more than it shows)
+TICK = 1000
+
+
+def _step(progress: Progress | None, what: str, t: Target, sel: Selection) -> Callable[[int], None] | None:
+    """The tick of one stream's plan: starts its step; reports every :data:`TICK` records."""
+    if progress is None:
+        return None
+    step = f"{what} {t.source}/{t.stream}"
+    total = None if sel.sessions else t.entry.get("records")
+    progress(step, 0, total)
+    pending = 0
+
+    def tick(n: int) -> None:
+        nonlocal pending
+        pending += n
+        if pending >= TICK:
+            progress(step, pending, total)
+            pending = 0
+    return tick
+
+
 def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
     """Earlier restores of this snapshot that never finished (their bundles keep the original values).
     An unreadable bundle is skipped here: it must not block a restore; `quarantine list` reports it."""
@@ -303,7 +375,8 @@ def _writes(plan: StreamPlan) -> bool:
     return bool(plan.changes or plan.live_missing or plan.settings)
 
 
-def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, StreamPlan]) -> None:
+def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, StreamPlan],
+                  progress: Progress | None = None) -> None:
     """Write one source's planned streams: created parents first; deletes children first and
     writes parents first, in the order the writer's mode asks (:meth:`SourceWriter.write_mode`),
     so foreign keys hold at each step and a case-insensitive key deleted later cannot take a
@@ -342,15 +415,20 @@ def _apply_source(repo: Repository, w, ts: list[Target], plans: dict[str, Stream
         steps = [(True, ("added",)), (False, ("modified", "deleted"))]
     for deletes, ops in steps:
         for t in (reversed(ordered) if deletes else ordered):
-            _apply_records(repo, w, t, plans[t.stream], deletes=deletes, ops=ops)
+            _apply_records(repo, w, t, plans[t.stream], deletes=deletes, ops=ops, progress=progress)
     for t in ordered:
         w.finish(t.spec)
 
 
-def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes: bool, ops: tuple) -> None:
+def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes: bool, ops: tuple,
+                   progress: Progress | None = None) -> None:
     """The stream's records of these ops deleted, or written back with their snapshot values."""
     if plan.quarantine is None:
         return
+    size = sum(getattr(plan, op) for op in ops)
+    if progress and size:
+        step = f"{'delete' if deletes else 'write'} {t.source}/{t.stream}"
+        progress(step, 0, size)
     encoding = t.entry.get("encoding")
 
     def upsert(batch: list) -> None:
@@ -361,6 +439,12 @@ def _apply_records(repo: Repository, w, t: Target, plan: StreamPlan, *, deletes:
         w.upsert(t.spec, [(rec.key, rec.value["snapshot_value"]) for rec, _ in batch])
 
     write = (lambda b: w.delete(t.spec, b)) if deletes else upsert
+    if progress and size:
+        bare = write
+
+        def write(b: list) -> None:
+            bare(b)
+            progress(step, len(b), size)
     batch: list = []
     for rec in read_stream(repo, plan.quarantine):
         q = rec.fields("op", "snapshot_raw")  # values are decoded only if the writer needs them

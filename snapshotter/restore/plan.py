@@ -18,9 +18,9 @@ from operator import attrgetter, itemgetter
 from typing import Any, Callable, Iterator
 
 from .. import codec, hashing
-from ..backend import PlannedStream, StreamSpec
+from ..backend import PlannedStream, StreamSpec, key_problem
 from ..encoding import RecordCodec, codec_for, same_encoding
-from ..errors import IntegrityError, SchemaMismatch, SourceError
+from ..errors import ConfigError, IntegrityError, KeyOrderError, SchemaMismatch, SourceError
 from ..repository import Repository
 from ..streams import BackgroundHash, StoredRecord, StreamWriter, iter_chunks, read_stream
 from .resolve import Selection, Target
@@ -186,22 +186,20 @@ def live_lines(reader, t: Target, spec: StreamSpec | None, sessions) -> Iterator
     return batches
 
 
-def _session_filter(t: Target, rc: RecordCodec, sessions: set[str] | None):
-    """A test of a snapshot record's session, reading one field where the backend names it."""
-    if not sessions:
-        return None
+def _line_session(t: Target, rc: RecordCodec) -> Callable[[bytes], str | None]:
+    """A record's session (of a store's own encoding), reading one field where the backend names it."""
     name = t.backend.session_field(t.spec)
     read = rc.field_reader(name) if name else None
     if read is not None:
-        def keep(line: bytes) -> bool:
+        def session(line: bytes) -> str | None:
             f = read(line)
-            return f is not None and f.decode("utf-8", "replace") in sessions
-        return keep
+            return None if f is None else f.decode("utf-8", "replace")
+        return session
 
-    def keep_decoded(line: bytes) -> bool:
+    def session_decoded(line: bytes) -> str | None:
         key, value = rc.decode(line)
-        return t.backend.session_of(t.spec, key, value) in sessions
-    return keep_decoded
+        return t.backend.session_of(t.spec, key, value)
+    return session_decoded
 
 
 def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]], plan: "StreamPlan",
@@ -209,15 +207,27 @@ def _plan_lines(repo: Repository, t: Target, live_batches: Iterator[list[bytes]]
     """The plan of :func:`plan_stream` over encoded records: equal ones (almost all of
     them after a small drift) are recognised by their bytes alone."""
     rc = codec_for(t.entry["encoding"])
-    keep = _session_filter(t, rc, sessions)
-    if keep is None:
+    if not sessions:
         _merge_lines(iter_chunks(repo, t.entry), live_batches, rc, plan, digest, quarantine)
         return
-    live = itertools.chain.from_iterable(live_batches)
+    session_of = _line_session(t, rc)
+    seen = plan.sessions_seen
+
+    def live_lines() -> Iterator[bytes]:
+        for line in itertools.chain.from_iterable(live_batches):
+            if len(seen) < len(sessions):
+                seen.add(session_of(line))
+            yield line
+    live = live_lines()
 
     def snapshot_lines() -> Iterator[bytes]:
         for raw in iter_chunks(repo, t.entry):
-            lines = [line for line in rc.iter_records(raw) if keep(line)]
+            lines = []
+            for line in rc.iter_records(raw):
+                session = session_of(line)
+                if session in sessions:
+                    seen.add(session)
+                    lines.append(line)
             digest.update(b"".join(lines))
             plan.snapshot_records += len(lines)
             yield from lines
@@ -288,6 +298,8 @@ class StreamPlan:
     settings: list[str] = field(default_factory=list)
     #: a missing stream is recreated without these parts of its stored definition
     not_recreated: list[str] = field(default_factory=list)
+    #: with ``--session``: the sessions named that the snapshot or the live stream holds
+    sessions_seen: set = field(default_factory=set, repr=False)
     #: the live read the plan was made from, ``(sessions or None, the reader's plan_context)``,
     #: for :meth:`SourceWriter.planned` (None: the stream was missing, nothing was read)
     read: tuple | None = field(default=None, repr=False)
@@ -302,8 +314,9 @@ class StreamPlan:
 
 
 def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: StreamWriter | None,
-                failure_at: _dt.datetime | None) -> StreamPlan:
-    """Merge live and snapshot by key; count, and quarantine into ``writer`` when given."""
+                failure_at: _dt.datetime | None, tick: Callable[[int], None] | None = None) -> StreamPlan:
+    """Merge live and snapshot by key; count, and quarantine into ``writer`` when given.
+    ``tick(n)``: ``n`` more live records read (progress)."""
     plan = StreamPlan()
     live_spec = reader.live_spec(t.stream)
     if live_spec is None:
@@ -336,7 +349,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         try:
             writer.add(key, rec)
         except SourceError as exc:  # the quarantine stream's own order check: say whose records
-            raise SourceError(f"source {t.source!r} stream {t.stream!r}: {exc.message}") from None
+            raise type(exc)(f"source {t.source!r} stream {t.stream!r}: {exc.message}") from None
 
     # the snapshot's records are hashed as its manifest's digest was
     alg = repo.hash  # resolve_snapshot checked that its digests are the repository's hash
@@ -349,7 +362,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         digest = BackgroundHash(alg)
         try:
             with contextlib.closing(lines):  # a COPY left open would hold its connection
-                _plan_lines(repo, t, lines, plan, sessions, digest, quarantine)
+                _plan_lines(repo, t, _ticking(lines, tick), plan, sessions, digest, quarantine)
         finally:
             hexdigest = digest.hexdigest()
         plan.lines = True
@@ -364,32 +377,48 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     keys_digest = hashlib.sha256()
     pack = codec.packer().pack
 
+    seen = plan.sessions_seen
+
     def snapshot() -> Iterator[StoredRecord]:
         for rec in snapshot_records(repo, t, sessions):
             digest.update(rec.raw)
             keys_digest.update(pack(rec.key))
             plan.snapshot_records += 1
+            if sessions and len(seen) < len(sessions):
+                seen.add(t.backend.session_of(t.spec, rec.key, rec.value))
             yield rec
 
     def live() -> Iterator[tuple[Any, bytes, Any]]:
         last_key = None
         for rec in live_records(reader, live_spec, sel.sessions):
+            if sessions and len(seen) < len(sessions):
+                seen.add(t.backend.session_of(t.spec, rec[0], rec[2]))
+            if tick:
+                tick(1)
             if last_key is not None and not rec[0] > last_key:
                 raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key order at "
                                      f"{codec.key_text(rec[0])}")
             last_key = rec[0]
             yield rec
 
-    for side, lv, sv in merge_records(live(), snapshot(), same_record(t)):
-        if side == LIVE:
-            plan.added += 1
-            quarantine(lv[0], "added", lv[2], None)
-        elif side == SNAPSHOT:
-            plan.deleted += 1
-            quarantine(sv.key, "deleted", None, sv.value)
-        else:
-            plan.modified += 1
-            quarantine(sv.key, "modified", lv[2], sv.value)
+    try:
+        for side, lv, sv in merge_records(live(), snapshot(), same_record(t)):
+            if side == LIVE:
+                plan.added += 1
+                quarantine(lv[0], "added", lv[2], None)
+            elif side == SNAPSHOT:
+                plan.deleted += 1
+                quarantine(sv.key, "deleted", None, sv.value)
+            else:
+                plan.modified += 1
+                quarantine(sv.key, "modified", lv[2], sv.value)
+    except (TypeError, IntegrityError, KeyOrderError) as exc:
+        # keys that cannot be compared (NULL, or several types in a SQLite column): the store
+        # names the cause, a usage error, rather than "out of key order" or a TypeError
+        why = key_problem(reader, live_spec)
+        if why:
+            raise ConfigError(f"source {t.source!r}: {why}") from exc
+        raise
     if live_spec is not None:
         plan.read = (sel.sessions or None, reader.plan_context(live_spec))
     plan.snapshot_digest = hashing.digest_string(alg, digest)
@@ -397,6 +426,16 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     if not sel.sessions and plan.snapshot_digest != t.entry.get("digest"):
         raise IntegrityError(f"snapshot stream {t.source}/{t.stream} does not match its manifest digest")
     return plan
+
+
+def _ticking(batches: Iterator[list[bytes]], tick: Callable[[int], None] | None) -> Iterator[list[bytes]]:
+    """The batches, each counted by ``tick`` as it is taken (closing them is the caller's)."""
+    if tick is None:
+        yield from batches
+        return
+    for batch in batches:
+        tick(len(batch))
+        yield batch
 
 
 def planned_stream(repo: Repository, t: Target, plan: StreamPlan) -> PlannedStream:

@@ -1,0 +1,178 @@
+"""What a new user trips on, second half: `quarantine show` tables (composite keys, control
+characters, wide characters), the report's settings and timeline labels, `continues` after a
+completed re-run, a confirmed record changed while the prompt waits, metrics without
+prometheus-client, and the requests `list` sends to an S3 repository."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from rich.cells import cell_len
+
+from conftest import on_terminal
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(dir: Path, text: str) -> Path:
+    path = dir / "snapshotter.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# -- quarantine show ----------------------------------------------------------------------
+
+CHECKPOINTS = [f"1ef4f797-8335-6428-8001-8a1503f9b8{i:02d}" for i in range(4)]
+
+
+@pytest.fixture
+def langgraph_incident(tmp_path, cli):
+    """An incident whose records have LangGraph-like composite keys (thread, namespace,
+    checkpoint id: equal but for their end) and conversation sessions holding a newline and
+    wide characters."""
+    db = tmp_path / "agent.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE checkpoints (thread_id TEXT, checkpoint_ns TEXT, checkpoint_id TEXT, "
+                "checkpoint BLOB, PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id))")
+    con.execute("CREATE TABLE message_store (id INTEGER PRIMARY KEY, session_id TEXT, message TEXT)")
+    con.execute("INSERT INTO message_store VALUES (1, 's-1', '{\"type\": \"human\"}')")
+    con.commit()
+    write_config(tmp_path, f"""
+        [repository]
+        url = "./repo"
+        [sources.graph]
+        backend = "sql"
+        url = "sqlite:///{db}"
+        tables = ["checkpoints"]
+        [sources.history]
+        backend = "conversation"
+        url = "sqlite:///{db}"
+    """)
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r1")
+    assert r.code == 0, r.err
+    snap = r.json()["id"]
+    con.executemany("INSERT INTO checkpoints VALUES ('thread-1', '', ?, x'00')", [(c,) for c in CHECKPOINTS])
+    con.executemany("INSERT INTO message_store VALUES (?, ?, ?)",
+                    [(2, "evil\nsession", '{"type": "ai"}'), (3, "会話👍", '{"type": "ai"}')])
+    con.commit()
+    con.close()
+    r = cli("restore", snap, "--incident", "lg", "--yes")
+    assert r.code == 0, r.err
+    return tmp_path
+
+
+def test_quarantine_show_keeps_keys_apart_and_columns_aligned(langgraph_incident, cli):
+    r = cli("quarantine", "show", "lg")
+    assert r.code == 0, r.err
+    lines = [line for line in r.out.splitlines() if line != "6 record(s)"]
+    assert len(lines) == 1 + 6  # a header and one line per record: the newline did not split a row
+    header, rows = lines[0], lines[1:]
+    # every checkpoint key is told apart from the others, whole
+    for c in CHECKPOINTS:
+        assert sum(json.dumps(["thread-1", "", c]) in line for line in rows) == 1, r.out
+    # the newline in a session id is shown escaped, and the wide characters are kept
+    assert any("evil\\nsession" in line for line in rows)
+    assert any("会話👍" in line for line in rows)
+    # columns line up in terminal cells: OP starts at the same cell on every line
+    starts = set()
+    for line in lines:
+        m = re.search(r"  (OP|added|modified|deleted) ", line)
+        starts.add(cell_len(line[:m.start()]))
+    assert len(starts) == 1, r.out
+
+
+def test_a_long_key_loses_its_middle_not_its_end(langgraph_incident, cli):
+    from snapshotter.forensics.table import cells, fit
+    key = json.dumps(["thread-1", "", "x" * 80, "task-7"])
+    short = fit(key, 40)
+    assert cells(short) == 40 and short.endswith('"task-7"]') and short.startswith('["thread-1"') and "…" in short
+    assert cells(fit("会話" * 30, 11)) <= 11
+
+
+# -- metrics without prometheus-client ------------------------------------------------------
+
+def no_prometheus_env(tmp_path: Path) -> dict:
+    """A child process in which ``import prometheus_client`` fails, as on a plain install."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+        class _Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name == "prometheus_client" or name.startswith("prometheus_client."):
+                    raise ImportError("prometheus_client is not installed")
+                return None
+        sys.meta_path.insert(0, _Blocked())
+    """))
+    paths = [str(shim), str(ROOT / ".dev"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
+def test_cron_script_writes_metrics_without_prometheus_client(tmp_path):
+    env = no_prometheus_env(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import prometheus_client"], env=env, capture_output=True)
+    assert probe.returncode != 0  # the shim works: this is a plain install's Python
+    db = tmp_path / "agent.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE kb (id INTEGER PRIMARY KEY, body TEXT)")
+    con.execute("INSERT INTO kb VALUES (1, 'a')")
+    con.commit()
+    con.close()
+    config = write_config(tmp_path, f"""
+        [repository]
+        url = "./repo"
+        [sources.kb]
+        backend = "sql"
+        url = "sqlite:///{db}"
+    """)
+    assert subprocess.run([sys.executable, "-m", "snapshotter", "--config", str(config), "init"], env=env,
+                          capture_output=True).returncode == 0
+    textfile = tmp_path / "textfile"
+    textfile.mkdir()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def cron() -> dict:
+        p = subprocess.run(["bash", str(ROOT / "scripts" / "snapshotter-cron.sh")], capture_output=True, text=True,
+                           timeout=120,
+                           env=dict(env, SNAPSHOTTER_CONFIG=str(config), SNAPSHOTTER_CRON_RELEASE="r1",
+                                    SNAPSHOTTER_CRON_METRICS_DIR=str(textfile), SNAPSHOTTER_CRON_KEEP="",
+                                    SNAPSHOTTER_CRON_BIN=f"{sys.executable} -m snapshotter"))
+        text = (textfile / "snapshotter-snapshot.prom").read_text()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        return p.returncode, p.stderr, samples
+
+    labels = (("command", "snapshot"), ("release", "r1"))
+    code, err, samples = cron()
+    assert (code, err) == (0, "")
+    assert samples[("snapshotter_exit_code", labels)] == 0
+    assert samples[("snapshotter_records", labels + (("source", "kb"),))] == 1
+    success = samples[("snapshotter_last_success_timestamp_seconds", labels)]
+    db.rename(tmp_path / "gone.db")  # the next run fails (a SQLite database that is gone: exit 2)
+    code, err, samples = cron()
+    assert code == 2 and "snapshot failed (exit 2)" in err
+    assert samples[("snapshotter_exit_code", labels)] == 2
+    assert samples[("snapshotter_last_success_timestamp_seconds", labels)] == success
+    assert not [f for f in os.listdir(textfile) if f.startswith(".")]  # no temporary file left
+
+
+def test_a_failed_run_keeps_the_last_success_time(tmp_path):
+    from snapshotter.metrics import LAST_SUCCESS, RunMetrics, previous_success, write_metrics
+    path = str(tmp_path / "m.prom")
+    write_metrics(path, RunMetrics("snapshot", 0, started=100.0, finished=123.5, release='a"b\\c\nd'))
+    write_metrics(path, RunMetrics("snapshot", 3, started=200.0, finished=250.0, release='a"b\\c\nd'))
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {s.name: s for f in text_string_to_metric_families(open(path).read()) for s in f.samples}
+    assert samples[LAST_SUCCESS].value == 123.5 and samples[LAST_SUCCESS].labels["release"] == 'a"b\\c\nd'
+    assert samples["snapshotter_exit_code"].value == 3
+    assert previous_success(path, "snapshot", "other") == 123.5  # another release's, when none of its own
+    assert previous_success(path, "forget", 'a"b\\c\nd') is None

@@ -22,7 +22,7 @@ from . import __version__
 from .documents import IncidentBundle, QuarantinedWrite
 from .forensics import RecordFilter, atomic_output, record_diff, select_records
 from .names import iso, utcnow
-from .quarantine import OPS, incident_status
+from .quarantine import OPS, incident_status, replaced_settings
 from .repository import Repository
 
 MAX_RECORDS = 500
@@ -207,6 +207,12 @@ def _summary(bundle: IncidentBundle, status: dict, t: _Tally) -> str:
     ]
     if bundle.continues:
         rows.append(("Continues", _e(", ".join(bundle.continues))))
+    settings = replaced_settings(bundle)
+    if settings:
+        # not records, so in no count below: a reviewer must still learn the restore replaced them
+        rows.append(("Settings put back", "<br>".join(f"<code>{_e(line)}</code>" for line in settings)
+                     + '<div class="note">the replaced values are in the incident\'s manifest.json, stream '
+                       '<code>schema</code> (the snapshot\'s: <code>snapshot_schema</code>)</div>'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     totals = Counter()
     for c in t.by_stream.values():
@@ -287,10 +293,11 @@ def _timeline(bundle: IncidentBundle, t: _Tally) -> str:
         else:
             where = "before the first" if fts < lo else "after the last"
             note = f'<p class="note">Failure at {_e(failure)} is {where} timed write.</p>'
-    labels = [(left, "start", lo), (left + pw / 2, "middle", (lo + hi) / 2), (W - right, "end", hi)]
-    for x, anchor, ts in labels if hi > lo else labels[:1]:
+    ticks = [(left, "start", lo), (left + pw / 2, "middle", (lo + hi) / 2), (W - right, "end", hi)]
+    ticks = ticks if hi > lo else ticks[:1]
+    for (x, anchor, _), text in zip(ticks, _tick_labels([ts for _, _, ts in ticks])):
         parts.append(f'<text x="{x:.1f}" y="{H - bottom + 16}" text-anchor="{anchor}" fill="#5f6b7a">'
-                     f'{_e(_fmt_time(ts))}</text>')
+                     f'{_e(text)}</text>')
     if hi > lo:
         parts.append(f'<text x="{left + pw / 2:.1f}" y="{H - 6}" text-anchor="middle" fill="#5f6b7a">'
                      f'each bar: {_e(_span(width))}</text>')
@@ -302,6 +309,19 @@ def _timeline(bundle: IncidentBundle, t: _Tally) -> str:
     untimed = (f'<p class="note">{t.untimed} record(s) have no write time (deleted records, or writes the '
                f'backend cannot date) and are not on the timeline.</p>') if t.untimed else ""
     return "".join(parts) + legend + note + untimed
+
+
+def _tick_labels(times: list[float]) -> list[str]:
+    """The timeline's tick labels, to the coarsest precision (seconds, then milliseconds,
+    microseconds) at which they differ: writes a fraction of a second apart had three equal
+    labels.  Closer still, the first is the time and the others its offset."""
+    stamps = [_dt.datetime.fromtimestamp(ts, _dt.timezone.utc) for ts in times]
+    for digits in (0, 3, 6):
+        texts = [d.strftime("%Y-%m-%d %H:%M:%S") + (d.strftime(".%f")[:digits + 1] if digits else "") + "Z"
+                 for d in stamps]
+        if len(set(texts)) == len(texts):
+            return texts
+    return texts[:1] + [f"+{(ts - times[0]) * 1e6:.3g} µs" for ts in times[1:]]
 
 
 def _span(seconds: float) -> str:

@@ -176,3 +176,83 @@ def test_a_failed_run_keeps_the_last_success_time(tmp_path):
     assert samples["snapshotter_exit_code"].value == 3
     assert previous_success(path, "snapshot", "other") == 123.5  # another release's, when none of its own
     assert previous_success(path, "forget", 'a"b\\c\nd') is None
+
+
+# -- the HTML report ------------------------------------------------------------------------
+
+class Page(HTMLParser):
+    """The report's summary (dt -> dd text) and the texts of its SVG timeline."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.summary: dict[str, str] = {}
+        self.svg_texts: list[str] = []
+        self._in: list[str] = []
+        self._dt = ""
+        self._buf = ""
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self._in.append(tag)
+        if tag in ("dt", "dd", "text"):
+            self._buf = ""
+
+    def handle_endtag(self, tag):
+        if tag == "dt":
+            self._dt = self._buf.strip()
+        elif tag == "dd":
+            self.summary[self._dt] = self._buf.strip()
+        elif tag == "text" and "svg" in self._in:
+            self.svg_texts.append(self._buf.strip())
+        while self._in and self._in.pop() != tag:
+            pass
+
+    def handle_data(self, data):
+        self._buf += data
+
+
+def test_report_says_which_settings_the_restore_put_back(tmp_path, cli):
+    chromadb = pytest.importorskip("chromadb")
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    col = client.create_collection("mem", metadata={"owner": "support-agent"}, embedding_function=None)
+    col.add(ids=["d0"], embeddings=[[0.1, 0.2]], documents=["a"])
+    write_config(tmp_path, """
+        [repository]
+        url = "./repo"
+        [sources.memory]
+        backend = "chroma"
+        path = "./chroma"
+    """)
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    col.modify(metadata={"owner": "attacker"})
+    col.add(ids=["d1"], embeddings=[[0.3, 0.4]], documents=["b"])
+    assert cli("restore", snap, "--yes", "--incident", "meta").code == 0
+    assert cli("quarantine", "report", "meta", "-o", "r.html").code == 0
+    page = Page((tmp_path / "r.html").read_text())
+    assert "memory/mem: collection metadata" in page.summary["Settings put back"]
+
+
+def test_report_timeline_ticks_differ_when_the_writes_are_close(pg_url, tmp_path, cli):
+    import sqlalchemy as sa
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, body text, updated_at timestamptz)")
+    write_config(tmp_path, f"""
+        [repository]
+        url = "./repo"
+        [sources.db]
+        backend = "sql"
+        url = "{pg_url}"
+        timestamp_column = "updated_at"
+    """)
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    with eng.begin() as c:  # three writes within 0.6 seconds of the same second
+        for i, ms in enumerate((100, 400, 700)):
+            c.exec_driver_sql(f"INSERT INTO kb VALUES ({i}, 'x', '2026-03-01T10:00:00.{ms}Z')")
+    eng.dispose()
+    assert cli("restore", snap, "--yes", "--incident", "close").code == 0
+    assert cli("quarantine", "report", "close", "-o", "r.html").code == 0
+    ticks = [t for t in Page((tmp_path / "r.html").read_text()).svg_texts if re.match(r"\d{4}-\d\d-\d\d ", t)]
+    assert ticks == ["2026-03-01 10:00:00.100Z", "2026-03-01 10:00:00.400Z", "2026-03-01 10:00:00.700Z"]

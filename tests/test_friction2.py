@@ -256,3 +256,40 @@ def test_report_timeline_ticks_differ_when_the_writes_are_close(pg_url, tmp_path
     assert cli("quarantine", "report", "close", "-o", "r.html").code == 0
     ticks = [t for t in Page((tmp_path / "r.html").read_text()).svg_texts if re.match(r"\d{4}-\d\d-\d\d ", t)]
     assert ticks == ["2026-03-01 10:00:00.100Z", "2026-03-01 10:00:00.400Z", "2026-03-01 10:00:00.700Z"]
+
+
+# -- continues ------------------------------------------------------------------------------
+
+def test_continues_stops_listing_an_interrupted_incident_once_a_later_restore_finished(tmp_path, cli):
+    db = tmp_path / "agent.db"
+    con = sqlite3.connect(db)
+    for t in ("t1", "t2"):
+        con.execute(f"CREATE TABLE {t} (id INTEGER PRIMARY KEY, body TEXT)")
+        con.execute(f"INSERT INTO {t} VALUES (1, 'good')")
+    con.commit()
+    write_config(tmp_path, f"""
+        [repository]
+        url = "./repo"
+        [sources.db]
+        backend = "sql"
+        url = "sqlite:///{db}"
+    """)
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+
+    def drift_and_restore(incident: str, *args: str) -> list[str]:
+        for t in ("t1", "t2"):
+            con.execute(f"UPDATE {t} SET body = ? WHERE id = 1", (f"bad {incident}",))
+        con.commit()
+        r = cli("--json", "restore", snap, "--yes", "--incident", incident, *args)
+        assert r.code == 0, r.err
+        return r.json()["continues"]
+
+    assert drift_and_restore("a") == []
+    (tmp_path / "repo" / "quarantine" / "a" / "applied.json").unlink()  # as if killed mid-restore
+    assert drift_and_restore("b", "--stream", "t1") == ["a"]  # finished t1 only: a's t2 is not
+    assert drift_and_restore("c") == ["a"]
+    assert drift_and_restore("d") == []  # c finished every stream a had: a is history now
+    r = cli("--json", "quarantine", "list")
+    assert {i["incident"]: i["status"] for i in r.json()}["a"] == "interrupted"  # and kept as evidence
+    con.close()

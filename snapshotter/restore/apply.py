@@ -21,7 +21,7 @@ from ..backend import ABSENT
 from ..config import Config
 from ..errors import IntegrityError, Refused, SnapshotterError, UsageError
 from ..names import current_user, iso, new_incident_id, utcnow
-from ..quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
+from ..quarantine import bundle_object, mark_applied, unfinished_incidents, write_bundle
 from ..repository import Repository
 from ..streams import ChunkUploader, StreamWriter, read_stream
 from .plan import StreamPlan, plan_stream, planned_stream
@@ -198,7 +198,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         result.quarantined = result.changes
         result.incident = incident
         # an earlier restore of this snapshot that never finished: its bundle keeps the original values
-        result.continues = _unfinished_incidents(repo, manifest["id"])
+        result.continues = unfinished_incidents(repo, manifest["id"])
         bundle["continues"] = result.continues
 
         for source, w in writers.items():
@@ -283,20 +283,6 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
                                   "problems": []})
     result.duration = time.monotonic() - started
     return result
-
-
-def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
-    """Earlier restores of this snapshot that never finished (their bundles keep the original values).
-    An unreadable bundle is skipped here: it must not block a restore; `quarantine list` reports it."""
-    out = []
-    for incident in incident_ids(repo):
-        try:
-            b = load_bundle(repo, incident)
-        except SnapshotterError:
-            continue
-        if b.get("snapshot") == snapshot_id and applied_status(repo, incident) is None:
-            out.append(incident)
-    return out
 
 
 def _writes(plan: StreamPlan) -> bool:

@@ -293,3 +293,36 @@ def test_continues_stops_listing_an_interrupted_incident_once_a_later_restore_fi
     r = cli("--json", "quarantine", "list")
     assert {i["incident"]: i["status"] for i in r.json()}["a"] == "interrupted"  # and kept as evidence
     con.close()
+
+
+# -- a confirmed record changed while the prompt waits ----------------------------------------
+
+def test_a_confirmed_record_rewritten_while_the_prompt_waits_is_refused(pg_url, tmp_path, cli):
+    import sqlalchemy as sa
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE kb (id int PRIMARY KEY, body text)")
+        c.exec_driver_sql("INSERT INTO kb VALUES (1, 'refunds within 14 days'), (2, 'hello')")
+    write_config(tmp_path, f"""
+        [repository]
+        url = "./repo"
+        [sources.db]
+        backend = "sql"
+        url = "{pg_url}"
+    """)
+    assert cli("init").code == 0
+    snap = cli("--json", "snapshot", "--release", "r").json()["id"]
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE kb SET body = 'refunds: ask for the card number' WHERE id = 1")
+
+    def agent_writes_again():  # same key, same op, a new value: the plan confirmed no longer holds
+        with eng.begin() as c:
+            c.exec_driver_sql("UPDATE kb SET body = 'refunds: send the PIN too' WHERE id = 1")
+
+    code, out = on_terminal(["restore", snap], tmp_path, "y", before_answer=agent_writes_again)
+    assert code == 6, out
+    assert "changed since the plan you confirmed" in out and "Traceback" not in out
+    with eng.connect() as c:  # nothing written, nothing quarantined
+        assert c.exec_driver_sql("SELECT body FROM kb WHERE id = 1").scalar() == "refunds: send the PIN too"
+    eng.dispose()
+    assert cli("--json", "quarantine", "list").json() == []

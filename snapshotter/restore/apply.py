@@ -80,8 +80,9 @@ class RestoreResult:
                 for stream, p in streams.items() for name in p.settings]
 
     def fingerprint(self) -> str:
-        """Which records the plan changes, and how: equal for two plans exactly when they
-        add, modify and delete the same keys of the same streams (the values may differ)."""
+        """Which records the plan changes, how, and from which live values: equal for two
+        plans exactly when they add, modify and delete the same keys of the same streams,
+        whose live records hold the same values."""
         h = hashlib.sha256()
         for source in sorted(self.plans):
             for stream in sorted(self.plans[source]):

@@ -4,7 +4,8 @@ Starts an S3 endpoint (moto's ThreadedMotoServer, over HTTP on loopback) behind 
 request-counting proxy, takes SNAPSHOTS small snapshots of a SQLite source into a
 bucket there, then runs `snapshotter list` (a new process each time, as a person or
 a script would) RUNS times and prints the median wall time, the requests one run
-sends, and the project's heavy imports it loaded (chromadb, sqlalchemy, numpy must
+sends, the CPU time it took (on a loaded machine the wall time is mostly waiting for
+a CPU), and the heavy imports it loaded (chromadb, sqlalchemy, numpy must
 not be among them).
 
     python3 scripts/bench_list.py [--snapshots 20] [--runs 5]
@@ -12,7 +13,7 @@ not be among them).
 from __future__ import annotations
 
 import argparse
-import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -83,12 +84,15 @@ def main() -> None:
             cfg = build(Path(tmp), endpoint, args.snapshots)
             text = cfg.read_text(encoding="utf-8").replace(endpoint, proxy.url)
             cfg.write_text(text, encoding="utf-8")
-            times, requests = [], []
+            times, cpu, requests = [], [], []
             for _ in range(args.runs):
                 before = proxy.requests
+                used = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
                 out = cli(cfg, "list", "--json")
                 times.append(time.perf_counter() - t0)
+                now = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu.append(now.ru_utime - used.ru_utime + now.ru_stime - used.ru_stime)
                 requests.append(proxy.requests - before)
             rows = __import__("json").loads(out.stdout)
             imp = cli(cfg, "list", extra=("-X", "importtime"))
@@ -96,7 +100,8 @@ def main() -> None:
                       if line.startswith("import time:") and "|" in line}
             heavy = sorted(set(HEAVY) & loaded)
             print(f"list on S3: {len(rows)} snapshots, median {statistics.median(times):.3f} s of {args.runs} runs "
-                  f"(min {min(times):.3f}, max {max(times):.3f}), {statistics.median(requests):.0f} HTTP requests "
+                  f"(min {min(times):.3f}, max {max(times):.3f}), CPU {statistics.median(cpu):.3f} s, "
+                  f"{statistics.median(requests):.0f} HTTP requests "
                   f"per run; heavy imports: {', '.join(heavy) or 'none'}")
     finally:
         proxy.stop()

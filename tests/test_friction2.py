@@ -326,3 +326,52 @@ def test_a_confirmed_record_rewritten_while_the_prompt_waits_is_refused(pg_url, 
         assert c.exec_driver_sql("SELECT body FROM kb WHERE id = 1").scalar() == "refunds: send the PIN too"
     eng.dispose()
     assert cli("--json", "quarantine", "list").json() == []
+
+
+# -- list on S3 -------------------------------------------------------------------------------
+
+def test_list_on_s3_sends_one_request_per_manifest_and_imports_no_backend(s3_server, s3_bucket, tmp_path, cli):
+    from tests.s3_fault_proxy import FaultProxy
+    db = tmp_path / "agent.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE kb (id INTEGER PRIMARY KEY, body TEXT)")
+    con.execute("INSERT INTO kb VALUES (1, 'a')")
+    con.commit()
+    direct = f"""
+        [repository]
+        url = "s3://{s3_bucket}/agent"
+        endpoint_url = "{s3_server}"
+        [sources.kb]
+        backend = "sql"
+        url = "sqlite:///{db}"
+    """
+    write_config(tmp_path, direct)
+    assert cli("init").code == 0
+    for i in range(5):
+        con.execute("UPDATE kb SET body = ? WHERE id = 1", (str(i),))
+        con.commit()
+        assert cli("snapshot", "--release", f"r{i % 2}").code == 0
+    con.close()
+    with FaultProxy(s3_server) as proxy:
+        config = write_config(tmp_path, direct.replace(s3_server, proxy.url))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / ".dev"), str(ROOT),
+                                                            os.environ.get("PYTHONPATH", "")]))
+
+        def run(*args: str) -> tuple[subprocess.CompletedProcess, int]:
+            before = proxy.requests
+            p = subprocess.run([sys.executable, "-X", "importtime", "-m", "snapshotter", "--config", str(config),
+                                *args], env=env, capture_output=True, text=True, timeout=120)
+            return p, proxy.requests - before
+
+        p, requests = run("--json", "list")
+        assert p.returncode == 0, p.stderr
+        assert len(json.loads(p.stdout)) == 5
+        # config.json, the good marks' listing, the manifests' listing, then one GET per manifest
+        assert requests == 3 + 5
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+        assert not loaded & {"chromadb", "sqlalchemy", "numpy", "boto3"}, sorted(loaded & {"chromadb", "sqlalchemy",
+                                                                                           "numpy", "boto3"})
+        p, requests = run("list", "--limit", "1")
+        assert p.returncode == 0 and requests <= 3 + 5
+        p, requests = run("list", "--release", "no such")
+        assert p.returncode == 2 and requests == 0  # refused before the store is reached: no client built

@@ -372,6 +372,6 @@ def test_list_on_s3_sends_one_request_per_manifest_and_imports_no_backend(s3_ser
         assert not loaded & {"chromadb", "sqlalchemy", "numpy", "boto3"}, sorted(loaded & {"chromadb", "sqlalchemy",
                                                                                            "numpy", "boto3"})
         p, requests = run("list", "--limit", "1")
-        assert p.returncode == 0 and requests <= 3 + 5
+        assert p.returncode == 0 and requests <= 3 + 2  # the reads ahead open as the listing goes on
         p, requests = run("list", "--release", "no such")
         assert p.returncode == 2 and requests == 0  # refused before the store is reached: no client built

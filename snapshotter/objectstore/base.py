@@ -94,8 +94,8 @@ class ObjectStore(ABC):
         """``(name, bytes)`` for each name, in order, or ``(name, exception)`` where its
         :meth:`get` raised.  A store with ``extra_requests`` keeps that many gets (plus one per
         CPU) in flight ahead of the one consumed, so reading N small objects (the manifests
-        `list` shows) costs about one round trip per window, not N; only a window's worth is
-        read beyond what the caller consumes."""
+        `list` shows) costs about one round trip per window, not N.  The window opens as the
+        caller keeps reading (1, 2, 4, …), so one that stops early caused few needless gets."""
         if not self.extra_requests:
             for name in names:
                 try:
@@ -114,12 +114,13 @@ class ObjectStore(ABC):
 
         pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix="get-many")
         pending: deque = deque()
-        todo = iter(names)
+        ahead = 1  # doubles up to the window: a caller that wants one object (--limit 1) costs one get
         try:
-            for name in todo:
+            for name in names:
                 pending.append((name, pool.submit(fetch, name)))
-                if len(pending) >= window:
+                if len(pending) >= ahead:
                     done, future = pending.popleft()
+                    ahead = min(window, ahead * 2)
                     yield done, future.result()
             while pending:
                 done, future = pending.popleft()

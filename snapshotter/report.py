@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .documents import IncidentBundle, QuarantinedWrite
-from .forensics import RecordFilter, atomic_output, record_diff, select_records
+from .forensics import RecordFilter, atomic_output, diff_values, record_diff, select_records
 from .names import iso, utcnow
 from .quarantine import OPS, incident_status, replaced_settings
 from .repository import Repository
@@ -417,6 +417,30 @@ def _record(d: dict) -> str:
     return f'<section class="{cls}">{head}{body}</section>'
 
 
+def _settings(bundle: IncidentBundle) -> str:
+    """The stream settings the restore put back (not records: no count or diff above holds
+    them), each as the field-level difference of the stream's schema, snapshot against live."""
+    parts = []
+    for source, streams in sorted(bundle.plan.items()):
+        for stream, counts in sorted(streams.items()):
+            names = counts.get("settings") or []
+            if not names:
+                continue
+            try:
+                entry = bundle.stream(source, stream).doc
+            except KeyError:
+                entry = {}
+            changes = diff_values(entry.get("snapshot_schema"), entry.get("schema"))
+            rows = "".join(_change_row(c) for c in changes[:MAX_CHANGES_PER_RECORD])
+            head = (f'<header><span class="badge b-modified">settings</span> <code>{_e(source)}/{_e(stream)}</code> '
+                    f'<span class="meta">{_e(", ".join(map(str, names)))}</span></header>')
+            body = (f"<table><tr><th>setting</th><th>snapshot (put back)</th><th>live (replaced)</th></tr>{rows}"
+                    f"</table>" if rows else '<p class="note" style="margin:8px 12px">The stored schemas do not '
+                    'show the difference.</p>')
+            parts.append(f'<section class="rec">{head}{body}</section>')
+    return "<h2>Settings put back</h2>" + "".join(parts) if parts else ""
+
+
 def _records(bundle: IncidentBundle, t: _Tally, max_records: int) -> str:
     shown = t.post_details[:max_records]
     shown += t.other_details[:max_records - len(shown)]
@@ -450,6 +474,7 @@ def render(repo: Repository, bundle: IncidentBundle | dict, *,
         f"(release {_e(bundle.release)})</p>"
         f"{_summary(bundle, status, t)}"
         f"<h2>Counts by source and stream</h2>{_counts_table(bundle, t)}"
+        f"{_settings(bundle)}"
         f"<h2>Timeline of writes</h2>{_timeline(bundle, t)}"
         f"<h2>Most affected sessions</h2>{_sessions(bundle, t)}"
         f"<h2>Records</h2>{_records(bundle, t, max_records)}"

@@ -187,6 +187,8 @@ class Page(HTMLParser):
         super().__init__()
         self.summary: dict[str, str] = {}
         self.svg_texts: list[str] = []
+        self.settings_cells: list[str] = []  # the cells of the "Settings put back" section
+        self._section = ""
         self._in: list[str] = []
         self._dt = ""
         self._buf = ""
@@ -194,7 +196,7 @@ class Page(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self._in.append(tag)
-        if tag in ("dt", "dd", "text"):
+        if tag in ("dt", "dd", "text", "h2", "td"):
             self._buf = ""
 
     def handle_endtag(self, tag):
@@ -204,6 +206,10 @@ class Page(HTMLParser):
             self.summary[self._dt] = self._buf.strip()
         elif tag == "text" and "svg" in self._in:
             self.svg_texts.append(self._buf.strip())
+        elif tag == "h2":
+            self._section = self._buf.strip()
+        elif tag == "td" and self._section == "Settings put back":
+            self.settings_cells.append(self._buf.strip())
         while self._in and self._in.pop() != tag:
             pass
 
@@ -231,6 +237,8 @@ def test_report_says_which_settings_the_restore_put_back(tmp_path, cli):
     assert cli("quarantine", "report", "meta", "-o", "r.html").code == 0
     page = Page((tmp_path / "r.html").read_text())
     assert "memory/mem: collection metadata" in page.summary["Settings put back"]
+    # and what they were: the snapshot's metadata put back, the live one it replaced
+    assert {"metadata.owner", "support-agent", "attacker"} <= set(page.settings_cells), page.settings_cells
 
 
 def test_report_timeline_ticks_differ_when_the_writes_are_close(pg_url, tmp_path, cli):

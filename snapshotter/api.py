@@ -526,7 +526,9 @@ class Repository:
             if result.fingerprint() != preview.fingerprint():
                 then = (f"the plan you confirmed ({preview.changes} record(s))" if preview.changes else
                         "the check a moment ago (it equaled the snapshot)")
-                raise Refused(f"the live state changed since {then}: {result.changes} record(s) differ now; nothing "
+                now = (f"{result.changes} record(s) differ now" if result.changes != preview.changes else
+                       "a record it changes was written again")
+                raise Refused(f"the live state changed since {then}: {now}; nothing "
                               f"was written. Is the agent still writing? Stop it and run the restore again, or pass "
                               f"--yes to restore whatever differs when the restore runs")
             return True

@@ -1,25 +1,55 @@
 """Prometheus textfile-collector metrics for one run (``--metrics-file PATH``).
 
-The file is replaced atomically (prometheus-client writes a temporary file and
-renames it), so node_exporter never reads half a file.  A failed run keeps the
-previous ``snapshotter_last_success_timestamp_seconds``, read back from the
+The text exposition format is written here, without prometheus-client: it is a
+few lines (``# HELP``, ``# TYPE``, one sample per line with escaped label
+values), and a scheduled job on a plain install must not fail for want of an
+extra.  The file is replaced atomically (a temporary file in the same folder,
+renamed over it), so node_exporter never reads half a file.  A failed run keeps
+the previous ``snapshotter_last_success_timestamp_seconds``, read back from the
 file it replaces, so "no success for N hours" alerts keep working.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
 
-from .errors import UsageError
-
 LAST_SUCCESS = "snapshotter_last_success_timestamp_seconds"
 
+#: one sample line: name, optional {labels}, value, optional timestamp
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\": "\\", "n": "\n", '"': '"'}
 
-def require_client() -> None:
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        raise UsageError("--metrics-file needs prometheus-client: pip install 'snapshotter[metrics]'") from None
+
+def escape_label(value: str) -> str:
+    """A label value as the text format writes it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _labels(text: str) -> dict[str, str] | None:
+    out, pos = {}, 0
+    while pos < len(text):
+        m = _LABEL.match(text, pos)
+        if not m or m.end() == pos:
+            return None if text[pos:].strip() else out
+        out[m.group(1)] = re.sub(r"\\(.)", lambda e: _UNESCAPE.get(e.group(1), "\\" + e.group(1)), m.group(2))
+        pos = m.end()
+    return out
 
 
 @dataclass
@@ -36,37 +66,66 @@ class RunMetrics:
 
 def previous_success(path: str, command: str, release: str) -> float | None:
     """The last success time the existing file holds for ``command`` (same release preferred)."""
-    from prometheus_client.parser import text_string_to_metric_families
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     best: tuple[bool, float] | None = None
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name != LAST_SUCCESS or sample.labels.get("command") != command:
-                    continue
-                candidate = (sample.labels.get("release") == release, float(sample.value))
-                if best is None or candidate > best:
-                    best = candidate
-    except ValueError:
-        return None  # a damaged file: start afresh rather than fail the run
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) != LAST_SUCCESS:
+            continue
+        labels = _labels(m.group(2) or "")
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue  # a damaged line: the others may still hold the time
+        if labels is None or labels.get("command") != command or not math.isfinite(value):
+            continue
+        candidate = (labels.get("release") == release, value)
+        if best is None or candidate > best:
+            best = candidate
     return best[1] if best else None
 
 
-def write_metrics(path: str, run: RunMetrics) -> None:
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+def render(families: list[tuple[str, str, list[tuple[dict[str, str], float]]]]) -> str:
+    """The text format of ``(name, help, [(labels, value)])`` gauges."""
+    lines = []
+    for name, doc, samples in families:
+        lines.append(f"# HELP {name} {_escape_help(doc)}")
+        lines.append(f"# TYPE {name} gauge")
+        for labels, value in samples:
+            inner = ",".join(f'{k}="{escape_label(str(v))}"' for k, v in labels.items())
+            lines.append(f"{name}{{{inner}}} {_number(value)}" if inner else f"{name} {_number(value)}")
+    return "\n".join(lines) + "\n"
 
-    registry = CollectorRegistry()
-    labels = ["command", "release"]
-    values = [run.command, run.release]
+
+def write_textfile(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a reader sees the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_metrics(path: str, run: RunMetrics) -> None:
+    base = {"command": run.command, "release": run.release}
+    families = []
 
     def gauge(name: str, doc: str, value: float | None) -> None:
-        if value is None:
-            return
-        Gauge(name, doc, labels, registry=registry).labels(*values).set(value)
+        if value is not None:
+            families.append((name, doc, [(base, value)]))
 
     last_success = run.finished if run.exit_code == 0 else previous_success(path, run.command, run.release)
     gauge("snapshotter_last_run_timestamp_seconds", "When the last run ended (seconds since the epoch).",
@@ -78,11 +137,9 @@ def write_metrics(path: str, run: RunMetrics) -> None:
     gauge("snapshotter_bytes_written", "Compressed bytes the last snapshot stored.", run.bytes_written)
     gauge("snapshotter_bytes_reused", "Compressed bytes the last snapshot found already stored.", run.bytes_reused)
     if run.records:
-        g = Gauge("snapshotter_records", "Records the last snapshot captured, per source.",
-                  labels + ["source"], registry=registry)
-        for source, n in sorted(run.records.items()):
-            g.labels(*values, source).set(n)
-    write_to_textfile(path, registry)
+        families.append(("snapshotter_records", "Records the last snapshot captured, per source.",
+                         [({**base, "source": source}, n) for source, n in sorted(run.records.items())]))
+    write_textfile(path, render(families))
 
 
 def run_from_results(command: str, exit_code: int, started: float, results: dict) -> RunMetrics:

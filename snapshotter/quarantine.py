@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
-from .errors import IntegrityError, NotFound, UsageError
+from .errors import IntegrityError, NotFound, SnapshotterError, UsageError
 from .names import NAME_RE, check_name
 from .objectstore import ObjectMissing
 from .documents import DocumentError, IncidentBundle, QuarantinedWrite, UnreadableFormat
@@ -109,6 +109,40 @@ def iter_records(repo: Repository, bundle: IncidentBundle | dict, *, source: str
             continue
         for rec in read_stream(repo, st.doc):
             yield sname, stname, rec
+
+
+def unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
+    """Earlier restores of this snapshot that never finished (no ``applied.json``: their
+    bundles keep the values from before the first attempt), which a restore lists under
+    ``continues``.  One that a later restore finished is not listed again: a later
+    incident, applied and verified, whose plan covers every stream of the unfinished one
+    (of any snapshot: the live state has been put to a known point since).  The old
+    incident stays in the repository and in `quarantine list`, as evidence.  An unreadable
+    bundle is skipped here: it must not block a restore; `quarantine list` reports it."""
+    found = []
+    for incident in incident_ids(repo):
+        try:
+            found.append(open_bundle(repo, incident))
+        except SnapshotterError:
+            continue
+    status: dict[str, dict | None] = {}
+
+    def finished(b: IncidentBundle) -> bool:
+        if b.incident not in status:
+            status[b.incident] = applied_status(repo, b.incident)
+        doc = status[b.incident]
+        return bool(doc and doc.get("applied_at") and doc.get("verified") is True)
+
+    out = []
+    for b in found:
+        if b.snapshot != snapshot_id or applied_status(repo, b.incident) is not None:
+            continue
+        streams = {(s, st) for s, sts in b.plan.items() for st in sts}
+        if any((later.created_at or "") > (b.created_at or "") and finished(later)
+               and streams <= {(s, st) for s, sts in later.plan.items() for st in sts} for later in found):
+            continue
+        out.append(b.incident)
+    return out
 
 
 def record_json(source: str, stream: str, rec: StoredRecord) -> dict[str, Any]:

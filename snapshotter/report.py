@@ -20,9 +20,9 @@ from typing import Any
 
 from . import __version__
 from .documents import IncidentBundle, QuarantinedWrite
-from .forensics import RecordFilter, atomic_output, record_diff, select_records
+from .forensics import RecordFilter, atomic_output, diff_values, record_diff, select_records
 from .names import iso, utcnow
-from .quarantine import OPS, incident_status
+from .quarantine import OPS, incident_status, replaced_settings
 from .repository import Repository
 
 MAX_RECORDS = 500
@@ -207,6 +207,12 @@ def _summary(bundle: IncidentBundle, status: dict, t: _Tally) -> str:
     ]
     if bundle.continues:
         rows.append(("Continues", _e(", ".join(bundle.continues))))
+    settings = replaced_settings(bundle)
+    if settings:
+        # not records, so in no count below: a reviewer must still learn the restore replaced them
+        rows.append(("Settings put back", "<br>".join(f"<code>{_e(line)}</code>" for line in settings)
+                     + '<div class="note">the replaced values are in the incident\'s manifest.json, stream '
+                       '<code>schema</code> (the snapshot\'s: <code>snapshot_schema</code>)</div>'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     totals = Counter()
     for c in t.by_stream.values():
@@ -287,10 +293,11 @@ def _timeline(bundle: IncidentBundle, t: _Tally) -> str:
         else:
             where = "before the first" if fts < lo else "after the last"
             note = f'<p class="note">Failure at {_e(failure)} is {where} timed write.</p>'
-    labels = [(left, "start", lo), (left + pw / 2, "middle", (lo + hi) / 2), (W - right, "end", hi)]
-    for x, anchor, ts in labels if hi > lo else labels[:1]:
+    ticks = [(left, "start", lo), (left + pw / 2, "middle", (lo + hi) / 2), (W - right, "end", hi)]
+    ticks = ticks if hi > lo else ticks[:1]
+    for (x, anchor, _), text in zip(ticks, _tick_labels([ts for _, _, ts in ticks])):
         parts.append(f'<text x="{x:.1f}" y="{H - bottom + 16}" text-anchor="{anchor}" fill="#5f6b7a">'
-                     f'{_e(_fmt_time(ts))}</text>')
+                     f'{_e(text)}</text>')
     if hi > lo:
         parts.append(f'<text x="{left + pw / 2:.1f}" y="{H - 6}" text-anchor="middle" fill="#5f6b7a">'
                      f'each bar: {_e(_span(width))}</text>')
@@ -302,6 +309,19 @@ def _timeline(bundle: IncidentBundle, t: _Tally) -> str:
     untimed = (f'<p class="note">{t.untimed} record(s) have no write time (deleted records, or writes the '
                f'backend cannot date) and are not on the timeline.</p>') if t.untimed else ""
     return "".join(parts) + legend + note + untimed
+
+
+def _tick_labels(times: list[float]) -> list[str]:
+    """The timeline's tick labels, to the coarsest precision (seconds, then milliseconds,
+    microseconds) at which they differ: writes a fraction of a second apart had three equal
+    labels.  Closer still, the first is the time and the others its offset."""
+    stamps = [_dt.datetime.fromtimestamp(ts, _dt.timezone.utc) for ts in times]
+    for digits in (0, 3, 6):
+        texts = [d.strftime("%Y-%m-%d %H:%M:%S") + (d.strftime(".%f")[:digits + 1] if digits else "") + "Z"
+                 for d in stamps]
+        if len(set(texts)) == len(texts):
+            return texts
+    return texts[:1] + [f"+{(ts - times[0]) * 1e6:.3g} µs" for ts in times[1:]]
 
 
 def _span(seconds: float) -> str:
@@ -397,6 +417,30 @@ def _record(d: dict) -> str:
     return f'<section class="{cls}">{head}{body}</section>'
 
 
+def _settings(bundle: IncidentBundle) -> str:
+    """The stream settings the restore put back (not records: no count or diff above holds
+    them), each as the field-level difference of the stream's schema, snapshot against live."""
+    parts = []
+    for source, streams in sorted(bundle.plan.items()):
+        for stream, counts in sorted(streams.items()):
+            names = counts.get("settings") or []
+            if not names:
+                continue
+            try:
+                entry = bundle.stream(source, stream).doc
+            except KeyError:
+                entry = {}
+            changes = diff_values(entry.get("snapshot_schema"), entry.get("schema"))
+            rows = "".join(_change_row(c) for c in changes[:MAX_CHANGES_PER_RECORD])
+            head = (f'<header><span class="badge b-modified">settings</span> <code>{_e(source)}/{_e(stream)}</code> '
+                    f'<span class="meta">{_e(", ".join(map(str, names)))}</span></header>')
+            body = (f"<table><tr><th>setting</th><th>snapshot (put back)</th><th>live (replaced)</th></tr>{rows}"
+                    f"</table>" if rows else '<p class="note" style="margin:8px 12px">The stored schemas do not '
+                    'show the difference.</p>')
+            parts.append(f'<section class="rec">{head}{body}</section>')
+    return "<h2>Settings put back</h2>" + "".join(parts) if parts else ""
+
+
 def _records(bundle: IncidentBundle, t: _Tally, max_records: int) -> str:
     shown = t.post_details[:max_records]
     shown += t.other_details[:max_records - len(shown)]
@@ -430,6 +474,7 @@ def render(repo: Repository, bundle: IncidentBundle | dict, *,
         f"(release {_e(bundle.release)})</p>"
         f"{_summary(bundle, status, t)}"
         f"<h2>Counts by source and stream</h2>{_counts_table(bundle, t)}"
+        f"{_settings(bundle)}"
         f"<h2>Timeline of writes</h2>{_timeline(bundle, t)}"
         f"<h2>Most affected sessions</h2>{_sessions(bundle, t)}"
         f"<h2>Records</h2>{_records(bundle, t, max_records)}"

@@ -274,14 +274,18 @@ class Repository:
         refs.sort(key=lambda r: r.id, reverse=True)
         return refs
 
-    def manifest(self, ref: SnapshotRef) -> Manifest:
+    def manifest(self, ref: SnapshotRef, raw: bytes | Exception | None = None) -> Manifest:
         """The manifest ``ref`` names, checked (:meth:`Manifest.from_json`): one that is
         damaged, or names itself other than its object does, is corrupt (exit 3); one of a
-        newer format is refused (exit 2)."""
+        newer format is refused (exit 2).  ``raw``: its object as already fetched (or the
+        error fetching it raised)."""
         cached = self._manifest_cache.get(ref.id)
         if cached is not None:
             return cached
-        raw = self.store.get(ref.object)
+        if isinstance(raw, Exception):
+            raise raw
+        if raw is None:
+            raw = self.store.get(ref.object)
         doc = load_json(raw, f"manifest {ref.object}")
         try:
             manifest = Manifest.from_json(doc, self.hash_digits, id=ref.id, release=ref.release)
@@ -321,7 +325,8 @@ class Repository:
 
     def snapshots(self, release: str | None = None,
                   damaged: Callable[[SnapshotRef, IntegrityError], None] | None = None) -> Iterator[Manifest]:
-        """Every manifest, newest first (lazily: only as many are read as are consumed).
+        """Every manifest, newest first (lazily: only as many are read as are consumed, and
+        a remote store's window ahead, :meth:`ObjectStore.get_many`).
 
         Ids sort by time to the second; snapshots taken within the same second
         are ordered by their manifests' full-precision ``taken_at``.  With
@@ -330,22 +335,29 @@ class Repository:
         without, it raises.
         """
         refs = [r for r in self.list_snapshot_refs() if release is None or r.release == release]
-        i = 0
-        while i < len(refs):
-            j = i
-            while j < len(refs) and refs[j].id[:16] == refs[i].id[:16]:
-                j += 1
-            group = []
-            for r in refs[i:j]:
-                try:
-                    group.append(self.manifest(r))
-                except IntegrityError as exc:
-                    if damaged is None:
-                        raise
-                    damaged(r, exc)
-            group.sort(key=lambda m: (m.taken_at or "", m.id), reverse=True)
-            yield from group
-            i = j
+        # fetched ahead, a window at a time: on S3 one round trip per manifest was most of `list`
+        todo = [r for r in refs if r.id not in self._manifest_cache]
+        need = {r.id for r in todo}
+        fetched = self.store.get_many(r.object for r in todo)
+        try:
+            i = 0
+            while i < len(refs):
+                j = i
+                while j < len(refs) and refs[j].id[:16] == refs[i].id[:16]:
+                    j += 1
+                group = []
+                for r in refs[i:j]:
+                    try:
+                        group.append(self.manifest(r, next(fetched)[1] if r.id in need else None))
+                    except IntegrityError as exc:
+                        if damaged is None:
+                            raise
+                        damaged(r, exc)
+                group.sort(key=lambda m: (m.taken_at or "", m.id), reverse=True)
+                yield from group
+                i = j
+        finally:
+            fetched.close()  # a caller that stopped early (--limit): the reads ahead end here
 
     def manifests(self, release: str | None = None,
                   damaged: Callable[[SnapshotRef, IntegrityError], None] | None = None) -> Iterator[dict]:

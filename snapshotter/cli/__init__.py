@@ -222,8 +222,6 @@ def cli(ctx: click.Context, config_path, repo_url, as_json, verbose, quiet, no_p
     app = ctx.ensure_object(App)
     app.config_path, app.repo_url, app.json, app.verbose, app.quiet = config_path, repo_url, as_json, verbose, quiet
     if metrics_file:
-        from ..metrics import require_client
-        require_client()
         folder = os.path.dirname(os.path.abspath(metrics_file))
         if not os.path.isdir(folder) or os.path.isdir(metrics_file):
             # found out only after the command's work otherwise (a snapshot committed, then exit 1)

@@ -9,7 +9,7 @@ import click
 
 from ..codec import key_text
 from ..errors import Refused, UsageError
-from ..forensics import EXPORT_FORMATS, changed_fields
+from ..forensics import EXPORT_FORMATS, changed_fields, table
 from ..names import check_name, printable
 from ..quarantine import OPS, record_json, replaced_settings
 from ..report import MAX_RECORDS
@@ -34,6 +34,12 @@ def _filters(source, stream, ops, post_failure, sessions, limit) -> dict:
         check_name("source", source)
     return {"source": source, "stream": stream, "ops": tuple(ops), "post_failure": post_failure,
             "sessions": tuple(sessions), "limit": limit}
+
+
+#: widths in terminal cells; a key is cut in its middle only past 64 (composite keys differ at their end)
+SHOW_COLUMNS = (table.Column("SOURCE/STREAM", 32), table.Column("KEY", 64), table.Column("OP", 8),
+                table.Column("POST", 4), table.Column("WRITTEN AT", 32), table.Column("SESSION", 32),
+                table.Column("CHANGED", 80))
 
 
 def _post_label(post) -> str:
@@ -100,14 +106,11 @@ def show(app: App, incident, source, stream, ops, post_failure, sessions, limit)
         if not records:
             app.info(f"no quarantined records in incident {incident} match")
             return
-        click.echo(f"{'SOURCE/STREAM':<28} {'KEY':<24} {'OP':<9} {'POST':<4} {'WRITTEN AT':<26} {'SESSION':<16} "
-                   f"CHANGED")
-        for r, changed in zip(records, fields):
-            what = ", ".join(changed) if r["op"] == "modified" else ""
-            click.echo(f"{_clip(r['source'] + '/' + r['stream'], 28):<28} {_clip(key_text(r['key']), 24):<24} "
-                       f"{_clip(r['op'], 9):<9} {_post_label(r['post_failure']):<4} "
-                       f"{_clip(r['written_at'] or '-', 26):<26} "
-                       f"{_clip(str(r['session']) if r['session'] is not None else '-', 16):<16} {_clip(what, 60)}")
+        rows = [(f"{r['source']}/{r['stream']}", key_text(r["key"]), r["op"], _post_label(r["post_failure"]),
+                 r["written_at"] or "-", "-" if r["session"] is None else str(r["session"]),
+                 ", ".join(changed) if r["op"] == "modified" else "") for r, changed in zip(records, fields)]
+        for line in table.render(SHOW_COLUMNS, rows):
+            click.echo(line)
         app.info(f"{len(records)} record(s)" + (" (limit reached)" if limit and len(records) >= limit else ""))
     app.out(records, human)
 

@@ -1,4 +1,4 @@
-"""A repository in S3 or any S3-compatible store, through boto3.
+"""A repository in S3 or any S3-compatible store, through botocore.
 
 Credentials come only from boto3's normal chain (environment, shared files,
 instance roles); the repository URL and config file never hold them.
@@ -13,16 +13,22 @@ took effect gets 412 from the store although this call created the object, so
 a 412 after retries is checked against the object's bytes.  A GET whose body
 breaks off, or fails the store's checksum, after the headers arrived is not
 retried by botocore, so ``get`` retries it.
+
+One client per store, built at its first request and reused by every request
+after: a command that never touches the store (a refused name, ``--help``)
+pays nothing for it.  botocore is used directly rather than through boto3:
+boto3's session adds its resource layer and s3transfer, a tenth of a second of
+imports at every start that no request here needs (the credential chain is
+botocore's either way).
 """
 from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 from typing import Iterator
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
                                  FlexibleChecksumError, HTTPClientError, IncompleteReadError, NoCredentialsError,
                                  ReadTimeoutError)
@@ -80,19 +86,36 @@ class S3Store(ObjectStore):
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         #: seconds for each connect and each read of a request's answer ([repository] timeout)
         self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        self._endpoint_url, self._region, self._max_pool = endpoint_url, region, max_pool
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._conditional_put = True
+        self._reached = False
+
+    @property
+    def client(self):
+        """The store's one botocore S3 client, built at the first request."""
+        if self._client is None:
+            with self._client_lock:  # chunk uploads call from several threads
+                if self._client is None:
+                    self._client = self._new_client()
+        return self._client
+
+    def _new_client(self):
+        import botocore.session
+        from botocore.config import Config
         config = Config(
             retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-            max_pool_connections=max_pool,
+            max_pool_connections=self._max_pool,
             connect_timeout=self.timeout,
             read_timeout=self.timeout,
         )
-        session = boto3.session.Session()
-        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-        self._conditional_put = True
-        self._reached = False
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=self._endpoint_url, region_name=self._region, config=config)
         # before the endpoint has answered once, a failure to connect is retried only
         # REACH_ATTEMPTS times (the handler runs before botocore's own retry decision)
-        self.client.meta.events.register_first("needs-retry.s3", self._until_reached)
+        client.meta.events.register_first("needs-retry.s3", self._until_reached)
+        return client
 
     def _until_reached(self, response=None, attempts: int = 0, caught_exception=None, request_dict=None, **_):
         """botocore's needs-retry hook: any answer (even an error) means the endpoint is

@@ -21,7 +21,7 @@ from ..backend import ABSENT
 from ..config import Config
 from ..errors import IntegrityError, NotFound, Refused, SnapshotterError, UsageError
 from ..names import current_user, iso, new_incident_id, quoted, utcnow
-from ..quarantine import applied_status, bundle_object, incident_ids, load_bundle, mark_applied, write_bundle
+from ..quarantine import bundle_object, mark_applied, unfinished_incidents, write_bundle
 from ..repository import Repository
 from ..streams import ChunkUploader, StreamWriter, read_stream
 from .plan import StreamPlan, plan_stream, planned_stream
@@ -83,8 +83,9 @@ class RestoreResult:
                 for stream, p in streams.items() for name in p.settings]
 
     def fingerprint(self) -> str:
-        """Which records the plan changes, and how: equal for two plans exactly when they
-        add, modify and delete the same keys of the same streams (the values may differ)."""
+        """Which records the plan changes, how, and from which live values: equal for two
+        plans exactly when they add, modify and delete the same keys of the same streams,
+        whose live records hold the same values."""
         h = hashlib.sha256()
         for source in sorted(self.plans):
             for stream in sorted(self.plans[source]):
@@ -207,7 +208,7 @@ def restore(repo: Repository, cfg: Config, manifest: dict, sel: Selection, *, dr
         result.quarantined = result.changes
         result.incident = incident
         # an earlier restore of this snapshot that never finished: its bundle keeps the original values
-        result.continues = _unfinished_incidents(repo, manifest["id"])
+        result.continues = unfinished_incidents(repo, manifest["id"])
         bundle["continues"] = result.continues
 
         for source, w in writers.items():
@@ -355,20 +356,6 @@ def _step(progress: Progress | None, what: str, t: Target, sel: Selection) -> Ca
             progress(step, pending, total)
             pending = 0
     return tick
-
-
-def _unfinished_incidents(repo: Repository, snapshot_id: str) -> list[str]:
-    """Earlier restores of this snapshot that never finished (their bundles keep the original values).
-    An unreadable bundle is skipped here: it must not block a restore; `quarantine list` reports it."""
-    out = []
-    for incident in incident_ids(repo):
-        try:
-            b = load_bundle(repo, incident)
-        except SnapshotterError:
-            continue
-        if b.get("snapshot") == snapshot_id and applied_status(repo, incident) is None:
-            out.append(incident)
-    return out
 
 
 def _writes(plan: StreamPlan) -> bool:

@@ -331,7 +331,8 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
     sessions = set(sel.sessions) if sel.sessions else None
 
     def quarantine(key, op, live_value, snap_value, live_raw=None, snap_raw=None):
-        plan.changes_digest.update(codec.pack([op, key]))
+        # the live value too: a confirmed record the agent rewrote while the prompt waited is refused
+        plan.changes_digest.update(codec.pack([op, key, live_raw if live_raw is not None else live_value]))
         if writer is None:
             return
         written = t.backend.written_at(t.spec, key, live_value) if live_value is not None else None

@@ -39,6 +39,7 @@ the normal boto3 chain; with the moto server, dummy ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -144,6 +145,14 @@ def sql_change(agent: Agent, scale: float, round_: int) -> None:
     with psycopg.connect(_libpq(agent.sql_url)) as con, con.cursor() as cur:
         cur.executemany(f'UPDATE "{agent.schema}".facts SET fact = %s, round = %s WHERE id = %s', changed)
         cur.executemany(f'INSERT INTO "{agent.schema}".facts VALUES (%s, %s, %s)', added)
+
+
+def _pg_errors() -> tuple:
+    try:
+        import psycopg
+    except ImportError:
+        return ()
+    return (psycopg.Error,)
 
 
 def _libpq(url: str) -> str:
@@ -331,8 +340,13 @@ def fleet(args, workdir: Path) -> int:
     try:
         t0 = time.monotonic()
         for a in agents:
-            sql_build(a, args.scale)
-            redis_build(client, a, args.scale)
+            try:
+                sql_build(a, args.scale)
+                redis_build(client, a, args.scale)
+            except (OSError, redis.RedisError) + _pg_errors() as exc:
+                raise SystemExit(f"fleet: cannot build agent {a.index}'s stores: {str(exc).splitlines()[0]} "
+                                 f"(PostgreSQL: SNAPSHOTTER_FLEET_PG, or --sql sqlite; Redis: "
+                                 f"SNAPSHOTTER_FLEET_REDIS)") from None
             write_config(a, repo_url, endpoint, args.region)
         child = multiprocessing.get_context("spawn").Process(
             target=chroma_build, args=([str(a.dir / "chroma") for a in agents], [a.index for a in agents], args.scale))
@@ -349,7 +363,8 @@ def fleet(args, workdir: Path) -> int:
         client.close()
         if any(a.schema for a in agents):
             import psycopg
-            with psycopg.connect(_libpq(PG_URL), autocommit=True) as con:
+            with contextlib.suppress(psycopg.OperationalError), \
+                    psycopg.connect(_libpq(PG_URL), autocommit=True) as con:
                 for a in agents:
                     if a.schema:
                         con.execute(f'DROP SCHEMA IF EXISTS "{a.schema}" CASCADE')

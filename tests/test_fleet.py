@@ -3,7 +3,7 @@
 Eight agents (SQLite and PostgreSQL schemas, Redis prefixes, embedded Chroma
 folders, part of their data the same) snapshot at once as separate processes
 into one repository on a moto S3 server, beside ``forget`` and ``prune --grace
-0`` loops.  Every snapshot commits, the last forget leaves exactly the newest
+0`` loops.  Every snapshot commits, the forget policy leaves exactly
 four, prune deletes the chunks only forgotten snapshots used, and ``verify
 --read-data`` of the snapshots left finds nothing missing: nothing was pruned
 that a snapshot needs.
@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +25,7 @@ SCRIPT = ROOT / "scripts" / "fleet_s3.py"
 
 
 def test_eight_agents_share_one_s3_repository_beside_forget_and_prune(redis_client, pg_url, tmp_path):
-    env = {**os.environ, "SNAPSHOTTER_FLEET_REDIS": REDIS_URL,
-           "SNAPSHOTTER_FLEET_PG": pg_url}
+    env = {**os.environ, "SNAPSHOTTER_FLEET_REDIS": REDIS_URL, "SNAPSHOTTER_FLEET_PG": pg_url}
     started = time.monotonic()
     p = subprocess.run([sys.executable, str(SCRIPT), "--agents", "8", "--rounds", "1", "--scale", "0.005",
                         "--keep-last", "4", "--interval", "2", "--json", "--workdir", str(tmp_path / "fleet")],

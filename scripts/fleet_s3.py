@@ -502,7 +502,7 @@ def report(args, agents, fl: Fleet, maintenance, forgotten, verify: Run, listing
 
 
 def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def print_report(r: dict) -> None:

@@ -91,6 +91,7 @@ class Repository:
         self.on_lock_lost = on_lock_lost or self.warn
         #: whether :meth:`init` created the repository
         self.created = False
+        self._lock_waited = 0.0
 
     # -- opening -----------------------------------------------------------------
 
@@ -172,8 +173,11 @@ class Repository:
         """Take the repository lock (shared unless ``exclusive``) plus ``claims``
         (:mod:`snapshotter.locks`), waiting up to ``lock_wait``; a context manager."""
         from .locks import acquire, repository_claims
-        return acquire(self.core.store, {**repository_claims(exclusive=exclusive), **(claims or {})},
+        lock = acquire(self.core.store, {**repository_claims(exclusive=exclusive), **(claims or {})},
                        command=command, wait=self.lock_wait, on_wait=self.on_lock_wait, on_lost=self.on_lock_lost)
+        # the audit record of the change made under this lock says how long it waited for other runs
+        self._lock_waited = lock.waited
+        return lock
 
     @contextlib.contextmanager
     def _audited(self, command: str, arguments: dict) -> Iterator[_Audit]:
@@ -186,6 +190,9 @@ class Repository:
         from .audit import append_audit, check_appendable
         check_appendable(self.core)  # before the work: not a committed snapshot, then exit 1 for want of its record
         audit = _Audit()
+        if self._lock_waited:
+            audit.details["lock_waited_seconds"] = round(self._lock_waited, 3)
+            self._lock_waited = 0.0
         try:
             yield audit
         except BaseException as exc:

@@ -284,6 +284,8 @@ class RepositoryLock:
     name: str = ""
     created: _dt.datetime | None = None
     lost: str | None = None
+    #: seconds acquire() spent waiting for conflicting locks to go (0: none was in the way)
+    waited: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -321,15 +323,18 @@ class RepositoryLock:
     # -- acquiring -------------------------------------------------------------
 
     def acquire(self, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> "RepositoryLock":
-        deadline = time.monotonic() + wait
+        started = time.monotonic()
+        deadline = started + wait
         delay = 0.2
-        told = False
+        told = retried = False
         while True:
             try:
                 self._create_pending()
                 blocker, resource = self._settle(deadline)
                 if blocker is None:
                     self.store.put(self.name, self._body("held"), overwrite=True)
+                    if retried:
+                        self.waited = time.monotonic() - started
                     break
             except BaseException:
                 self._delete_own()
@@ -342,6 +347,7 @@ class RepositoryLock:
             if on_wait and not told:
                 on_wait(f"waiting up to {format_age(remaining)} for the lock: {message.split('; ')[0]}")
                 told = True
+            retried = True
             # jitter, so runs that withdrew together do not come back together
             time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
             delay = min(delay * 2, 5.0)

@@ -48,7 +48,6 @@ def child_build(path: str, records: int, dim: int, seed: int) -> None:
 
 def build(path: str, records: int, dim: int, seed: int) -> float:
     import chromadb
-    import numpy as np
     client = chromadb.PersistentClient(path=path)
     names = [c.name for c in client.list_collections()]
     if COLLECTION in names:
@@ -57,19 +56,27 @@ def build(path: str, records: int, dim: int, seed: int) -> float:
             return 0.0
         client.delete_collection(COLLECTION)
     col = client.create_collection(COLLECTION, embedding_function=None)
-    rng = np.random.default_rng(seed)
     started = time.monotonic()
-    step = min(5000, client.get_max_batch_size())
-    for start in range(0, records, step):
-        n = min(step, records - start)
-        ids = [f"doc-{i:08d}" for i in range(start, start + n)]
-        col.add(ids=ids, embeddings=rng.random((n, dim), dtype=np.float32),
-                documents=[f"chunk {i} of the support handbook: refunds, shipping and returns" for i in range(start, start + n)],
-                metadatas=[{"source": f"handbook-{i % 17}.pdf", "page": i % 400, "score": (i % 1000) / 7}
-                           for i in range(start, start + n)])
-        print(f"  built {start + n}/{records}", file=sys.stderr, end="\r")
-    print(file=sys.stderr)
+    add_records(client, col, 0, records, dim, seed, progress=True)
     return time.monotonic() - started
+
+
+def add_records(client, col, start: int, stop: int, dim: int, seed: int, progress: bool = False) -> None:
+    """Records ``start`` to ``stop`` (ids ``doc-%08d``) with random embeddings from ``seed``."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    step = min(5000, client.get_max_batch_size())
+    for first in range(start, stop, step):
+        n = min(step, stop - first)
+        span = range(first, first + n)
+        col.add(ids=[f"doc-{i:08d}" for i in span], embeddings=rng.random((n, dim), dtype=np.float32),
+                documents=[f"chunk {i} of the support handbook: refunds, shipping and returns" for i in span],
+                metadatas=[{"source": f"handbook-{i % 17}.pdf", "page": i % 400, "score": (i % 1000) / 7}
+                           for i in span])
+        if progress:
+            print(f"  built {first + n}/{stop}", file=sys.stderr, end="\r")
+    if progress:
+        print(file=sys.stderr)
 
 
 # -- child processes: each prints one JSON line ------------------------------------

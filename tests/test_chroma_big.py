@@ -5,6 +5,7 @@ embedded collection of 20,000 ids with tracemalloc (what Python allocates), the 
 paged in tenths of it, so that a property of the whole list shows beside one page."""
 from __future__ import annotations
 
+import sys
 import tracemalloc
 
 import chromadb
@@ -132,3 +133,22 @@ def test_pages_are_merged_in_python_string_order_without_repeats():
     same.add(["a", "b"])
     again.add(["b", "a", "b"])
     assert again.sorted().digest() == same.sorted().digest()
+
+
+def rss_anon_mb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
+def test_freed_heap_memory_goes_back_to_the_system_after_a_listing():
+    # freed blocks between live ones stay in the heap until it is trimmed
+    blocks = [bytes(1000) + bytes([i % 256]) for i in range(60_000)]
+    kept = blocks[::16]
+    del blocks
+    before = rss_anon_mb()
+    chroma.release_freed_memory()
+    assert before - rss_anon_mb() > 25
+    assert len(kept) == 3750

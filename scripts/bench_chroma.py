@@ -11,7 +11,9 @@ runs three times, alternating:
   tar       ``tar -cf - DIR | zstd -3`` of the persist folder
 
 and, to tell the backend's share from the core's, the backend's reader alone
-with the records dropped.
+with the records dropped; for memory, a bare client that opens the collection
+and reads one record (what Chroma itself holds: the snapshot's peak RSS is
+compared with it, target at most 150 MB above).
 
 The snapshot and backend-read children tune the garbage collector as the
 ``snapshotter`` program does (``snapshotter.cli.GC_THRESHOLDS``); the scan keeps
@@ -25,6 +27,7 @@ against tar|zstd bytes.
 
     python scripts/bench_chroma.py                     # 100,000 x 384
     python scripts/bench_chroma.py --records 20000 --dir bench-data   # keep and reuse the build
+    python scripts/bench_chroma.py --records 1000000 --dir big --skip-half --no-tar  # after build_chroma_big.py
 """
 from __future__ import annotations
 
@@ -48,7 +51,6 @@ def child_build(path: str, records: int, dim: int, seed: int) -> None:
 
 def build(path: str, records: int, dim: int, seed: int) -> float:
     import chromadb
-    import numpy as np
     client = chromadb.PersistentClient(path=path)
     names = [c.name for c in client.list_collections()]
     if COLLECTION in names:
@@ -57,19 +59,27 @@ def build(path: str, records: int, dim: int, seed: int) -> float:
             return 0.0
         client.delete_collection(COLLECTION)
     col = client.create_collection(COLLECTION, embedding_function=None)
-    rng = np.random.default_rng(seed)
     started = time.monotonic()
-    step = min(5000, client.get_max_batch_size())
-    for start in range(0, records, step):
-        n = min(step, records - start)
-        ids = [f"doc-{i:08d}" for i in range(start, start + n)]
-        col.add(ids=ids, embeddings=rng.random((n, dim), dtype=np.float32),
-                documents=[f"chunk {i} of the support handbook: refunds, shipping and returns" for i in range(start, start + n)],
-                metadatas=[{"source": f"handbook-{i % 17}.pdf", "page": i % 400, "score": (i % 1000) / 7}
-                           for i in range(start, start + n)])
-        print(f"  built {start + n}/{records}", file=sys.stderr, end="\r")
-    print(file=sys.stderr)
+    add_records(client, col, 0, records, dim, seed, progress=True)
     return time.monotonic() - started
+
+
+def add_records(client, col, start: int, stop: int, dim: int, seed: int, progress: bool = False) -> None:
+    """Records ``start`` to ``stop`` (ids ``doc-%08d``) with random embeddings from ``seed``."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    step = min(5000, client.get_max_batch_size())
+    for first in range(start, stop, step):
+        n = min(step, stop - first)
+        span = range(first, first + n)
+        col.add(ids=[f"doc-{i:08d}" for i in span], embeddings=rng.random((n, dim), dtype=np.float32),
+                documents=[f"chunk {i} of the support handbook: refunds, shipping and returns" for i in span],
+                metadatas=[{"source": f"handbook-{i % 17}.pdf", "page": i % 400, "score": (i % 1000) / 7}
+                           for i in span])
+        if progress:
+            print(f"  built {first + n}/{stop}", file=sys.stderr, end="\r")
+    if progress:
+        print(file=sys.stderr)
 
 
 # -- child processes: each prints one JSON line ------------------------------------
@@ -99,6 +109,24 @@ def child_scan(path: str, page: int) -> None:
                       "peak_rss_mb": peak_rss_mb()}))
 
 
+def child_bare(path: str) -> None:
+    """A bare client that opens the collection and reads one record: what Chroma itself
+    costs before anything is listed (the baseline of the snapshot's peak RSS)."""
+    import chromadb
+    col = chromadb.PersistentClient(path=path).get_collection(COLLECTION, embedding_function=None)
+    got = col.get(include=["embeddings", "documents", "metadatas"], limit=1)
+    assert len(got["ids"]) == 1
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def child_ids(path: str) -> None:
+    """A bare ``get(include=[])`` of every id in one request, for reference."""
+    import chromadb
+    col = chromadb.PersistentClient(path=path).get_collection(COLLECTION, embedding_function=None)
+    n = len(col.get(include=[])["ids"])
+    print(json.dumps({"records": n, "peak_rss_mb": peak_rss_mb()}))
+
+
 def as_the_console_program() -> None:
     """The garbage collector tuned as the ``snapshotter`` program tunes it (its young
     generation is collected every 100,000 allocations, not 700): these children call the
@@ -121,7 +149,7 @@ def child_snapshot(path: str, repo_dir: str, retries: int) -> None:
                        os.path.join(repo_dir, "bench.toml"))
     repo, _ = Repository.init(open_store(repo_dir))
     started, cpu = time.monotonic(), cpu_seconds()
-    manifest = take_snapshot(repo, cfg, release="bench")
+    manifest = take_snapshot(repo, cfg, release="bench").doc
     seconds, cpu = time.monotonic() - started, cpu_seconds() - cpu
     src = manifest["sources"]["memory"]
     print(json.dumps({"seconds": seconds, "cpu": cpu, "records": src["streams"][COLLECTION]["records"],
@@ -177,6 +205,9 @@ def main() -> None:
     ap.add_argument("--scan-page", type=int, default=5000, help="limit of each bare get (<= max batch size)")
     ap.add_argument("--retries", type=int, default=3, help="the chroma source's retries option")
     ap.add_argument("--dir", help="keep the built collections here and reuse them (default: a temp folder)")
+    ap.add_argument("--all-ids", action="store_true",
+                    help="also the peak RSS of one bare get(include=[]) of every id")
+    ap.add_argument("--no-tar", action="store_true", help="no tar | zstd runs (slow on a large folder)")
     ap.add_argument("--skip-half", action="store_true", help="no half-size build (no RSS flatness figure)")
     args = ap.parse_args()
 
@@ -192,20 +223,23 @@ def main() -> None:
             run_child("build", half, str(args.records // 2), str(args.dim), str(args.seed))
         load_before = os.getloadavg()[0]
 
-        scans, reads, snaps, tars = [], [], [], []
+        scans, reads, snaps, tars, bares = [], [], [], [], []
         repo_bytes = 0
         for run in range(args.runs):
             scans.append(run_child("scan", full, str(args.scan_page)))
+            bares.append(run_child("bare", full))
             reads.append(run_child("read", full, str(args.retries)))
             repo_dir = os.path.join(work, f"repo-{run}")
             shutil.rmtree(repo_dir, ignore_errors=True)
             snaps.append(run_child("snapshot", full, repo_dir, str(args.retries)))
             repo_bytes = folder_bytes(repo_dir)
             shutil.rmtree(repo_dir, ignore_errors=True)
-            tars.append(tar_zstd(full, os.path.join(work, "persist.tar.zst")))
+            if not args.no_tar:
+                tars.append(tar_zstd(full, os.path.join(work, "persist.tar.zst")))
             print(f"  run {run + 1}: scan {scans[-1]['seconds']:.1f}s ({scans[-1]['cpu']:.1f} cpu)  "
-                  f"snapshot {snaps[-1]['seconds']:.1f}s ({snaps[-1]['cpu']:.1f} cpu)  "
-                  f"tar|zstd {tars[-1]['seconds']:.1f}s", file=sys.stderr)
+                  f"snapshot {snaps[-1]['seconds']:.1f}s ({snaps[-1]['cpu']:.1f} cpu, "
+                  f"{snaps[-1]['peak_rss_mb']:.0f} MB)  bare client {bares[-1]['peak_rss_mb']:.0f} MB"
+                  + (f"  tar|zstd {tars[-1]['seconds']:.1f}s" if tars else ""), file=sys.stderr)
         half_rss = None
         if not args.skip_half:
             repo_dir = os.path.join(work, "repo-half")
@@ -219,8 +253,11 @@ def main() -> None:
         snap_cpu = statistics.median(s["cpu"] for s in snaps)
         read = statistics.median(s["seconds"] for s in reads)
         read_cpu = statistics.median(s["cpu"] for s in reads)
-        tar_s = statistics.median(t["seconds"] for t in tars)
         rss = max(s["peak_rss_mb"] for s in snaps)
+        snap_rss = statistics.median(s["peak_rss_mb"] for s in snaps)
+        bare_rss = statistics.median(b["peak_rss_mb"] for b in bares)
+        read_rss = statistics.median(r["peak_rss_mb"] for r in reads)
+        ids_rss = run_child("ids", full)["peak_rss_mb"] if args.all_ids else None
         print(f"collection      {args.records} x {args.dim} float32 (built in {built:.0f}s; 0 = reused), "
               f"persist folder {folder_bytes(full) / 1e6:.0f} MB")
         print(f"load average    {load_before:.1f} before the runs, {os.getloadavg()[0]:.1f} after "
@@ -234,8 +271,15 @@ def main() -> None:
         print(f"snapshot/scan   {snap / scan:.2f} wall, {snap_cpu / scan_cpu:.2f} CPU  (target <= 1.25)")
         print(f"peak RSS        {rss:.0f} MB at {args.records} records"
               + (f", {half_rss:.0f} MB at {args.records // 2}" if half_rss else "") + "  (target < 600 MB, flat)")
-        print(f"tar | zstd -3   {tar_s:.2f}s median, {tars[0]['bytes'] / 1e6:.1f} MB")
-        print(f"repository      {repo_bytes / 1e6:.1f} MB  ({repo_bytes / tars[0]['bytes']:.2f} x tar|zstd)")
+        print(f"RSS over bare   snapshot {snap_rss:.0f} MB, backend read {read_rss:.0f} MB, bare client (open, "
+              f"read one record) {bare_rss:.0f} MB, medians: snapshot - bare = {snap_rss - bare_rss:.0f} MB "
+              f"(target <= 150)" + (f"; one get(include=[]) of every id: {ids_rss:.0f} MB" if ids_rss else ""))
+        if tars:
+            tar_s = statistics.median(t["seconds"] for t in tars)
+            print(f"tar | zstd -3   {tar_s:.2f}s median, {tars[0]['bytes'] / 1e6:.1f} MB")
+            print(f"repository      {repo_bytes / 1e6:.1f} MB  ({repo_bytes / tars[0]['bytes']:.2f} x tar|zstd)")
+        else:
+            print(f"repository      {repo_bytes / 1e6:.1f} MB")
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -246,6 +290,10 @@ if __name__ == "__main__":
         child_build(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     elif len(sys.argv) > 1 and sys.argv[1] == "read":
         child_read(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "bare":
+        child_bare(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "ids":
+        child_ids(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "scan":
         child_scan(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "snapshot":

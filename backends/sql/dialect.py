@@ -52,6 +52,9 @@ class Dialect:
     ddl_commits: ClassVar[bool] = False
     #: tables are captured as ``pgtext`` lines (:meth:`read_lines`)
     reads_lines: ClassVar[bool] = False
+    #: the record encoding of :meth:`read_lines` when not ``pgtext`` (SQLite: ``sqltext``,
+    #: read by the ``sql`` backend only)
+    line_format: ClassVar[str | None] = None
     #: a column type SQLAlchemy did not know was once recorded as ``NULL``, which then matches
     #: whatever the live column is (PostgreSQL snapshots from before type names were recorded)
     null_type_matches_any: ClassVar[bool] = False
@@ -150,7 +153,8 @@ class Dialect:
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
                    batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
-        """The table's encoding document and batches of its rows as ``pgtext`` lines."""
+        """The table's encoding document and batches of its rows as lines (``pgtext``, or
+        :attr:`line_format`)."""
         raise SourceError(f"table {schema_doc.get('table')} cannot be read as pgtext lines "
                           f"(the database is not PostgreSQL)")
 

@@ -7,9 +7,10 @@ commits, and ``total_changes()`` must equal the rows the restore wrote.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from snapshotter.errors import ConfigError
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 class SQLite(Dialect):
     ddl_kind = "sqlite"
     pool_pre_ping = False
+    line_format = "sqltext"
 
     # -- the database file -------------------------------------------------------------
 
@@ -115,6 +117,11 @@ class SQLite(Dialect):
     def exact_text(self, col):
         return col.collate("BINARY")
 
+    def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
+                   batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+        """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite."""
+        return _read_lines(conn, schema_doc, where=where, fast=fast, batch=batch)
+
     # -- a table's definition ----------------------------------------------------------
 
     def capture_definition(self, conn: Connection, table: str, schema: str | None) -> dict | None:
@@ -189,6 +196,163 @@ class SQLite(Dialect):
             return [f"the database changed {made} row(s) where the restore wrote {wrote}: a trigger or a "
                     f"foreign-key action wrote rows the restore did not plan"]
         return []
+
+
+# -- rows as sqltext lines -----------------------------------------------------------------
+
+#: the SQL function that writes a zero REAL with its sign (SQLite's printf drops it)
+_ZERO = "snapshotter_sqltext_zero"
+#: rows per page of a rowid table's read (fewer for long rows: about PAGE_BYTES a page)
+PAGE_ROWS = 4096
+PAGE_BYTES = 1 << 21
+#: pages read ahead by the reading thread
+PAGES_AHEAD = 4
+
+
+def _zero_text(x: float) -> str:
+    return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+
+
+def _field_sql(q: str) -> str:
+    """One value as its sqltext field, whatever its storage class (:mod:`.sqltext`)."""
+    text = (f"replace(replace(replace(replace({q}, '\\', '\\\\'), char(10), '\\n'), char(13), '\\r'), "
+            f"char(9), '\\t')")
+    return (f"CASE typeof({q}) WHEN 'integer' THEN CAST({q} AS TEXT) "
+            f"WHEN 'real' THEN CASE WHEN {q} = 0 THEN {_ZERO}({q}) ELSE printf('%!.17e', {q}) END "
+            f"WHEN 'text' THEN CASE WHEN instr({q}, char(0)) THEN 'T''' || hex({q}) || '''' "
+            f"ELSE '''' || {text} || '''' END "
+            f"WHEN 'blob' THEN 'X''' || hex({q}) || '''' ELSE 'NULL' END")
+
+
+def _fast_sql(q: str, type_text: str, rowid: bool) -> tuple[str | None, str, str]:
+    """``(guard, printf format, printf argument)`` writing a value of the storage class the
+    column's affinity makes likely; a row whose values all pass their guards is one printf
+    call.  Text is written unescaped here: a page holding a character that needs an escape
+    is read again through :func:`_field_sql` (the bytes are the same where none is needed)."""
+    t = type_text.upper()
+    if rowid:
+        return None, "%d", q
+    if "INT" in t:
+        return f"typeof({q}) = 'integer'", "%d", q
+    if any(w in t for w in ("CHAR", "CLOB", "TEXT")):
+        return f"typeof({q}) = 'text' AND instr({q}, char(0)) = 0", "'%s'", q
+    if not t or "BLOB" in t:
+        return f"typeof({q}) = 'blob'", "X'%s'", f"hex({q})"
+    if any(w in t for w in ("REAL", "FLOA", "DOUB")):
+        return f"typeof({q}) = 'real' AND {q} <> 0", "%!.17e", q
+    return f"typeof({q}) = 'integer'", "%d", q  # NUMERIC affinity
+
+
+def _line_sql(conn: Connection, schema_doc: dict, rowid: bool, fast: bool) -> str:
+    q = conn.dialect.identifier_preparer.quote
+    cols = schema_doc["columns"]
+    generic = " || char(9) || ".join(_field_sql(q(c["name"])) for c in cols)
+    if not fast:
+        return generic
+    parts = [_fast_sql(q(c["name"]), c["type"], rowid and c["name"] == schema_doc["primary_key"][0]) for c in cols]
+    guards = " AND ".join(g for g, _, _ in parts if g)
+    fmt = "\t".join(f for _, f, _ in parts).replace("'", "''")
+    call = f"printf('{fmt}', {', '.join(a for _, _, a in parts)})"
+    return f"CASE WHEN {guards} THEN {call} ELSE {generic} END" if guards else call
+
+
+def is_rowid_key(conn: Connection, schema_doc: dict) -> bool:
+    """Whether the table's key is its rowid (one ``INTEGER PRIMARY KEY`` of a rowid table):
+    every other primary key has an index of origin ``pk``."""
+    if len(schema_doc["primary_key"]) != 1:
+        return False
+    q = conn.dialect.identifier_preparer.quote
+    prefix = f"{q(schema_doc['db_schema'])}." if schema_doc.get("db_schema") else ""
+    rows = conn.exec_driver_sql(f"PRAGMA {prefix}index_list({q(schema_doc['table'])})").fetchall()
+    return not any(r[3] == "pk" for r in rows)
+
+
+def _read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
+                batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+    """The table's encoding document and batches of its rows as ``sqltext`` lines in key
+    order.  A rowid table is read a page of rows at a time, each page one text SQLite
+    builds (``group_concat``) on a thread of its own, beside the caller's work on the
+    previous pages (SQLite lets go of the GIL while it steps); other tables, and reads of
+    some rows (``where``), through a cursor, one line per row.  ``fast`` False: every value
+    through the generic expression (the lines are the same)."""
+    from . import sqltext
+    from .base import FETCH_BATCH, select_stmt
+
+    rowid = is_rowid_key(conn, schema_doc)
+    doc = sqltext.encoding_doc([c["name"] for c in schema_doc["columns"]], schema_doc["primary_key"], rowid)
+    raw = conn.connection.driver_connection
+    raw.create_function(_ZERO, 1, _zero_text, deterministic=True)
+    if not rowid or where is not None:
+        import sqlalchemy as sa
+        line = sa.literal_column(f"CAST({_line_sql(conn, schema_doc, rowid, False)} AS BLOB)")
+        stmt = select_stmt(conn, schema_doc, where).with_only_columns(line)
+
+        def by_cursor() -> Iterator[list[bytes]]:
+            size = batch or FETCH_BATCH
+            result = conn.execute(stmt, execution_options={"stream_results": True, "yield_per": size})
+            for part in result.partitions(size):
+                yield [bytes(r[0]) + b"\n" for r in part]
+        return doc, by_cursor()
+    q = conn.dialect.identifier_preparer.quote
+    table = q(schema_doc["table"])
+    if schema_doc.get("db_schema"):
+        table = f"{q(schema_doc['db_schema'])}.{table}"
+    key = q(schema_doc["primary_key"][0])
+
+    def page_sql(fast_rows: bool) -> str:
+        return (f"SELECT CAST(group_concat(snapshotter_line, char(10)) AS BLOB), max(snapshotter_key), count(*) "
+                f"FROM (SELECT {key} AS snapshotter_key, {_line_sql(conn, schema_doc, True, fast_rows)} AS "
+                f"snapshotter_line FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?)")
+    return doc, _pages(raw, page_sql(fast is not False), page_sql(False), len(schema_doc["columns"]),
+                       batch or PAGE_ROWS)
+
+
+def _pages(raw, fast_sql: str, generic_sql: str, ncols: int, rows: int) -> Iterator[list[bytes]]:
+    """Batches of lines of a rowid table, read page by page on a thread (:func:`_read_lines`)."""
+    import queue
+    import threading
+
+    pages: "queue.Queue[tuple[str, Any]]" = queue.Queue(PAGES_AHEAD)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            last, limit = float("-inf"), min(rows, 256)  # below every rowid
+            while not stop.is_set():
+                page, top, n = raw.execute(fast_sql, (last, limit)).fetchone()
+                if not n:
+                    break
+                if (b"\\" in page or b"\r" in page or page.count(b"\n") != n - 1
+                        or page.count(b"\t") != n * (ncols - 1)):
+                    # a text that needs an escape (or a row the fast expression did not write):
+                    # the page again, every value through the generic expression
+                    page, top, n = raw.execute(generic_sql, (last, limit)).fetchone()
+                last = top
+                pages.put(("page", page))
+                limit = max(16, min(rows, PAGE_BYTES * n // max(1, len(page))))
+        except BaseException as exc:  # handed to the consumer
+            pages.put(("error", exc))
+            return
+        pages.put(("end", None))
+
+    worker = threading.Thread(target=produce, name="sqlite-lines", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, item = pages.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield (item + b"\n").splitlines(keepends=True)
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                pages.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 def _total_changes(conn: Connection) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sqlite3
 import struct
 
@@ -42,6 +43,10 @@ TABLES = {
     "int_key": "CREATE TABLE t (id INT PRIMARY KEY, a, b TEXT, c REAL, d INTEGER, e BLOB)",
     "composite": "CREATE TABLE t (b TEXT, id INTEGER, a, c REAL, d INTEGER, e BLOB, PRIMARY KEY (id, b))",
 }
+# the same tables without a BLOB column or an untyped one, which a snapshot stores as sqltext
+# (a table with blobs stays msgpack: keeps_msgpack)
+TABLES.update({f"{name}_typed": body.replace(" a,", " a ANY,").replace("e BLOB", "e ANY")
+               for name, body in list(TABLES.items()) if name in ("rowid", "composite")})
 
 
 @pytest.fixture
@@ -95,7 +100,8 @@ def test_rowid_is_recognised(tmp_path):
             c.exec_driver_sql(body.replace("TABLE t ", f"TABLE {name} "))
     with eng.connect() as c:
         got = {name: sqlite_dialect.is_rowid_key(c, sqlbase.table_schema(c, name, None)) for name in TABLES}
-    assert got == {"rowid": True, "without_rowid": False, "int_key": False, "composite": False}
+    assert got == {"rowid": True, "without_rowid": False, "int_key": False, "composite": False,
+                   "rowid_typed": True, "composite_typed": False}
 
 
 def test_fields_round_trip_and_refuse_damage():
@@ -125,7 +131,7 @@ def _manifest(tmp_path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("awkward", ["rowid", "composite"], indirect=True)
+@pytest.mark.parametrize("awkward", ["rowid_typed", "composite_typed"], indirect=True)
 def test_restore_from_a_sqltext_snapshot(awkward, tmp_path, cli):
     _config(tmp_path, awkward.url.render_as_string())
     assert cli("init").code == 0
@@ -171,3 +177,131 @@ def test_records_out_of_key_order_are_still_refused(tmp_path, cli):
     assert cli("init").code == 0
     r = cli("snapshot", "--release", "r")
     assert r.code == 1 and "out of key order" in r.err
+
+
+def _narrow(path, rows: int, body=None) -> sa.Engine:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, label TEXT, score REAL)")
+    db.executemany("INSERT INTO t VALUES (?, ?, ?, ?)",
+                   [(i * 3 - 1000, i % 7, body(i) if body else f"item-{i}", i / 7) for i in range(rows)])
+    db.commit()
+    db.close()
+    return sa.create_engine(f"sqlite:///{path}")
+
+
+def test_a_rowid_table_is_read_in_an_order_sqlite_promises(tmp_path):
+    """Every statement reading lines is ordered at its outer level (SQLite does not promise
+    that an aggregate such as group_concat keeps a subquery's order), and the lines come in
+    key order across batches, including a batch read again for a text that needs an escape."""
+    eng = _narrow(tmp_path / "o.db", 3000, body=lambda i: "tab\there" if i in (5, 1700) else f"item-{i}")
+    seen: list[str] = []
+    with eng.connect() as conn:
+        sqlbase.begin_snapshot(conn)
+        doc = sqlbase.table_schema(conn, "t", None)
+        conn.connection.driver_connection.set_trace_callback(seen.append)
+        enc, lines = _lines(conn, doc, batch=100)
+        conn.connection.driver_connection.set_trace_callback(None)
+        _, slow = _lines(conn, doc, fast=False)
+    assert enc["rowid"] is True and lines == slow
+    rc = sqltext.SqlTextCodec(enc)
+    assert [rc.key(line) for line in lines] == [i * 3 - 1000 for i in range(3000)]
+    reads = [sql for sql in seen if re.search(r' FROM "?t"? ', sql + " ")]
+    assert len(reads) >= 2 and not [sql for sql in reads if "group_concat" in sql.lower()]
+    assert all(re.search(r'ORDER BY "?id"?( LIMIT \S+)?\s*$', sql) for sql in reads), reads
+
+
+def test_check_same_thread_true_in_the_url(tmp_path, cli):
+    """A connection that refuses other threads is read on the caller's thread."""
+    eng = _narrow(tmp_path / "s.db", 2000)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    strict = sa.create_engine(url + "?check_same_thread=true")
+    got = []
+    for e in (eng, strict):
+        with e.connect() as conn:
+            sqlbase.begin_snapshot(conn)
+            got.append(_lines(conn, sqlbase.table_schema(conn, "t", None), batch=64)[1])
+    assert len(got[0]) == 2000 and got[0] == got[1]
+    _config(tmp_path, url + "?check_same_thread=true")
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r")
+    assert r.code == 0, r.err
+    assert _manifest(tmp_path)["sources"]["db"]["streams"]["t"]["encoding"]["format"] == "sqltext"
+
+
+def _snapshot(cli) -> str:
+    r = cli("--json", "snapshot", "--release", "r")
+    assert r.code == 0, r.err
+    return r.json()["id"]
+
+
+def _entries(tmp_path) -> dict:
+    out = {}
+    for path in (tmp_path / "repo" / "snapshots").rglob("*.json"):
+        m = json.loads(path.read_text())
+        out[m["id"]] = m["sources"]["db"]["streams"]
+    return out
+
+
+def test_tables_of_blobs_stay_msgpack_and_may_switch_between_snapshots(tmp_path, cli):
+    """A column declared BLOB keeps the table msgpack; an untyped column decides by the
+    blobs among the first rows, so a table may switch encodings between snapshots, and a
+    restore to either snapshot works from the other state."""
+    path = tmp_path / "b.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, payload BLOB)")
+    db.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v)")
+    db.executemany("INSERT INTO blobs VALUES (?, ?)", [(i, bytes([i % 256]) * 40) for i in range(50)])
+    db.executemany("INSERT INTO kv VALUES (?, ?)", [(i, f"value {i}") for i in range(50)])
+    db.commit()
+    db.close()
+    eng = sa.create_engine(f"sqlite:///{path}")
+    _config(tmp_path, f"sqlite:///{path}")
+    assert cli("init").code == 0
+    first = _snapshot(cli)
+    e = _entries(tmp_path)[first]
+    assert "encoding" not in e["blobs"] and e["kv"]["encoding"]["format"] == "sqltext"
+    rows_kv = _rows(eng, "kv")
+    as_text = rows_kv()
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE kv SET v = x'00ff' WHERE k = 2")
+    second = _snapshot(cli)
+    assert "encoding" not in _entries(tmp_path)[second]["kv"]
+    as_blob = rows_kv()
+    # back to the sqltext snapshot from the msgpack state, then forward again
+    drift_then_restore(cli, eng, first, "kv", ["DELETE FROM kv WHERE k = 7"],
+                       {"added": 0, "modified": 1, "deleted": 1}, lambda: as_text)
+    assert rows_kv() == as_text
+    drift_then_restore(cli, eng, second, "kv", ["UPDATE kv SET v = 'x' WHERE k = 9"],
+                       {"added": 0, "modified": 2, "deleted": 0}, lambda: as_blob)
+    assert rows_kv() == as_blob
+
+
+def test_text_that_is_not_utf8_round_trips(tmp_path, cli):
+    """A TEXT value whose bytes are not UTF-8 is snapshotted and written back byte for byte,
+    still TEXT."""
+    path = tmp_path / "u.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT, note TEXT)")
+    db.execute("INSERT INTO t VALUES (1, CAST(x'ff61' AS TEXT), 'ok'), (2, CAST(x'c328e2' AS TEXT), "
+               "CAST(x'80' AS TEXT)), (3, 'plain', 'x')")
+    db.commit()
+    db.close()
+    eng = sa.create_engine(f"sqlite:///{path}")
+
+    def raw_rows():
+        with eng.connect() as c:
+            return [tuple(r) for r in c.exec_driver_sql(
+                "SELECT id, typeof(body), CAST(body AS BLOB), typeof(note), CAST(note AS BLOB) FROM t ORDER BY id")]
+    before = raw_rows()
+    _config(tmp_path, f"sqlite:///{path}")
+    assert cli("init").code == 0
+    sid = _snapshot(cli)
+    assert _entries(tmp_path)[sid]["t"]["encoding"]["format"] == "sqltext"
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE t SET body = 'changed' WHERE id = 1")
+        c.exec_driver_sql("DELETE FROM t WHERE id = 2")
+        c.exec_driver_sql("UPDATE t SET note = CAST(x'fe' AS TEXT) WHERE id = 3")
+    r = cli("--json", "restore", sid, "--yes")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    assert raw_rows() == before

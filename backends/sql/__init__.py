@@ -172,6 +172,8 @@ class SQLReader(SourceReader):
         if not base.reads_lines(self.conn, LINE_FORMATS):
             return None
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            if of(self.conn).keeps_msgpack(self.conn, spec.schema):
+                return None
             doc, batches = base.read_lines(self.conn, spec.schema)
         return doc, base.tracked(self.conn, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}"))
 

@@ -122,6 +122,9 @@ class SQLite(Dialect):
         """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite."""
         return _read_lines(conn, schema_doc, where=where, fast=fast, batch=batch)
 
+    def keeps_msgpack(self, conn: Connection, schema_doc: dict) -> bool:
+        return keeps_msgpack(conn, schema_doc)
+
     # -- a table's definition ----------------------------------------------------------
 
     def capture_definition(self, conn: Connection, table: str, schema: str | None) -> dict | None:
@@ -202,10 +205,10 @@ class SQLite(Dialect):
 
 #: the SQL function that writes a zero REAL with its sign (SQLite's printf drops it)
 _ZERO = "snapshotter_sqltext_zero"
-#: rows per page of a rowid table's read (fewer for long rows: about PAGE_BYTES a page)
+#: rows per batch of a rowid table's read (fewer for long rows: about PAGE_BYTES a batch)
 PAGE_ROWS = 4096
 PAGE_BYTES = 1 << 21
-#: pages read ahead by the reading thread
+#: batches read ahead by the reading thread
 PAGES_AHEAD = 4
 
 
@@ -267,19 +270,44 @@ def is_rowid_key(conn: Connection, schema_doc: dict) -> bool:
     return not any(r[3] == "pk" for r in rows)
 
 
+def keeps_msgpack(conn: Connection, schema_doc: dict) -> bool:
+    """Whether the table is better stored as msgpack records than as ``sqltext`` lines: a
+    column declared ``BLOB`` (its type names BLOB), or a column of no declared type holding
+    a blob among the first :data:`PAGE_ROWS` rows in key order.  sqltext writes a blob in
+    hex, twice its bytes to hash and compress; msgpack keeps it as it is."""
+    cols = schema_doc["columns"]
+    if any("BLOB" in (c.get("type") or "").upper() for c in cols):
+        return True
+    untyped = [c["name"] for c in cols if not (c.get("type") or "").strip() or (c.get("type") or "").upper() == "NULL"]
+    if not untyped:
+        return False
+    q = conn.dialect.identifier_preparer.quote
+    table = q(schema_doc["table"])
+    if schema_doc.get("db_schema"):
+        table = f"{q(schema_doc['db_schema'])}.{table}"
+    order = ", ".join(q(k) for k in schema_doc["primary_key"])
+    names = ", ".join(q(c) for c in untyped)
+    blob = " OR ".join(f"typeof({q(c)}) = 'blob'" for c in untyped)
+    return conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM (SELECT {names} FROM {table} ORDER BY {order} "
+                                f"LIMIT {PAGE_ROWS}) WHERE {blob})").scalar() == 1
+
+
 def _read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
                 batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
     """The table's encoding document and batches of its rows as ``sqltext`` lines in key
-    order.  A rowid table is read a page of rows at a time, each page one text SQLite
-    builds (``group_concat``) on a thread of its own, beside the caller's work on the
-    previous pages (SQLite lets go of the GIL while it steps); other tables, and reads of
-    some rows (``where``), through a cursor, one line per row.  ``fast`` False: every value
-    through the generic expression (the lines are the same)."""
+    order, each row one value SQLite writes.  A rowid table is read through one cursor
+    ``ORDER BY`` its key (so SQLite promises the order) on a thread of its own, beside the
+    caller's work on the previous batches (SQLite lets go of the GIL while it steps), or on
+    the caller's thread where the connection refuses other threads (``check_same_thread``);
+    other tables, and reads of some rows (``where``), through a cursor on the caller's
+    thread.  ``fast`` False: every value through the generic expression (the lines are the
+    same)."""
     from . import sqltext
     from .base import FETCH_BATCH, select_stmt
 
     rowid = is_rowid_key(conn, schema_doc)
-    doc = sqltext.encoding_doc([c["name"] for c in schema_doc["columns"]], schema_doc["primary_key"], rowid)
+    names = [c["name"] for c in schema_doc["columns"]]
+    doc = sqltext.encoding_doc(names, schema_doc["primary_key"], rowid)
     raw = conn.connection.driver_connection
     raw.create_function(_ZERO, 1, _zero_text, deterministic=True)
     if not rowid or where is not None:
@@ -298,17 +326,61 @@ def _read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | 
     if schema_doc.get("db_schema"):
         table = f"{q(schema_doc['db_schema'])}.{table}"
     key = q(schema_doc["primary_key"][0])
+    generic = _line_sql(conn, schema_doc, True, False)
+    first = _line_sql(conn, schema_doc, True, True) if fast is not False else generic
+    scan = f"SELECT CAST(({first}) || char(10) AS BLOB) FROM {table} ORDER BY {key}"
+    again = f"SELECT CAST(({generic}) || char(10) AS BLOB) FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+    lines = _rowid_lines(raw, scan, again if fast is not False else None, len(names),
+                         names.index(schema_doc["primary_key"][0]), batch or PAGE_ROWS)
+    return doc, (_on_a_thread(lines) if _threads_may_use(raw) else lines)
 
-    def page_sql(fast_rows: bool) -> str:
-        return (f"SELECT CAST(group_concat(snapshotter_line, char(10)) AS BLOB), max(snapshotter_key), count(*) "
-                f"FROM (SELECT {key} AS snapshotter_key, {_line_sql(conn, schema_doc, True, fast_rows)} AS "
-                f"snapshotter_line FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?)")
-    return doc, _pages(raw, page_sql(fast is not False), page_sql(False), len(schema_doc["columns"]),
-                       batch or PAGE_ROWS)
+
+def _rowid_lines(raw, scan: str, again: str | None, ncols: int, key_index: int, rows: int) -> Iterator[list[bytes]]:
+    """Batches of a rowid table's lines from one ordered cursor.  ``again``: the generic
+    statement reading a batch again when the fast expression may not have written it
+    exactly (a text that needs an escape, seen by its bytes)."""
+    cur = raw.execute(scan)
+    try:
+        last: Any = float("-inf")  # below every rowid
+        size = min(rows, 256)
+        while True:
+            lines = [r[0] for r in cur.fetchmany(size)]
+            if not lines:
+                return
+            n = len(lines)
+            page = b"".join(lines)
+            if again is not None and (b"\\" in page or b"\r" in page or page.count(b"\n") != n
+                                      or page.count(b"\t") != n * (ncols - 1)):
+                lines = [r[0] for r in raw.execute(again, (last, n)).fetchall()]
+            # a rowid is an integer, written as its digits: the line's key field
+            last = int(lines[-1].split(b"\t", key_index + 1)[key_index])
+            yield lines
+            size = max(min(16, rows), min(rows, PAGE_BYTES * n // max(1, len(page))))
+    finally:
+        cur.close()
 
 
-def _pages(raw, fast_sql: str, generic_sql: str, ncols: int, rows: int) -> Iterator[list[bytes]]:
-    """Batches of lines of a rowid table, read page by page on a thread (:func:`_read_lines`)."""
+def _threads_may_use(raw) -> bool:
+    """Whether another thread may use this connection (not opened ``check_same_thread``)."""
+    import sqlite3
+    import threading
+
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            raw.cursor().close()
+            ok.append(True)
+        except sqlite3.ProgrammingError:
+            pass
+    t = threading.Thread(target=probe, name="sqlite-probe", daemon=True)
+    t.start()
+    t.join()
+    return bool(ok)
+
+
+def _on_a_thread(batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+    """``batches`` produced on a thread, up to :data:`PAGES_AHEAD` ahead of the caller."""
     import queue
     import threading
 
@@ -317,22 +389,15 @@ def _pages(raw, fast_sql: str, generic_sql: str, ncols: int, rows: int) -> Itera
 
     def produce() -> None:
         try:
-            last, limit = float("-inf"), min(rows, 256)  # below every rowid
-            while not stop.is_set():
-                page, top, n = raw.execute(fast_sql, (last, limit)).fetchone()
-                if not n:
+            for b in batches:
+                if stop.is_set():
                     break
-                if (b"\\" in page or b"\r" in page or page.count(b"\n") != n - 1
-                        or page.count(b"\t") != n * (ncols - 1)):
-                    # a text that needs an escape (or a row the fast expression did not write):
-                    # the page again, every value through the generic expression
-                    page, top, n = raw.execute(generic_sql, (last, limit)).fetchone()
-                last = top
-                pages.put(("page", page))
-                limit = max(16, min(rows, PAGE_BYTES * n // max(1, len(page))))
+                pages.put(("page", b))
         except BaseException as exc:  # handed to the consumer
             pages.put(("error", exc))
             return
+        finally:
+            batches.close()
         pages.put(("end", None))
 
     worker = threading.Thread(target=produce, name="sqlite-lines", daemon=True)
@@ -344,7 +409,7 @@ def _pages(raw, fast_sql: str, generic_sql: str, ncols: int, rows: int) -> Itera
                 return
             if kind == "error":
                 raise item
-            yield (item + b"\n").splitlines(keepends=True)
+            yield item
     finally:
         stop.set()
         while worker.is_alive():

@@ -55,6 +55,8 @@ class Dialect:
     #: the record encoding of :meth:`read_lines` when not ``pgtext`` (SQLite: ``sqltext``,
     #: read by the ``sql`` backend only)
     line_format: ClassVar[str | None] = None
+    #: :meth:`adapt_for_write` may give SQL expressions (SQLite: text that is not UTF-8)
+    writes_expressions: ClassVar[bool] = False
     #: a column type SQLAlchemy did not know was once recorded as ``NULL``, which then matches
     #: whatever the live column is (PostgreSQL snapshots from before type names were recorded)
     null_type_matches_any: ClassVar[bool] = False
@@ -176,7 +178,9 @@ class Dialect:
         return [key] if len(schema_doc["primary_key"]) == 1 else list(key)
 
     def adapt_for_write(self, schema_doc: dict, values: dict) -> dict:
-        """Driver-level adaptation of a row the driver will not do by itself."""
+        """Driver-level adaptation of a row the driver will not do by itself.  Where
+        :attr:`writes_expressions`, a value may be an SQL expression (the row is then
+        written on its own)."""
         return values
 
     def upsert_lines(self, conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes],

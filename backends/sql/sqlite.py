@@ -117,6 +117,20 @@ class SQLite(Dialect):
     def exact_text(self, col):
         return col.collate("BINARY")
 
+    writes_expressions = True
+
+    def adapt_for_write(self, schema_doc: dict, values: dict) -> dict:
+        """Text that is not UTF-8 (read with ``surrogateescape``: the driver cannot send it)
+        goes as its bytes, cast to TEXT by SQLite, so the row gets back the bytes it had."""
+        for v in values.values():
+            if type(v) is str and not v.isascii() and _SURROGATE.search(v):
+                break
+        else:
+            return values
+        import sqlalchemy as sa
+        return {c: sa.cast(sa.literal(v.encode("utf-8", "surrogateescape"), sa.LargeBinary), sa.Text)
+                if type(v) is str and _SURROGATE.search(v) else v for c, v in values.items()}
+
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
                    batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
         """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite."""
@@ -200,6 +214,9 @@ class SQLite(Dialect):
                     f"foreign-key action wrote rows the restore did not plan"]
         return []
 
+
+#: a lone surrogate: a byte of text that was not UTF-8, decoded with ``surrogateescape``
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 # -- rows as sqltext lines -----------------------------------------------------------------
 

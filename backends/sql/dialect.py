@@ -160,12 +160,12 @@ class Dialect:
         raise SourceError(f"table {schema_doc.get('table')} cannot be read as pgtext lines "
                           f"(the database is not PostgreSQL)")
 
-    # -- writing -----------------------------------------------------------------------
-
     def keeps_msgpack(self, conn: Connection, schema_doc: dict) -> bool:
         """Whether a snapshot stores this table as msgpack records although the database
         reads tables as lines (SQLite: a table of blobs, :func:`.sqlite.keeps_msgpack`)."""
         return False
+
+    # -- writing -----------------------------------------------------------------------
 
     def sent_keys(self, schema_doc: dict, keys: list) -> list:
         """Key values as the reader returned them, as they must be sent for the database to

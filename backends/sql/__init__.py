@@ -32,11 +32,16 @@ sa = lazy_module("sqlalchemy")
 
 log = logging.getLogger(__name__)
 
+#: the line encodings this backend's tables are read in (:meth:`SQLReader.read_encoded`)
+LINE_FORMATS = ("pgtext", "sqltext")
+
 
 class SQLBackend(base.SQLConnection, SourceBackend):
     name = "sql"
-    #: PostgreSQL tables are captured as COPY text lines (:mod:`.pgtext`)
-    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec"}
+    #: PostgreSQL tables are captured as COPY text lines (:mod:`.pgtext`), SQLite tables as
+    #: lines SQLite writes (:mod:`.sqltext`)
+    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec",
+                 "sqltext": "snapshotter_backends.sql.sqltext:SqlTextCodec"}
     description = "Tables of any SQLAlchemy database (PostgreSQL, MariaDB/MySQL, SQLite, ...), keyed by primary key"
     options = (
         Option("url", str, required=True, help="SQLAlchemy database URL; ${VAR} keeps passwords out of the file", secret=True),
@@ -176,9 +181,11 @@ class SQLReader(SourceReader):
             yield from self.fast_or_generic(spec)
 
     def read_encoded(self, spec: StreamSpec, sessions: Sequence[str] | None = None):
-        if not base.reads_lines(self.conn):
+        if not base.reads_lines(self.conn, LINE_FORMATS):
             return None
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
+            if of(self.conn).keeps_msgpack(self.conn, spec.schema):
+                return None
             doc, batches = base.read_lines(self.conn, spec.schema)
         return doc, base.tracked(self.conn, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}"))
 
@@ -213,7 +220,8 @@ class SQLReader(SourceReader):
         return base.tracked(self.conn, batches())
 
     def read_encoded_keys(self, spec: StreamSpec, keys: list):
-        got = base.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}")
+        got = base.lines_of_keys(self.conn, spec.schema, keys, f"{self.b.where}: cannot read table {spec.name}",
+                                 LINE_FORMATS)
         return None if got is None else (got[0], base.tracked(self.conn, got[1]))
 
     def fast_or_generic(self, spec: StreamSpec):

@@ -333,9 +333,11 @@ def select_stmt(conn: Connection, schema_doc: dict, where=None) -> sa.Select:
     return stmt.order_by(*[d.order_key(conn, t.c[k], types[k]) for k in schema_doc["primary_key"]])
 
 
-def reads_lines(conn: Connection) -> bool:
-    """Whether tables of this database are captured as ``pgtext`` lines (PostgreSQL)."""
-    return of(conn).reads_lines
+def reads_lines(conn: Connection, formats: tuple[str, ...] = ("pgtext",)) -> bool:
+    """Whether tables of this database are captured as lines of one of ``formats``
+    (PostgreSQL: ``pgtext``; SQLite: ``sqltext``, which the ``sql`` backend asks for)."""
+    d = of(conn)
+    return (d.line_format or ("pgtext" if d.reads_lines else None)) in formats
 
 
 def read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
@@ -419,10 +421,11 @@ def key_condition(t: sa.TableClause, schema_doc: dict, keys: list, dialect: Dial
     return sa.tuple_(*[t.c[k] for k in pk]).in_([tuple(k) for k in keys])
 
 
-def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str):
-    """The rows with these keys as ``pgtext`` lines, with the encoding document (a
-    restore's verification of what it wrote); None where tables are not read as lines."""
-    if not reads_lines(conn):
+def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str,
+                  formats: tuple[str, ...] = ("pgtext",)):
+    """The rows with these keys as lines (of one of ``formats``), with the encoding document
+    (a restore's verification of what it wrote); None where tables are not read so."""
+    if not reads_lines(conn, formats):
         return None
     where = (lambda t: key_condition(t, schema_doc, keys, of(conn)))
     with translate_errors(what):

@@ -52,6 +52,11 @@ class Dialect:
     ddl_commits: ClassVar[bool] = False
     #: tables are captured as ``pgtext`` lines (:meth:`read_lines`)
     reads_lines: ClassVar[bool] = False
+    #: the record encoding of :meth:`read_lines` when not ``pgtext`` (SQLite: ``sqltext``,
+    #: read by the ``sql`` backend only)
+    line_format: ClassVar[str | None] = None
+    #: :meth:`adapt_for_write` may give SQL expressions (SQLite: text that is not UTF-8)
+    writes_expressions: ClassVar[bool] = False
     #: a column type SQLAlchemy did not know was once recorded as ``NULL``, which then matches
     #: whatever the live column is (PostgreSQL snapshots from before type names were recorded)
     null_type_matches_any: ClassVar[bool] = False
@@ -150,9 +155,15 @@ class Dialect:
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
                    batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
-        """The table's encoding document and batches of its rows as ``pgtext`` lines."""
+        """The table's encoding document and batches of its rows as lines (``pgtext``, or
+        :attr:`line_format`)."""
         raise SourceError(f"table {schema_doc.get('table')} cannot be read as pgtext lines "
                           f"(the database is not PostgreSQL)")
+
+    def keeps_msgpack(self, conn: Connection, schema_doc: dict) -> bool:
+        """Whether a snapshot stores this table as msgpack records although the database
+        reads tables as lines (SQLite: a table of blobs, :func:`.sqlite.keeps_msgpack`)."""
+        return False
 
     # -- writing -----------------------------------------------------------------------
 
@@ -167,7 +178,9 @@ class Dialect:
         return [key] if len(schema_doc["primary_key"]) == 1 else list(key)
 
     def adapt_for_write(self, schema_doc: dict, values: dict) -> dict:
-        """Driver-level adaptation of a row the driver will not do by itself."""
+        """Driver-level adaptation of a row the driver will not do by itself.  Where
+        :attr:`writes_expressions`, a value may be an SQL expression (the row is then
+        written on its own)."""
         return values
 
     def upsert_lines(self, conn: Connection, schema_doc: dict, encoding: dict, lines: list[bytes],

@@ -7,9 +7,10 @@ commits, and ``total_changes()`` must equal the rows the restore wrote.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from snapshotter.errors import ConfigError
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 class SQLite(Dialect):
     ddl_kind = "sqlite"
     pool_pre_ping = False
+    line_format = "sqltext"
 
     # -- the database file -------------------------------------------------------------
 
@@ -115,6 +117,28 @@ class SQLite(Dialect):
     def exact_text(self, col):
         return col.collate("BINARY")
 
+    writes_expressions = True
+
+    def adapt_for_write(self, schema_doc: dict, values: dict) -> dict:
+        """Text that is not UTF-8 (read with ``surrogateescape``: the driver cannot send it)
+        goes as its bytes, cast to TEXT by SQLite, so the row gets back the bytes it had."""
+        for v in values.values():
+            if type(v) is str and not v.isascii() and _SURROGATE.search(v):
+                break
+        else:
+            return values
+        import sqlalchemy as sa
+        return {c: sa.cast(sa.literal(v.encode("utf-8", "surrogateescape"), sa.LargeBinary), sa.Text)
+                if type(v) is str and _SURROGATE.search(v) else v for c, v in values.items()}
+
+    def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
+                   batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+        """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite."""
+        return _read_lines(conn, schema_doc, where=where, fast=fast, batch=batch)
+
+    def keeps_msgpack(self, conn: Connection, schema_doc: dict) -> bool:
+        return keeps_msgpack(conn, schema_doc)
+
     # -- a table's definition ----------------------------------------------------------
 
     def capture_definition(self, conn: Connection, table: str, schema: str | None) -> dict | None:
@@ -189,6 +213,228 @@ class SQLite(Dialect):
             return [f"the database changed {made} row(s) where the restore wrote {wrote}: a trigger or a "
                     f"foreign-key action wrote rows the restore did not plan"]
         return []
+
+
+#: a lone surrogate: a byte of text that was not UTF-8, decoded with ``surrogateescape``
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+# -- rows as sqltext lines -----------------------------------------------------------------
+
+#: the SQL function that writes a zero REAL with its sign (SQLite's printf drops it)
+_ZERO = "snapshotter_sqltext_zero"
+#: rows per batch of a rowid table's read (fewer for long rows: about PAGE_BYTES a batch)
+PAGE_ROWS = 4096
+PAGE_BYTES = 1 << 21
+#: batches read ahead by the reading thread
+PAGES_AHEAD = 4
+
+
+def _zero_text(x: float) -> str:
+    return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+
+
+def _field_sql(q: str) -> str:
+    """One value as its sqltext field, whatever its storage class (:mod:`.sqltext`)."""
+    text = (f"replace(replace(replace(replace({q}, '\\', '\\\\'), char(10), '\\n'), char(13), '\\r'), "
+            f"char(9), '\\t')")
+    return (f"CASE typeof({q}) WHEN 'integer' THEN CAST({q} AS TEXT) "
+            f"WHEN 'real' THEN CASE WHEN {q} = 0 THEN {_ZERO}({q}) ELSE printf('%!.17e', {q}) END "
+            f"WHEN 'text' THEN CASE WHEN instr({q}, char(0)) THEN 'T''' || hex({q}) || '''' "
+            f"ELSE '''' || {text} || '''' END "
+            f"WHEN 'blob' THEN 'X''' || hex({q}) || '''' ELSE 'NULL' END")
+
+
+def _fast_sql(q: str, type_text: str, rowid: bool) -> tuple[str | None, str, str]:
+    """``(guard, printf format, printf argument)`` writing a value of the storage class the
+    column's affinity makes likely; a row whose values all pass their guards is one printf
+    call.  Text is written unescaped here: a page holding a character that needs an escape
+    is read again through :func:`_field_sql` (the bytes are the same where none is needed)."""
+    t = type_text.upper()
+    if rowid:
+        return None, "%d", q
+    if "INT" in t:
+        return f"typeof({q}) = 'integer'", "%d", q
+    if any(w in t for w in ("CHAR", "CLOB", "TEXT")):
+        return f"typeof({q}) = 'text' AND instr({q}, char(0)) = 0", "'%s'", q
+    if not t or "BLOB" in t:
+        return f"typeof({q}) = 'blob'", "X'%s'", f"hex({q})"
+    if any(w in t for w in ("REAL", "FLOA", "DOUB")):
+        return f"typeof({q}) = 'real' AND {q} <> 0", "%!.17e", q
+    return f"typeof({q}) = 'integer'", "%d", q  # NUMERIC affinity
+
+
+def _line_sql(conn: Connection, schema_doc: dict, rowid: bool, fast: bool) -> str:
+    q = conn.dialect.identifier_preparer.quote
+    cols = schema_doc["columns"]
+    generic = " || char(9) || ".join(_field_sql(q(c["name"])) for c in cols)
+    if not fast:
+        return generic
+    parts = [_fast_sql(q(c["name"]), c["type"], rowid and c["name"] == schema_doc["primary_key"][0]) for c in cols]
+    guards = " AND ".join(g for g, _, _ in parts if g)
+    fmt = "\t".join(f for _, f, _ in parts).replace("'", "''")
+    call = f"printf('{fmt}', {', '.join(a for _, _, a in parts)})"
+    return f"CASE WHEN {guards} THEN {call} ELSE {generic} END" if guards else call
+
+
+def is_rowid_key(conn: Connection, schema_doc: dict) -> bool:
+    """Whether the table's key is its rowid (one ``INTEGER PRIMARY KEY`` of a rowid table):
+    every other primary key has an index of origin ``pk``."""
+    if len(schema_doc["primary_key"]) != 1:
+        return False
+    q = conn.dialect.identifier_preparer.quote
+    prefix = f"{q(schema_doc['db_schema'])}." if schema_doc.get("db_schema") else ""
+    rows = conn.exec_driver_sql(f"PRAGMA {prefix}index_list({q(schema_doc['table'])})").fetchall()
+    return not any(r[3] == "pk" for r in rows)
+
+
+def keeps_msgpack(conn: Connection, schema_doc: dict) -> bool:
+    """Whether the table is better stored as msgpack records than as ``sqltext`` lines: a
+    column declared ``BLOB`` (its type names BLOB), or a column of no declared type holding
+    a blob among the first :data:`PAGE_ROWS` rows in key order.  sqltext writes a blob in
+    hex, twice its bytes to hash and compress; msgpack keeps it as it is."""
+    cols = schema_doc["columns"]
+    if any("BLOB" in (c.get("type") or "").upper() for c in cols):
+        return True
+    untyped = [c["name"] for c in cols if not (c.get("type") or "").strip() or (c.get("type") or "").upper() == "NULL"]
+    if not untyped:
+        return False
+    q = conn.dialect.identifier_preparer.quote
+    table = q(schema_doc["table"])
+    if schema_doc.get("db_schema"):
+        table = f"{q(schema_doc['db_schema'])}.{table}"
+    order = ", ".join(q(k) for k in schema_doc["primary_key"])
+    names = ", ".join(q(c) for c in untyped)
+    blob = " OR ".join(f"typeof({q(c)}) = 'blob'" for c in untyped)
+    return conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM (SELECT {names} FROM {table} ORDER BY {order} "
+                                f"LIMIT {PAGE_ROWS}) WHERE {blob})").scalar() == 1
+
+
+def _read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
+                batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+    """The table's encoding document and batches of its rows as ``sqltext`` lines in key
+    order, each row one value SQLite writes.  A rowid table is read through one cursor
+    ``ORDER BY`` its key (so SQLite promises the order) on a thread of its own, beside the
+    caller's work on the previous batches (SQLite lets go of the GIL while it steps), or on
+    the caller's thread where the connection refuses other threads (``check_same_thread``);
+    other tables, and reads of some rows (``where``), through a cursor on the caller's
+    thread.  ``fast`` False: every value through the generic expression (the lines are the
+    same)."""
+    from . import sqltext
+    from .base import FETCH_BATCH, select_stmt
+
+    rowid = is_rowid_key(conn, schema_doc)
+    names = [c["name"] for c in schema_doc["columns"]]
+    doc = sqltext.encoding_doc(names, schema_doc["primary_key"], rowid)
+    raw = conn.connection.driver_connection
+    raw.create_function(_ZERO, 1, _zero_text, deterministic=True)
+    if not rowid or where is not None:
+        import sqlalchemy as sa
+        line = sa.literal_column(f"CAST({_line_sql(conn, schema_doc, rowid, False)} AS BLOB)")
+        stmt = select_stmt(conn, schema_doc, where).with_only_columns(line)
+
+        def by_cursor() -> Iterator[list[bytes]]:
+            size = batch or FETCH_BATCH
+            result = conn.execute(stmt, execution_options={"stream_results": True, "yield_per": size})
+            for part in result.partitions(size):
+                yield [bytes(r[0]) + b"\n" for r in part]
+        return doc, by_cursor()
+    q = conn.dialect.identifier_preparer.quote
+    table = q(schema_doc["table"])
+    if schema_doc.get("db_schema"):
+        table = f"{q(schema_doc['db_schema'])}.{table}"
+    key = q(schema_doc["primary_key"][0])
+    generic = _line_sql(conn, schema_doc, True, False)
+    first = _line_sql(conn, schema_doc, True, True) if fast is not False else generic
+    scan = f"SELECT CAST(({first}) || char(10) AS BLOB) FROM {table} ORDER BY {key}"
+    again = f"SELECT CAST(({generic}) || char(10) AS BLOB) FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+    lines = _rowid_lines(raw, scan, again if fast is not False else None, len(names),
+                         names.index(schema_doc["primary_key"][0]), batch or PAGE_ROWS)
+    return doc, (_on_a_thread(lines) if _threads_may_use(raw) else lines)
+
+
+def _rowid_lines(raw, scan: str, again: str | None, ncols: int, key_index: int, rows: int) -> Iterator[list[bytes]]:
+    """Batches of a rowid table's lines from one ordered cursor.  ``again``: the generic
+    statement reading a batch again when the fast expression may not have written it
+    exactly (a text that needs an escape, seen by its bytes)."""
+    cur = raw.execute(scan)
+    try:
+        last: Any = float("-inf")  # below every rowid
+        size = min(rows, 256)
+        while True:
+            lines = [r[0] for r in cur.fetchmany(size)]
+            if not lines:
+                return
+            n = len(lines)
+            page = b"".join(lines)
+            if again is not None and (b"\\" in page or b"\r" in page or page.count(b"\n") != n
+                                      or page.count(b"\t") != n * (ncols - 1)):
+                lines = [r[0] for r in raw.execute(again, (last, n)).fetchall()]
+            # a rowid is an integer, written as its digits: the line's key field
+            last = int(lines[-1].split(b"\t", key_index + 1)[key_index])
+            yield lines
+            size = max(min(16, rows), min(rows, PAGE_BYTES * n // max(1, len(page))))
+    finally:
+        cur.close()
+
+
+def _threads_may_use(raw) -> bool:
+    """Whether another thread may use this connection (not opened ``check_same_thread``)."""
+    import sqlite3
+    import threading
+
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            raw.cursor().close()
+            ok.append(True)
+        except sqlite3.ProgrammingError:
+            pass
+    t = threading.Thread(target=probe, name="sqlite-probe", daemon=True)
+    t.start()
+    t.join()
+    return bool(ok)
+
+
+def _on_a_thread(batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+    """``batches`` produced on a thread, up to :data:`PAGES_AHEAD` ahead of the caller."""
+    import queue
+    import threading
+
+    pages: "queue.Queue[tuple[str, Any]]" = queue.Queue(PAGES_AHEAD)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                if stop.is_set():
+                    break
+                pages.put(("page", b))
+        except BaseException as exc:  # handed to the consumer
+            pages.put(("error", exc))
+            return
+        finally:
+            batches.close()
+        pages.put(("end", None))
+
+    worker = threading.Thread(target=produce, name="sqlite-lines", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, item = pages.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                pages.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 def _total_changes(conn: Connection) -> int:

@@ -185,6 +185,31 @@ class SQLWriterMixin:
             n = self.conn.execute(sa.delete(t).where(key_condition(t, spec.schema, keys[i:i + 500], d))).rowcount
             self.txn.guard.wrote(spec.schema, deleted=n)
 
+    def _write_alone(self, t, spec, existing: list, new: list) -> tuple[list, list]:
+        """Rows holding an SQL expression (:meth:`.Dialect.adapt_for_write`) written one at
+        a time; the others returned for the batched statements."""
+        def has_expression(row: dict) -> bool:
+            return any(isinstance(v, sa.sql.ClauseElement) for v in row.values())
+        d = of(self.conn)
+        pk = spec.schema["primary_key"]
+        rest_existing, rest_new = [], []
+        for k, row in existing:
+            if not has_expression(row):
+                rest_existing.append((k, row))
+                continue
+            binds = d.key_binds(spec.schema, k)
+            stmt = sa.update(t).where(*[t.c[c] == sa.bindparam(None, v, type_=sa.types.NullType())
+                                        for c, v in zip(pk, binds)]).values({c: v for c, v in row.items() if c not in pk})
+            n = self.conn.execute(stmt).rowcount
+            self.txn.guard.wrote(spec.schema, updated=n if n is not None and n >= 0 else 1)
+        for row in new:
+            if not has_expression(row):
+                rest_new.append(row)
+                continue
+            self.conn.execute(sa.insert(t).values(row))
+            self.txn.guard.wrote(spec.schema, inserted=1)
+        return rest_existing, rest_new
+
     def upsert_rows(self, spec, records: list) -> None:
         """Rows whose keys are live are updated in place (a delete and insert would fire
         ``ON DELETE`` actions on the rows referencing them); the others are inserted."""
@@ -213,6 +238,8 @@ class SQLWriterMixin:
             for i in range(0, len(absent), 500):
                 n += self.conn.execute(sa.delete(t).where(key_condition(t, spec.schema, absent[i:i + 500], d))).rowcount
             self.txn.guard.wrote(spec.schema, deleted=n)
+        if d.writes_expressions:
+            existing, new = self._write_alone(t, spec, existing, new)
         if existing:
             settable = [c for c in existing[0][1] if c not in pk and c not in identity]
             if settable:

@@ -313,6 +313,14 @@ class StreamPlan:
         return out
 
 
+def _name_key_problem(reader, live_spec: StreamSpec | None, t: Target, exc: BaseException) -> None:
+    """Keys that cannot be compared (NULL, or several types in a SQLite column): the store
+    names the cause, a usage error, rather than "out of key order" or a TypeError."""
+    why = key_problem(reader, live_spec)
+    if why:
+        raise ConfigError(f"source {t.source!r}: {why}") from exc
+
+
 def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: StreamWriter | None,
                 failure_at: _dt.datetime | None, tick: Callable[[int], None] | None = None) -> StreamPlan:
     """Merge live and snapshot by key; count, and quarantine into ``writer`` when given.
@@ -364,6 +372,9 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
         try:
             with contextlib.closing(lines):  # a COPY left open would hold its connection
                 _plan_lines(repo, t, _ticking(lines, tick), plan, sessions, digest, quarantine)
+        except (TypeError, KeyOrderError) as exc:
+            _name_key_problem(reader, live_spec, t, exc)
+            raise
         finally:
             hexdigest = digest.hexdigest()
         plan.lines = True
@@ -414,11 +425,7 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
                 plan.modified += 1
                 quarantine(sv.key, "modified", lv[2], sv.value)
     except (TypeError, IntegrityError, KeyOrderError) as exc:
-        # keys that cannot be compared (NULL, or several types in a SQLite column): the store
-        # names the cause, a usage error, rather than "out of key order" or a TypeError
-        why = key_problem(reader, live_spec)
-        if why:
-            raise ConfigError(f"source {t.source!r}: {why}") from exc
+        _name_key_problem(reader, live_spec, t, exc)
         raise
     if live_spec is not None:
         plan.read = (sel.sessions or None, reader.plan_context(live_spec))

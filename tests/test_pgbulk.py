@@ -1,0 +1,237 @@
+"""PostgreSQL tables read in bulk by a ``psql`` child (backends/sql/pgbulk.py): the same lines
+and digests as the libpq path, the reader's point in time, the fallback to libpq, secrets kept
+off the command line, the child and its server process gone whenever a read ends early, and a
+stalled read bounded by ``timeout``."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+
+import pytest
+
+sa = pytest.importorskip("sqlalchemy")
+pytest.importorskip("psycopg")
+
+from snapshotter_backends.sql import base as sqlbase, pgbulk  # noqa: E402
+from snapshotter.errors import SourceError  # noqa: E402
+from test_pgcopy import db, conn, win1252_url  # noqa: E402,F401 - fixtures shared with the COPY tests
+
+PSQL = shutil.which("psql")
+pytestmark = pytest.mark.skipif(PSQL is None, reason="no psql program")
+
+SHAPES = [
+    "CREATE TABLE narrow (id bigint PRIMARY KEY, a integer, t text, r real)",
+    "INSERT INTO narrow SELECT g, g * 7, 'row ' || g, g / 3.0 FROM generate_series(1, 30000) g",
+    "CREATE TABLE wide (id bigint PRIMARY KEY, body text, doc jsonb)",
+    "INSERT INTO wide SELECT g, repeat('the agent said ' || mod(g, 97) || E'\\t\\n\\\\ ', 20), "
+    "jsonb_build_object('g', g, 'tags', jsonb_build_array('a', mod(g, 5))) FROM generate_series(1, 3000) g",
+    "CREATE TABLE noise (id integer PRIMARY KEY, raw bytea)",
+    "INSERT INTO noise SELECT g, decode(repeat(md5(random()::text), 9), 'hex') FROM generate_series(1, 5000) g",
+    "CREATE TABLE embeddings (id integer PRIMARY KEY, v real[])",
+    "INSERT INTO embeddings SELECT g, ARRAY(SELECT random()::real FROM generate_series(1, 384) WHERE g > 0) "
+    "FROM generate_series(1, 500) g",
+]
+
+
+@pytest.fixture
+def shapes(db):
+    with db.connect() as c:
+        for sql in SHAPES:
+            c.exec_driver_sql(sql)
+    return db
+
+
+def lines_of(conn, table, mode, monkeypatch, where=None):
+    monkeypatch.setenv(pgbulk.ENV_SWITCH, mode)
+    doc = sqlbase.table_schema(conn, table, None)
+    enc, batches = sqlbase.read_lines(conn, doc, where=where)
+    return enc, [line for part in batches for line in part]
+
+
+def spy_psql(tmp_path, log):
+    """A ``psql`` that notes its command line (in ``log``, ``---`` after each call) and its
+    environment (in ``log.env``), then runs the real one."""
+    path = tmp_path / "psql"
+    path.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" --- >> {log}\nenv >> {log}.env\n"
+                    f"exec {PSQL} \"$@\"\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+@pytest.mark.parametrize("table", ["awkward", "turns", "docs", "events", "narrow", "wide", "noise", "embeddings"])
+def test_psql_reads_the_lines_libpq_reads(shapes, conn, table, monkeypatch):
+    enc_libpq, by_libpq = lines_of(conn, table, "off", monkeypatch)
+    enc_psql, by_psql = lines_of(conn, table, "always", monkeypatch)
+    assert enc_psql == enc_libpq
+    assert by_psql == by_libpq and len(by_libpq) > 0
+
+
+def test_psql_is_used_for_big_tables_only_and_never_for_selections(shapes, conn, monkeypatch, tmp_path):
+    log = tmp_path / "calls"
+    psql = spy_psql(tmp_path, log)
+    lines_of(conn, "narrow", psql, monkeypatch)  # ~1.4 MB: below MIN_TABLE_BYTES
+    assert not log.exists()
+    monkeypatch.setattr(pgbulk, "MIN_TABLE_BYTES", 1 << 20)
+    _, lines = lines_of(conn, "narrow", psql, monkeypatch)
+    assert log.read_text().count("---") == 1 and len(lines) == 30000
+    _, some = lines_of(conn, "narrow", "always", monkeypatch, where=lambda t: t.c.id < 10)
+    assert len(some) == 9 and log.read_text().count("---") == 1  # a selection keeps libpq
+
+
+def test_psql_reads_the_transaction_snapshot(db, conn, monkeypatch):
+    _, before = lines_of(conn, "events", "off", monkeypatch)
+    with db.connect() as other:
+        other.exec_driver_sql("DELETE FROM events WHERE mod(id, 2) = 0")
+        other.exec_driver_sql("INSERT INTO events VALUES (999999, now(), 'late', 1)")
+    _, after = lines_of(conn, "events", "always", monkeypatch)
+    assert after == before
+
+
+def test_a_write_transaction_keeps_libpq(db, monkeypatch, tmp_path):
+    """A restore reads live rows inside its write transaction, whose changes no child sees."""
+    log = tmp_path / "calls"
+    monkeypatch.setenv(pgbulk.ENV_SWITCH, spy_psql(tmp_path, log))
+    monkeypatch.setattr(pgbulk, "MIN_TABLE_BYTES", 0)
+    with db.connect() as c:
+        c.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        c.exec_driver_sql("DELETE FROM events WHERE id > 10")
+        _, batches = sqlbase.read_lines(c, sqlbase.table_schema(c, "events", None))
+        assert sum(len(b) for b in batches) == 10
+        c.exec_driver_sql("ROLLBACK")
+    assert not log.exists()
+
+
+def test_non_utf8_database_gives_the_same_lines(win1252_url, monkeypatch):  # noqa: F811
+    eng = sa.create_engine(win1252_url)  # the connection speaks WIN1252; the child UTF8
+    with eng.begin() as c:
+        c.exec_driver_sql("CREATE TABLE words (w text PRIMARY KEY, n integer, note text)")
+        c.exec_driver_sql("INSERT INTO words SELECT w || g, g, E'tab\\there ' || w FROM "
+                          "unnest(ARRAY['a', 'é', '€uro', 'Ž', 'œuvre', 'naïve']) w, generate_series(1, 50) g")
+    with eng.connect() as c:
+        sqlbase.begin_snapshot(c)
+        _, by_libpq = lines_of(c, "words", "off", monkeypatch)
+        _, by_psql = lines_of(c, "words", "always", monkeypatch)
+        sqlbase.end_transaction(c, commit=True)
+    eng.dispose()
+    assert by_psql == by_libpq and len(by_psql) == 300
+    assert any("€".encode() in line for line in by_psql)
+
+
+def test_snapshot_digests_agree_and_unchanged_resnapshot_reuses_chunks(pg_url, shapes, cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(pgbulk, "MIN_TABLE_BYTES", 0)
+    (tmp_path / "snapshotter.toml").write_text(
+        f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{pg_url}"\n', encoding="utf-8")
+    assert cli("init").code == 0
+    out = {}
+    for mode in ("off", "always", "auto"):
+        monkeypatch.setenv(pgbulk.ENV_SWITCH, mode)
+        r = cli("--json", "snapshot", "--release", "r")
+        assert r.code == 0, r.err
+        out[mode] = r.json()
+    digests = {m: {n: s["digest"] for n, s in j["sources"]["db"]["streams"].items()} for m, j in out.items()}
+    assert digests["off"] == digests["always"] == digests["auto"] and len(digests["off"]) == 8
+    # the same chunks: the psql snapshot after the libpq one stores nothing new
+    assert out["always"]["bytes_written"] == 0 and out["auto"]["bytes_written"] == 0
+
+
+def test_without_psql_or_when_it_cannot_connect_libpq_reads(shapes, conn, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(pgbulk, "MIN_TABLE_BYTES", 0)
+    _, expected = lines_of(conn, "wide", "off", monkeypatch)
+    _, got = lines_of(conn, "wide", str(tmp_path / "no-such-psql"), monkeypatch)
+    assert got == expected
+    broken = tmp_path / "psql"
+    broken.write_text("#!/bin/sh\necho 'psql: error: connection to server failed: Connection refused' >&2\nexit 2\n")
+    broken.chmod(0o755)
+    caplog.set_level("DEBUG", logger="snapshotter_backends.sql.postgresql")
+    _, got = lines_of(conn, "wide", str(broken), monkeypatch)
+    assert got == expected
+    assert "psql failed (psql: error: connection to server failed: Connection refused)" in caplog.text
+    # forced: no fallback, one line
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SourceError, match=r"^SNAPSHOTTER_PG_PSQL=always: .*no psql program found$"):
+        lines_of(conn, "wide", "always", monkeypatch)
+
+
+def test_a_sql_error_in_the_child_is_one_line(shapes, conn, monkeypatch):
+    monkeypatch.setenv(pgbulk.ENV_SWITCH, "always")
+    doc = sqlbase.table_schema(conn, "noise", None)
+    pg = conn.connection.driver_connection
+    script = pgbulk.script
+    monkeypatch.setattr(pgbulk, "script", lambda select, snap, v: script(
+        select.replace("FROM noise", "FROM noise WHERE 1 / (id - 4000) IS NOT NULL"), snap, v))
+    _, batches = sqlbase.read_lines(conn, doc)
+    with pytest.raises(sa.exc.DBAPIError) as err:
+        for _ in batches:
+            pass
+    assert str(err.value.orig) == "ERROR: division by zero"
+    assert pg.info.transaction_status.name == "INTRANS"  # the reader's transaction goes on
+
+
+def test_secrets_go_to_the_child_in_its_environment_not_its_command_line(pg_url, shapes, monkeypatch, tmp_path):
+    log = tmp_path / "calls"
+    url = sa.engine.make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    eng = sa.create_engine(url)  # trust authentication: the password is sent, not needed
+    monkeypatch.setenv(pgbulk.ENV_SWITCH, spy_psql(tmp_path, log))
+    monkeypatch.setattr(pgbulk, "MIN_TABLE_BYTES", 0)
+    with eng.connect() as c:
+        sqlbase.begin_snapshot(c)
+        _, lines = lines_of(c, "wide", os.environ[pgbulk.ENV_SWITCH], monkeypatch)
+        sqlbase.end_transaction(c, commit=True)
+    eng.dispose()
+    assert len(lines) == 3000
+    argv, env = log.read_text(), (tmp_path / "calls.env").read_text()
+    assert argv.count("---") == 1 and "s3cret" not in argv
+    assert "PGPASSWORD=s3cret-pw" in env.splitlines()
+    assert f"PGDATABASE={sa.engine.make_url(pg_url).database}" in env.splitlines()
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == ppid and fields[0] != "Z":
+                out.append(int(pid))
+    return out
+
+
+def _copy_backends(admin) -> list:
+    deadline = time.monotonic() + 5
+    while True:
+        with admin.connect() as c:
+            rows = c.exec_driver_sql("SELECT pid, state FROM pg_stat_activity "
+                                     "WHERE starts_with(application_name, 'snapshotter-copy-') "
+                                     "AND datname = current_database()").fetchall()
+        if not rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["abandoned", "error"])
+def test_a_read_ended_early_leaves_no_child_and_no_server_process(pg_url, db, conn, monkeypatch, how):
+    with db.connect() as c:
+        c.exec_driver_sql("CREATE TABLE big (id integer PRIMARY KEY, body text)")
+        c.exec_driver_sql("INSERT INTO big SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 150000) g")
+    monkeypatch.setenv(pgbulk.ENV_SWITCH, "always")
+    before = set(_children(os.getpid()))
+    _, batches = sqlbase.read_lines(conn, sqlbase.table_schema(conn, "big", None))
+    next(batches)
+    assert len(set(_children(os.getpid())) - before) == 1  # the psql child, still sending
+    if how == "abandoned":
+        batches.close()
+    else:
+        with pytest.raises(ZeroDivisionError):
+            batches.throw(ZeroDivisionError)
+    assert set(_children(os.getpid())) - before == set()
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        assert _copy_backends(admin) == []
+    finally:
+        admin.dispose()
+    assert conn.exec_driver_sql("SELECT count(*) FROM big").scalar() == 150000  # the reader goes on

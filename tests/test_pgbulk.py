@@ -235,3 +235,50 @@ def test_a_read_ended_early_leaves_no_child_and_no_server_process(pg_url, db, co
     finally:
         admin.dispose()
     assert conn.exec_driver_sql("SELECT count(*) FROM big").scalar() == 150000  # the reader goes on
+
+
+# -- blocks of lines into chunks (StreamWriter.add_encoded_block) ---------------------------
+
+@pytest.mark.parametrize("D", [None, 256])
+@pytest.mark.parametrize("key", ["single", "composite", "long", "unordered"])
+def test_blocks_are_cut_where_their_lines_are(tmp_path, key, D):
+    """The same chunks, digest and counts whether lines come one list at a time or as blocks
+    of any size, max_bytes cuts included; keys too long for numpy, and keys whose order is
+    checked line by line, go through the lines."""
+    import random
+
+    from snapshotter.repository import Repository
+    from snapshotter.objectstore import open_store
+    from snapshotter.streams import ChunkUploader, StreamWriter
+    from snapshotter_backends.sql.pgtext import encoding_doc
+
+    rnd = random.Random(7)
+    oids = {"single": [20, 25, 25], "composite": [25, 23, 25], "long": [25, 25], "unordered": [1700, 25]}[key]
+    cols = [f"c{i}" for i in range(len(oids))]
+    doc = encoding_doc(cols, oids, cols[:2] if key == "composite" else cols[:1])
+    lines = []
+    for i in range(20000):
+        k = {"single": str(i * 3), "composite": f"s{i // 100:05d}\t{i % 100}", "long": f"{'k' * 60}{i:08d}",
+             "unordered": str(i)}[key]
+        body = "x" * rnd.choice([1, 5, 40, 300 if rnd.random() < 0.9 else 9000])
+        lines.append(f"{k}\t{body}\\t\\\\{'' if key == 'long' else chr(9) + 'é'}\n".encode())
+    results = []
+    for how in ("lines", "blocks", "small blocks"):
+        repo, _ = Repository.init(open_store(str(tmp_path / f"repo-{how}")))
+        repo.chunk_target_bytes, repo.chunk_max_bytes = 4096, 64 * 1024
+        up = ChunkUploader(repo)
+        w = StreamWriter(up, encoding=doc, records_per_boundary=D)
+        size = {"lines": 0, "blocks": 1000, "small blocks": 7}[how]
+        for i in range(0, len(lines), size or 1000):
+            part = lines[i:i + (size or 1000)]
+            if size:
+                w.add_encoded_block(b"".join(part))
+            else:
+                w.add_encoded(part)
+        entry = w.finish_entry()
+        up.close()
+        results.append((entry.digest, entry.records, entry.bytes, [tuple(c) for c in entry.chunks]))
+    assert results[0] == results[1] == results[2]
+    assert results[0][1] == 20000 and len(results[0][3]) > 20
+    if D:
+        assert any(c[2] >= 64 * 1024 for c in results[0][3])  # max_bytes cuts too

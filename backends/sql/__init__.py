@@ -167,7 +167,7 @@ class SQLReader(SourceReader):
         if not base.reads_lines(self.conn):
             return None
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
-            doc, batches = base.read_lines(self.conn, spec.schema)
+            doc, batches = base.read_lines(self.conn, spec.schema, blocks=self.encoded_blocks)
         return doc, base.tracked(self.conn, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}"))
 
     def read_keys(self, spec: StreamSpec, keys: list):

@@ -163,8 +163,10 @@ def script(select: str, snapshot: str, server_version: int) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def psql_lines(conn: Connection, stmt: sa.Select, binary: str) -> Iterator[list[bytes]]:
-    """Batches of the statement's rows as COPY text lines (UTF-8), read by ``psql``.
+def psql_lines(conn: Connection, stmt: sa.Select, binary: str, *, blocks: bool = False
+               ) -> Iterator[list[bytes] | bytes]:
+    """Batches of the statement's rows as COPY text lines (UTF-8), read by ``psql``; with
+    ``blocks``, each batch is one ``bytes`` of whole lines instead of a list.
 
     Raises :class:`PsqlFailed` when the child ends in an error before its first row
     (it could not connect, say): the caller may read through libpq instead."""
@@ -176,7 +178,7 @@ def psql_lines(conn: Connection, stmt: sa.Select, binary: str) -> Iterator[list[
     select = _client_select(conn, stmt)
     source = pgwatch.source_of(pg)
     with _Child(binary, child_env(pg), script(select, snapshot, pg.info.server_version)) as child:
-        yield from child.lines(source)
+        yield from child.lines(source, blocks)
 
 
 class _Child:
@@ -228,7 +230,7 @@ class _Child:
                 return redact_text(line)
         return f"psql exited with status {self.proc.returncode}"
 
-    def lines(self, source) -> Iterator[list[bytes]]:
+    def lines(self, source, blocks: bool) -> Iterator[list[bytes] | bytes]:
         fd = self.proc.stdout.fileno()
         os.set_blocking(fd, False)
         poll = select.poll()
@@ -262,9 +264,9 @@ class _Child:
                 parts, size = [], 0
                 end = block.rfind(b"\n") + 1
                 carry = block[end:]
-                out = self._split(block, end)
-                if out:
-                    yield out
+                data = self._take(block, end)
+                if data:
+                    yield data if blocks else data.splitlines(keepends=True)
         block = carry + b"".join(parts)
         if self.proc.wait() != 0:
             if not self.rows:
@@ -272,28 +274,29 @@ class _Child:
             raise sa.exc.DBAPIError("COPY", None, PsqlFailed(self.error()))
         if block and not block.endswith(b"\n"):
             raise SourceError("the COPY output of psql ended in the middle of a line")
-        out = self._split(block, len(block))
+        data = self._take(block, len(block))
         if self.pid is None:
             raise PsqlFailed("psql did not say which server process read the table")
-        if out:
-            yield out
+        if data:
+            yield data if blocks else data.splitlines(keepends=True)
 
-    def _split(self, block: bytes, end: int) -> list[bytes]:
+    def _take(self, block: bytes, end: int) -> bytes:
+        """The COPY lines of ``block[:end]`` (the first block starts with the process line)."""
         if self.pid is None:
             nl = block.find(b"\n")
             if nl < 0 or nl >= end:
-                return []
+                return b""
             head = block[:nl]
             if not head.startswith(_PID_TAG):
                 raise SourceError("psql wrote something before the COPY that is not its process id")
             pid, start = head[len(_PID_TAG):].split(b"|", 1)
             self.pid, self.backend_start = int(pid), start.decode()
-            lines = block[nl + 1:end].splitlines(keepends=True)
+            data = block[nl + 1:end]
         else:
-            lines = block[:end].splitlines(keepends=True)
-        if lines:
+            data = block[:end] if end < len(block) else block
+        if data:
             self.rows = True
-        return lines
+        return data
 
     def _check_stall(self, source, started: float, progress_at: float) -> None:
         """Nothing came through the pipe for ``timeout`` seconds: ask the server about the

@@ -173,6 +173,16 @@ class PgTextCodec(RecordCodec):
         key_bytes = self.key_bytes
         return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]
 
+    def block_chunk_ends(self, block: bytes, D: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """:meth:`chunk_ends` of a block of whole lines, without a Python step per line:
+        ``(lines in the block, [(byte offset just past a line that ends a chunk, lines up to
+        and including it), ...])``.  The CRC-32 of every line's key is computed by numpy,
+        one key byte position at a time over all lines (the key columns must lead the line
+        and their text be short); None when they do not (the caller splits the lines)."""
+        if not self._leading or not block:
+            return None
+        return _block_chunk_ends(block, D, len(self.key_index))
+
     def iter_records(self, raw: bytes) -> list[bytes]:
         return iter_lines(raw)
 
@@ -263,3 +273,61 @@ def _plain(v: Any) -> bool:
     if isinstance(v, dict):
         return all(isinstance(k, str) and _plain(x) for k, x in v.items())
     return False
+
+
+# -- chunk boundaries of a block of lines, by numpy ---------------------------------------
+
+#: longest key text (bytes) whose CRC is computed by numpy (one pass over the lines per byte)
+BLOCK_KEY_BYTES = 48
+
+_CRC_TABLE = None
+
+
+def _crc_table():
+    """zlib's CRC-32 table (reflected, polynomial 0xEDB88320), as numpy uint32."""
+    global _CRC_TABLE
+    if _CRC_TABLE is None:
+        import numpy as np
+
+        table = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+            table.append(c)
+        _CRC_TABLE = np.array(table, dtype=np.uint32)
+    return _CRC_TABLE
+
+
+def _block_chunk_ends(block: bytes, D: int, key_fields: int) -> tuple[int, list[tuple[int, int]]] | None:
+    import numpy as np
+
+    if not block.endswith(b"\n"):
+        raise ValueError("block does not end with a complete line")
+    a = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(a == 10) + 1  # offset just past each line
+    n = len(ends)
+    starts = np.empty(n, dtype=ends.dtype)
+    starts[0] = 0
+    starts[1:] = ends[:-1]
+    tabs = np.flatnonzero(a == 9)
+    # the key ends at its last column's tab, or at the newline of a line of key columns only
+    tabs = np.append(tabs, np.full(key_fields, len(block), dtype=tabs.dtype))
+    key_end = np.minimum(tabs[np.searchsorted(tabs, starts) + (key_fields - 1)], ends - 1)
+    lens = key_end - starts
+    longest = int(lens.max())
+    if longest > BLOCK_KEY_BYTES:
+        return None
+    table = _crc_table()
+    crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
+    last = len(block) - 1
+    all_long = int(lens.min())
+    for p in range(longest):
+        pos = starts + p
+        if p >= all_long:
+            np.minimum(pos, last, out=pos)
+        step = table[(crc ^ a[pos]) & 0xFF] ^ (crc >> 8)
+        crc = step if p < all_long else np.where(lens > p, step, crc)
+    crc ^= np.uint32(0xFFFFFFFF)
+    at = np.flatnonzero(crc % np.uint32(D) == 0)
+    return n, list(zip(ends[at].tolist(), (at + 1).tolist()))

@@ -139,9 +139,11 @@ class PostgreSQL(Dialect):
         return pgcopy.read_rows(conn, copy_plan, names, key_index, batch)
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
-                   batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+                   batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
         """Through COPY when the driver is psycopg (unless ``fast`` is False or
-        ``SNAPSHOTTER_PG_COPY=0``), else through a cursor; the lines are the same either way."""
+        ``SNAPSHOTTER_PG_COPY=0``), run by a ``psql`` child for a whole table in a snapshot
+        transaction (:mod:`.pgbulk`), else through a cursor; the lines are the same either
+        way.  ``blocks``: batches may also come as one ``bytes`` of whole lines."""
         from .pgtext import encoding_doc
 
         batch = batch or pgcopy.LINE_BATCH
@@ -159,7 +161,7 @@ class PostgreSQL(Dialect):
             with pgcopy.pgtext_settings(conn):
                 if psql is not None:
                     try:
-                        yield from pgbulk.psql_lines(conn, stmt, psql)
+                        yield from pgbulk.psql_lines(conn, stmt, psql, blocks=blocks)
                         return
                     except pgbulk.PsqlFailed as exc:  # nothing read yet
                         if pgbulk.mode().mode == "always":

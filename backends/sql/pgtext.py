@@ -307,27 +307,33 @@ def _block_chunk_ends(block: bytes, D: int, key_fields: int) -> tuple[int, list[
     a = np.frombuffer(block, dtype=np.uint8)
     ends = np.flatnonzero(a == 10) + 1  # offset just past each line
     n = len(ends)
-    starts = np.empty(n, dtype=ends.dtype)
-    starts[0] = 0
-    starts[1:] = ends[:-1]
-    tabs = np.flatnonzero(a == 9)
-    # the key ends at its last column's tab, or at the newline of a line of key columns only
-    tabs = np.append(tabs, np.full(key_fields, len(block), dtype=tabs.dtype))
-    key_end = np.minimum(tabs[np.searchsorted(tabs, starts) + (key_fields - 1)], ends - 1)
-    lens = key_end - starts
-    longest = int(lens.max())
-    if longest > BLOCK_KEY_BYTES:
-        return None
+    pos = np.empty(n, dtype=ends.dtype)  # each line's next key byte; lines whose key is done leave
+    pos[0] = 0
+    pos[1:] = ends[:-1]
     table = _crc_table()
+    out = np.empty(n, dtype=np.uint32)
     crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
-    last = len(block) - 1
-    all_long = int(lens.min())
-    for p in range(longest):
-        pos = starts + p
-        if p >= all_long:
-            np.minimum(pos, last, out=pos)
-        step = table[(crc ^ a[pos]) & 0xFF] ^ (crc >> 8)
-        crc = step if p < all_long else np.where(lens > p, step, crc)
-    crc ^= np.uint32(0xFFFFFFFF)
-    at = np.flatnonzero(crc % np.uint32(D) == 0)
+    line = np.arange(n)
+    seen = np.zeros(n, dtype=np.int16) if key_fields > 1 else None  # key columns passed
+    for _ in range(BLOCK_KEY_BYTES + 1):
+        b = a[pos]
+        tab = b == 9
+        # the key ends at its last column's tab, or at the newline (a line of key columns only)
+        stop = (b == 10) | (tab if seen is None else tab & (seen == key_fields - 1))
+        if stop.any():
+            out[line[stop]] = crc[stop]
+            keep = ~stop
+            line, pos, crc, b = line[keep], pos[keep], crc[keep], b[keep]
+            if seen is not None:
+                seen, tab = seen[keep], tab[keep]
+            if not len(line):
+                break
+        if seen is not None:
+            seen += tab
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        pos += 1
+    else:
+        return None  # a key longer than BLOCK_KEY_BYTES
+    out ^= np.uint32(0xFFFFFFFF)
+    at = np.flatnonzero(out % np.uint32(D) == 0)
     return n, list(zip(ends[at].tolist(), (at + 1).tolist()))

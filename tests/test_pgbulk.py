@@ -282,3 +282,29 @@ def test_blocks_are_cut_where_their_lines_are(tmp_path, key, D):
     assert results[0][1] == 20000 and len(results[0][3]) > 20
     if D:
         assert any(c[2] >= 64 * 1024 for c in results[0][3])  # max_bytes cuts too
+
+
+# -- the chunk's compression level --------------------------------------------------------
+
+def test_chunks_with_few_repeats_are_compressed_at_level_1_and_read_back(tmp_path):
+    """Random bytes as hex (incompressible bytea), floats and numbers come out of level 1 as
+    small as out of level 3, several times faster; repetitive text keeps level 3."""
+    import random
+
+    import zstandard
+
+    from snapshotter.objectstore import open_store
+    from snapshotter.repository import Repository
+
+    repo, _ = Repository.init(open_store(str(tmp_path / "repo")))
+    rnd = random.Random(3)
+    hexes = b"".join(b"%d\t\\\\x%s\n" % (i, rnd.randbytes(300).hex().encode()) for i in range(2000))
+    floats = b"".join(b"%d\t{%s}\n" % (i, b",".join(b"%r" % rnd.random() for _ in range(40))) for i in range(2000))
+    text = b"".join(b"%d\tthe agent answered the user about item %d of the plan\n" % (i, i % 50) for i in range(20000))
+    level = {lvl: zstandard.ZstdCompressor(level=lvl, write_content_size=True) for lvl in (1, 3)}
+    for raw, want in ((hexes, 1), (floats, 1), (text, 3), (hexes[:100_000], 3)):  # small chunks: level 3
+        assert repo.compress(raw) == level[want].compress(raw)
+        chunk_id, _, _ = repo.put_chunk(raw)
+        assert repo.get_chunk(chunk_id, len(raw)) == raw
+    at_1 = Repository.open(open_store(str(tmp_path / "repo")), compression_level=1)
+    assert at_1.compress(text) == level[1].compress(text)

@@ -35,13 +35,16 @@ whole-table read and makes its failure an error; any other value is the path of 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import secrets
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -173,6 +176,10 @@ def psql_lines(conn: Connection, stmt: sa.Select, binary: str, *, blocks: bool =
     from .pgcopy import _client_select, _psycopg_connection
     from . import pgwatch
 
+    if blocks and "numpy" not in sys.modules:
+        # the block boundaries need numpy (pgtext.py), from the second block on: imported
+        # while the child connects and the server starts its scan
+        threading.Thread(target=importlib.import_module, args=("numpy",), daemon=True).start()
     pg = _psycopg_connection(conn)
     snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar()
     select = _client_select(conn, stmt)

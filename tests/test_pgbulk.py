@@ -308,3 +308,37 @@ def test_chunks_with_few_repeats_are_compressed_at_level_1_and_read_back(tmp_pat
         assert repo.get_chunk(chunk_id, len(raw)) == raw
     at_1 = Repository.open(open_store(str(tmp_path / "repo")), compression_level=1)
     assert at_1.compress(text) == level[1].compress(text)
+
+
+def test_the_reader_is_not_ended_as_idle_while_the_child_reads(pg_url, shapes, cli, tmp_path, monkeypatch):
+    """A server that ends transactions idle for 1 s: the reader waits for its child longer than
+    that without a statement of its own (the server works on a row for 2 s: a slow row-level
+    security check), and its next table is still read."""
+    import secrets
+
+    role = "snap_idle_" + secrets.token_hex(3)
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        c.exec_driver_sql("CREATE FUNCTION slow(i bigint) RETURNS boolean LANGUAGE sql VOLATILE AS "
+                          "$$ SELECT CASE WHEN i = 100 THEN pg_sleep(2) IS NOT NULL ELSE true END $$")
+        c.exec_driver_sql("ALTER TABLE narrow ENABLE ROW LEVEL SECURITY")
+        c.exec_driver_sql("CREATE POLICY p ON narrow FOR SELECT USING (slow(id))")
+        c.exec_driver_sql(f"GRANT SELECT ON embeddings, narrow, wide TO {role}")
+        c.exec_driver_sql(f"ALTER ROLE {role} SET idle_in_transaction_session_timeout = 1000")
+    try:
+        monkeypatch.setenv(pgbulk.ENV_SWITCH, "always")
+        url = sa.engine.make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+        (tmp_path / "snapshotter.toml").write_text(
+            f'[repository]\nurl = "repo"\n\n[sources.db]\nbackend = "sql"\nurl = "{url}"\n'
+            f'tables = ["embeddings", "narrow", "wide"]\n', encoding="utf-8")
+        assert cli("init").code == 0
+        r = cli("--json", "snapshot", "--release", "r")
+        assert r.code == 0, r.err
+        assert {n: s["records"] for n, s in r.json()["sources"]["db"]["streams"].items()} == \
+            {"embeddings": 500, "narrow": 30000, "wide": 3000}
+    finally:
+        with admin.connect() as c:
+            c.exec_driver_sql(f"DROP OWNED BY {role}")
+            c.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()

@@ -115,8 +115,9 @@ def plan(conn: Connection, schema_doc: dict) -> str | None:
     binary = shutil.which(m.binary)
     if binary is None:
         return _refuse(m, f"no {m.binary} program found")
-    iso, ro = conn.exec_driver_sql(
-        "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')").fetchone()
+    iso, ro, idle = conn.exec_driver_sql(
+        "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only'), "
+        "current_setting('idle_in_transaction_session_timeout')").fetchone()
     if iso not in ("repeatable read", "serializable") or ro != "on":
         return _refuse(m, "not in a read-only snapshot transaction", strict=False)
     if m.mode == "auto":
@@ -126,6 +127,10 @@ def plan(conn: Connection, schema_doc: dict) -> str | None:
         size = conn.exec_driver_sql("SELECT pg_table_size(%(t)s::regclass)", {"t": name}).scalar() or 0
         if size < MIN_TABLE_BYTES:
             return None
+    if idle not in ("0", "0ms"):
+        # the reader's transaction waits for the child without a statement of its own: a
+        # server that ends idle transactions must not end it meanwhile (libpq's COPY is a statement)
+        conn.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
     return binary
 
 
@@ -195,7 +200,6 @@ class _Child:
             [binary, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env,
             start_new_session=True)  # Ctrl-C reaches this process only, which ends the child
-        self.app = env["PGAPPNAME"]
         with contextlib.suppress(OSError, AttributeError):
             import fcntl
             fcntl.fcntl(self.proc.stdout.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)

@@ -266,6 +266,7 @@ class StreamWriter:
         count, cuts = found
         self.records += count
         self.bytes += len(block)
+        view = memoryview(block)  # pieces are copied once, into their chunk (_cut's join)
         start = done = 0
         for end, upto, cut in [*((e, u, True) for e, u in cuts), (len(block), count, False)]:
             if end > start:
@@ -276,7 +277,7 @@ class StreamWriter:
                         if self._buf_bytes >= self.max_bytes:
                             self._cut()
                 else:
-                    self._buf.append(block[start:end])
+                    self._buf.append(view[start:end])
                     self._buf_bytes += end - start
                     self._buf_extra += upto - done - 1
             if cut:

@@ -39,11 +39,7 @@ import importlib
 import logging
 import os
 import secrets
-import select
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -112,6 +108,8 @@ def plan(conn: Connection, schema_doc: dict) -> str | None:
     pg = _psycopg_connection(conn)
     if pg is None:
         return _refuse(m, "the driver is not psycopg")
+    import shutil
+
     binary = shutil.which(m.binary)
     if binary is None:
         return _refuse(m, f"no {m.binary} program found")
@@ -195,6 +193,9 @@ def psql_lines(conn: Connection, stmt: sa.Select, binary: str, *, blocks: bool =
 
 class _Child:
     def __init__(self, binary: str, env: dict[str, str], text: bytes):
+        import subprocess
+        import tempfile
+
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [binary, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"],
@@ -242,6 +243,8 @@ class _Child:
         return f"psql exited with status {self.proc.returncode}"
 
     def lines(self, source, blocks: bool) -> Iterator[list[bytes] | bytes]:
+        import select
+
         fd = self.proc.stdout.fileno()
         os.set_blocking(fd, False)
         poll = select.poll()

@@ -9,7 +9,7 @@ table.
 The package: this module (the backend, its reader and writer), :mod:`.base` (engines,
 transactions, schemas, reads), :mod:`.writing` (a restore's writes), :mod:`.integrity`
 (what a restore's writes may touch, and the proof), :mod:`.ddl` (table definitions), and
-behind :mod:`.dialect` one module per database: :mod:`.postgresql` (with :mod:`.pgcopy`
+behind :mod:`.dialect` one module per database: :mod:`.postgresql` (with :mod:`.pgcopy`, :mod:`.pgbulk`
 and :mod:`.pgddl`), :mod:`.mysql`, :mod:`.sqlite`.
 """
 from __future__ import annotations

@@ -159,8 +159,8 @@ def test_a_sql_error_in_the_child_is_one_line(shapes, conn, monkeypatch):
     doc = sqlbase.table_schema(conn, "noise", None)
     pg = conn.connection.driver_connection
     script = pgbulk.script
-    monkeypatch.setattr(pgbulk, "script", lambda select, snap, v: script(
-        select.replace("FROM noise", "FROM noise WHERE 1 / (id - 4000) IS NOT NULL"), snap, v))
+    monkeypatch.setattr(pgbulk, "script", lambda select, *args: script(
+        select.replace("FROM noise", "FROM noise WHERE 1 / (id - 4000) IS NOT NULL"), *args))
     _, batches = sqlbase.read_lines(conn, doc)
     with pytest.raises(sa.exc.DBAPIError) as err:
         for _ in batches:
@@ -342,3 +342,21 @@ def test_the_reader_is_not_ended_as_idle_while_the_child_reads(pg_url, shapes, c
             c.exec_driver_sql(f"DROP OWNED BY {role}")
             c.exec_driver_sql(f"DROP ROLE {role}")
         admin.dispose()
+
+
+def test_unqualified_names_resolve_as_on_the_readers_connection(db, monkeypatch):
+    """The reader's search_path, set on its session (not in the connection's parameters),
+    holds for the child too: another schema's table of the same name is not read."""
+    with db.connect() as c:
+        c.exec_driver_sql("CREATE SCHEMA other")
+        c.exec_driver_sql("CREATE TABLE other.events (id bigint PRIMARY KEY, at timestamptz, payload text, "
+                          "n numeric)")
+        c.exec_driver_sql("INSERT INTO other.events VALUES (1, now(), 'other', 1)")
+    with db.connect() as c:
+        c.exec_driver_sql("SET search_path = other, public")
+        sqlbase.begin_snapshot(c)
+        doc = sqlbase.table_schema(c, "events", None)
+        _, by_libpq = lines_of(c, "events", "off", monkeypatch)
+        _, by_psql = lines_of(c, "events", "always", monkeypatch)
+        sqlbase.end_transaction(c, commit=True)
+    assert by_psql == by_libpq and len(by_psql) == 1 and doc["table"] == "events"

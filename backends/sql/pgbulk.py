@@ -152,11 +152,14 @@ def child_env(pg) -> dict[str, str]:
     return env
 
 
-def script(select: str, snapshot: str, server_version: int) -> bytes:
+def script(select: str, snapshot: str, server_version: int, search_path: str | None = None) -> bytes:
     from .pgtext import SESSION_SETTINGS
 
     lines = ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;",
              f"SET TRANSACTION SNAPSHOT '{snapshot}';"]
+    if search_path is not None:
+        # unqualified names resolve as on the reader's connection (current_setting's text is SET's syntax)
+        lines.append(f"SET LOCAL search_path = {search_path};")
     lines += [f"SET LOCAL {name} = '{value}';" for name, value in SESSION_SETTINGS]
     if server_version >= 140000:
         # the server process notices a client that went away (the child killed) even while it
@@ -184,10 +187,12 @@ def psql_lines(conn: Connection, stmt: sa.Select, binary: str, *, blocks: bool =
         # while the child connects and the server starts its scan
         threading.Thread(target=importlib.import_module, args=("numpy",), daemon=True).start()
     pg = _psycopg_connection(conn)
-    snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar()
+    snapshot, search_path = conn.exec_driver_sql(
+        "SELECT pg_export_snapshot(), current_setting('search_path')").fetchone()
     select = _client_select(conn, stmt)
     source = pgwatch.source_of(pg)
-    with _Child(binary, child_env(pg), script(select, snapshot, pg.info.server_version)) as child:
+    text = script(select, snapshot, pg.info.server_version, search_path or None)
+    with _Child(binary, child_env(pg), text) as child:
         yield from child.lines(source, blocks)
 
 

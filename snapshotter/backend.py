@@ -107,6 +107,11 @@ class SourceReader(ABC):
     #: set by the caller when it can take StreamChanged and read the stream again
     restartable: bool = False
 
+    #: set by the caller when it takes a batch of :meth:`read_encoded` as one ``bytes`` of
+    #: whole records too (the records as the codec's ``iter_records`` splits them), not
+    #: only as a list of records
+    encoded_blocks: bool = False
+
     #: the guarantee the read got, recorded in the manifest. One of
     #: "snapshot-isolation" (one transaction), "checked" (before/after check
     #: found no change) or "best-effort" (the store changed during the read).

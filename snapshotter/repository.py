@@ -90,6 +90,14 @@ class SnapshotRef:
         return manifest_object(self.release, self.id)
 
 
+#: bytes of a chunk compressed at level 1 and at the repository's level to choose the chunk's level
+LEVEL_SAMPLE = 64 * 1024
+
+#: how much larger than at the repository's level a sample may come out of level 1 for the
+#: chunk to be compressed at level 1
+LEVEL_SLACK = 0.01
+
+
 class Repository:
     def __init__(self, store: ObjectStore, config: dict, *, compression_level: int = 3):
         self.store = store
@@ -178,7 +186,23 @@ class Repository:
             d = self._local.dctx = zstandard.ZstdDecompressor()
         return d
 
+    def _cctx_fast(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx_fast", None)
+        if c is None:
+            c = self._local.cctx_fast = zstandard.ZstdCompressor(level=1, write_content_size=True)
+        return c
+
     def compress(self, raw: bytes) -> bytes:
+        """The chunk compressed at the repository's level, or at level 1 when a sample of it
+        (its first :data:`LEVEL_SAMPLE` bytes) comes out of level 1 no more than
+        :data:`LEVEL_SLACK` larger: data with few repeats (random bytes as hex, floats,
+        numbers) compresses as small at level 1 and several times faster; text keeps its
+        level.  Which level wrote a chunk does not matter to anything that reads it."""
+        if self.compression_level > 1 and len(raw) >= 4 * LEVEL_SAMPLE:
+            sample = raw[:LEVEL_SAMPLE]
+            fast = self._cctx_fast()
+            if len(fast.compress(sample)) <= len(self._cctx().compress(sample)) * (1 + LEVEL_SLACK):
+                return fast.compress(raw)
         return self._cctx().compress(raw)
 
     #: a chunk read without its manifest row (none today) may hold at most this much plaintext

@@ -65,6 +65,7 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                 if taken_at is None:
                     taken_at = iso(utcnow())
                 reader.restartable = True
+                reader.encoded_blocks = True
                 for spec in reader.streams():
                     tick = (lambda n, _s=f"{name}/{spec.name}": progress(_s, n)) if progress else None
                     while True:
@@ -78,7 +79,10 @@ def take_snapshot(repo: Repository, cfg: Config, *, release: str, sources: Seque
                                 # a COPY left open holds its connection
                                 with contextlib.closing(encoded[1]) as batches:
                                     for lines in batches:
-                                        writer.add_encoded(lines)
+                                        if isinstance(lines, bytes):  # a block of whole records
+                                            writer.add_encoded_block(lines)
+                                        else:
+                                            writer.add_encoded(lines)
                             else:
                                 for batch in reader.read(spec):
                                     for key, value in batch:

@@ -161,6 +161,7 @@ class StreamWriter:
         self.bytes = 0
         self._buf: list[bytes] = []
         self._buf_bytes = 0
+        self._buf_extra = 0  # records beyond one per item of _buf (blocks of lines: add_encoded_block)
         self._pending_keys: list[bytes] = []  # key bytes of buffered records (only until D is known)
         self._futures: deque[Future] = deque()
         self._chunks: list[ChunkRef] = []
@@ -249,6 +250,40 @@ class StreamWriter:
                 self._cut()
             start = end
 
+    def add_encoded_block(self, block: bytes) -> None:
+        """:meth:`add_encoded` of a block of whole records (bytes), cut where the records
+        listed one by one would be: the codec finds the boundaries in the whole block
+        (``block_chunk_ends``), so that nothing is done per record in Python.  Blocks it
+        cannot do so for, the first records (until D is chosen) and keys whose order must
+        be checked one by one go through :meth:`add_encoded`."""
+        rc = self._codec
+        found = None
+        if self.D is not None and rc.keys_ordered and hasattr(rc, "block_chunk_ends"):
+            found = rc.block_chunk_ends(block, self.D)
+        if found is None:
+            self.add_encoded(rc.iter_records(block))
+            return
+        count, cuts = found
+        self.records += count
+        self.bytes += len(block)
+        view = memoryview(block)  # pieces are copied once, into their chunk (_cut's join)
+        start = done = 0
+        for end, upto, cut in [*((e, u, True) for e, u in cuts), (len(block), count, False)]:
+            if end > start:
+                if self._buf_bytes + end - start >= self.max_bytes:
+                    for line in rc.iter_records(block[start:end]):  # rare: as add_encoded does
+                        self._buf.append(line)
+                        self._buf_bytes += len(line)
+                        if self._buf_bytes >= self.max_bytes:
+                            self._cut()
+                else:
+                    self._buf.append(view[start:end])
+                    self._buf_bytes += end - start
+                    self._buf_extra += upto - done - 1
+            if cut:
+                self._cut()
+            start, done = end, upto
+
     def _advance_key(self, key: Any) -> None:
         """Records must come in strictly ascending key order (Python's), which plans rely on."""
         if self._has_last:
@@ -281,8 +316,8 @@ class StreamWriter:
         if self._codec is not None:
             # lines are hashed a chunk at a time (the digest covers the same bytes either way)
             self.digest.update(raw)
-        n = len(self._buf)
-        self._buf, self._buf_bytes = [], 0
+        n = len(self._buf) + self._buf_extra
+        self._buf, self._buf_bytes, self._buf_extra = [], 0, 0
         self._futures.append(self.up.submit(raw, n))
         while len(self._futures) > self.up.max_in_flight:
             self._collect(self._futures.popleft())

@@ -335,9 +335,10 @@ def _big_table(pg_url: str) -> None:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("path, drain, counters", [("copy", False, True), ("copy", True, True),
-                                                   ("cursor", False, True), ("copy", False, False)],
+                                                   ("cursor", False, True), ("copy", False, False),
+                                                   ("psql", False, True), ("psql", True, True)],
                          ids=["copy-server-blocked", "copy-server-done", "cursor-server-blocked",
-                              "copy-server-blocked-no-tcp-counters"])
+                              "copy-server-blocked-no-tcp-counters", "psql-server-blocked", "psql-server-done"])
 def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy, monkeypatch,
                                                                    path, drain, counters):
     """The connection stays open and acknowledged (a hung proxy or pooler): libpq would wait for
@@ -346,6 +347,8 @@ def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cl
     transaction.  Without the kernel's byte counters (not Linux), after two looks."""
     if path == "cursor":
         monkeypatch.setenv("SNAPSHOTTER_PG_COPY", "0")
+    # the COPY through libpq in this process, or run by a psql child (backends/sql/pgbulk.py)
+    monkeypatch.setenv("SNAPSHOTTER_PG_PSQL", "always" if path == "psql" else "off")
     if not counters:
         from snapshotter_backends.sql import pgwatch
         monkeypatch.setattr(pgwatch, "_TCP_INFO", None)
@@ -367,9 +370,12 @@ def test_a_postgresql_server_that_stalls_mid_read_ends_the_snapshot(tmp_path, cl
 
 
 @pytest.mark.timeout(90)
-def test_a_postgresql_proxy_that_hangs_every_connection_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy):
+@pytest.mark.parametrize("psql", ["always", "off"], ids=["psql", "libpq"])
+def test_a_postgresql_proxy_that_hangs_every_connection_ends_the_snapshot(tmp_path, cli, pg_url, pg_proxy,
+                                                                          monkeypatch, psql):
     """The server cannot be asked about the stalled connection (a second one hangs too): that
     is a timeout as well."""
+    monkeypatch.setenv("SNAPSHOTTER_PG_PSQL", psql)
     _big_table(pg_url)
     write_config(tmp_path, f'[sources.db]\nbackend = "sql"\ntimeout = 1\nurl = "{_through(pg_url, pg_proxy)}"\n')
     assert cli("init").code == 0
@@ -433,7 +439,10 @@ def _hold_for(seconds: float, eng, *statements: str) -> threading.Thread:
 
 
 @pytest.mark.timeout(90)
-def test_a_snapshot_waiting_for_a_lock_longer_than_the_timeout_is_not_timed_out(tmp_path, cli, pg_url):
+@pytest.mark.parametrize("psql", ["always", "off"], ids=["psql", "libpq"])
+def test_a_snapshot_waiting_for_a_lock_longer_than_the_timeout_is_not_timed_out(tmp_path, cli, pg_url, monkeypatch,
+                                                                               psql):
+    monkeypatch.setenv("SNAPSHOTTER_PG_PSQL", psql)
     eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with eng.connect() as c:
         c.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
@@ -475,9 +484,12 @@ def test_a_restore_waiting_for_a_row_lock_longer_than_the_timeout_is_not_timed_o
 
 
 @pytest.mark.timeout(90)
-def test_a_snapshot_whose_server_pauses_mid_copy_to_work_is_not_timed_out(tmp_path, cli, pg_url):
+@pytest.mark.parametrize("psql", ["always", "off"], ids=["psql", "libpq"])
+def test_a_snapshot_whose_server_pauses_mid_copy_to_work_is_not_timed_out(tmp_path, cli, pg_url, monkeypatch,
+                                                                            psql):
     """Rows stream, then the server works on the next one for 3 timeouts, sending nothing (a slow
     row-level security check), then the rest stream: the read is waited for."""
+    monkeypatch.setenv("SNAPSHOTTER_PG_PSQL", psql)
     role = "snap_reader_" + secrets.token_hex(3)
     admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:

@@ -9,7 +9,7 @@ table.
 The package: this module (the backend, its reader and writer), :mod:`.base` (engines,
 transactions, schemas, reads), :mod:`.writing` (a restore's writes), :mod:`.integrity`
 (what a restore's writes may touch, and the proof), :mod:`.ddl` (table definitions), and
-behind :mod:`.dialect` one module per database: :mod:`.postgresql` (with :mod:`.pgcopy`
+behind :mod:`.dialect` one module per database: :mod:`.postgresql` (with :mod:`.pgcopy`, :mod:`.pgbulk`
 and :mod:`.pgddl`), :mod:`.mysql`, :mod:`.sqlite`.
 """
 from __future__ import annotations
@@ -186,7 +186,7 @@ class SQLReader(SourceReader):
         with base.translate_errors(f"{self.b.where}: cannot read table {spec.name}"):
             if of(self.conn).keeps_msgpack(self.conn, spec.schema):
                 return None
-            doc, batches = base.read_lines(self.conn, spec.schema)
+            doc, batches = base.read_lines(self.conn, spec.schema, blocks=self.encoded_blocks)
         return doc, base.tracked(self.conn, base.translating(batches, f"{self.b.where}: cannot read table {spec.name}"))
 
     def read_keys(self, spec: StreamSpec, keys: list):

@@ -341,10 +341,11 @@ def reads_lines(conn: Connection, formats: tuple[str, ...] = ("pgtext",)) -> boo
 
 
 def read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
-               batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+               batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
     """The table's encoding document and batches of its rows as ``pgtext`` lines, in key
-    order (:meth:`.Dialect.read_lines`)."""
-    return of(conn).read_lines(conn, schema_doc, where=where, fast=fast, batch=batch)
+    order (:meth:`.Dialect.read_lines`); with ``blocks``, a batch may also be one ``bytes``
+    of whole lines."""
+    return of(conn).read_lines(conn, schema_doc, where=where, fast=fast, batch=batch, blocks=blocks)
 
 
 def read_rows(conn: Connection, schema_doc: dict, *, where=None, batch: int = FETCH_BATCH,

@@ -154,9 +154,9 @@ class Dialect:
         return None
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
-                   batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+                   batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
         """The table's encoding document and batches of its rows as lines (``pgtext``, or
-        :attr:`line_format`)."""
+        :attr:`line_format`; with ``blocks``, a batch may also be one ``bytes`` of whole lines)."""
         raise SourceError(f"table {schema_doc.get('table')} cannot be read as pgtext lines "
                           f"(the database is not PostgreSQL)")
 

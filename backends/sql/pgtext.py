@@ -173,6 +173,16 @@ class PgTextCodec(RecordCodec):
         key_bytes = self.key_bytes
         return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]
 
+    def block_chunk_ends(self, block: bytes, D: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """:meth:`chunk_ends` of a block of whole lines, without a Python step per line:
+        ``(lines in the block, [(byte offset just past a line that ends a chunk, lines up to
+        and including it), ...])``.  The CRC-32 of every line's key is computed by numpy,
+        one key byte position at a time over all lines (the key columns must lead the line
+        and their text be short); None when they do not (the caller splits the lines)."""
+        if not self._leading or not block:
+            return None
+        return _block_chunk_ends(block, D, len(self.key_index))
+
     def iter_records(self, raw: bytes) -> list[bytes]:
         return iter_lines(raw)
 
@@ -263,3 +273,67 @@ def _plain(v: Any) -> bool:
     if isinstance(v, dict):
         return all(isinstance(k, str) and _plain(x) for k, x in v.items())
     return False
+
+
+# -- chunk boundaries of a block of lines, by numpy ---------------------------------------
+
+#: longest key text (bytes) whose CRC is computed by numpy (one pass over the lines per byte)
+BLOCK_KEY_BYTES = 48
+
+_CRC_TABLE = None
+
+
+def _crc_table():
+    """zlib's CRC-32 table (reflected, polynomial 0xEDB88320), as numpy uint32."""
+    global _CRC_TABLE
+    if _CRC_TABLE is None:
+        import numpy as np
+
+        table = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+            table.append(c)
+        _CRC_TABLE = np.array(table, dtype=np.uint32)
+    return _CRC_TABLE
+
+
+def _block_chunk_ends(block: bytes, D: int, key_fields: int) -> tuple[int, list[tuple[int, int]]] | None:
+    import numpy as np
+
+    if not block.endswith(b"\n"):
+        raise ValueError("block does not end with a complete line")
+    a = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(a == 10) + 1  # offset just past each line
+    n = len(ends)
+    pos = np.empty(n, dtype=ends.dtype)  # each line's next key byte; lines whose key is done leave
+    pos[0] = 0
+    pos[1:] = ends[:-1]
+    table = _crc_table()
+    out = np.empty(n, dtype=np.uint32)
+    crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
+    line = np.arange(n)
+    seen = np.zeros(n, dtype=np.int16) if key_fields > 1 else None  # key columns passed
+    for _ in range(BLOCK_KEY_BYTES + 1):
+        b = a[pos]
+        tab = b == 9
+        # the key ends at its last column's tab, or at the newline (a line of key columns only)
+        stop = (b == 10) | (tab if seen is None else tab & (seen == key_fields - 1))
+        if stop.any():
+            out[line[stop]] = crc[stop]
+            keep = ~stop
+            line, pos, crc, b = line[keep], pos[keep], crc[keep], b[keep]
+            if seen is not None:
+                seen, tab = seen[keep], tab[keep]
+            if not len(line):
+                break
+        if seen is not None:
+            seen += tab
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        pos += 1
+    else:
+        return None  # a key longer than BLOCK_KEY_BYTES
+    out ^= np.uint32(0xFFFFFFFF)
+    at = np.flatnonzero(out % np.uint32(D) == 0)
+    return n, list(zip(ends[at].tolist(), (at + 1).tolist()))

@@ -359,3 +359,23 @@ def _byte_counters(sock: socket.socket) -> tuple[int, int] | None:
     if len(info) < _TCP_INFO_COUNTERS_AT + _TCP_INFO_COUNTERS.size:
         return None
     return _TCP_INFO_COUNTERS.unpack_from(info, _TCP_INFO_COUNTERS_AT)
+
+
+# -- another process's connection (a psql child reading for the reader: pgbulk.py) -------
+
+def source_of(conn) -> _Source | None:
+    """The watched engine's source (message prefix, bound, how to connect) of a connection,
+    or None when it is not watched."""
+    w = getattr(conn, "_watch", None)
+    return w.source if w is not None else None
+
+
+def stuck(source: _Source, pid: int, backend_start: Any, since: float) -> str | None:
+    """Why the server process ``pid`` (started at ``backend_start``), serving a connection
+    on which nothing has come through since ``since`` (a monotonic time), is stuck, as the
+    watchdog judges its own connections; None while it works.  Run in the waiting thread
+    (it waits for the probe, ``max(2, timeout)`` at most); a stuck process is terminated."""
+    w = _Watch(source, -1, pid=pid, backend_start=backend_start, since=since, op=1, seen_op=1)
+    if _Probe(w, 1, counted=True).run():
+        return w.broken
+    return None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from snapshotter.errors import SourceError
 
 from .. import lazy_module
-from . import pgcopy, pgddl
+from . import pgbulk, pgcopy, pgddl
 from .base import array_literal, select_stmt
 from .dialect import Dialect, is_text_type
 from .integrity import ForeignKey, quoted_name, shown
@@ -139,9 +139,11 @@ class PostgreSQL(Dialect):
         return pgcopy.read_rows(conn, copy_plan, names, key_index, batch)
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
-                   batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
+                   batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
         """Through COPY when the driver is psycopg (unless ``fast`` is False or
-        ``SNAPSHOTTER_PG_COPY=0``), else through a cursor; the lines are the same either way."""
+        ``SNAPSHOTTER_PG_COPY=0``), run by a ``psql`` child for a whole table in a snapshot
+        transaction (:mod:`.pgbulk`), else through a cursor; the lines are the same either
+        way.  ``blocks``: batches may also come as one ``bytes`` of whole lines."""
         from .pgtext import encoding_doc
 
         batch = batch or pgcopy.LINE_BATCH
@@ -152,9 +154,20 @@ class PostgreSQL(Dialect):
         use_copy = (fast if fast is not None else pgcopy.enabled()) and pgcopy._psycopg_connection(conn) is not None
         if fast and not use_copy:
             raise SourceError(f"table {schema_doc['table']} cannot be read through COPY (the driver is not psycopg)")
+        # a whole table in a snapshot's transaction: the COPY in a psql child (pgbulk.py)
+        psql = pgbulk.plan(conn, schema_doc) if use_copy and where is None else None
 
         def lines() -> Iterator[list[bytes]]:
             with pgcopy.pgtext_settings(conn):
+                if psql is not None:
+                    try:
+                        yield from pgbulk.psql_lines(conn, stmt, psql, blocks=blocks)
+                        return
+                    except pgbulk.PsqlFailed as exc:  # nothing read yet
+                        if pgbulk.mode().mode == "always":
+                            raise SourceError(f"{pgbulk.ENV_SWITCH}=always: psql failed: {exc}") from None
+                        log.debug("snapshotter: table %s: psql failed (%s); reading through libpq",
+                                  schema_doc["table"], exc)
                 if use_copy:
                     yield from pgcopy.copy_lines(conn, stmt, batch)
                 else:

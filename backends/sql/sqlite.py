@@ -132,8 +132,9 @@ class SQLite(Dialect):
                 if type(v) is str and _SURROGATE.search(v) else v for c, v in values.items()}
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
-                   batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
-        """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite."""
+                   batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
+        """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite (in
+        batches of lines, whether or not the caller takes ``blocks``)."""
         return _read_lines(conn, schema_doc, where=where, fast=fast, batch=batch)
 
     def keeps_msgpack(self, conn: Connection, schema_doc: dict) -> bool:

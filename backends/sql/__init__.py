@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 class SQLBackend(base.SQLConnection, SourceBackend):
     name = "sql"
-    #: PostgreSQL tables are captured as COPY text lines (:mod:`.pgtext`)
-    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec"}
+    #: PostgreSQL tables are captured as COPY text lines (:mod:`.pgtext`), MariaDB/MySQL tables
+    #: as the client's batch text (:mod:`.mytext`)
+    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec",
+                 "mytext": "snapshotter_backends.sql.mytext:MyTextCodec"}
     description = "Tables of any SQLAlchemy database (PostgreSQL, MariaDB/MySQL, SQLite, ...), keyed by primary key"
     options = (
         Option("url", str, required=True, help="SQLAlchemy database URL; ${VAR} keeps passwords out of the file", secret=True),

@@ -186,6 +186,13 @@ def _option_value(v: str) -> str:
     return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _end(proc) -> None:
+    with contextlib.suppress(Exception):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+
+
 class ClientSession:
     """One ``mariadb``/``mysql`` client in batch mode, reading a snapshot's tables on one
     consistent-snapshot transaction."""
@@ -219,6 +226,8 @@ class ClientSession:
         except OSError as exc:
             self._remove_defaults()
             raise SourceError(f"{what}: cannot start the mariadb/mysql client: {exc}") from None
+        # ended if this object is dropped without close (its transaction is the server's to end)
+        weakref.finalize(self, _end, self.proc)
         start = "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ;\n"
         if time_zone:
             start += f"SET time_zone = '{time_zone.replace(chr(39), '')}';\n"

@@ -29,6 +29,7 @@ line order, ``key`` the key columns (the first ``len(key)`` columns).
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Any, Callable, Sequence
 
 from snapshotter.encoding import RecordCodec, crc32_boundary, register
@@ -170,8 +171,10 @@ class MyTextCodec(RecordCodec):
     boundary_hash = staticmethod(crc32_boundary)
 
     def chunk_ends(self, records: list[bytes], D: int) -> list[int]:
-        crc = crc32_boundary
-        if self.single_key:
+        # the one per-line step of a snapshot: zlib's CRC-32 (crc32_boundary) without the call
+        # around it; a single key column is the text before the first tab
+        crc = zlib.crc32
+        if self.single_key and len(self.columns) + len(self.masked) > 1:
             return [j for j, line in enumerate(records, 1) if not crc(line[:line.find(b"\t")]) % D]
         key_bytes = self.key_bytes
         return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]

@@ -56,7 +56,8 @@ def layout_of(spec: StreamSpec) -> type[MessageStore]:
 class ConversationBackend(SourceBackend):
     name = "conversation"
     #: a PostgreSQL message table is captured as COPY text lines, as a ``sql`` source's tables
-    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec"}
+    encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec",
+                 "mytext": "snapshotter_backends.sql.mytext:MyTextCodec"}
     description = ("Conversation history: a SQL message table (LangChain SQLChatMessageHistory) or "
                    "Redis lists (LangChain RedisChatMessageHistory), one record per message, --session aware")
     options = (

@@ -294,15 +294,16 @@ class MessageTableWriter(writing.SQLWriterMixin, SourceWriter):
             self.upsert_rows(spec, records)
 
     def upsert_encoded(self, spec: StreamSpec, encoding: dict, records: list[bytes]) -> bool:
-        """Rows back from their ``pgtext`` lines (exact), within the restored sessions."""
+        """Rows back from their lines (``pgtext``: exact; ``mytext``: decoded), within the
+        restored sessions."""
         spec = keyed(spec)
         with base.translate_errors(f"{self.b.where}: cannot write table {spec.name}"):
             if self.sessions is not None:
-                from ..sql.pgtext import PgTextCodec
-                rc = PgTextCodec(encoding)
-                col = spec.schema["conversation"]["session_column"]
+                from snapshotter.encoding import codec_for
+                rc = codec_for(encoding)
+                read = rc.field_reader(spec.schema["conversation"]["session_column"])
                 for line in records:
-                    field = rc.field(line, col)
+                    field = read(line)
                     session = None if field is None else field.decode("utf-8", "replace")
                     if session is None or session not in self.sessions:
                         raise SourceError(f"{self.b.where}: message {key_text(rc.key(line))} belongs to session "

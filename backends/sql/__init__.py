@@ -33,14 +33,15 @@ sa = lazy_module("sqlalchemy")
 log = logging.getLogger(__name__)
 
 #: the line encodings this backend's tables are read in (:meth:`SQLReader.read_encoded`)
-LINE_FORMATS = ("pgtext", "sqltext")
+LINE_FORMATS = ("pgtext", "mytext", "sqltext")
 
 
 class SQLBackend(base.SQLConnection, SourceBackend):
     name = "sql"
-    #: PostgreSQL tables are captured as COPY text lines (:mod:`.pgtext`), SQLite tables as
-    #: lines SQLite writes (:mod:`.sqltext`)
+    #: PostgreSQL tables are captured as COPY text lines (:mod:`.pgtext`), MariaDB/MySQL tables
+    #: as the client's batch text (:mod:`.mytext`), SQLite tables as lines SQLite writes (:mod:`.sqltext`)
     encodings = {"pgtext": "snapshotter_backends.sql.pgtext:PgTextCodec",
+                 "mytext": "snapshotter_backends.sql.mytext:MyTextCodec",
                  "sqltext": "snapshotter_backends.sql.sqltext:SqlTextCodec"}
     description = "Tables of any SQLAlchemy database (PostgreSQL, MariaDB/MySQL, SQLite, ...), keyed by primary key"
     options = (

@@ -333,9 +333,10 @@ def select_stmt(conn: Connection, schema_doc: dict, where=None) -> sa.Select:
     return stmt.order_by(*[d.order_key(conn, t.c[k], types[k]) for k in schema_doc["primary_key"]])
 
 
-def reads_lines(conn: Connection, formats: tuple[str, ...] = ("pgtext",)) -> bool:
+def reads_lines(conn: Connection, formats: tuple[str, ...] = ("pgtext", "mytext")) -> bool:
     """Whether tables of this database are captured as lines of one of ``formats``
-    (PostgreSQL: ``pgtext``; SQLite: ``sqltext``, which the ``sql`` backend asks for)."""
+    (PostgreSQL: ``pgtext``; MariaDB/MySQL: ``mytext``; SQLite: ``sqltext``, which only the
+    ``sql`` backend asks for)."""
     d = of(conn)
     return (d.line_format or ("pgtext" if d.reads_lines else None)) in formats
 
@@ -423,7 +424,7 @@ def key_condition(t: sa.TableClause, schema_doc: dict, keys: list, dialect: Dial
 
 
 def lines_of_keys(conn: Connection, schema_doc: dict, keys: list, what: str,
-                  formats: tuple[str, ...] = ("pgtext",)):
+                  formats: tuple[str, ...] = ("pgtext", "mytext")):
     """The rows with these keys as lines (of one of ``formats``), with the encoding document
     (a restore's verification of what it wrote); None where tables are not read so."""
     if not reads_lines(conn, formats):

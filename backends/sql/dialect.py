@@ -52,8 +52,8 @@ class Dialect:
     ddl_commits: ClassVar[bool] = False
     #: tables are captured as ``pgtext`` lines (:meth:`read_lines`)
     reads_lines: ClassVar[bool] = False
-    #: the record encoding of :meth:`read_lines` when not ``pgtext`` (SQLite: ``sqltext``,
-    #: read by the ``sql`` backend only)
+    #: the record encoding of :meth:`read_lines` when not ``pgtext`` (MariaDB/MySQL: ``mytext``;
+    #: SQLite: ``sqltext``, read by the ``sql`` backend only)
     line_format: ClassVar[str | None] = None
     #: :meth:`adapt_for_write` may give SQL expressions (SQLite: text that is not UTF-8)
     writes_expressions: ClassVar[bool] = False

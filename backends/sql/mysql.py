@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import lazy_module
 from .ddl import create_structured, integer, qualified, quoted
@@ -37,6 +37,9 @@ VALUE_ORDERED_TYPES = frozenset({
 class MySQL(Dialect):
     ddl_kind = "mysql"
     ddl_commits = True
+    #: tables are captured as ``mytext`` lines (:mod:`.mytext`, read by :mod:`.myread`)
+    reads_lines = True
+    line_format = "mytext"
 
     def connect_args(self, url, timeout: float) -> dict[str, Any]:
         # bounds on each socket connect, read and write
@@ -48,14 +51,22 @@ class MySQL(Dialect):
             return {"connect_timeout": whole, "read_timeout": whole, "write_timeout": whole}
         return {}
 
+    def watch(self, engine, what: str, timeout: float) -> None:
+        from . import myread
+        myread.WATCHED[engine] = (what, timeout)  # the client's bound on a stalled read
+
     # -- transactions ----------------------------------------------------------------
 
     def begin_snapshot(self, conn: Connection) -> str:
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        from . import myread
+        myread.SNAPSHOT_CONNS.add(conn)  # its reads of whole tables may go through the client
         return "snapshot-isolation"
 
     def begin_write(self, conn: Connection) -> None:
+        from . import myread
+        myread.SNAPSHOT_CONNS.discard(conn)
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.exec_driver_sql("START TRANSACTION")
 
@@ -77,6 +88,16 @@ class MySQL(Dialect):
                                  "COALESCE(%(s)s, DATABASE()) AND table_name = %(t)s",
                                  {"s": schema_doc.get("db_schema"), "t": schema_doc["table"]}).scalar()
         return int(v or 0) or None
+
+    def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
+                   batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
+        """``mytext`` lines (in batches of lines, whether or not the caller takes ``blocks``): through the client inside a snapshot (unless ``fast`` is False),
+        else through the driver, locking what a restore reads (:mod:`.myread`)."""
+        from . import myread
+        # outside a snapshot's transaction, a restore's: its reads lock what they read, as its
+        # reads of values do
+        return myread.read_lines(conn, schema_doc, where=where, fast=fast, batch=batch,
+                                 for_update=conn not in myread.SNAPSHOT_CONNS)
 
     def locking_read(self, stmt: sa.Select) -> sa.Select:
         # a restore plans with locking reads: its writes act on the latest rows, so without

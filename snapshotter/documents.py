@@ -24,11 +24,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping, NamedTuple
 
-#: the format of a new snapshot manifest: 3 (a SQL stream's schema may hold the table's stored
-#: definition, ``ddl``, that a restore of an older reader would leave out of a recreated table)
-MANIFEST_FORMAT = 3
+#: the format of a new snapshot manifest: 4 (MariaDB/MySQL and SQLite streams may be stored in
+#: the ``mytext`` and ``sqltext`` record encodings, which an older reader does not know; 3: a SQL
+#: stream's schema may hold the table's stored definition, ``ddl``)
+MANIFEST_FORMAT = 4
 #: the manifest formats this snapshotter reads
-READABLE_FORMATS = (1, 2, 3)
+READABLE_FORMATS = (1, 2, 3, 4)
 #: the format of an incident bundle (its own numbering, docs/design.md "Format versions")
 BUNDLE_FORMAT = 1
 

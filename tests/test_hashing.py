@@ -55,7 +55,7 @@ def test_chunks_named_and_streams_digested_by_the_repository_hash(request, tmp_p
     assert snap.code == 0, snap.err
     sid = snap.json()["id"]
     manifest = json.loads(next((tmp_path / "repo" / "snapshots" / "v1").glob("*.json")).read_text())
-    assert manifest["format"] == 3  # the manifest format (docs/design.md, "Format versions")
+    assert manifest["format"] == 4  # the manifest format (docs/design.md, "Format versions")
     stream = manifest["sources"]["db"]["streams"]["kb_chunks"]
     chunks = chunk_plaintexts(tmp_path / "repo", stream)
     assert len(chunks) >= 1

@@ -341,6 +341,7 @@ def test_restore_from_a_msgpack_snapshot(eng, mysql_url, tmp_path, cli, monkeypa
         c.exec_driver_sql(AWKWARD_ROWS)
     with monkeypatch.context() as m:
         m.setattr(MySQL, "reads_lines", False)  # as snapshots were taken before mytext
+        m.setattr(MySQL, "line_format", None)
         sid = _snapshot(cli, tmp_path, mysql_url)
     assert _encoding(tmp_path, sid, "awkward") is None
 

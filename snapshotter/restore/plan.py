@@ -402,19 +402,22 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
 
     def live() -> Iterator[tuple[Any, bytes, Any]]:
         last_key = None
-        for rec in live_records(reader, live_spec, sel.sessions):
-            if sessions and len(seen) < len(sessions):
-                seen.add(t.backend.session_of(t.spec, rec[0], rec[2]))
-            if tick:
-                tick(1)
-            if last_key is not None and not rec[0] > last_key:
-                raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key order at "
-                                     f"{codec.key_text(rec[0])}")
-            last_key = rec[0]
-            yield rec
+        # closed with this generator: a COPY left open would hold its connection
+        with contextlib.closing(live_records(reader, live_spec, sel.sessions)) as records:
+            for rec in records:
+                if sessions and len(seen) < len(sessions):
+                    seen.add(t.backend.session_of(t.spec, rec[0], rec[2]))
+                if tick:
+                    tick(1)
+                if last_key is not None and not rec[0] > last_key:
+                    raise IntegrityError(f"source {t.source!r} stream {t.stream!r}: live records out of key "
+                                         f"order at {codec.key_text(rec[0])}")
+                last_key = rec[0]
+                yield rec
 
+    live_side = live()
     try:
-        for side, lv, sv in merge_records(live(), snapshot(), same_record(t)):
+        for side, lv, sv in merge_records(live_side, snapshot(), same_record(t)):
             if side == LIVE:
                 plan.added += 1
                 quarantine(lv[0], "added", lv[2], None)
@@ -425,8 +428,12 @@ def plan_stream(repo: Repository, t: Target, reader, sel: Selection, *, writer: 
                 plan.modified += 1
                 quarantine(sv.key, "modified", lv[2], sv.value)
     except (TypeError, IntegrityError, KeyOrderError) as exc:
+        # the live read ends first: the store is asked on the connection it holds
+        live_side.close()
         _name_key_problem(reader, live_spec, t, exc)
         raise
+    finally:
+        live_side.close()
     if live_spec is not None:
         plan.read = (sel.sessions or None, reader.plan_context(live_spec))
     plan.snapshot_digest = hashing.digest_string(alg, digest)

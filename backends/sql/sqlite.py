@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from snapshotter.errors import ConfigError
 
 from .ddl import create_index, create_structured, quoted
-from .dialect import Dialect, ended_idle, is_text_type
+from .dialect import Dialect, ended_idle
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -105,7 +105,10 @@ class SQLite(Dialect):
     # -- reading -----------------------------------------------------------------------
 
     def order_key(self, conn: Connection, column: sa.ColumnClause, type_text: str):
-        return column.collate("BINARY") if is_text_type(type_text) else column
+        # every key column, whatever its declared type: a column of no text type (untyped,
+        # UUID, JSON) holds text too, and its COLLATE NOCASE would order it case-blind;
+        # BINARY changes nothing for numbers (an integer key's index still gives the order)
+        return column.collate("BINARY")
 
     def estimated_bytes(self, conn: Connection, schema_doc: dict) -> int | None:
         if schema_doc.get("db_schema"):
@@ -302,7 +305,7 @@ def keeps_msgpack(conn: Connection, schema_doc: dict) -> bool:
     table = q(schema_doc["table"])
     if schema_doc.get("db_schema"):
         table = f"{q(schema_doc['db_schema'])}.{table}"
-    order = ", ".join(q(k) for k in schema_doc["primary_key"])
+    order = ", ".join(f"{q(k)} COLLATE BINARY" for k in schema_doc["primary_key"])
     names = ", ".join(q(c) for c in untyped)
     blob = " OR ".join(f"typeof({q(c)}) = 'blob'" for c in untyped)
     return conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM (SELECT {names} FROM {table} ORDER BY {order} "

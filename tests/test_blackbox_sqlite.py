@@ -54,3 +54,24 @@ def test_a_key_column_with_a_case_blind_collation(tmp_path, cli, body):
         "UPDATE t SET v = 9 WHERE k = 'B'", "DELETE FROM t WHERE k = 'c'", f"INSERT INTO t ({cols}) VALUES "
         + ("('D', 1, 4)" if "j INT" in body else "('D', 4)")],
         {"added": 1, "modified": 1, "deleted": 1}, _rows(eng, "t"))
+
+
+def test_the_plan_table_keeps_its_columns_for_wide_table_names(tmp_path, cli):
+    """``diff`` pads stream names by terminal cells: a CJK table name (two cells a
+    character) leaves the counts under their headers, and a newline in a name stays on
+    its line."""
+    from snapshotter.forensics.table import cells
+    url, eng = _db(tmp_path, 'CREATE TABLE "日本語" (k INTEGER PRIMARY KEY, v TEXT)',
+                   'CREATE TABLE "two\nlines" (k INTEGER PRIMARY KEY, v TEXT)', "CREATE TABLE plain (k INTEGER PRIMARY KEY)",
+                   "INSERT INTO \"日本語\" VALUES (1, 'a')")
+    _config(tmp_path, url)
+    assert cli("init").code == 0
+    r = cli("--json", "snapshot", "--release", "r")
+    assert r.code == 0, r.err
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE \"日本語\" SET v = 'b'")
+    r = cli("diff", r.json()["id"])
+    assert r.code == 0, r.err
+    lines = [ln for ln in r.out.splitlines() if ln.startswith("  ") and not ln.startswith("  note")][:-1]
+    assert len(lines) == 4, r.out  # header and three streams, one line each
+    assert len({cells(ln) for ln in lines}) == 1, r.out

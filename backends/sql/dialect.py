@@ -172,6 +172,11 @@ class Dialect:
         match them."""
         return keys
 
+    def key_sql(self, value: Any):
+        """An SQL expression sending one key column's value the driver cannot send as a
+        bind parameter, or None (the value is bound as it is)."""
+        return None
+
     def key_binds(self, schema_doc: dict, key: Any) -> list:
         """The values of one key's columns, as bind parameters of an UPDATE."""
         key = self.sent_keys(schema_doc, [key])[0]

@@ -134,6 +134,13 @@ class SQLite(Dialect):
         return {c: sa.cast(sa.literal(v.encode("utf-8", "surrogateescape"), sa.LargeBinary), sa.Text)
                 if type(v) is str and _SURROGATE.search(v) else v for c, v in values.items()}
 
+    def key_sql(self, value: Any):
+        # a text key that is not UTF-8: its bytes cast to TEXT, as adapt_for_write sends a value
+        if type(value) is str and not value.isascii() and _SURROGATE.search(value):
+            import sqlalchemy as sa
+            return sa.cast(sa.literal(value.encode("utf-8", "surrogateescape"), sa.LargeBinary), sa.Text)
+        return None
+
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
                    batch: int | None = None) -> tuple[dict, Iterator[list[bytes]]]:
         """The table's rows as ``sqltext`` lines (:mod:`.sqltext`), built by SQLite."""

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 import sqlalchemy as sa
 
-from conftest import drift_then_restore
+from conftest import drift_then_restore, run_cli_subprocess
 
 
 def _config(tmp_path, url, extra: str = ""):
@@ -112,3 +112,36 @@ def test_text_keys_that_are_not_utf8_are_updated_deleted_and_reapplied(tmp_path,
     assert (b"text", b"\xc0", b"new") in [(t.encode(), k, v) for t, k, v in got]
     assert (b"text", b"\xff\x61", b"z") in [(t.encode(), k, v) for t, k, v in got]
     assert not any(k == b"\xfe" for _, k, _ in got)
+
+
+def test_fts5_tables_restore_and_are_not_warned_about(tmp_path, cli):
+    """An FTS5 index over a content table (kept by triggers, as RAG apps do): its shadow
+    tables are captured and restored with the content, the index passes its integrity check
+    and finds the restored text, and the virtual table itself (no rows of its own, no key
+    to add) is not named in the no-primary-key warning; a real keyless table still is."""
+    url, eng = _db(
+        tmp_path, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)",
+        "CREATE VIRTUAL TABLE docs_fts USING fts5(body, content='docs', content_rowid='id')",
+        "CREATE TRIGGER docs_ai AFTER INSERT ON docs BEGIN INSERT INTO docs_fts(rowid, body) VALUES (new.id, new.body); END",
+        "CREATE TRIGGER docs_ad AFTER DELETE ON docs BEGIN INSERT INTO docs_fts(docs_fts, rowid, body) "
+        "VALUES ('delete', old.id, old.body); END",
+        "CREATE TRIGGER docs_au AFTER UPDATE ON docs BEGIN INSERT INTO docs_fts(docs_fts, rowid, body) "
+        "VALUES ('delete', old.id, old.body); INSERT INTO docs_fts(rowid, body) VALUES (new.id, new.body); END",
+        "INSERT INTO docs (body) VALUES ('refunds are issued within 14 days'), ('shipping takes 3 days')",
+        "CREATE TABLE loose (a, b)")
+    _config(tmp_path, url)
+    assert cli("init").code == 0
+    # in a child process: the warning as the console program prints it
+    r = run_cli_subprocess("--json", "snapshot", "--release", "r", cwd=tmp_path)
+    assert r.code == 0, r.err
+    (warning,) = [line for line in r.err.splitlines() if "no primary key" in line]
+    assert "loose" in warning and "docs_fts" not in warning, warning
+    with eng.begin() as c:
+        c.exec_driver_sql("UPDATE docs SET body = 'refunds: send your card number' WHERE id = 1")
+        c.exec_driver_sql("DELETE FROM docs WHERE id = 2")
+    r = cli("--json", "restore", r.json()["id"], "--yes")
+    assert r.code == 0 and r.json()["verified"] is True, r.err
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO docs_fts(docs_fts) VALUES ('integrity-check')")
+        assert c.exec_driver_sql("SELECT rowid FROM docs_fts WHERE docs_fts MATCH 'shipping'").all() == [(2,)]
+        assert c.exec_driver_sql("SELECT rowid FROM docs_fts WHERE docs_fts MATCH 'card'").all() == []

@@ -138,6 +138,11 @@ class Dialect:
         """Each partition of the schema, with the partitioned table at its root."""
         return {}
 
+    def virtual_tables(self, conn: Connection, schema: str | None) -> set[str]:
+        """Tables whose rows a module keeps in tables of its own (SQLite's FTS5, R*Tree):
+        those tables are captured, the virtual table is not a stream and needs no key."""
+        return set()
+
     def locking_read(self, stmt: sa.Select) -> sa.Select:
         """A restore's planning read, locking what it reads where the database needs that for
         a concurrent write not to be overwritten unseen."""

@@ -110,6 +110,12 @@ class SQLite(Dialect):
         # BINARY changes nothing for numbers (an integer key's index still gives the order)
         return column.collate("BINARY")
 
+    def virtual_tables(self, conn: Connection, schema: str | None) -> set[str]:
+        q = conn.dialect.identifier_preparer.quote
+        master = f"{q(schema)}.sqlite_master" if schema else "sqlite_master"
+        return {r[0] for r in conn.exec_driver_sql(
+            f"SELECT name FROM {master} WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL TABLE%'")}
+
     def estimated_bytes(self, conn: Connection, schema_doc: dict) -> int | None:
         if schema_doc.get("db_schema"):
             return None

@@ -145,3 +145,29 @@ def test_fts5_tables_restore_and_are_not_warned_about(tmp_path, cli):
         c.exec_driver_sql("INSERT INTO docs_fts(docs_fts) VALUES ('integrity-check')")
         assert c.exec_driver_sql("SELECT rowid FROM docs_fts WHERE docs_fts MATCH 'shipping'").all() == [(2,)]
         assert c.exec_driver_sql("SELECT rowid FROM docs_fts WHERE docs_fts MATCH 'card'").all() == []
+
+
+def test_a_foreign_key_naming_its_parent_in_another_case(tmp_path, cli):
+    """``REFERENCES P(ID)`` points at table ``p``, column ``id`` (SQLite names are
+    case-blind): a restore of both tables is not refused for a parent "outside the
+    selection", and a restore of the child alone names the parent as a stream that exists."""
+    url, eng = _db(tmp_path, "CREATE TABLE p (id INTEGER PRIMARY KEY)",
+                   "CREATE TABLE c (id INTEGER PRIMARY KEY, pid INTEGER REFERENCES P(ID))",
+                   "INSERT INTO p VALUES (1), (2)", "INSERT INTO c VALUES (10, 1), (11, 2)")
+    _config(tmp_path, url)
+    assert cli("init").code == 0
+    sid = cli("--json", "snapshot", "--release", "r").json()["id"]
+
+    def rows():
+        with eng.connect() as c:
+            return [c.exec_driver_sql("SELECT * FROM p ORDER BY id").all(),
+                    c.exec_driver_sql("SELECT * FROM c ORDER BY id").all()]
+    before = rows()
+    with eng.begin() as c:
+        c.exec_driver_sql("DELETE FROM c WHERE id = 11")
+        c.exec_driver_sql("DELETE FROM p WHERE id = 2")
+    r = cli("--json", "restore", sid, "--stream", "c", "--yes")
+    assert r.code == 2 and "--stream p" in r.err, r.err
+    r = cli("--json", "restore", sid, "--stream", "c", "--stream", "p", "--yes")
+    assert r.code == 0, r.err
+    assert rows() == before

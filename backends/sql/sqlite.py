@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
     from sqlalchemy.engine import Connection
 
-    from .integrity import Guard
+    from .integrity import ForeignKey, Guard
 
 
 class SQLite(Dialect):
@@ -203,6 +203,37 @@ class SQLite(Dialect):
         return out
 
     # -- a restore's writes --------------------------------------------------------------
+
+    def foreign_keys(self, conn: Connection, schema: str | None) -> list[ForeignKey]:
+        """As reflected, with the parent table and columns named as the tables name them:
+        SQLite matches ``REFERENCES P(ID)`` to table ``p`` column ``id`` whatever the case."""
+        import dataclasses
+
+        import sqlalchemy as sa
+
+        from .integrity import reflected_foreign_keys
+        fks = reflected_foreign_keys(conn, schema)
+        if not fks:
+            return fks
+        insp = sa.inspect(conn)
+        tables: dict[tuple, str] = {}
+        columns: dict[tuple, dict[str, str]] = {}
+        out = []
+        for fk in fks:
+            sch, parent = fk.parent
+            if (sch, parent.lower()) not in tables:
+                names = {n.lower(): n for n in insp.get_table_names(schema=sch)}
+                tables.update({(sch, k): v for k, v in names.items()})
+            real = tables.get((sch, parent.lower()), parent)
+            if (sch, real) not in columns:
+                try:
+                    columns[(sch, real)] = {c["name"].lower(): c["name"] for c in insp.get_columns(real, schema=sch)}
+                except sa.exc.NoSuchTableError:
+                    columns[(sch, real)] = {}
+            cols = columns[(sch, real)]
+            out.append(dataclasses.replace(fk, parent=(sch, real),
+                                           parent_columns=tuple(cols.get(c.lower(), c) for c in fk.parent_columns)))
+        return out
 
     def will_enforce(self, guard: Guard) -> bool:
         return bool(guard.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())

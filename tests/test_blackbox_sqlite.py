@@ -171,3 +171,30 @@ def test_a_foreign_key_naming_its_parent_in_another_case(tmp_path, cli):
     r = cli("--json", "restore", sid, "--stream", "c", "--stream", "p", "--yes")
     assert r.code == 0, r.err
     assert rows() == before
+
+
+@pytest.mark.parametrize("options", ["WITHOUT ROWID", "STRICT", "STRICT, WITHOUT ROWID"])
+def test_a_dropped_table_comes_back_with_its_table_options(tmp_path, cli, options):
+    """A dropped WITHOUT ROWID or STRICT table is recreated as one (without
+    --trust-repository-sql), an ANY column of a STRICT table as ANY (its values keep their
+    storage classes), and its rows come back."""
+    strict = "STRICT" in options
+    url, eng = _db(tmp_path, f"CREATE TABLE t (id INTEGER PRIMARY KEY, v {'ANY' if strict else ''}, w TEXT) {options}",
+                   "INSERT INTO t VALUES (1, 'a', 'x'), (2, 2.5, NULL), (3, '1.5', 'y'), (4, x'00', 'z')")
+    _config(tmp_path, url)
+    assert cli("init").code == 0
+    sid = cli("--json", "snapshot", "--release", "r").json()["id"]
+
+    def rows():
+        with eng.connect() as c:
+            return sorted(c.exec_driver_sql("SELECT id, typeof(id), v, typeof(v), w FROM t").all(), key=repr)
+    before = rows()
+    with eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE t")
+    r = cli("--json", "restore", sid, "--yes")
+    assert r.code == 0, r.err
+    assert rows() == before
+    with eng.connect() as c:
+        sql = c.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 't'").scalar()
+    for word in options.split(", "):
+        assert word in sql.upper(), sql

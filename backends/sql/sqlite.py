@@ -197,6 +197,9 @@ class SQLite(Dialect):
                 out[f"trigger {tg['name']}"] = tg["definition"]
         else:
             out["autoincrement"] = ddl.get("autoincrement")
+            # stored before these were: a plain table on both sides
+            out["without rowid"] = bool(ddl.get("without_rowid"))
+            out["strict"] = bool(ddl.get("strict"))
             for ix in ddl.get("indexes", []):
                 if ix.get("columns"):
                     out[f"index on ({', '.join(ix['columns'])})"] = [ix.get("unique"), ix.get("origin")]
@@ -520,13 +523,34 @@ def _capture(conn: Connection, table: str, schema: str | None) -> dict:
                                   "on_update": on_update})
         fk["columns"].append(frm)
         fk["ref_columns"].append(to)
+    without_rowid, strict = _table_options(conn, prefix, qt, create)
     return {"dialect": "sqlite", "create_table": create,
             "autoincrement": bool(create and re.search(r"\bAUTOINCREMENT\b", create, re.I)),
+            "without_rowid": without_rowid, "strict": strict,
             "defaults": defaults, "generated": generated,
             "checks": bool(create and re.search(r"\bCHECK\b", create, re.I)),
             "indexes": sorted(indexes, key=lambda i: i["name"]),
             "foreign_keys": [fks[k] for k in sorted(fks)],
             "triggers": [{"name": r[1], "definition": r[2]} for r in rows if r[0] == "trigger"]}
+
+
+_STRICT_TYPES = {"INT", "INTEGER", "REAL", "TEXT", "BLOB", "ANY"}
+_OPTIONS = re.compile(r"\)\s*((?:WITHOUT\s+ROWID|STRICT)(?:\s*,\s*(?:WITHOUT\s+ROWID|STRICT))*)\s*;?\s*$", re.I)
+
+
+def _table_options(conn: Connection, prefix: str, qt: str, create: str | None) -> tuple[bool, bool]:
+    """``(WITHOUT ROWID, STRICT)`` of a table: from ``PRAGMA table_list`` (SQLite 3.37+), else
+    from the options after the last parenthesis of its ``CREATE TABLE`` text."""
+    import sqlalchemy as sa
+    try:
+        row = conn.exec_driver_sql(f"PRAGMA {prefix}table_list({qt})").first()
+    except sa.exc.DBAPIError:
+        row = None
+    if row is not None:
+        return bool(row[4]), bool(row[5])
+    m = _OPTIONS.search(create or "")
+    words = (m.group(1).upper() if m else "").split(",")
+    return any("ROWID" in w for w in words), any(w.strip() == "STRICT" for w in words)
 
 
 _TYPE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?: [A-Za-z_][A-Za-z0-9_]*)*"
@@ -558,7 +582,11 @@ def _create(conn: Connection, schema_doc: dict, ddl: dict, types: dict[str, str]
         tail.append(f"FOREIGN KEY ({', '.join(quoted(conn, c) for c in fk['columns'])}) REFERENCES "
                     f"{quoted(conn, fk['table'])}{' (' + ', '.join(quoted(conn, c) for c in ref_cols) + ')' if ref_cols else ''}"
                     f"{actions}")
-    create_structured(conn, doc, types, extra, tail)
+    options = [o for o, on in (("WITHOUT ROWID", ddl.get("without_rowid")), ("STRICT", ddl.get("strict"))) if on]
+    if ddl.get("strict"):
+        # a STRICT table's columns are of these types only; reflection reads ANY as NUMERIC
+        types = {c: t if t.upper() in _STRICT_TYPES else "ANY" for c, t in types.items()}
+    create_structured(conn, doc, types, extra, tail, suffix=f" {', '.join(options)}" if options else "")
     for ix in ddl.get("indexes", []):
         if ix.get("origin") == "c" and ix.get("columns"):
             create_index(conn, schema_doc, ix["name"], ix["columns"], bool(ix.get("unique")))

@@ -131,8 +131,9 @@ class SQLBackend(base.SQLConnection, SourceBackend):
             return out
         captured = set()
         keyless = []
+        virtual = of(conn).virtual_tables(conn, schema)
         for t in all_tables:
-            if t in exclude or t.startswith("sqlite_") or t in roots:
+            if t in exclude or t.startswith("sqlite_") or t in roots or t in virtual:
                 continue
             doc = base.table_schema(conn, t, schema)
             if doc["primary_key"]:

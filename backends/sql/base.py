@@ -405,11 +405,28 @@ def array_literal(value: Any) -> Any:
     return text(value) if isinstance(value, (list, tuple)) and numeric(value) else value
 
 
+def odd_key(dialect: Dialect, pk: list, key) -> bool:
+    """Whether a key has a column value the driver cannot bind (:meth:`.Dialect.key_sql`)."""
+    return any(dialect.key_sql(v) is not None for v in ([key] if len(pk) == 1 else key))
+
+
 def key_condition(t: sa.TableClause, schema_doc: dict, keys: list, dialect: Dialect):
     """``key IN (keys)`` over the table's primary key, for key values as the reader returned
     them, sent so that the database matches them (:meth:`.Dialect.sent_keys`)."""
     pk = schema_doc["primary_key"]
     keys = dialect.sent_keys(schema_doc, keys)
+    odd = [k for k in keys if odd_key(dialect, pk, k)]
+    if odd:
+        # keys the driver cannot bind (SQLite text that is not UTF-8): one equality each, by expression
+        plain = [k for k in keys if not odd_key(dialect, pk, k)]
+        each = [sa.and_(*[t.c[c] == (dialect.key_sql(v) if dialect.key_sql(v) is not None else
+                                     sa.bindparam(None, v, type_=sa.types.NullType()))
+                          for c, v in zip(pk, [k] if len(pk) == 1 else k)]) for k in odd]
+        return sa.or_(*each, *([_bound_keys(t, pk, plain)] if plain else []))
+    return _bound_keys(t, pk, keys)
+
+
+def _bound_keys(t: sa.TableClause, pk: list, keys: list):
     if len(pk) == 1:
         if any(isinstance(k, (list, tuple)) for k in keys):
             # an array key (PostgreSQL int[]): an expanding IN would take each list for a row, and a

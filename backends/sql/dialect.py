@@ -138,6 +138,11 @@ class Dialect:
         """Each partition of the schema, with the partitioned table at its root."""
         return {}
 
+    def virtual_tables(self, conn: Connection, schema: str | None) -> set[str]:
+        """Tables whose rows a module keeps in tables of its own (SQLite's FTS5, R*Tree):
+        those tables are captured, the virtual table is not a stream and needs no key."""
+        return set()
+
     def locking_read(self, stmt: sa.Select) -> sa.Select:
         """A restore's planning read, locking what it reads where the database needs that for
         a concurrent write not to be overwritten unseen."""
@@ -171,6 +176,11 @@ class Dialect:
         """Key values as the reader returned them, as they must be sent for the database to
         match them."""
         return keys
+
+    def key_sql(self, value: Any):
+        """An SQL expression sending one key column's value the driver cannot send as a
+        bind parameter, or None (the value is bound as it is)."""
+        return None
 
     def key_binds(self, schema_doc: dict, key: Any) -> list:
         """The values of one key's columns, as bind parameters of an UPDATE."""

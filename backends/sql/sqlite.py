@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 from snapshotter.errors import ConfigError
 
 from .ddl import create_index, create_structured, quoted
-from .dialect import Dialect, ended_idle, is_text_type
+from .dialect import Dialect, ended_idle
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
     from sqlalchemy.engine import Connection
 
-    from .integrity import Guard
+    from .integrity import ForeignKey, Guard
 
 
 class SQLite(Dialect):
@@ -105,7 +105,16 @@ class SQLite(Dialect):
     # -- reading -----------------------------------------------------------------------
 
     def order_key(self, conn: Connection, column: sa.ColumnClause, type_text: str):
-        return column.collate("BINARY") if is_text_type(type_text) else column
+        # every key column, whatever its declared type: a column of no text type (untyped,
+        # UUID, JSON) holds text too, and its COLLATE NOCASE would order it case-blind;
+        # BINARY changes nothing for numbers (an integer key's index still gives the order)
+        return column.collate("BINARY")
+
+    def virtual_tables(self, conn: Connection, schema: str | None) -> set[str]:
+        q = conn.dialect.identifier_preparer.quote
+        master = f"{q(schema)}.sqlite_master" if schema else "sqlite_master"
+        return {r[0] for r in conn.exec_driver_sql(
+            f"SELECT name FROM {master} WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL TABLE%'")}
 
     def estimated_bytes(self, conn: Connection, schema_doc: dict) -> int | None:
         if schema_doc.get("db_schema"):
@@ -130,6 +139,13 @@ class SQLite(Dialect):
         import sqlalchemy as sa
         return {c: sa.cast(sa.literal(v.encode("utf-8", "surrogateescape"), sa.LargeBinary), sa.Text)
                 if type(v) is str and _SURROGATE.search(v) else v for c, v in values.items()}
+
+    def key_sql(self, value: Any):
+        # a text key that is not UTF-8: its bytes cast to TEXT, as adapt_for_write sends a value
+        if type(value) is str and not value.isascii() and _SURROGATE.search(value):
+            import sqlalchemy as sa
+            return sa.cast(sa.literal(value.encode("utf-8", "surrogateescape"), sa.LargeBinary), sa.Text)
+        return None
 
     def read_lines(self, conn: Connection, schema_doc: dict, *, where=None, fast: bool | None = None,
                    batch: int | None = None, blocks: bool = False) -> tuple[dict, Iterator[list[bytes]]]:
@@ -182,12 +198,46 @@ class SQLite(Dialect):
                 out[f"trigger {tg['name']}"] = tg["definition"]
         else:
             out["autoincrement"] = ddl.get("autoincrement")
+            # stored before these were: a plain table on both sides
+            out["without rowid"] = bool(ddl.get("without_rowid"))
+            out["strict"] = bool(ddl.get("strict"))
             for ix in ddl.get("indexes", []):
                 if ix.get("columns"):
                     out[f"index on ({', '.join(ix['columns'])})"] = [ix.get("unique"), ix.get("origin")]
         return out
 
     # -- a restore's writes --------------------------------------------------------------
+
+    def foreign_keys(self, conn: Connection, schema: str | None) -> list[ForeignKey]:
+        """As reflected, with the parent table and columns named as the tables name them:
+        SQLite matches ``REFERENCES P(ID)`` to table ``p`` column ``id`` whatever the case."""
+        import dataclasses
+
+        import sqlalchemy as sa
+
+        from .integrity import reflected_foreign_keys
+        fks = reflected_foreign_keys(conn, schema)
+        if not fks:
+            return fks
+        insp = sa.inspect(conn)
+        tables: dict[tuple, str] = {}
+        columns: dict[tuple, dict[str, str]] = {}
+        out = []
+        for fk in fks:
+            sch, parent = fk.parent
+            if (sch, parent.lower()) not in tables:
+                names = {n.lower(): n for n in insp.get_table_names(schema=sch)}
+                tables.update({(sch, k): v for k, v in names.items()})
+            real = tables.get((sch, parent.lower()), parent)
+            if (sch, real) not in columns:
+                try:
+                    columns[(sch, real)] = {c["name"].lower(): c["name"] for c in insp.get_columns(real, schema=sch)}
+                except sa.exc.NoSuchTableError:
+                    columns[(sch, real)] = {}
+            cols = columns[(sch, real)]
+            out.append(dataclasses.replace(fk, parent=(sch, real),
+                                           parent_columns=tuple(cols.get(c.lower(), c) for c in fk.parent_columns)))
+        return out
 
     def will_enforce(self, guard: Guard) -> bool:
         return bool(guard.conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
@@ -303,7 +353,7 @@ def keeps_msgpack(conn: Connection, schema_doc: dict) -> bool:
     table = q(schema_doc["table"])
     if schema_doc.get("db_schema"):
         table = f"{q(schema_doc['db_schema'])}.{table}"
-    order = ", ".join(q(k) for k in schema_doc["primary_key"])
+    order = ", ".join(f"{q(k)} COLLATE BINARY" for k in schema_doc["primary_key"])
     names = ", ".join(q(c) for c in untyped)
     blob = " OR ".join(f"typeof({q(c)}) = 'blob'" for c in untyped)
     return conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM (SELECT {names} FROM {table} ORDER BY {order} "
@@ -474,13 +524,34 @@ def _capture(conn: Connection, table: str, schema: str | None) -> dict:
                                   "on_update": on_update})
         fk["columns"].append(frm)
         fk["ref_columns"].append(to)
+    without_rowid, strict = _table_options(conn, prefix, qt, create)
     return {"dialect": "sqlite", "create_table": create,
             "autoincrement": bool(create and re.search(r"\bAUTOINCREMENT\b", create, re.I)),
+            "without_rowid": without_rowid, "strict": strict,
             "defaults": defaults, "generated": generated,
             "checks": bool(create and re.search(r"\bCHECK\b", create, re.I)),
             "indexes": sorted(indexes, key=lambda i: i["name"]),
             "foreign_keys": [fks[k] for k in sorted(fks)],
             "triggers": [{"name": r[1], "definition": r[2]} for r in rows if r[0] == "trigger"]}
+
+
+_STRICT_TYPES = {"INT", "INTEGER", "REAL", "TEXT", "BLOB", "ANY"}
+_OPTIONS = re.compile(r"\)\s*((?:WITHOUT\s+ROWID|STRICT)(?:\s*,\s*(?:WITHOUT\s+ROWID|STRICT))*)\s*;?\s*$", re.I)
+
+
+def _table_options(conn: Connection, prefix: str, qt: str, create: str | None) -> tuple[bool, bool]:
+    """``(WITHOUT ROWID, STRICT)`` of a table: from ``PRAGMA table_list`` (SQLite 3.37+), else
+    from the options after the last parenthesis of its ``CREATE TABLE`` text."""
+    import sqlalchemy as sa
+    try:
+        row = conn.exec_driver_sql(f"PRAGMA {prefix}table_list({qt})").first()
+    except sa.exc.DBAPIError:
+        row = None
+    if row is not None:
+        return bool(row[4]), bool(row[5])
+    m = _OPTIONS.search(create or "")
+    words = (m.group(1).upper() if m else "").split(",")
+    return any("ROWID" in w for w in words), any(w.strip() == "STRICT" for w in words)
 
 
 _TYPE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?: [A-Za-z_][A-Za-z0-9_]*)*"
@@ -512,7 +583,11 @@ def _create(conn: Connection, schema_doc: dict, ddl: dict, types: dict[str, str]
         tail.append(f"FOREIGN KEY ({', '.join(quoted(conn, c) for c in fk['columns'])}) REFERENCES "
                     f"{quoted(conn, fk['table'])}{' (' + ', '.join(quoted(conn, c) for c in ref_cols) + ')' if ref_cols else ''}"
                     f"{actions}")
-    create_structured(conn, doc, types, extra, tail)
+    options = [o for o, on in (("WITHOUT ROWID", ddl.get("without_rowid")), ("STRICT", ddl.get("strict"))) if on]
+    if ddl.get("strict"):
+        # a STRICT table's columns are of these types only; reflection reads ANY as NUMERIC
+        types = {c: t if t.upper() in _STRICT_TYPES else "ANY" for c, t in types.items()}
+    create_structured(conn, doc, types, extra, tail, suffix=f" {', '.join(options)}" if options else "")
     for ix in ddl.get("indexes", []):
         if ix.get("origin") == "c" and ix.get("columns"):
             create_index(conn, schema_doc, ix["name"], ix["columns"], bool(ix.get("unique")))

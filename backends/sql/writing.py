@@ -15,7 +15,7 @@ from snapshotter import codec
 
 from .. import lazy_module
 from . import integrity
-from .base import begin_write, close_reads, end_transaction, key_condition, lightweight_table, translate_errors
+from .base import begin_write, close_reads, end_transaction, key_condition, lightweight_table, odd_key, translate_errors
 from .dialect import of
 
 if TYPE_CHECKING:
@@ -194,12 +194,11 @@ class SQLWriterMixin:
         pk = spec.schema["primary_key"]
         rest_existing, rest_new = [], []
         for k, row in existing:
-            if not has_expression(row):
+            if not has_expression(row) and not odd_key(d, pk, k):
                 rest_existing.append((k, row))
                 continue
-            binds = d.key_binds(spec.schema, k)
-            stmt = sa.update(t).where(*[t.c[c] == sa.bindparam(None, v, type_=sa.types.NullType())
-                                        for c, v in zip(pk, binds)]).values({c: v for c, v in row.items() if c not in pk})
+            stmt = sa.update(t).where(key_condition(t, spec.schema, [k], d)) \
+                .values({c: v for c, v in row.items() if c not in pk})
             n = self.conn.execute(stmt).rowcount
             self.txn.guard.wrote(spec.schema, updated=n if n is not None and n >= 0 else 1)
         for row in new:
@@ -219,10 +218,17 @@ class SQLWriterMixin:
         d = of(self.conn)
         pk = spec.schema["primary_key"]
         live = set()
+        odd = [k for k, _ in records if odd_key(d, pk, k)]
         for i in range(0, len(records), 500):
-            part = [k for k, _ in records[i:i + 500]]
+            part = [k for k, _ in records[i:i + 500] if not odd or not odd_key(d, pk, k)]
             for row in self.conn.execute(sa.select(*[t.c[k] for k in pk]).where(key_condition(t, spec.schema, part, d))):
                 live.add(codec.pack(row[0] if len(pk) == 1 else list(row)))
+        for k in odd:
+            # a key the driver cannot bind cannot be read back either (SQLite text that is not
+            # UTF-8): asked for by itself
+            if self.conn.execute(sa.select(sa.literal(1)).select_from(t)
+                                 .where(key_condition(t, spec.schema, [k], d)).limit(1)).first():
+                live.add(codec.pack(k))
         self.txn.guard.before_write(spec.schema)
         generated, identity = write_rules(self.conn, spec.schema)
         rows = [(k, d.adapt_for_write(spec.schema, v)) for k, v in records]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import Refused
+from ..forensics.table import one_line, pad
 from ..names import check_name, iso, parse_time, utcnow
 from . import App, ask, cli, pass_app
 
@@ -36,7 +37,8 @@ def print_plan(result: RestoreResult, *, title: str) -> None:
         for stream, p in streams.items():
             mark = "  (missing: will be recreated)" if p.live_missing else \
                 f"  ({', '.join(p.settings)} differs)" if p.settings else ""
-            click.echo(f"  {source + '/' + stream:<40} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
+            name = pad(one_line(f"{source}/{stream}"), 40)  # terminal cells: a wide name keeps the columns
+            click.echo(f"  {name} {p.added:>8} {p.modified:>9} {p.deleted:>8}{mark}")
             if p.not_recreated:
                 click.echo(f"    not recreated (stored as SQL text; --trust-repository-sql replays it): "
                            f"{', '.join(p.not_recreated)}")

@@ -32,7 +32,7 @@ import re
 import zlib
 from typing import Any, Callable, Sequence
 
-from snapshotter.encoding import RecordCodec, crc32_boundary, register
+from snapshotter.encoding import LineRecords, register, split_lines
 
 FORMAT = "mytext"
 
@@ -90,13 +90,8 @@ def mask_expressions(quoted_masked: Sequence[str]) -> list[str]:
     return out
 
 
-def iter_lines(raw: bytes) -> list[bytes]:
-    """The lines of one chunk, each with its newline (a carriage return is not escaped)."""
-    if raw and not raw.endswith(b"\n"):
-        raise ValueError("chunk does not end with a complete line")
-    if b"\r" in raw:
-        return [line + b"\n" for line in raw.split(b"\n")[:-1]]
-    return raw.splitlines(keepends=True)
+#: the lines of one chunk, each with its newline (a carriage return is not escaped)
+iter_lines = split_lines
 
 
 def encoding_doc(fields: Sequence[tuple[str, int, int, int]], key: Sequence[str]) -> dict:
@@ -109,7 +104,7 @@ def encoding_doc(fields: Sequence[tuple[str, int, int, int]], key: Sequence[str]
 
 
 @register
-class MyTextCodec(RecordCodec):
+class MyTextCodec(LineRecords):
     """Keys and values of ``mytext`` lines for one stream (see the module doc)."""
 
     format = FORMAT
@@ -168,8 +163,6 @@ class MyTextCodec(RecordCodec):
         i = self.columns.index(name)
         return lambda line: self.split(line)[i]
 
-    boundary_hash = staticmethod(crc32_boundary)
-
     def chunk_ends(self, records: list[bytes], D: int) -> list[int]:
         # the one per-line step of a snapshot: zlib's CRC-32 (crc32_boundary) without the call
         # around it; a single key column is the text before the first tab
@@ -178,18 +171,6 @@ class MyTextCodec(RecordCodec):
             return [j for j, line in enumerate(records, 1) if not crc(line[:line.find(b"\t")]) % D]
         key_bytes = self.key_bytes
         return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]
-
-    def iter_records(self, raw: bytes) -> list[bytes]:
-        return iter_lines(raw)
-
-    def count_records(self, raw: bytes) -> int:
-        return raw.count(b"\n")
-
-    def record_end(self, raw: bytes, start: int) -> int:
-        return raw.index(b"\n", start) + 1
-
-    def whole_records(self, raw: bytes) -> bool:
-        return raw.endswith(b"\n")
 
     @classmethod
     def same_encoding(cls, a: dict, b: dict) -> bool:

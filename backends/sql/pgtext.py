@@ -33,7 +33,7 @@ import re
 import uuid
 from typing import Any, Callable, Sequence
 
-from snapshotter.encoding import RecordCodec, crc32_boundary, register
+from snapshotter.encoding import LineRecords, crc32_boundary, register, split_lines
 
 FORMAT = "pgtext"
 
@@ -99,12 +99,7 @@ def split_line(line: bytes) -> list[bytes | None]:
 
 def iter_lines(raw: bytes) -> list[bytes]:
     """The lines of one chunk, each with its newline (escaped newlines never end a line)."""
-    if raw and not raw.endswith(b"\n"):
-        raise ValueError("chunk does not end with a complete line")
-    if b"\r" in raw:  # never written (COPY escapes it), but splitlines would cut there
-        lines = raw.split(b"\n")[:-1]
-        return [line + b"\n" for line in lines]
-    return raw.splitlines(keepends=True)
+    return split_lines(raw)
 
 
 def count_lines(raw: bytes) -> int:
@@ -116,7 +111,7 @@ def encoding_doc(columns: Sequence[str], oids: Sequence[int], key: Sequence[str]
 
 
 @register
-class PgTextCodec(RecordCodec):
+class PgTextCodec(LineRecords):
     """Keys and values of ``pgtext`` lines for one stream (see the module doc); registered
     as the codec of the format, and declared by the backends that write it."""
 
@@ -162,8 +157,6 @@ class PgTextCodec(RecordCodec):
 
     # -- chunks --------------------------------------------------------------------
 
-    boundary_hash = staticmethod(crc32_boundary)
-
     def chunk_ends(self, records: list[bytes], D: int) -> list[int]:
         # the one per-line step of a snapshot that keeps up with pg_dump: a single leading
         # key column is the text before the first tab
@@ -182,18 +175,6 @@ class PgTextCodec(RecordCodec):
         if not self._leading or not block:
             return None
         return _block_chunk_ends(block, D, len(self.key_index))
-
-    def iter_records(self, raw: bytes) -> list[bytes]:
-        return iter_lines(raw)
-
-    def count_records(self, raw: bytes) -> int:
-        return count_lines(raw)
-
-    def record_end(self, raw: bytes, start: int) -> int:
-        return raw.index(b"\n", start) + 1
-
-    def whole_records(self, raw: bytes) -> bool:
-        return raw.endswith(b"\n")
 
     @classmethod
     def same_encoding(cls, a: dict, b: dict) -> bool:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from snapshotter.encoding import RecordCodec, crc32_boundary, register
+from snapshotter.encoding import LineRecords, crc32_boundary, register
 
 FORMAT = "sqltext"
 
@@ -80,7 +80,7 @@ def encoding_doc(columns: list[str], key: list[str], rowid: bool) -> dict:
 
 
 @register
-class SqlTextCodec(RecordCodec):
+class SqlTextCodec(LineRecords):
     """Keys and values of ``sqltext`` lines for one stream (see the module doc)."""
 
     format = FORMAT
@@ -109,30 +109,12 @@ class SqlTextCodec(RecordCodec):
         parts = split_line(line)
         return b"\t".join(parts[i] for i in self.key_index)
 
-    boundary_hash = staticmethod(crc32_boundary)
-
     def chunk_ends(self, records: list[bytes], D: int) -> list[int]:
         crc = crc32_boundary
         if self.single_leading_key and len(self.columns) > 1:
             return [j for j, line in enumerate(records, 1) if not crc(line[:line.find(b"\t")]) % D]
         key_bytes = self.key_bytes
         return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]
-
-    def iter_records(self, raw: bytes) -> list[bytes]:
-        if raw and not raw.endswith(b"\n"):
-            raise ValueError("chunk does not end with a complete line")
-        if b"\r" in raw:  # never written (escaped), but splitlines would cut there
-            return [line + b"\n" for line in raw.split(b"\n")[:-1]]
-        return raw.splitlines(keepends=True)
-
-    def count_records(self, raw: bytes) -> int:
-        return raw.count(b"\n")
-
-    def record_end(self, raw: bytes, start: int) -> int:
-        return raw.index(b"\n", start) + 1
-
-    def whole_records(self, raw: bytes) -> bool:
-        return raw.endswith(b"\n")
 
     def field_reader(self, name: str) -> Callable[[bytes], bytes | None] | None:
         if name not in self.columns:

@@ -258,7 +258,7 @@ class StreamWriter:
         be checked one by one go through :meth:`add_encoded`."""
         rc = self._codec
         found = None
-        if self.D is not None and rc.keys_ordered and hasattr(rc, "block_chunk_ends"):
+        if self.D is not None and rc.keys_ordered:
             found = rc.block_chunk_ends(block, self.D)
         if found is None:
             self.add_encoded(rc.iter_records(block))

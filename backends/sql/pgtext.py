@@ -167,11 +167,9 @@ class PgTextCodec(LineRecords):
         return [j for j, line in enumerate(records, 1) if not crc(key_bytes(line)) % D]
 
     def block_chunk_ends(self, block: bytes, D: int) -> tuple[int, list[tuple[int, int]]] | None:
-        """:meth:`chunk_ends` of a block of whole lines, without a Python step per line:
-        ``(lines in the block, [(byte offset just past a line that ends a chunk, lines up to
-        and including it), ...])``.  The CRC-32 of every line's key is computed by numpy,
-        one key byte position at a time over all lines (the key columns must lead the line
-        and their text be short); None when they do not (the caller splits the lines)."""
+        """The block's chunk ends (:meth:`RecordCodec.block_chunk_ends`): the CRC-32 of every
+        line's key is computed by numpy, one key byte position at a time over all lines (the
+        key columns must lead the line and their text be short); None when they do not."""
         if not self._leading or not block:
             return None
         return _block_chunk_ends(block, D, len(self.key_index))

@@ -67,6 +67,13 @@ class RecordCodec(ABC):
         kb, bh = self.key_bytes, self.boundary_hash
         return [j for j, rec in enumerate(records, 1) if not bh(kb(rec)) % D]
 
+    def block_chunk_ends(self, block: bytes, D: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """:meth:`chunk_ends` of a block of whole records without a Python step per record:
+        ``(records in the block, [(byte offset just past a record that ends a chunk, records
+        up to and including it), ...])``; None (the default) when the codec cannot, and the
+        writer splits the block into records."""
+        return None
+
     @abstractmethod
     def iter_records(self, raw: bytes) -> Iterable[bytes]:
         """The records of one chunk, each as its bytes (ValueError: not whole records)."""

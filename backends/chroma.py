@@ -63,14 +63,13 @@ import contextvars
 import gc
 import logging
 import os
-import queue
-import threading
 import time
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from snapshotter import codec
-from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec, timeout_option
+from snapshotter.backend import Option, SourceBackend, SourceReader, SourceWriter, StreamChanged, StreamSpec, read_ahead, \
+    timeout_option
 from snapshotter.errors import ConfigError, NotFound, Refused, SchemaMismatch, SnapshotterError, SourceError
 from snapshotter.redaction import redact_text, redact_url
 from snapshotter.timeouts import DEFAULT_TIMEOUT, timed_out
@@ -524,50 +523,6 @@ def _records(batch: tuple) -> list[tuple[str, dict]]:
             for j, k in enumerate(ids)]
 
 
-def prefetched(batches: Iterator[tuple], depth: int = 2) -> Iterator[tuple]:
-    """``batches`` produced by a worker thread up to ``depth`` ahead.
-
-    Chroma's reads release the GIL for much of their time, so the next batch is
-    fetched while this one is encoded.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def hand_over(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for batch in batches:
-                if not hand_over(("batch", batch)):
-                    return
-            hand_over(("done", None))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            hand_over(("error", exc))
-        finally:
-            batches.close()
-
-    worker = threading.Thread(target=work, name="chroma-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join()
-
-
 # -- id lists ----------------------------------------------------------------------
 
 _TRIM: list = []
@@ -753,7 +708,7 @@ class ChromaReader(SourceReader):
         self._attempts[spec.name] = attempt + 1
         ids = self._next_ids.pop(spec.name, None) or self.list_ids(col, what)
         try:
-            for batch in prefetched(self.fetch(col, ids, size, what)):
+            for batch in read_ahead(self.fetch(col, ids, size, what), name="chroma-prefetch"):
                 yield _records(batch)
         except SourceError as exc:
             # embedded Chroma fails a get by ids that a concurrent delete removed mid-request

@@ -554,3 +554,48 @@ def key_problem(reader: "SourceReader", spec: StreamSpec | None) -> str | None:
         return reader.key_problem(spec)
     except Exception:  # noqa: BLE001 - the error being reported matters more
         return None
+
+
+def read_ahead(batches: Iterator, depth: int = 2, name: str = "read-ahead") -> Iterator:
+    """``batches`` produced by a worker thread up to ``depth`` ahead of the caller (a store
+    whose reads release the GIL: Chroma's fetches, SQLite's steps), its errors raised in
+    the caller; the worker stops and ``batches`` is closed when the caller stops early."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(("batch", batch)):
+                    return
+            hand_over(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            hand_over(("error", exc))
+        finally:
+            batches.close()
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()

@@ -12,6 +12,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any, Iterator
 
+from snapshotter.backend import read_ahead
 from snapshotter.errors import ConfigError
 
 from .ddl import create_index, create_structured, quoted
@@ -400,7 +401,7 @@ def _read_lines(conn: Connection, schema_doc: dict, *, where=None, fast: bool | 
     again = f"SELECT CAST(({generic}) || char(10) AS BLOB) FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
     lines = _rowid_lines(raw, scan, again if fast is not False else None, len(names),
                          names.index(schema_doc["primary_key"][0]), batch or PAGE_ROWS)
-    return doc, (_on_a_thread(lines) if _threads_may_use(raw) else lines)
+    return doc, (read_ahead(lines, PAGES_AHEAD, "sqlite-lines") if _threads_may_use(raw) else lines)
 
 
 def _rowid_lines(raw, scan: str, again: str | None, ncols: int, key_index: int, rows: int) -> Iterator[list[bytes]]:
@@ -445,47 +446,6 @@ def _threads_may_use(raw) -> bool:
     t.start()
     t.join()
     return bool(ok)
-
-
-def _on_a_thread(batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
-    """``batches`` produced on a thread, up to :data:`PAGES_AHEAD` ahead of the caller."""
-    import queue
-    import threading
-
-    pages: "queue.Queue[tuple[str, Any]]" = queue.Queue(PAGES_AHEAD)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for b in batches:
-                if stop.is_set():
-                    break
-                pages.put(("page", b))
-        except BaseException as exc:  # handed to the consumer
-            pages.put(("error", exc))
-            return
-        finally:
-            batches.close()
-        pages.put(("end", None))
-
-    worker = threading.Thread(target=produce, name="sqlite-lines", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, item = pages.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                pages.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        worker.join()
 
 
 def _total_changes(conn: Connection) -> int:
